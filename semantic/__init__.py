@@ -1,0 +1,9 @@
+"""semantic: every agent's KV cache kept in a pool of fixed 256-token blocks, on MLX and mlx-lm.
+
+Layout: ``domain`` (the block pool, blocks, geometry, errors), ``adapters`` (the one
+module that touches mlx-lm internals), ``application`` (the batch engine and the
+block <-> cache conversions), ``persistence`` (agents kept on disk), ``testing``
+(local models with random weights for tests, benchmarks and the demo).
+"""
+
+__version__ = "0.1.0"

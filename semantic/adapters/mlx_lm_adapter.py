@@ -1,0 +1,183 @@
+"""Every touch of mlx-lm's cache classes and ``BatchGenerator`` lives here.
+
+mlx-lm changes these almost every release (``RotatingKVCache.state`` gained
+``keep``/``max_size``/``_idx``, ``BatchGenerator.next`` changed its return type,
+...). Supported: ``SUPPORTED_MLX_LM``; ``tests/test_mlx_lm_adapter.py`` pins the
+contract this module relies on, so an upgrade that breaks it fails there first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from semantic.domain.errors import UnsupportedModelError
+from semantic.domain.value_objects import ModelCacheSpec
+
+SUPPORTED_MLX_LM = (">=0.32.2", "<0.33")
+
+LayerCache = Any  # KVCache | RotatingKVCache
+
+
+def mlx_lm_version() -> str:
+    return mlx_lm.__version__
+
+
+def check_mlx_lm_version() -> None:
+    major, minor, patch = (int(p) for p in mlx_lm.__version__.split(".")[:3])
+    if (major, minor) != (0, 32) or patch < 2:
+        raise UnsupportedModelError(
+            f"semantic supports mlx-lm {' '.join(SUPPORTED_MLX_LM)}, found {mlx_lm.__version__}; "
+            "install a supported version (pip install 'mlx-lm>=0.32.2,<0.33')"
+        )
+
+
+def make_cache(model) -> List[LayerCache]:
+    """The empty cache the model's own ``make_cache`` (or mlx-lm's default) creates."""
+    return make_prompt_cache(model)
+
+
+def layer_window(cache: LayerCache, layer: int) -> Optional[int]:
+    """``None`` for a full-attention cache, the window for a sliding-window one; anything else is unsupported."""
+    if type(cache) is KVCache:
+        return None
+    if type(cache) is RotatingKVCache:
+        if cache.keep != 0:
+            raise UnsupportedModelError(
+                f"layer {layer} keeps {cache.keep} tokens at the start of its rotating cache; "
+                "only sliding windows without kept tokens (keep=0) can be stored in blocks"
+            )
+        return cache.max_size
+    raise UnsupportedModelError(
+        f"layer {layer} uses {type(cache).__name__}; semantic stores only KVCache and RotatingKVCache layers "
+        "(attention models such as llama, qwen2/3, gemma3)"
+    )
+
+
+def cache_spec_from_model(model) -> ModelCacheSpec:
+    """Read the geometry from the model's own cache: its types give the windows, one probe token the shapes."""
+    check_mlx_lm_version()
+    caches = make_cache(model)
+    windows = tuple(layer_window(c, i) for i, c in enumerate(caches))
+    model(mx.array([[0]]), cache=caches)
+    shapes = {(c.keys.shape[1], c.keys.shape[3], c.values.shape[3], c.keys.dtype) for c in caches}
+    mx.eval([c.state for c in caches])
+    if len(shapes) != 1:
+        raise UnsupportedModelError(
+            f"layers of this model have different KV shapes {sorted(map(str, shapes))}; "
+            "a block pool needs one geometry for all layers"
+        )
+    (heads, k_dim, v_dim, dtype), = shapes
+    name = getattr(getattr(model, "args", None), "model_type", "") or type(model).__module__.rsplit(".", 1)[-1]
+    return ModelCacheSpec(
+        n_layers=len(caches), n_kv_heads=heads, k_head_dim=k_dim, v_head_dim=v_dim,
+        dtype=str(dtype).rsplit(".", 1)[-1], layer_windows=windows, name=name,
+    )
+
+
+def empty_layer_cache(window: Optional[int]) -> LayerCache:
+    return KVCache() if window is None else RotatingKVCache(max_size=window, keep=0)
+
+
+def build_layer_cache(window: Optional[int], keys: mx.array, values: mx.array, offset: int) -> LayerCache:
+    """A cache object holding ``keys``/``values`` ``[1, heads, T, dim]`` after ``offset`` tokens.
+
+    Full attention: ``T`` may exceed ``offset`` (the unused tail of the last
+    block), exactly like ``KVCache`` after a prefill. Sliding window: ``T`` is
+    ``min(offset, window)`` tokens in temporal order.
+    """
+    if window is None:
+        cache = KVCache()
+        cache.state = (keys, values, offset)
+        return cache
+    cache = RotatingKVCache(max_size=window, keep=0)
+    cache.state = (keys, values, offset, 0, window, keys.shape[2])
+    return cache
+
+
+def read_layer_cache(cache: LayerCache) -> Tuple[mx.array, mx.array, int, int]:
+    """``(keys, values, first_token, offset)``: the tokens a cache still sees, in temporal order,
+    ``[1, heads, offset - first_token, dim]`` (lazy views; evaluate or copy them)."""
+    offset = int(cache.offset)
+    if type(cache) is KVCache:
+        if cache.keys is None:
+            return None, None, 0, 0
+        return cache.keys[..., :offset, :], cache.values[..., :offset, :], 0, offset
+    if type(cache) is RotatingKVCache:
+        if cache.keys is None:
+            return None, None, 0, 0
+        visible = min(offset, cache.max_size)
+        keys = cache._temporal_order(cache.keys)[..., -visible:, :]
+        values = cache._temporal_order(cache.values)[..., -visible:, :]
+        return keys, values, offset - visible, offset
+    raise UnsupportedModelError(f"cannot read a {type(cache).__name__}")
+
+
+def sampler_for(temperature: float, top_p: float, top_k: int, min_p: float):
+    return make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
+def logits_processors_for(repetition_penalty: Optional[float]):
+    return make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else []
+
+
+@dataclass
+class GenerationEvent:
+    """One token of one sequence; ``cache`` and ``context_tokens`` are set when it finished."""
+
+    uid: int
+    token: int
+    finish_reason: Optional[str]
+    cache: Optional[List[LayerCache]]
+    context_tokens: Optional[List[int]]
+
+
+class Generator:
+    """mlx-lm's ``BatchGenerator`` behind the few calls the engine needs."""
+
+    def __init__(self, model, *, stop_token_ids: Sequence[int], prefill_step_size: int = 2048,
+                 prefill_batch_size: int = 8, completion_batch_size: int = 32):
+        check_mlx_lm_version()
+        self._gen = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in stop_token_ids] or None,
+            prefill_step_size=prefill_step_size,
+            prefill_batch_size=prefill_batch_size,
+            completion_batch_size=completion_batch_size,
+        )
+
+    def insert(self, prompt_tokens: List[int], cache: Optional[List[LayerCache]], context_tokens: List[int],
+               max_tokens: int, sampler, logits_processors) -> int:
+        """Queue a sequence that continues ``cache`` (which holds ``context_tokens``) with ``prompt_tokens``."""
+        (uid,) = self._gen.insert(
+            [prompt_tokens], max_tokens=[max_tokens], caches=[cache] if cache is not None else None,
+            all_tokens=[list(context_tokens)], samplers=[sampler], logits_processors=[logits_processors],
+        )
+        return uid
+
+    def next(self) -> List[GenerationEvent]:
+        """Advance every active sequence by one step (prefill chunk or decoded token)."""
+        return [
+            GenerationEvent(r.uid, int(r.token), r.finish_reason, r.prompt_cache, r.all_tokens)
+            for r in self._gen.next_generated()
+        ]
+
+    def extract(self, uid: int) -> Optional[Tuple[List[LayerCache], List[int]]]:
+        """The sequence's current cache and the tokens it holds, or ``None`` if it is not here."""
+        found = self._gen.extract_cache([uid])
+        if uid not in found:
+            return None
+        cache, tokens = found[uid]
+        return cache, list(tokens)
+
+    def remove(self, uid: int) -> None:
+        self._gen.remove([uid])
+
+    def close(self) -> None:
+        self._gen.close()

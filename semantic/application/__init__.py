@@ -1,0 +1,1 @@
+"""Application layer: the batch engine and block <-> cache conversions."""

@@ -1,0 +1,138 @@
+"""Conversions between pool blocks and mlx-lm cache objects, without a model.
+
+``blocks_to_cache`` rebuilds the caches the model's ``make_cache`` would hold
+after the same tokens; ``cache_to_blocks`` stores caches as blocks, sharing the
+blocks a source context already holds instead of copying them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.domain.entities import AgentBlocks
+from semantic.domain.errors import IncompatibleCacheError
+from semantic.domain.services import BlockPool, Reservation
+from semantic.domain.value_objects import ModelCacheSpec
+
+
+def layer_ids_for(spec: ModelCacheSpec, handle: AgentBlocks, layer: int, n_tokens: int) -> Tuple[int, ...]:
+    """The handle's blocks a layer needs for its first ``n_tokens`` tokens."""
+    have_first, _ = spec.layer_block_range(layer, handle.num_tokens)
+    first, last = spec.layer_block_range(layer, n_tokens)
+    ids = handle.layer_block_ids(layer)
+    if first < have_first or last - have_first > len(ids):
+        raise IncompatibleCacheError(
+            f"layer {layer} no longer holds tokens {spec.visible_range(layer, n_tokens)} "
+            f"(its sliding window kept {spec.visible_range(layer, handle.num_tokens)})"
+        )
+    return ids[first - have_first : last - have_first]
+
+
+def can_trim(spec: ModelCacheSpec, handle: AgentBlocks, n_tokens: int) -> bool:
+    """Whether every layer of ``handle`` still holds what a context of its first ``n_tokens`` needs."""
+    if not 0 <= n_tokens <= handle.num_tokens:
+        return False
+    return all(
+        spec.visible_range(layer, n_tokens)[0] >= spec.visible_range(layer, handle.num_tokens)[0]
+        or n_tokens == 0
+        for layer in spec.sliding_window_layers
+    )
+
+
+def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None) -> List[adapter.LayerCache]:
+    """Rebuild one evaluated cache object per layer from ``handle``'s first ``n_tokens`` tokens (default all).
+
+    Layers that keep the same blocks count are gathered together: one gather for
+    keys and one for values per group (all full-attention layers form one group,
+    the sliding-window layers of one window another), whatever the block count.
+    """
+    pool.check_handle(handle)
+    spec = pool.spec
+    n_tokens = handle.num_tokens if n_tokens is None else n_tokens
+    if n_tokens == 0:
+        return [adapter.empty_layer_cache(window) for window in spec.layer_windows]
+    groups: Dict[Optional[int], List[int]] = defaultdict(list)
+    for layer, window in enumerate(spec.layer_windows):
+        groups[window].append(layer)
+
+    caches: List[Optional[adapter.LayerCache]] = [None] * spec.n_layers
+    for window, layers in groups.items():
+        keys, values = pool.gather([layer_ids_for(spec, handle, layer, n_tokens) for layer in layers])
+        first_block = spec.layer_block_range(layers[0], n_tokens)[0]
+        start, end = spec.visible_range(layers[0], n_tokens)
+        lo = start - first_block * spec.block_size
+        hi = None if window is None else end - first_block * spec.block_size
+        for i, layer in enumerate(layers):
+            caches[layer] = adapter.build_layer_cache(
+                window, keys[i : i + 1, :, lo:hi, :], values[i : i + 1, :, lo:hi, :], n_tokens
+            )
+    mx.eval([c.state[:2] for c in caches])
+    return caches
+
+
+def reusable_blocks(spec: ModelCacheSpec, source: Optional[AgentBlocks], reused_tokens: int, layer: int,
+                    n_tokens: int) -> Dict[int, int]:
+    """Block index -> block id of ``source`` that a context of ``n_tokens`` tokens, whose first
+    ``reused_tokens`` came unchanged from ``source``, can share for ``layer``."""
+    if source is None or reused_tokens == 0:
+        return {}
+    size = spec.block_size
+    src_first, _ = spec.layer_block_range(layer, source.num_tokens)
+    src_start = spec.visible_range(layer, source.num_tokens)[0]
+    src_ids = source.layer_block_ids(layer)
+    start, end = spec.visible_range(layer, n_tokens)
+    shared = {}
+    for offset, block_id in enumerate(src_ids):
+        index = src_first + offset
+        lo, hi = max(start, index * size), min(end, (index + 1) * size)
+        if lo < hi and src_start <= lo and hi <= reused_tokens:
+            shared[index] = block_id
+    return shared
+
+
+def cache_to_blocks(
+    pool: BlockPool,
+    agent_id: str,
+    caches: Sequence[adapter.LayerCache],
+    token_ids: Sequence[int],
+    *,
+    source: Optional[AgentBlocks] = None,
+    reused_tokens: int = 0,
+    reservation: Optional[Reservation] = None,
+) -> AgentBlocks:
+    """Store ``caches`` (holding ``token_ids``) as a new handle, evaluated and independent of ``caches``.
+
+    Blocks whose tokens all lie in the first ``reused_tokens`` tokens, which came
+    unchanged from ``source``, are shared with ``source`` instead of written again.
+    """
+    spec = pool.spec
+    if len(caches) != spec.n_layers:
+        raise IncompatibleCacheError(f"{len(caches)} layer caches for a {spec.n_layers}-layer pool")
+    n_tokens = len(token_ids)
+    plan = []
+    with pool.build_handle(agent_id, reservation) as builder:
+        layer_ids: List[List[int]] = []
+        for layer, cache in enumerate(caches):
+            keys, values, first_token, offset = adapter.read_layer_cache(cache)
+            if offset != n_tokens:
+                raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
+            first, last = spec.layer_block_range(layer, n_tokens)
+            shared = reusable_blocks(spec, source, reused_tokens, layer, n_tokens)
+            builder.retain(list(shared.values()))
+            new_from = first
+            while new_from in shared:
+                new_from += 1
+            if any(index >= new_from for index in shared):
+                raise AssertionError("shared blocks must be a prefix of the layer's blocks")
+            new_ids = builder.allocate(last - new_from)
+            layer_ids.append([shared[i] for i in range(first, new_from)] + new_ids)
+            if new_ids:
+                start = spec.visible_range(layer, n_tokens)[0]
+                lo = start - first_token
+                plan.append((new_ids, new_from, keys[..., lo:, :], values[..., lo:, :], start))
+        pool.write_many(plan)
+        return builder.finish(token_ids, layer_ids)

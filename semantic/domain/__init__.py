@@ -1,0 +1,1 @@
+"""Domain layer: geometry (value objects), blocks (entities), the pool (services), errors."""

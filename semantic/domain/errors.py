@@ -1,0 +1,52 @@
+"""Typed errors. Every error says what was wrong and what to do about it.
+
+Whatever raises one of these has changed nothing: no block is leaked, no
+reference count moved, no file half-written.
+"""
+
+
+class SemanticError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidRequestError(SemanticError, ValueError):
+    """A call's arguments are wrong (empty prompt, ``max_tokens <= 0``, ...)."""
+
+
+class UnsupportedModelError(SemanticError):
+    """The model's cache cannot be kept in blocks (unknown cache type, mixed head sizes, ...)."""
+
+
+class IncompatibleCacheError(SemanticError, ValueError):
+    """Blocks of another geometry, from another pool, or not matching a model."""
+
+
+class PoolExhaustedError(SemanticError):
+    """The pool cannot hold what was asked for; nothing was allocated."""
+
+    def __init__(self, requested: int, available: int, detail: str = ""):
+        self.requested = requested
+        self.available = available
+        message = (
+            f"block pool exhausted: {requested} blocks requested, {available} free. "
+            "Release AgentBlocks you no longer need (AgentBlocks.release()), "
+            "or create the pool with more total_blocks."
+        )
+        if detail:
+            message = f"{message} {detail}"
+        super().__init__(message)
+
+
+class BlockOwnershipError(SemanticError, ValueError):
+    """Blocks released twice, or released to a pool that does not hold them."""
+
+
+class ReleasedHandleError(SemanticError, ValueError):
+    """An ``AgentBlocks`` handle was used after it was released."""
+
+
+class UnknownRequestError(SemanticError, KeyError):
+    """A request id the engine never issued, or one it has already forgotten."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])

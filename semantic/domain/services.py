@@ -1,0 +1,437 @@
+"""The block pool: a fixed number of 256-token KV blocks, reference-counted and attributed to agents.
+
+Layout. All blocks live in two preallocated arrays, keys ``[total_blocks,
+n_kv_heads, block_size, k_head_dim]`` and values likewise. Rebuilding a cache is
+then one gather per group of layers that keep the same number of blocks, and
+the gather writes straight into ``[layers, heads, tokens, head_dim]`` order, so
+every byte is copied once and the number of kernels does not grow with
+blocks x layers (per-block arrays concatenated per layer would).
+
+Invariants (checked by :meth:`BlockPool.check_invariants`):
+
+* ``free + used == total_blocks``; a block is *used* iff its reference count is >= 1.
+* A block's reference count equals the number of references held on it: one per
+  live :class:`AgentBlocks` handle that lists it, plus one per raw
+  :meth:`allocate` / :meth:`retain` not yet given back.
+* ``reserved <= free``: a reservation promises free blocks to a request that will
+  need them later; only that reservation may take them.
+* A block with reference count >= 1 is never written again (blocks are immutable
+  once shared), so any handle may keep reading it.
+
+Thread safety: every public method takes the pool's lock. Handles dropped without
+``release()`` are returned by a finalizer that only queues their blocks; the
+queue is drained, under the lock, at the start of the next pool operation.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from semantic.domain.entities import AgentBlocks, KVBlock
+from semantic.domain.errors import (
+    BlockOwnershipError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+    PoolExhaustedError,
+    ReleasedHandleError,
+)
+from semantic.domain.value_objects import ModelCacheSpec
+
+__all__ = ["BlockPool", "PoolUsage", "Reservation", "AgentBlocks", "KVBlock"]
+
+_pool_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """A snapshot of the pool. ``per_agent`` maps agent id -> (distinct blocks, bytes) it refers to;
+    a block shared by two agents appears under both, and once in ``used_blocks``."""
+
+    total_blocks: int
+    free_blocks: int
+    used_blocks: int
+    reserved_blocks: int
+    block_bytes: int
+    per_agent: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_blocks * self.block_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.free_blocks * self.block_bytes
+
+
+class Reservation:
+    """Free blocks promised to one request; allocations drawn from it cannot fail."""
+
+    def __init__(self, pool: "BlockPool", blocks: int, owner: str):
+        self._pool = pool
+        self.owner = owner
+        self.remaining = blocks
+
+    def cancel(self) -> None:
+        """Give back what was not used. Idempotent."""
+        self._pool._cancel_reservation(self)
+
+
+class _HandleBuilder:
+    """Collects the references a new handle will own; rolls them back if building fails."""
+
+    def __init__(self, pool: "BlockPool", agent_id: str, reservation: Optional[Reservation]):
+        self._pool = pool
+        self._agent_id = agent_id
+        self._reservation = reservation
+        self._held: List[int] = []
+
+    def allocate(self, n: int) -> List[int]:
+        ids = self._pool.allocate(n, self._agent_id, reservation=self._reservation)
+        self._held.extend(ids)
+        return ids
+
+    def retain(self, block_ids: Sequence[int]) -> None:
+        self._pool.retain(block_ids, self._agent_id)
+        self._held.extend(block_ids)
+
+    def finish(self, token_ids: Sequence[int], layer_block_ids: Sequence[Sequence[int]]) -> AgentBlocks:
+        owned = sorted(b for ids in layer_block_ids for b in ids)
+        if owned != sorted(self._held):
+            raise AssertionError("a handle must own exactly the references taken for it")
+        handle = self._pool._adopt(self._agent_id, token_ids, layer_block_ids)
+        self._held = []
+        return handle
+
+    def __enter__(self) -> "_HandleBuilder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._held:
+            self._pool.release_blocks(self._held, self._agent_id)
+            self._held = []
+
+
+class BlockPool:
+    """A fixed number of KV blocks of one model geometry. See the module docstring for the invariants."""
+
+    def __init__(self, spec: ModelCacheSpec, total_blocks: int):
+        if not isinstance(spec, ModelCacheSpec):
+            raise InvalidRequestError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
+        if not isinstance(total_blocks, int) or total_blocks <= 0:
+            raise InvalidRequestError(f"total_blocks must be a positive int, got {total_blocks!r}")
+        self.spec = spec
+        self.total_blocks = total_blocks
+        self.pool_id = next(_pool_ids)
+        self._lock = threading.RLock()
+        self._free: List[int] = list(range(total_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._refcount = [0] * total_blocks
+        self._agent_refs: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self._reserved = 0
+        self._released_by_gc: collections.deque = collections.deque()
+        self._handles: "weakref.WeakSet[AgentBlocks]" = weakref.WeakSet()
+
+        dtype = getattr(mx, spec.dtype)
+        shape = (total_blocks, spec.n_kv_heads, spec.block_size)
+        self._keys = mx.zeros(shape + (spec.k_head_dim,), dtype=dtype)
+        self._values = mx.zeros(shape + (spec.v_head_dim,), dtype=dtype)
+        mx.eval(self._keys, self._values)
+        self._heads = mx.arange(spec.n_kv_heads)
+
+    # ---- accounting ---------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        return self.spec.bytes_per_block_per_layer
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool's storage holds (all blocks, used or not)."""
+        return self._keys.nbytes + self._values.nbytes
+
+    @property
+    def free_blocks(self) -> int:
+        with self._lock:
+            self._drain()
+            return len(self._free)
+
+    @property
+    def available_blocks(self) -> int:
+        """Free blocks not promised to a reservation."""
+        with self._lock:
+            self._drain()
+            return len(self._free) - self._reserved
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free_blocks
+
+    def refcount(self, block_id: int) -> int:
+        with self._lock:
+            self._drain()
+            return self._refcount[self._checked_id(block_id)]
+
+    def usage(self) -> PoolUsage:
+        with self._lock:
+            self._drain()
+            per_agent = {
+                agent: (len(refs), len(refs) * self.block_bytes) for agent, refs in self._agent_refs.items() if refs
+            }
+            return PoolUsage(
+                self.total_blocks, len(self._free), self.total_blocks - len(self._free), self._reserved,
+                self.block_bytes, per_agent,
+            )
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if the bookkeeping is inconsistent (used by the tests)."""
+        with self._lock:
+            self._drain()
+            free = set(self._free)
+            assert len(free) == len(self._free), "a block is on the free list twice"
+            used = {b for b, c in enumerate(self._refcount) if c > 0}
+            assert free.isdisjoint(used), "a referenced block is on the free list"
+            assert len(free) + len(used) == self.total_blocks, "free + used != total"
+            assert all(c >= 0 for c in self._refcount), "negative reference count"
+            assert 0 <= self._reserved <= len(self._free), "reservations exceed free blocks"
+            from_agents = collections.Counter()
+            for refs in self._agent_refs.values():
+                from_agents.update(refs)
+            counted = {b: c for b, c in from_agents.items() if c}
+            assert counted == {b: c for b, c in enumerate(self._refcount) if c}, "refcounts != references held"
+            from_handles = collections.Counter()
+            for handle in list(self._handles):
+                if not handle.released:
+                    from_handles.update(b for ids in handle.all_block_ids for b in ids)
+            for block, count in from_handles.items():
+                assert self._refcount[block] >= count, f"block {block}: fewer references than handles listing it"
+
+    # ---- raw references -----------------------------------------------------------------------
+    def allocate(self, n_blocks: int, agent_id: str, *, reservation: Optional[Reservation] = None) -> List[int]:
+        """Take ``n_blocks`` free blocks (reference count 1, attributed to ``agent_id``). All or nothing."""
+        if not isinstance(n_blocks, int) or n_blocks < 0:
+            raise InvalidRequestError(f"n_blocks must be a non-negative int, got {n_blocks!r}")
+        _check_agent_id(agent_id)
+        with self._lock:
+            self._drain()
+            if reservation is not None:
+                if reservation._pool is not self:
+                    raise IncompatibleCacheError("that reservation belongs to another pool")
+                from_reservation = min(n_blocks, reservation.remaining)
+            else:
+                from_reservation = 0
+            available = len(self._free) - self._reserved
+            if n_blocks - from_reservation > available:
+                raise PoolExhaustedError(n_blocks, available + from_reservation)
+            if from_reservation:
+                reservation.remaining -= from_reservation
+                self._reserved -= from_reservation
+            ids = [self._free.pop() for _ in range(n_blocks)]
+            for b in ids:
+                self._refcount[b] = 1
+            self._agent_refs[agent_id].update(ids)
+            return ids
+
+    def retain(self, block_ids: Sequence[int], agent_id: str) -> None:
+        """One more reference on each of ``block_ids`` (which must be in use), attributed to ``agent_id``."""
+        _check_agent_id(agent_id)
+        with self._lock:
+            self._drain()
+            for b in block_ids:
+                if self._refcount[self._checked_id(b)] == 0:
+                    raise BlockOwnershipError(f"block {b} is free; only blocks in use can be shared")
+            for b in block_ids:
+                self._refcount[b] += 1
+            self._agent_refs[agent_id].update(block_ids)
+
+    def release_blocks(self, block_ids: Sequence[int], agent_id: str) -> None:
+        """Give back one reference per id. Checks everything first, so a bad call changes nothing."""
+        with self._lock:
+            self._drain()
+            self._release_checked(list(block_ids), agent_id)
+
+    def reserve(self, n_blocks: int, owner: str) -> Reservation:
+        """Promise ``n_blocks`` free blocks to ``owner``; raises ``PoolExhaustedError`` if they are not there."""
+        with self._lock:
+            self._drain()
+            available = len(self._free) - self._reserved
+            if n_blocks > available:
+                raise PoolExhaustedError(n_blocks, available, f"(reserving for {owner})")
+            self._reserved += n_blocks
+            return Reservation(self, n_blocks, owner)
+
+    def _cancel_reservation(self, reservation: Reservation) -> None:
+        with self._lock:
+            self._reserved -= reservation.remaining
+            reservation.remaining = 0
+
+    # ---- handles ------------------------------------------------------------------------------
+    def build_handle(self, agent_id: str, reservation: Optional[Reservation] = None) -> _HandleBuilder:
+        """``with pool.build_handle(agent) as b: ...; handle = b.finish(tokens, ids)`` (rolled back on error)."""
+        _check_agent_id(agent_id)
+        return _HandleBuilder(self, agent_id, reservation)
+
+    def _adopt(self, agent_id: str, token_ids, layer_block_ids) -> AgentBlocks:
+        if len(layer_block_ids) != self.spec.n_layers:
+            raise AssertionError("one block list per layer")
+        handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids)
+        with self._lock:
+            self._handles.add(handle)
+        return handle
+
+    def share(self, handle: AgentBlocks, agent_id: Optional[str] = None) -> AgentBlocks:
+        """A new handle on ``handle``'s blocks, for ``agent_id`` (default: the same agent)."""
+        self.check_handle(handle)
+        agent = handle.agent_id if agent_id is None else agent_id
+        with self._lock, self.build_handle(agent) as builder:
+            ids = handle.all_block_ids
+            builder.retain([b for layer in ids for b in layer])
+            return builder.finish(handle.token_ids, ids)
+
+    def release(self, handle: AgentBlocks) -> None:
+        """Release a handle's references. A second release raises ``ReleasedHandleError``."""
+        self.check_handle(handle)
+        with self._lock:
+            self._drain()
+            ids = [b for layer in handle.all_block_ids for b in layer]
+            self._release_checked(ids, handle.agent_id)
+            handle._finalizer.detach()
+            handle._layer_block_ids = None
+            self._handles.discard(handle)
+
+    def check_handle(self, handle: AgentBlocks) -> None:
+        """Raise a typed error unless ``handle`` is a live handle of this pool."""
+        if not isinstance(handle, AgentBlocks):
+            raise InvalidRequestError(f"expected AgentBlocks, got {type(handle).__name__}")
+        if handle.pool is not self:
+            if handle.spec != self.spec:
+                raise IncompatibleCacheError(
+                    f"these blocks have another geometry ({handle.spec.describe()}) than this pool "
+                    f"({self.spec.describe()}); they cannot be used with this model"
+                )
+            raise IncompatibleCacheError(
+                f"these blocks belong to pool #{handle.pool.pool_id}, not to pool #{self.pool_id}; "
+                "use them with the engine that made them"
+            )
+        if handle.released:
+            handle.all_block_ids  # raises ReleasedHandleError with the agent's name
+
+    def _release_later(self, block_ids: List[int], agent_id: str) -> None:
+        # Runs from a weakref finalizer, possibly inside another pool call: only queue.
+        self._released_by_gc.append((block_ids, agent_id))
+
+    def _drain(self) -> None:
+        while self._released_by_gc:
+            ids, agent = self._released_by_gc.popleft()
+            self._release_checked(ids, agent)
+
+    def _release_checked(self, block_ids: List[int], agent_id: str) -> None:
+        refs = self._agent_refs.get(agent_id)
+        wanted = collections.Counter(block_ids)
+        for b, n in wanted.items():
+            self._checked_id(b)
+            if refs is None or refs[b] < n:
+                raise BlockOwnershipError(
+                    f"agent {agent_id!r} does not hold {n} reference(s) on block {b}; "
+                    "blocks can only be released once, by the agent that holds them"
+                )
+        for b, n in wanted.items():
+            refs[b] -= n
+            if not refs[b]:
+                del refs[b]
+            self._refcount[b] -= n
+            if self._refcount[b] == 0:
+                self._free.append(b)
+        if refs is not None and not refs:
+            del self._agent_refs[agent_id]
+
+    def _checked_id(self, block_id) -> int:
+        if not isinstance(block_id, int) or not 0 <= block_id < self.total_blocks:
+            raise BlockOwnershipError(f"block id {block_id!r} is not in this pool (0..{self.total_blocks - 1})")
+        return block_id
+
+    # ---- storage ------------------------------------------------------------------------------
+    def block_keys(self, block_id: int) -> mx.array:
+        return self._keys[self._checked_id(block_id)]
+
+    def block_values(self, block_id: int) -> mx.array:
+        return self._values[self._checked_id(block_id)]
+
+    def write_blocks(self, block_ids: Sequence[int], first_index: int, keys: mx.array, values: mx.array,
+                     first_token: int) -> None:
+        """Write tokens into fresh blocks (evaluated on return).
+
+        ``keys``/``values`` are ``[1, heads, T, dim]`` holding token positions
+        ``[first_token, first_token + T)``; ``block_ids`` receive the block indices
+        ``first_index, first_index + 1, ...``. Slots outside the data are zeroed, so no
+        earlier owner's data survives in a block.
+        """
+        with self._lock:
+            self._write_arena(block_ids, first_index, keys, values, first_token)
+            mx.eval(self._keys, self._values)
+
+    def write_many(self, writes: Iterable[Tuple[Sequence[int], int, mx.array, mx.array, int]]) -> None:
+        """Several :meth:`write_blocks` calls, evaluated together."""
+        with self._lock:
+            for write in writes:
+                self._write_arena(*write)
+            mx.eval(self._keys, self._values)
+
+    def _write_arena(self, block_ids, first_index, keys, values, first_token) -> None:
+        size = self.spec.block_size
+        end_token = first_token + keys.shape[2]
+        for lo, hi in _segments(len(block_ids), first_index, first_token, end_token, size):
+            ids = mx.array(block_ids[lo:hi])
+            seg_start = (first_index + lo) * size
+            seg_end = (first_index + hi) * size
+            a, b = max(seg_start, first_token), min(seg_end, end_token)
+            pad = [(0, 0), (a - seg_start, seg_end - b), (0, 0)]
+            for arena_name, data in (("_keys", keys), ("_values", values)):
+                chunk = data[0, :, a - first_token : b - first_token, :]
+                if pad[1] != (0, 0):
+                    chunk = mx.pad(chunk, pad)
+                chunk = chunk.reshape(chunk.shape[0], hi - lo, size, chunk.shape[-1])
+                arena = getattr(self, arena_name)
+                arena[ids[None, :], self._heads[:, None]] = chunk  # in place: the arena is donated
+
+    def gather(self, layer_block_ids: Sequence[Sequence[int]]) -> Tuple[mx.array, mx.array]:
+        """Keys and values of several layers that keep the same number of blocks, evaluated:
+        ``[layers, heads, n_blocks * block_size, dim]``, in one gather each."""
+        n_layers, n_blocks = len(layer_block_ids), len(layer_block_ids[0])
+        spec = self.spec
+        with self._lock:
+            ids = mx.array(layer_block_ids)[:, None, :]
+            heads = self._heads[None, :, None]
+            tokens = n_blocks * spec.block_size
+            keys = self._keys[ids, heads].reshape(n_layers, spec.n_kv_heads, tokens, spec.k_head_dim)
+            values = self._values[ids, heads].reshape(n_layers, spec.n_kv_heads, tokens, spec.v_head_dim)
+            mx.eval(keys, values)
+        return keys, values
+
+    def __repr__(self) -> str:
+        u = self.usage()
+        return f"BlockPool(#{self.pool_id}, {u.used_blocks}/{u.total_blocks} used, {self.spec.describe()})"
+
+
+def _segments(n_blocks: int, first_index: int, first_token: int, end_token: int, size: int):
+    """Split blocks ``[0, n_blocks)`` into runs that need the same padding: a partly filled first
+    block, the whole blocks, a partly filled last block. Whole blocks are then written without
+    a padded copy."""
+    cuts = {0, n_blocks}
+    for k in range(n_blocks):
+        start = (first_index + k) * size
+        if start < first_token < start + size:
+            cuts.update((k, k + 1))
+        if start < end_token < start + size:
+            cuts.update((k, k + 1))
+    cuts = sorted(c for c in cuts if 0 <= c <= n_blocks)
+    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+
+
+def _check_agent_id(agent_id) -> None:
+    if not isinstance(agent_id, str) or not agent_id:
+        raise InvalidRequestError(f"agent_id must be a non-empty string, got {agent_id!r}")

@@ -1,0 +1,159 @@
+"""Value objects: the geometry of a model's KV cache, and what a block of it weighs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional, Sequence, Tuple
+
+from semantic.domain.errors import InvalidRequestError
+
+BLOCK_SIZE = 256
+"""Tokens per block. Equal to mlx-lm's ``KVCache.step``, so a rebuilt cache has the
+same buffer length a freshly prefilled one has."""
+
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class ModelCacheSpec:
+    """The shape of one model's KV cache, independent of any weights.
+
+    ``layer_windows[i]`` is ``None`` for a full-attention layer and the window
+    length in tokens for a sliding-window layer (mlx-lm's ``RotatingKVCache``
+    with ``keep=0``). Every layer has ``n_kv_heads`` heads of ``k_head_dim`` /
+    ``v_head_dim``; models that vary these per layer are not supported.
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    dtype: str = "bfloat16"
+    block_size: int = BLOCK_SIZE
+    layer_windows: Tuple[Optional[int], ...] = field(default=())
+    name: str = ""
+
+    def __post_init__(self):
+        for attr in ("n_layers", "n_kv_heads", "k_head_dim", "v_head_dim", "block_size"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidRequestError(f"ModelCacheSpec.{attr} must be a positive int, got {value!r}")
+        if self.dtype not in _DTYPE_BYTES:
+            raise InvalidRequestError(
+                f"ModelCacheSpec.dtype must be one of {sorted(_DTYPE_BYTES)}, got {self.dtype!r}"
+            )
+        windows = tuple(self.layer_windows) or (None,) * self.n_layers
+        if len(windows) != self.n_layers:
+            raise InvalidRequestError(
+                f"layer_windows has {len(windows)} entries for {self.n_layers} layers; give one per layer"
+            )
+        for w in windows:
+            if w is not None and (not isinstance(w, int) or w <= 0):
+                raise InvalidRequestError(f"a sliding window must be a positive int or None, got {w!r}")
+        object.__setattr__(self, "layer_windows", windows)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model) -> "ModelCacheSpec":
+        """Read the geometry from a loaded mlx-lm model (its own ``make_cache`` and one probe step)."""
+        from semantic.adapters.mlx_lm_adapter import cache_spec_from_model
+
+        return cache_spec_from_model(model)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelCacheSpec":
+        """A named geometry of a real model, e.g. ``"gemma-3-12b"``; see ``PRESETS``."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise InvalidRequestError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+    def with_layers(self, n_layers: int) -> "ModelCacheSpec":
+        """The same geometry cut or extended to ``n_layers``, repeating the layer pattern."""
+        if n_layers <= 0:
+            raise InvalidRequestError(f"n_layers must be positive, got {n_layers}")
+        windows = tuple(self.layer_windows[i % self.n_layers] for i in range(n_layers))
+        return replace(self, n_layers=n_layers, layer_windows=windows)
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def dtype_bytes(self) -> int:
+        return _DTYPE_BYTES[self.dtype]
+
+    @property
+    def head_dim(self) -> int:
+        """Key head dim (equal to the value head dim for every preset)."""
+        return self.k_head_dim
+
+    @property
+    def bytes_per_token_per_layer(self) -> int:
+        return self.n_kv_heads * (self.k_head_dim + self.v_head_dim) * self.dtype_bytes
+
+    @property
+    def bytes_per_block_per_layer(self) -> int:
+        """Bytes of one block: keys and values of ``block_size`` tokens of one layer."""
+        return self.bytes_per_token_per_layer * self.block_size
+
+    @property
+    def full_attention_layers(self) -> Tuple[int, ...]:
+        return tuple(i for i, w in enumerate(self.layer_windows) if w is None)
+
+    @property
+    def sliding_window_layers(self) -> Tuple[int, ...]:
+        return tuple(i for i, w in enumerate(self.layer_windows) if w is not None)
+
+    def blocks_for_tokens(self, n_tokens: int) -> int:
+        """Blocks a full-attention layer needs for ``n_tokens``."""
+        return math.ceil(n_tokens / self.block_size)
+
+    def visible_range(self, layer: int, n_tokens: int) -> Tuple[int, int]:
+        """Token positions ``[start, n_tokens)`` a layer's cache holds after ``n_tokens`` tokens."""
+        window = self.layer_windows[layer]
+        start = 0 if window is None else max(0, n_tokens - window)
+        return start, n_tokens
+
+    def layer_block_range(self, layer: int, n_tokens: int) -> Tuple[int, int]:
+        """Indices ``[first, last)`` of the blocks a layer keeps for a context of ``n_tokens``."""
+        start, end = self.visible_range(layer, n_tokens)
+        if end == 0:
+            return 0, 0
+        return start // self.block_size, self.blocks_for_tokens(end)
+
+    def blocks_per_agent(self, n_tokens: int) -> int:
+        """Blocks (over all layers) a context of ``n_tokens`` occupies."""
+        return sum(b - a for a, b in (self.layer_block_range(i, n_tokens) for i in range(self.n_layers)))
+
+    def bytes_per_agent(self, n_tokens: int) -> int:
+        return self.blocks_per_agent(n_tokens) * self.bytes_per_block_per_layer
+
+    def describe(self) -> str:
+        n_window = len(self.sliding_window_layers)
+        kinds = f"{n_window} sliding-window" if n_window else "all full-attention"
+        return (
+            f"{self.name or 'model'}: {self.n_layers} layers ({kinds}), {self.n_kv_heads} KV heads, "
+            f"head dim {self.k_head_dim}/{self.v_head_dim}, {self.dtype}, "
+            f"{self.bytes_per_block_per_layer} bytes per block per layer"
+        )
+
+
+def _gemma3_windows(n_layers: int, window: int, pattern: int = 6) -> Tuple[Optional[int], ...]:
+    """Gemma 3 puts one global layer after every ``pattern - 1`` sliding-window layers."""
+    return tuple(None if (i + 1) % pattern == 0 else window for i in range(n_layers))
+
+
+PRESETS: Dict[str, ModelCacheSpec] = {
+    "smollm2-135m": ModelCacheSpec(30, 3, 64, 64, "bfloat16", name="smollm2-135m"),
+    "qwen2.5-0.5b": ModelCacheSpec(24, 2, 64, 64, "bfloat16", name="qwen2.5-0.5b"),
+    "llama-3.1-8b": ModelCacheSpec(32, 8, 128, 128, "bfloat16", name="llama-3.1-8b"),
+    "gemma-3-12b": ModelCacheSpec(
+        48, 8, 256, 256, "bfloat16", layer_windows=_gemma3_windows(48, 1024), name="gemma-3-12b"
+    ),
+    "gemma-3-12b-full": ModelCacheSpec(48, 8, 256, 256, "bfloat16", name="gemma-3-12b-full"),
+}
+"""Real geometries, so benchmarks can use them without the weights. ``gemma-3-12b-full``
+treats every layer as full attention (the worst case for bytes moved)."""
+
+
+def spec_names() -> Sequence[str]:
+    return sorted(PRESETS)
