@@ -35,6 +35,7 @@ import collections
 import itertools
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Union
@@ -52,6 +53,10 @@ from semantic.domain.services import BlockPool, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
 Prompt = Union[str, Sequence[int]]
+
+
+class PoolPressureWarning(UserWarning):
+    """``step`` returned with requests still waiting for blocks that live handles hold."""
 
 
 @dataclass
@@ -172,7 +177,7 @@ class BlockPoolBatchEngine:
 
     def _tokenize(self, prompt: Prompt, continuation: bool) -> List[int]:
         if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(prompt, add_special_tokens=not continuation)
+            tokens = self.tokenizer.encode(prompt, add_special_tokens=not continuation) if prompt else []
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and t >= 0 for t in prompt):
             tokens = list(prompt)
         else:
@@ -227,28 +232,36 @@ class BlockPoolBatchEngine:
     def step(self) -> Iterator[Completion]:
         """Run until every admitted request has finished, yielding each completion as soon as it finishes.
 
-        Requests waiting for blocks are admitted as completions free them. If
-        requests are still waiting when nothing runs, their blocks are held by
-        handles the caller keeps: ``PoolExhaustedError`` if this call finished nothing.
+        Requests waiting for blocks are admitted as finished contexts are released
+        (a completion dropped inside the loop frees its blocks at once). If requests
+        still wait when nothing runs, the blocks they need are held by handles the
+        caller keeps: ``step`` returns, warns with ``PoolPressureWarning``, and
+        ``pending`` says how many wait; release handles and call ``step`` again.
         """
-        finished_any = False
         while True:
             with self._lock:
                 self._admit()
                 if not self._running:
-                    if self._waiting and not finished_any:
+                    if self._waiting:
                         head = self._waiting[0]
-                        raise PoolExhaustedError(
-                            head.new_blocks_bound, self.pool.available_blocks,
-                            f"({len(self._waiting)} request(s) are waiting for blocks that live handles hold)",
-                        )
+                        warnings.warn(PoolPressureWarning(
+                            f"{len(self._waiting)} request(s) wait for blocks: the next needs "
+                            f"{head.new_blocks_bound}, {self.pool.available_blocks} are free. Release AgentBlocks "
+                            "you no longer need, then call step() again."
+                        ), stacklevel=2)
                     return
-                events = self._generator.next()
-                done = [self._on_event(event) for event in events]
-            for completion in done:
-                if completion is not None:
-                    finished_any = True
-                    yield completion
+                done = self.step_once()
+            yield from done
+
+    def step_once(self) -> List[Completion]:
+        """One batched model step (a prefill chunk or one token for every running sequence);
+        returns the requests that finished in it."""
+        with self._lock:
+            self._admit()
+            if not self._running:
+                return []
+            events = self._generator.next()
+            return [c for c in map(self._on_event, events) if c is not None]
 
     def generate(self, agent_id: str, prompt: Prompt, **kwargs) -> Completion:
         """Submit one request and run the engine until it finishes (other requests run along)."""

@@ -64,14 +64,19 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
         keys, values = pool.gather([layer_ids_for(spec, handle, layer, n_tokens) for layer in layers])
         first_block = spec.layer_block_range(layers[0], n_tokens)[0]
         start, end = spec.visible_range(layers[0], n_tokens)
-        lo = start - first_block * spec.block_size
-        hi = None if window is None else end - first_block * spec.block_size
-        for i, layer in enumerate(layers):
-            caches[layer] = adapter.build_layer_cache(
-                window, keys[i : i + 1, :, lo:hi, :], values[i : i + 1, :, lo:hi, :], n_tokens
-            )
-    mx.eval([c.state[:2] for c in caches])
+        if window is not None:  # the rotating cache holds exactly the visible tokens
+            lo, hi = start - first_block * spec.block_size, end - first_block * spec.block_size
+            keys, values = keys[:, :, lo:hi, :], values[:, :, lo:hi, :]
+        per_layer = zip(layers, _split_layers(keys), _split_layers(values))
+        for layer, layer_keys, layer_values in per_layer:
+            caches[layer] = adapter.build_layer_cache(window, layer_keys, layer_values, n_tokens)
+    mx.eval([(c.keys, c.values) for c in caches])
     return caches
+
+
+def _split_layers(stacked: mx.array) -> List[mx.array]:
+    """``[layers, ...]`` -> per-layer ``[1, ...]`` views, in one op."""
+    return mx.split(stacked, stacked.shape[0], axis=0) if stacked.shape[0] > 1 else [stacked]
 
 
 def reusable_blocks(spec: ModelCacheSpec, source: Optional[AgentBlocks], reused_tokens: int, layer: int,

@@ -18,6 +18,10 @@ Invariants (checked by :meth:`BlockPool.check_invariants`):
 * A block with reference count >= 1 is never written again (blocks are immutable
   once shared), so any handle may keep reading it.
 
+Memory: the pool allocates ``total_blocks`` blocks up front (``BlockPool.nbytes``)
+and, unless ``grow_buffer_cache=False``, raises MLX's buffer-cache limit to that
+size so rebuilds reuse freed buffers instead of page-faulting fresh memory.
+
 Thread safety: every public method takes the pool's lock. Handles dropped without
 ``release()`` are returned by a finalizer that only queues their blocks; the
 queue is drained, under the lock, at the start of the next pool operation.
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
@@ -121,7 +126,7 @@ class _HandleBuilder:
 class BlockPool:
     """A fixed number of KV blocks of one model geometry. See the module docstring for the invariants."""
 
-    def __init__(self, spec: ModelCacheSpec, total_blocks: int):
+    def __init__(self, spec: ModelCacheSpec, total_blocks: int, *, grow_buffer_cache: bool = True):
         if not isinstance(spec, ModelCacheSpec):
             raise InvalidRequestError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
         if not isinstance(total_blocks, int) or total_blocks <= 0:
@@ -133,6 +138,9 @@ class BlockPool:
         self._free: List[int] = list(range(total_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refcount = [0] * total_blocks
         self._agent_refs: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        # The part of _agent_refs taken by allocate/retain and not (yet) owned by a handle:
+        # release_blocks may give back only these, never a handle's references.
+        self._loose_refs: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self._reserved = 0
         self._released_by_gc: collections.deque = collections.deque()
         self._handles: "weakref.WeakSet[AgentBlocks]" = weakref.WeakSet()
@@ -143,6 +151,8 @@ class BlockPool:
         self._values = mx.zeros(shape + (spec.v_head_dim,), dtype=dtype)
         mx.eval(self._keys, self._values)
         self._heads = mx.arange(spec.n_kv_heads)
+        if grow_buffer_cache:
+            _ensure_buffer_cache(self.nbytes)
 
     # ---- accounting ---------------------------------------------------------------------------
     @property
@@ -234,6 +244,7 @@ class BlockPool:
             for b in ids:
                 self._refcount[b] = 1
             self._agent_refs[agent_id].update(ids)
+            self._loose_refs[agent_id].update(ids)
             return ids
 
     def retain(self, block_ids: Sequence[int], agent_id: str) -> None:
@@ -247,12 +258,14 @@ class BlockPool:
             for b in block_ids:
                 self._refcount[b] += 1
             self._agent_refs[agent_id].update(block_ids)
+            self._loose_refs[agent_id].update(block_ids)
 
     def release_blocks(self, block_ids: Sequence[int], agent_id: str) -> None:
-        """Give back one reference per id. Checks everything first, so a bad call changes nothing."""
+        """Give back one reference per id taken by :meth:`allocate` / :meth:`retain` (a handle's
+        references go back with the handle). Checks everything first: a bad call changes nothing."""
         with self._lock:
             self._drain()
-            self._release_checked(list(block_ids), agent_id)
+            self._release_checked(list(block_ids), agent_id, self._loose_refs)
 
     def reserve(self, n_blocks: int, owner: str) -> Reservation:
         """Promise ``n_blocks`` free blocks to ``owner``; raises ``PoolExhaustedError`` if they are not there."""
@@ -278,8 +291,14 @@ class BlockPool:
     def _adopt(self, agent_id: str, token_ids, layer_block_ids) -> AgentBlocks:
         if len(layer_block_ids) != self.spec.n_layers:
             raise AssertionError("one block list per layer")
-        handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids)
+        owned = collections.Counter(b for ids in layer_block_ids for b in ids)
         with self._lock:
+            loose = self._loose_refs[agent_id]
+            if any(loose[b] < n for b, n in owned.items()):
+                raise AssertionError("a handle can only own references taken for it")
+            loose.subtract(owned)
+            _drop_zeros(self._loose_refs, agent_id)
+            handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids)
             self._handles.add(handle)
         return handle
 
@@ -298,7 +317,7 @@ class BlockPool:
         with self._lock:
             self._drain()
             ids = [b for layer in handle.all_block_ids for b in layer]
-            self._release_checked(ids, handle.agent_id)
+            self._release_checked(ids, handle.agent_id, None)
             handle._finalizer.detach()
             handle._layer_block_ids = None
             self._handles.discard(handle)
@@ -327,27 +346,28 @@ class BlockPool:
     def _drain(self) -> None:
         while self._released_by_gc:
             ids, agent = self._released_by_gc.popleft()
-            self._release_checked(ids, agent)
+            self._release_checked(ids, agent, None)
 
-    def _release_checked(self, block_ids: List[int], agent_id: str) -> None:
-        refs = self._agent_refs.get(agent_id)
+    def _release_checked(self, block_ids: List[int], agent_id: str, loose_refs) -> None:
+        """Drop one reference per id held by ``agent_id`` (from ``loose_refs`` too, when given)."""
         wanted = collections.Counter(block_ids)
+        for table in (self._agent_refs, loose_refs):
+            held = table.get(agent_id) if table is not None else None
+            for b, n in wanted.items():
+                self._checked_id(b)
+                if table is not None and (held is None or held[b] < n):
+                    raise BlockOwnershipError(
+                        f"agent {agent_id!r} does not hold {n} reference(s) on block {b} outside a handle; "
+                        "blocks are released once, by the agent that holds them (a handle's with the handle)"
+                    )
+        for table in (self._agent_refs, loose_refs):
+            if table is not None:
+                table[agent_id].subtract(wanted)
+                _drop_zeros(table, agent_id)
         for b, n in wanted.items():
-            self._checked_id(b)
-            if refs is None or refs[b] < n:
-                raise BlockOwnershipError(
-                    f"agent {agent_id!r} does not hold {n} reference(s) on block {b}; "
-                    "blocks can only be released once, by the agent that holds them"
-                )
-        for b, n in wanted.items():
-            refs[b] -= n
-            if not refs[b]:
-                del refs[b]
             self._refcount[b] -= n
             if self._refcount[b] == 0:
                 self._free.append(b)
-        if refs is not None and not refs:
-            del self._agent_refs[agent_id]
 
     def _checked_id(self, block_id) -> int:
         if not isinstance(block_id, int) or not 0 <= block_id < self.total_blocks:
@@ -400,21 +420,42 @@ class BlockPool:
 
     def gather(self, layer_block_ids: Sequence[Sequence[int]]) -> Tuple[mx.array, mx.array]:
         """Keys and values of several layers that keep the same number of blocks, evaluated:
-        ``[layers, heads, n_blocks * block_size, dim]``, in one gather each."""
-        n_layers, n_blocks = len(layer_block_ids), len(layer_block_ids[0])
+        ``[layers, heads, n_blocks * block_size, dim]``, one row-gather each.
+
+        The arena is viewed as ``[blocks * heads, block_size, dim]`` rows, so a single
+        index array ``[layers, heads, n_blocks]`` puts every row straight where the
+        cache wants it (a one-index take is MLX's fast gather path).
+        """
         spec = self.spec
+        heads = spec.n_kv_heads
+        ids = np.asarray(layer_block_ids, dtype=np.int32)
+        rows = mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None])
+        n_layers, n_blocks = ids.shape
+        tokens = n_blocks * spec.block_size
         with self._lock:
-            ids = mx.array(layer_block_ids)[:, None, :]
-            heads = self._heads[None, :, None]
-            tokens = n_blocks * spec.block_size
-            keys = self._keys[ids, heads].reshape(n_layers, spec.n_kv_heads, tokens, spec.k_head_dim)
-            values = self._values[ids, heads].reshape(n_layers, spec.n_kv_heads, tokens, spec.v_head_dim)
+            keys = mx.take(self._keys.reshape(-1, spec.block_size, spec.k_head_dim), rows, axis=0)
+            values = mx.take(self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows, axis=0)
+            keys = keys.reshape(n_layers, heads, tokens, spec.k_head_dim)
+            values = values.reshape(n_layers, heads, tokens, spec.v_head_dim)
             mx.eval(keys, values)
         return keys, values
 
     def __repr__(self) -> str:
         u = self.usage()
         return f"BlockPool(#{self.pool_id}, {u.used_blocks}/{u.total_blocks} used, {self.spec.describe()})"
+
+
+def _ensure_buffer_cache(nbytes: int) -> None:
+    """Let MLX keep at least ``nbytes`` of freed buffers for reuse (never lowers the limit).
+
+    MLX's CPU backend caches only a few MiB of freed buffers by default, so every
+    rebuild larger than that writes into freshly mapped pages and page-faults on
+    each one: measured 4-10x slower than memcpy of the same bytes. A rebuild never
+    produces more than the pool holds.
+    """
+    previous = mx.set_cache_limit(nbytes)
+    if previous > nbytes:
+        mx.set_cache_limit(previous)
 
 
 def _segments(n_blocks: int, first_index: int, first_token: int, end_token: int, size: int):
@@ -430,6 +471,14 @@ def _segments(n_blocks: int, first_index: int, first_token: int, end_token: int,
             cuts.update((k, k + 1))
     cuts = sorted(c for c in cuts if 0 <= c <= n_blocks)
     return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+
+
+def _drop_zeros(table: Dict[str, collections.Counter], agent_id: str) -> None:
+    counter = table[agent_id]
+    for b in [b for b, n in counter.items() if n <= 0]:
+        del counter[b]
+    if not counter:
+        del table[agent_id]
 
 
 def _check_agent_id(agent_id) -> None:

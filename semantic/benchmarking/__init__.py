@@ -1,0 +1,1 @@
+"""Benchmark cases and helpers shared by benchmarks/ and experiments/."""

@@ -1,0 +1,28 @@
+"""Agents' KV contexts kept across process restarts: a crash-safe, checked on-disk store with a memory tier.
+
+See ``store`` for the tiers, ``file_format`` for the file, and docs/persistence.md for both.
+"""
+
+from semantic.persistence.errors import (
+    CacheCorruptionError,
+    CacheLockTimeoutError,
+    CachePersistenceError,
+    CacheWriteError,
+    IncompatibleCacheFileError,
+    InvalidAgentIdError,
+    UnknownAgentError,
+)
+from semantic.persistence.fingerprint import model_fingerprint
+from semantic.persistence.store import AgentCacheStore
+
+__all__ = [
+    "AgentCacheStore",
+    "model_fingerprint",
+    "CachePersistenceError",
+    "CacheCorruptionError",
+    "CacheLockTimeoutError",
+    "CacheWriteError",
+    "IncompatibleCacheFileError",
+    "InvalidAgentIdError",
+    "UnknownAgentError",
+]

@@ -1,0 +1,234 @@
+"""The store's directory: one file per agent, replaced atomically, under a per-agent lock.
+
+Names. An agent id is escaped into a file name that is safe on every file
+system the package runs on: ``[a-z0-9_-]`` stay as they are, every other byte
+of the id's UTF-8 becomes ``%XX`` (upper-case hex). Upper-case letters are
+escaped too, so two ids never collide on a case-insensitive file system (macOS),
+and non-ASCII is escaped, so Unicode normalisation cannot rename a file.
+
+Files, for an agent whose escaped name is ``NAME``:
+
+* ``NAME.safetensors``: the agent's context (see ``file_format``).
+* ``.NAME.lock``: the advisory lock (``fcntl.flock``) every writer holds.
+* ``.NAME.<random>.tmp``: a save in progress; it exists only while its writer
+  holds the lock, so one whose lock is free was abandoned by a killed process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import pathlib
+import secrets
+import time
+import unicodedata
+from typing import Callable, Iterator, List, Optional
+
+from semantic.persistence.errors import (
+    CacheLockTimeoutError,
+    CacheWriteError,
+    InvalidAgentIdError,
+    UnknownAgentError,
+)
+
+CACHE_SUFFIX = ".safetensors"
+MAX_NAME_BYTES = 200  # escaped; leaves room for the lock/temp decorations under the usual 255-byte limit
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+_LOCK_POLL_SECONDS = 0.005
+
+
+def check_agent_id(agent_id) -> str:
+    """``agent_id`` escaped into a file name, or ``InvalidAgentIdError`` for an id that could leave the directory."""
+    if not isinstance(agent_id, str) or not agent_id:
+        raise InvalidAgentIdError(f"an agent id must be a non-empty string, got {agent_id!r}")
+    if agent_id in (".", "..") or "/" in agent_id or "\\" in agent_id:
+        raise InvalidAgentIdError(
+            f"agent id {agent_id!r} looks like a path; agent ids name files inside the store's directory, "
+            "so they may not be '.', '..' or contain '/' or '\\'"
+        )
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in agent_id):
+        raise InvalidAgentIdError(
+            f"agent id {agent_id!r} contains a control character (NUL, newline, ...) or a lone surrogate; "
+            "use printable characters"
+        )
+    name = "".join(c if c in _PLAIN else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in agent_id)
+    if len(name) > MAX_NAME_BYTES:
+        raise InvalidAgentIdError(
+            f"agent id {agent_id[:40]!r}... is too long: its file name would be {len(name)} bytes, at most "
+            f"{MAX_NAME_BYTES} are allowed (characters other than a-z 0-9 _ - take 3 bytes per UTF-8 byte)"
+        )
+    return name
+
+
+def agent_id_from_name(name: str) -> Optional[str]:
+    """The agent id a file name (without suffix) escapes, or ``None`` if this store did not write it."""
+    raw, i = bytearray(), 0
+    while i < len(name):
+        if name[i] == "%":
+            try:
+                raw.append(int(name[i + 1 : i + 3], 16))
+            except ValueError:
+                return None
+            i += 3
+        else:
+            raw.extend(name[i].encode("utf-8"))
+            i += 1
+    try:
+        agent_id = raw.decode("utf-8")
+        return agent_id if check_agent_id(agent_id) == name else None
+    except (UnicodeDecodeError, InvalidAgentIdError):
+        return None
+
+
+class CacheDirectory:
+    """A directory of agent cache files; see the module docstring for its layout."""
+
+    def __init__(self, path, lock_timeout: float):
+        self.path = pathlib.Path(path).expanduser().absolute()
+        self.lock_timeout = lock_timeout
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheWriteError(f"cannot create the cache directory {self.path}: {exc.strerror}") from exc
+        self.remove_abandoned_temp_files()
+
+    def file_for(self, agent_id: str) -> pathlib.Path:
+        return self.path / (check_agent_id(agent_id) + CACHE_SUFFIX)
+
+    def agent_ids(self) -> List[str]:
+        """Agents with a cache file, in no particular order; foreign files are ignored."""
+        found = []
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if entry.name.endswith(CACHE_SUFFIX) and not entry.name.startswith("."):
+                    agent_id = agent_id_from_name(entry.name[: -len(CACHE_SUFFIX)])
+                    if agent_id is not None:
+                        found.append(agent_id)
+        return found
+
+    def open_for_reading(self, agent_id: str):
+        """The agent's file, opened unbuffered: one open file stays one version even if a save replaces it."""
+        path = self.file_for(agent_id)
+        try:
+            return open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise UnknownAgentError(f"no cache file for agent {agent_id!r} in {self.path}") from None
+
+    # ---- writing ----------------------------------------------------------------------------------
+    def replace(self, agent_id: str, write: Callable[[int], None]) -> None:
+        """Make the agent's file hold what ``write(fd)`` writes, atomically and durably.
+
+        The data goes to a temp file beside the target, is fsynced, renamed over
+        the target, and the directory is fsynced, so a crash at any point leaves
+        the old file or the new one, never a mix; a failure removes the temp file.
+        """
+        name = check_agent_id(agent_id)
+        target = self.path / (name + CACHE_SUFFIX)
+        with self.lock(agent_id):
+            temp = self.path / f".{name}.{secrets.token_hex(6)}.tmp"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    write(fd)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(temp, target)
+                self._sync_directory()
+            except OSError as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                raise CacheWriteError(
+                    f"could not save agent {agent_id!r} to {target}: {exc.strerror or exc}; "
+                    "its previous file, if any, is unchanged"
+                ) from exc
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                raise
+
+    def remove(self, agent_id: str) -> bool:
+        """Delete the agent's file (and lock file); whether there was one."""
+        name = check_agent_id(agent_id)
+        with self.lock(agent_id):
+            try:
+                os.unlink(self.path / (name + CACHE_SUFFIX))
+            except FileNotFoundError:
+                existed = False
+            except OSError as exc:
+                raise CacheWriteError(f"could not delete the cache file of agent {agent_id!r}: {exc.strerror}") from exc
+            else:
+                existed = True
+                self._sync_directory()
+            # Removed while held: a process waiting on it notices the unlink and retries (see ``lock``).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock_path(name))
+        return existed
+
+    def remove_abandoned_temp_files(self) -> None:
+        """Delete temp files whose writer died mid-save: their agent's lock is free."""
+        for temp in self.path.glob(".*.tmp"):
+            agent_id = agent_id_from_name(temp.name[1:].split(".", 1)[0])
+            if agent_id is None:
+                continue
+            try:
+                with self.lock(agent_id, timeout=0):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp)
+            except CacheLockTimeoutError:
+                pass  # a live writer's file
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ---- locking ----------------------------------------------------------------------------------
+    def _lock_path(self, name: str) -> pathlib.Path:
+        return self.path / f".{name}.lock"
+
+    @contextlib.contextmanager
+    def lock(self, agent_id: str, timeout: Optional[float] = None) -> Iterator[None]:
+        """Hold the agent's advisory lock (across processes and threads), waiting up to ``timeout`` seconds."""
+        path = self._lock_path(check_agent_id(agent_id))
+        timeout = self.lock_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise CacheWriteError(f"cannot create the lock file {path}: {exc.strerror}") from exc
+            try:
+                if self._acquired(fd, path, deadline, agent_id):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the file was deleted under us: lock the new one
+        try:
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _acquired(self, fd: int, path: pathlib.Path, deadline: float, agent_id: str) -> bool:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise CacheWriteError(f"cannot lock {path}: {exc.strerror}") from exc
+                if time.monotonic() >= deadline:
+                    raise CacheLockTimeoutError(
+                        f"another process holds the lock of agent {agent_id!r} ({path}); it is saving or "
+                        f"deleting that agent. Retry later, or raise the store's lock_timeout ({self.lock_timeout} s)"
+                    ) from None
+                time.sleep(_LOCK_POLL_SECONDS)
+        try:
+            return os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False

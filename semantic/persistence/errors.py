@@ -1,0 +1,38 @@
+"""Typed errors of the on-disk agent cache store.
+
+Like every ``SemanticError``: whatever raises one of these has changed nothing,
+neither the pool (no block taken, no reference moved) nor any file.
+"""
+
+from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, SemanticError
+
+
+class CachePersistenceError(SemanticError):
+    """Base class of everything ``semantic.persistence`` raises on purpose."""
+
+
+class InvalidAgentIdError(CachePersistenceError, InvalidRequestError):
+    """An agent id that cannot name a file in the store's directory (``../x``, ``/abs``, NUL, too long, ...)."""
+
+
+class UnknownAgentError(CachePersistenceError, KeyError):
+    """The store holds no context for this agent, neither in memory nor on disk."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class CacheCorruptionError(CachePersistenceError):
+    """A cache file is damaged: truncated, a flipped bit, a header that is not JSON, ..."""
+
+
+class IncompatibleCacheFileError(CachePersistenceError, IncompatibleCacheError):
+    """A sound file that this store cannot use: another model, another format version, not an agent cache."""
+
+
+class CacheWriteError(CachePersistenceError):
+    """Saving failed (disk full, permissions, ...); the agent's previous file, if any, is intact."""
+
+
+class CacheLockTimeoutError(CachePersistenceError):
+    """Another process kept the agent's lock for longer than the store's ``lock_timeout``."""

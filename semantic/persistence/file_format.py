@@ -1,0 +1,324 @@
+"""The agent cache file: a safetensors file whose header is versioned and checksummed.
+
+The full specification, and what each check guarantees, is docs/persistence.md.
+In short::
+
+    u64 little-endian N | N bytes of JSON, space-padded to a multiple of 8 | tensor bytes
+
+The JSON is ``{"__metadata__": {...}, "layers.<i>.keys": {...}, "layers.<i>.values": {...}, ...}``
+with one key/value tensor pair per layer that holds blocks, each
+``[n_kv_heads, blocks * block_size, head_dim]`` (whole blocks, as the pool holds
+them). Metadata values are strings (safetensors requires it), some of them JSON.
+``header_checksum`` is the SHA-256 of the canonical JSON of the header without
+that field, so no part of the header can change unnoticed; ``tensor_sha256``
+holds one SHA-256 per tensor. ``mx.load`` reads these files like any safetensors
+file; this module writes them itself to control fsync and to hash while writing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from semantic.domain.value_objects import ModelCacheSpec
+from semantic.persistence.errors import CacheCorruptionError, IncompatibleCacheFileError
+
+FORMAT = "semantic.agent_cache"
+FORMAT_VERSION = 1
+_DTYPES = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4)}
+_UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+_LENGTH = struct.Struct("<Q")
+_ALIGNMENT = 8  # tensor data starts 8-byte aligned, as other safetensors writers do
+_DIGEST_HEX = 64
+
+
+def geometry_of(spec: ModelCacheSpec) -> Dict[str, Any]:
+    """What a file records of the pool's geometry (everything but the cosmetic name)."""
+    return {
+        "n_layers": spec.n_layers, "n_kv_heads": spec.n_kv_heads, "k_head_dim": spec.k_head_dim,
+        "v_head_dim": spec.v_head_dim, "dtype": spec.dtype, "block_size": spec.block_size,
+        "layer_windows": list(spec.layer_windows),
+    }
+
+
+@dataclass(frozen=True)
+class AgentCacheHeader:
+    """What a file says about the context it holds (everything except the checksums)."""
+
+    agent_id: str
+    model_fingerprint: str
+    geometry: Dict[str, Any]
+    token_ids: Tuple[int, ...]
+    layer_blocks: Tuple[int, ...]
+
+    def tensor_table(self) -> Dict[str, Dict[str, Any]]:
+        """The safetensors entries, in file order: layer by layer, keys then values."""
+        g = self.geometry
+        dtype, itemsize = _DTYPES[g["dtype"]]
+        table, offset = {}, 0
+        for layer, blocks in enumerate(self.layer_blocks):
+            if not blocks:
+                continue
+            for part, head_dim in (("keys", g["k_head_dim"]), ("values", g["v_head_dim"])):
+                shape = [g["n_kv_heads"], blocks * g["block_size"], head_dim]
+                end = offset + int(np.prod(shape)) * itemsize
+                table[f"layers.{layer}.{part}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}
+                offset = end
+        return table
+
+    def to_json(self, tensor_digests: Dict[str, str]) -> Dict[str, Any]:
+        """The whole header object, ``header_checksum`` included."""
+        metadata = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "agent_id": self.agent_id,
+            "model_fingerprint": self.model_fingerprint,
+            "geometry": _compact(self.geometry),
+            "token_ids": _compact(list(self.token_ids)),
+            "layer_blocks": _compact(list(self.layer_blocks)),
+            "tensor_sha256": _compact(tensor_digests),
+        }
+        header = {"__metadata__": metadata, **self.tensor_table()}
+        metadata["header_checksum"] = header_checksum(header)
+        return header
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def header_checksum(header: Dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``header`` without its ``header_checksum`` field."""
+    metadata = {k: v for k, v in header.get("__metadata__", {}).items() if k != "header_checksum"}
+    return hashlib.sha256(_compact({**header, "__metadata__": metadata}).encode("utf-8")).hexdigest()
+
+
+def encode_header(header: Dict[str, Any]) -> bytes:
+    """The bytes before the tensor data: length, canonical JSON, padding."""
+    body = _compact(header).encode("utf-8")
+    body += b" " * (-(_LENGTH.size + len(body)) % _ALIGNMENT)
+    return _LENGTH.pack(len(body)) + body
+
+
+# ---- writing --------------------------------------------------------------------------------------
+def write_agent_cache(fd: int, header: AgentCacheHeader, tensors: Sequence[mx.array]) -> None:
+    """Write the whole file to ``fd`` (evaluated ``tensors`` in ``tensor_table`` order).
+
+    Tensors are hashed on worker threads while this thread writes them after
+    a placeholder-sized gap; the header, whose length does not depend on the
+    digests, goes in last.
+    """
+    table = header.tensor_table()
+    views = [_byte_view(t) for t in tensors]
+    sizes = [entry["data_offsets"][1] - entry["data_offsets"][0] for entry in table.values()]
+    if [v.nbytes for v in views] != sizes:
+        raise AssertionError("tensors do not match the header's layer_blocks")
+    digests = [_checksum_pool().submit(_sha256, v) for v in views]
+    offset = len(encode_header(header.to_json({name: "0" * _DIGEST_HEX for name in table})))
+    for view in views:
+        _write_all(fd, view, offset)
+        offset += view.nbytes
+    _write_all(fd, encode_header(header.to_json({name: d.result() for name, d in zip(table, digests)})), 0)
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def read_agent_cache(file, *, agent_id: str, model_fingerprint: str,
+                     spec: ModelCacheSpec) -> Tuple[AgentCacheHeader, List[mx.array]]:
+    """Read and check a whole file: its header, that it belongs to this model, agent and geometry,
+    that its size is exact, and every tensor's checksum. Returns the header and the tensors in
+    ``tensor_table`` order, or raises ``CacheCorruptionError`` / ``IncompatibleCacheFileError``."""
+    where = getattr(file, "name", "the cache file")
+    size = os.fstat(file.fileno()).st_size
+    raw_header, data_start = _read_header_bytes(file, size, where)
+    header_json = _parse_json(raw_header, where)
+    metadata = _check_envelope(header_json, where)
+    header = _interpret(metadata, where, agent_id=agent_id, model_fingerprint=model_fingerprint, spec=spec)
+    table = header.tensor_table()
+    if {k: v for k, v in header_json.items() if k != "__metadata__"} != table:
+        raise CacheCorruptionError(f"{where}: the tensor table does not match the header's layer_blocks")
+    expected_size = data_start + (list(table.values())[-1]["data_offsets"][1] if table else 0)
+    if size != expected_size:
+        raise CacheCorruptionError(
+            f"{where} is {size} bytes, its header describes {expected_size}: "
+            f"{'truncated' if size < expected_size else 'unexpected bytes at the end'}"
+        )
+    tensors = _load_tensors(file, table, where)
+    _verify_tensors(table, tensors, _field(metadata, "tensor_sha256", where, _digest_map), where)
+    return header, tensors
+
+
+def _read_header_bytes(file, size: int, where: str) -> Tuple[bytes, int]:
+    if size < _LENGTH.size:
+        raise CacheCorruptionError(f"{where} is truncated: {size} bytes, not even the 8-byte header length")
+    file.seek(0)
+    (length,) = _LENGTH.unpack(_read_exactly(file, _LENGTH.size))
+    if length > size - _LENGTH.size:
+        raise CacheCorruptionError(
+            f"{where} is damaged or truncated: its header length says {length} bytes, "
+            f"the file holds {size - _LENGTH.size} after the length"
+        )
+    return _read_exactly(file, length), _LENGTH.size + length
+
+
+def _read_exactly(file, n: int) -> bytes:
+    data = file.read(n)
+    while len(data) < n:  # an unbuffered read may return less
+        more = file.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _parse_json(raw: bytes, where: str) -> Dict[str, Any]:
+    def unique_keys(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CacheCorruptionError(f"{where} is damaged: its header is not JSON ({exc})") from None
+    if not isinstance(header, dict) or not all(_is_tensor_entry(v) for k, v in header.items() if k != "__metadata__"):
+        raise CacheCorruptionError(f"{where} is damaged: its header is not a safetensors header")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CacheCorruptionError(f"{where} is damaged: its metadata is not a map of strings")
+    return header
+
+
+def _is_tensor_entry(entry) -> bool:
+    return (
+        isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}
+        and isinstance(entry["dtype"], str) and isinstance(entry["shape"], list)
+        and isinstance(entry["data_offsets"], list) and len(entry["data_offsets"]) == 2
+    )
+
+
+def _check_envelope(header: Dict[str, Any], where: str) -> Dict[str, str]:
+    """The checks every format version shares: the file is ours, the header is intact, the version is known."""
+    metadata = header.get("__metadata__", {})
+    if "header_checksum" not in metadata and metadata.get("format") != FORMAT:
+        raise IncompatibleCacheFileError(
+            f"{where} is a safetensors file (format {metadata.get('format')!r}) but not an agent cache; "
+            "move it out of the cache directory"
+        )
+    if metadata.get("header_checksum") != header_checksum(header):
+        raise CacheCorruptionError(f"{where} is damaged: its header checksum does not match its header")
+    if metadata.get("format") != FORMAT:
+        raise IncompatibleCacheFileError(f"{where} is a {metadata.get('format')!r} file, not {FORMAT!r}")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise IncompatibleCacheFileError(
+            f"{where} has format version {metadata.get('format_version')!r}; this build of semantic reads "
+            f"version {FORMAT_VERSION}. Delete the file (the agent's context is prefilled again) or use the "
+            "version that wrote it"
+        )
+    return metadata
+
+
+def _interpret(metadata: Dict[str, str], where: str, *, agent_id: str, model_fingerprint: str,
+               spec: ModelCacheSpec) -> AgentCacheHeader:
+    written_for = metadata.get("model_fingerprint")
+    if written_for != model_fingerprint:
+        raise IncompatibleCacheFileError(
+            f"{where} was written for model {written_for!r}, this store serves {model_fingerprint!r}; "
+            "a context only continues on the model that computed it. Delete the file or use that model"
+        )
+    geometry = _field(metadata, "geometry", where, json.loads)
+    if geometry != geometry_of(spec):
+        raise IncompatibleCacheFileError(
+            f"{where} holds blocks of geometry {geometry}, the pool has {geometry_of(spec)}; "
+            "build the pool with ModelCacheSpec.from_model(model) of the fingerprinted model"
+        )
+    if metadata.get("agent_id") != agent_id:
+        raise CacheCorruptionError(
+            f"{where} holds agent {metadata.get('agent_id')!r}, not {agent_id!r}; was it renamed or copied?"
+        )
+    token_ids = _field(metadata, "token_ids", where, _int_list)
+    layer_blocks = _field(metadata, "layer_blocks", where, _int_list)
+    expected = [b - a for a, b in (spec.layer_block_range(i, len(token_ids)) for i in range(spec.n_layers))]
+    if layer_blocks != expected:
+        raise CacheCorruptionError(
+            f"{where}: layer_blocks {layer_blocks} do not fit a context of {len(token_ids)} tokens ({expected})"
+        )
+    return AgentCacheHeader(agent_id, model_fingerprint, geometry, tuple(token_ids), tuple(layer_blocks))
+
+
+def _field(metadata: Dict[str, str], key: str, where: str, parse):
+    try:
+        return parse(metadata[key])
+    except (KeyError, ValueError, TypeError):
+        raise CacheCorruptionError(f"{where}: header field {key!r} is missing or malformed") from None
+
+
+def _int_list(text: str) -> List[int]:
+    values = json.loads(text)
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        raise ValueError("not a list of non-negative ints")
+    return values
+
+
+def _digest_map(text: str) -> Dict[str, str]:
+    digests = json.loads(text)
+    if not isinstance(digests, dict):
+        raise ValueError("not a map of tensor names to digests")
+    return digests
+
+
+def _load_tensors(file, table: Dict[str, Dict[str, Any]], where: str) -> List[mx.array]:
+    if not table:
+        return []
+    file.seek(0)
+    try:
+        arrays = mx.load(file)
+        mx.eval(arrays)
+        return [arrays[name] for name in table]
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CacheCorruptionError(f"{where}: MLX could not read the tensors ({exc})") from None
+
+
+def _verify_tensors(table, tensors: Sequence[mx.array], expected: Dict[str, str], where: str) -> None:
+    actual = _checksum_pool().map(lambda t: _sha256(_byte_view(t)), tensors)
+    for name, digest in zip(table, actual):
+        if expected.get(name) != digest:
+            raise CacheCorruptionError(
+                f"{where} is damaged: tensor {name} does not match its checksum (a flipped bit or a torn write)"
+            )
+
+
+# ---- bytes ----------------------------------------------------------------------------------------
+def unsigned_view(array: mx.array) -> mx.array:
+    """The same bytes as unsigned ints of the same width (numpy has no bfloat16; integer sums are exact)."""
+    return array.view(_UINT_OF_SIZE[array.itemsize])
+
+
+def _byte_view(array: mx.array) -> np.ndarray:
+    """The evaluated array's bytes, without a copy when it is contiguous."""
+    return np.ascontiguousarray(np.asarray(unsigned_view(array))).reshape(-1).view(np.uint8)
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()  # releases the GIL: workers hash in parallel
+
+
+@functools.lru_cache(maxsize=None)
+def _checksum_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="semantic-checksum")

@@ -1,0 +1,304 @@
+"""``AgentCacheStore``: every agent's context, in the pool while it is in use, on disk when it is not.
+
+Two tiers:
+
+* Disk: one checked file per agent (``save`` / ``load`` / ``delete`` / ``list``),
+  written crash-safely; any number of processes may share the directory.
+* Memory: agents kept in the pool as blocks (``put`` / ``get``), up to
+  ``memory_budget_bytes``. When the budget is exceeded, or the pool has no room
+  for a load or for the engine (``make_room``), the least recently used agents
+  are written to disk (unless their file already holds them) and their blocks
+  released. ``get`` of an agent that is only on disk reads its file into newly
+  allocated pool blocks.
+
+Each agent has one current context: the last one given to ``put`` or ``save``.
+``get`` returns it; ``load`` returns what the agent's file holds, which is what
+a restarted process would see. A context given to ``put`` reaches the disk when
+it is evicted, on ``flush`` / ``close``, or at once with ``write_through=True``:
+after a crash, only contexts ``put`` since then are lost, and with
+``write_through`` none. Memory tiers of two processes sharing a directory are
+not kept coherent; the last save of an agent wins.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, OrderedDict, Tuple
+
+from semantic.domain.entities import AgentBlocks
+from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, PoolExhaustedError
+from semantic.domain.services import BlockPool
+from semantic.persistence.directory import CacheDirectory, check_agent_id
+from semantic.persistence.file_format import AgentCacheHeader, geometry_of, read_agent_cache, write_agent_cache
+from semantic.persistence.fingerprint import model_fingerprint
+
+if TYPE_CHECKING:  # pragma: no cover
+    import mlx.core as mx
+
+    from semantic.application.batch_engine import BlockPoolBatchEngine, Completion
+
+
+@dataclass
+class _Resident:
+    handle: AgentBlocks  # the store's own reference
+    on_disk: bool  # the agent's file holds exactly this context
+
+
+class AgentCacheStore:
+    """Agents' contexts in ``pool`` and in ``directory``; see the module docstring.
+
+    Thread-safe. Every method raises a typed ``SemanticError`` and changes
+    nothing when it fails (evictions done to make room stay done: they only
+    move contexts to disk).
+    """
+
+    def __init__(self, directory, pool: BlockPool, model_fingerprint: str, *,
+                 memory_budget_bytes: Optional[int] = None, write_through: bool = False, lock_timeout: float = 30.0):
+        if not isinstance(pool, BlockPool):
+            raise InvalidRequestError(f"pool must be a BlockPool, got {type(pool).__name__}")
+        if not isinstance(model_fingerprint, str) or not model_fingerprint:
+            raise InvalidRequestError("model_fingerprint must be a non-empty string (see model_fingerprint())")
+        if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 0):
+            raise InvalidRequestError(f"memory_budget_bytes must be None or an int >= 0, got {memory_budget_bytes!r}")
+        if not lock_timeout >= 0:
+            raise InvalidRequestError(f"lock_timeout must be >= 0 seconds, got {lock_timeout!r}")
+        self.pool = pool
+        self.model_fingerprint = model_fingerprint
+        self.memory_budget_bytes = memory_budget_bytes
+        self.write_through = write_through
+        self._directory = CacheDirectory(directory, lock_timeout)
+        self._resident: OrderedDict[str, _Resident] = collections.OrderedDict()  # least recently used first
+        self._lock = threading.RLock()
+
+    @classmethod
+    def for_engine(cls, directory, engine: "BlockPoolBatchEngine", **kwargs) -> "AgentCacheStore":
+        """A store for ``engine``'s pool, fingerprinted with its model and tokenizer."""
+        return cls(directory, engine.pool, model_fingerprint(engine.model, engine.tokenizer), **kwargs)
+
+    @property
+    def directory(self):
+        return self._directory.path
+
+    @property
+    def resident(self) -> Tuple[str, ...]:
+        """Agents held in the pool, least recently used first."""
+        with self._lock:
+            return tuple(self._resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the distinct blocks the store holds (a block shared by two agents counts once)."""
+        with self._lock:
+            return len(self._resident_block_refs()) * self.pool.block_bytes
+
+    # ---- disk tier --------------------------------------------------------------------------------
+    def save(self, agent_blocks: AgentBlocks) -> None:
+        """Write the context to the agent's file now; durable when this returns. The handle stays yours.
+        It becomes the agent's current context (replacing a resident one)."""
+        handle = self._checked_handle(agent_blocks)
+        with self._lock:
+            self._write(handle)
+            if handle.agent_id in self._resident:
+                self._set_resident(handle.agent_id, handle.share(), on_disk=True)
+                self._enforce_budget()
+
+    def load(self, agent_id: str) -> AgentBlocks:
+        """The context in the agent's file, read into new pool blocks: a handle for you to release.
+        Reads the file even if the agent is resident (``get`` returns the current context)."""
+        with self._lock:
+            return self._read_into_pool(agent_id)
+
+    def delete(self, agent_id: str) -> bool:
+        """Forget the agent in both tiers; whether the store had it."""
+        with self._lock:
+            existed = self._directory.remove(agent_id)
+            resident = self._resident.pop(agent_id, None)
+            if resident is not None:
+                resident.handle.release()
+            return existed or resident is not None
+
+    def list(self) -> List[str]:
+        """Every agent the store holds, in memory or on disk, sorted."""
+        with self._lock:
+            return sorted(set(self._resident) | set(self._directory.agent_ids()))
+
+    def __contains__(self, agent_id: str) -> bool:
+        with self._lock:
+            return agent_id in self._resident or self._directory.file_for(agent_id).exists()
+
+    # ---- memory tier ------------------------------------------------------------------------------
+    def put(self, agent_blocks: AgentBlocks) -> None:
+        """Make the handle the agent's current context, kept in the pool: the store takes the handle over
+        (do not release it). If this raises, the handle is still yours."""
+        handle = self._checked_handle(agent_blocks)
+        with self._lock:
+            if self.write_through:
+                self._write(handle)
+            self._set_resident(handle.agent_id, handle, on_disk=self.write_through)
+            self._enforce_budget()
+
+    def get(self, agent_id: str) -> AgentBlocks:
+        """A new handle on the agent's current context, for you to release; read from disk into the pool
+        if it is not resident (evicting least recently used agents to make room)."""
+        with self._lock:
+            check_agent_id(agent_id)
+            if agent_id in self._resident:
+                self._resident.move_to_end(agent_id)
+            else:
+                self._set_resident(agent_id, self._read_into_pool(agent_id), on_disk=True)
+            shared = self._resident[agent_id].handle.share()
+            self._enforce_budget()
+            return shared
+
+    def evict(self, agent_id: str) -> bool:
+        """Move the agent out of the pool (written to disk first if its file is not current); whether it was resident."""
+        with self._lock:
+            check_agent_id(agent_id)
+            if agent_id not in self._resident:
+                return False
+            self._evict(agent_id)
+            return True
+
+    def make_room(self, n_blocks: int) -> bool:
+        """Evict least recently used agents until the pool has ``n_blocks`` available. Returns False, evicting
+        nothing, if even evicting every agent could not (handles held elsewhere pin their blocks)."""
+        with self._lock:
+            if self.pool.available_blocks >= n_blocks:
+                return True
+            refs = self._resident_block_refs()
+            reclaimable = sum(1 for block, count in refs.items() if self.pool.refcount(block) == count)
+            if self.pool.available_blocks + reclaimable < n_blocks:
+                return False
+            while self.pool.available_blocks < n_blocks:
+                self._evict(next(iter(self._resident)))
+            return True
+
+    def flush(self) -> None:
+        """Write every resident agent whose file is not current."""
+        with self._lock:
+            for resident in self._resident.values():
+                if not resident.on_disk:
+                    self._write(resident.handle)
+                    resident.on_disk = True
+
+    def close(self) -> None:
+        """``flush``, then release every resident agent's blocks. The store stays usable."""
+        with self._lock:
+            self.flush()
+            while self._resident:
+                self._resident.popitem(last=False)[1].handle.release()
+
+    def __enter__(self) -> "AgentCacheStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- with the engine --------------------------------------------------------------------------
+    def generate(self, engine: "BlockPoolBatchEngine", agent_id: str, prompt, **submit_kwargs) -> "Completion":
+        """One turn of ``agent_id`` on ``engine``: continue its stored context (if any) with ``prompt``, and
+        keep the result as its current context. Evicts agents when the engine waits for blocks. Requests
+        of other agents that finish meanwhile are kept too. The returned completion's ``blocks`` are yours."""
+        if engine.pool is not self.pool:
+            raise IncompatibleCacheError("the engine uses another pool than this store; use one pool for both")
+        cache = self.get(agent_id) if agent_id in self else None
+        try:
+            uid = engine.submit(agent_id, prompt, cache=cache, **submit_kwargs)
+        finally:
+            if cache is not None:
+                cache.release()
+        result = None
+        while result is None:
+            try:
+                for completion in engine.step():
+                    self.put(completion.blocks.share())
+                    if completion.uid == uid:
+                        result = completion
+            except PoolExhaustedError as exc:
+                if not self.make_room(exc.requested):
+                    raise
+        return result
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _checked_handle(self, agent_blocks: AgentBlocks) -> AgentBlocks:
+        self.pool.check_handle(agent_blocks)
+        check_agent_id(agent_blocks.agent_id)
+        return agent_blocks
+
+    def _set_resident(self, agent_id: str, handle: AgentBlocks, on_disk: bool) -> None:
+        previous = self._resident.pop(agent_id, None)
+        self._resident[agent_id] = _Resident(handle, on_disk)
+        if previous is not None and previous.handle is not handle:
+            previous.handle.release()
+
+    def _evict(self, agent_id: str) -> None:
+        resident = self._resident[agent_id]
+        if not resident.on_disk:
+            self._write(resident.handle)  # if this fails the agent stays resident: nothing is lost
+        del self._resident[agent_id]
+        resident.handle.release()
+
+    def _enforce_budget(self) -> None:
+        if self.memory_budget_bytes is None:
+            return
+        while self._resident and self.resident_bytes > self.memory_budget_bytes:
+            self._evict(next(iter(self._resident)))
+
+    def _resident_block_refs(self) -> Dict[int, int]:
+        """Block id -> references the store's handles hold on it."""
+        refs: Dict[int, int] = defaultdict(int)
+        for resident in self._resident.values():
+            for ids in resident.handle.all_block_ids:
+                for block in ids:
+                    refs[block] += 1
+        return refs
+
+    def _write(self, handle: AgentBlocks) -> None:
+        header = AgentCacheHeader(
+            handle.agent_id, self.model_fingerprint, geometry_of(self.pool.spec), handle.token_ids,
+            tuple(len(ids) for ids in handle.all_block_ids),
+        )
+        tensors = self._gather(handle)
+        self._directory.replace(handle.agent_id, lambda fd: write_agent_cache(fd, header, tensors))
+
+    def _gather(self, handle: AgentBlocks) -> List["mx.array"]:
+        """Keys and values of every layer that holds blocks, in file order; one gather per block count."""
+        layers_by_count: Dict[int, List[int]] = defaultdict(list)
+        for layer, ids in enumerate(handle.all_block_ids):
+            if ids:
+                layers_by_count[len(ids)].append(layer)
+        per_layer = {}
+        for layers in layers_by_count.values():
+            keys, values = self.pool.gather([handle.layer_block_ids(layer) for layer in layers])
+            for i, layer in enumerate(layers):
+                per_layer[layer] = (keys[i], values[i])
+        return [tensor for layer in sorted(per_layer) for tensor in per_layer[layer]]
+
+    def _read_into_pool(self, agent_id: str) -> AgentBlocks:
+        """Check the whole file first, then allocate (making room) and write the blocks through the pool."""
+        spec = self.pool.spec
+        with self._directory.open_for_reading(agent_id) as file:
+            header, tensors = read_agent_cache(file, agent_id=agent_id, model_fingerprint=self.model_fingerprint,
+                                               spec=spec)
+        needed = sum(header.layer_blocks)
+        if not self.make_room(needed):
+            raise PoolExhaustedError(
+                needed, self.pool.available_blocks,
+                f"(loading agent {agent_id!r}: the agents this store holds cannot free enough; "
+                "release handles you hold, or use a larger pool)",
+            )
+        tensors_in_order = iter(tensors)
+        with self.pool.build_handle(agent_id) as builder:
+            layer_ids, plan = [], []
+            for layer, n_blocks in enumerate(header.layer_blocks):
+                ids = builder.allocate(n_blocks)
+                layer_ids.append(ids)
+                if n_blocks:
+                    first = spec.layer_block_range(layer, len(header.token_ids))[0]
+                    keys, values = next(tensors_in_order), next(tensors_in_order)
+                    plan.append((ids, first, keys[None], values[None], first * spec.block_size))
+            self.pool.write_many(plan)
+            return builder.finish(header.token_ids, layer_ids)

@@ -1,0 +1,333 @@
+"""BlockPoolBatchEngine on real local models and mlx-lm's real BatchGenerator."""
+
+import gc
+
+import mlx.core as mx
+import pytest
+
+from semantic.application.batch_engine import BlockPoolBatchEngine, PoolPressureWarning
+from semantic.domain.errors import (
+    IncompatibleCacheError,
+    InvalidRequestError,
+    PoolExhaustedError,
+    ReleasedHandleError,
+    UnknownRequestError,
+)
+from semantic.domain.services import BlockPool
+from semantic.domain.value_objects import ModelCacheSpec
+
+from conftest import make_engine
+
+STORY = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire " * 12
+
+
+def run(engine, agent, prompt, **kwargs):
+    uid = engine.submit(agent, prompt, **kwargs)
+    done = {c.uid: c for c in engine.step()}
+    return done[uid]
+
+
+def cold_continuation(engine, blocks, follow_up_tokens, max_tokens):
+    """One request over the whole context + follow-up, with no cache."""
+    return run(engine, "cold", list(blocks.token_ids) + follow_up_tokens, max_tokens=max_tokens)
+
+
+def at_start(pool):
+    gc.collect()
+    usage = pool.usage()
+    pool.check_invariants()
+    return usage.used_blocks == 0 and usage.reserved_blocks == 0
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32", "gemma512", "qwen3"])
+def test_warm_resume_equals_cold(request, model_name):
+    engine = make_engine(request.getfixturevalue(model_name))
+    first = run(engine, "a", STORY, max_tokens=20)
+    assert len(set(first.token_ids)) >= 5, "the test model must not emit a constant token"
+    follow_up = engine.tokenizer.encode(" and then the dog", add_special_tokens=False)
+
+    warm = run(engine, "a", " and then the dog", cache=first.blocks, max_tokens=25)
+    cold = cold_continuation(engine, first.blocks, follow_up, max_tokens=25)
+
+    assert warm.reused_tokens == first.blocks.num_tokens
+    assert warm.token_ids == cold.token_ids
+    assert len(set(warm.token_ids)) >= 5
+    assert warm.blocks.token_ids == cold.blocks.token_ids
+    for c in (first, warm, cold):
+        c.blocks.release()
+    assert at_start(engine.pool)
+
+
+def test_completion_reports_context_and_shares_unchanged_blocks(llama32):
+    engine = make_engine(llama32)
+    first = run(engine, "a", STORY, max_tokens=10)
+    spec = engine.spec
+    n = first.blocks.num_tokens
+    assert n == first.prompt_tokens + len(first.token_ids)
+    assert first.blocks.num_blocks == spec.n_layers * spec.blocks_for_tokens(n)
+    assert first.text == engine.tokenizer.decode(first.token_ids, skip_special_tokens=True)
+
+    second = run(engine, "a", " more", cache=first.blocks, max_tokens=5)
+    full_blocks = n // spec.block_size
+    for layer in range(spec.n_layers):
+        assert second.blocks.layer_block_ids(layer)[:full_blocks] == first.blocks.layer_block_ids(layer)[:full_blocks]
+        assert engine.pool.refcount(first.blocks.layer_block_ids(layer)[0]) == 2
+    # stored once: the continuation added only its own tail blocks
+    assert engine.pool.usage().used_blocks == first.blocks.num_blocks + spec.n_layers * (
+        spec.blocks_for_tokens(second.blocks.num_tokens) - full_blocks
+    )
+
+
+def test_several_agents_in_one_batch_keep_their_own_context(llama32):
+    engine = make_engine(llama32, total_blocks=600)
+    prompts = {"alice": STORY, "bob": "numbers one two three four five six " * 20, "carol": "red green blue " * 50}
+    uids = {agent: engine.submit(agent, p, max_tokens=12) for agent, p in prompts.items()}
+    firsts = {c.agent_id: c for c in engine.step()}
+    assert {firsts[a].uid for a in prompts} == set(uids.values())
+
+    follow_up = " again"
+    resumed_uids = {a: engine.submit(a, follow_up, cache=firsts[a].blocks, max_tokens=15) for a in prompts}
+    resumed = {c.agent_id: c for c in engine.step()}  # all three decoded in one batch
+    assert len(resumed) == 3
+    tokens = engine.tokenizer.encode(follow_up, add_special_tokens=False)
+    for agent in prompts:
+        alone = cold_continuation(engine, firsts[agent].blocks, tokens, max_tokens=15)
+        assert resumed[agent].uid == resumed_uids[agent]
+        assert resumed[agent].token_ids == alone.token_ids, agent
+    assert len({tuple(r.token_ids) for r in resumed.values()}) == 3
+
+
+def test_resending_the_whole_conversation_reuses_the_common_prefix(llama32):
+    engine = make_engine(llama32)
+    first = run(engine, "a", STORY, max_tokens=8)
+    conversation = list(first.blocks.token_ids) + engine.tokenizer.encode(" next question", add_special_tokens=False)
+
+    resent = run(engine, "a", conversation, cache=first.blocks, match_prefix=True, max_tokens=12)
+    cold = run(engine, "cold", conversation, max_tokens=12)
+
+    assert resent.reused_tokens == first.blocks.num_tokens
+    assert resent.token_ids == cold.token_ids
+
+
+def test_prompt_diverging_inside_a_block_is_trimmed_to_the_common_prefix(llama32):
+    engine = make_engine(llama32)
+    first = run(engine, "a", STORY + STORY, max_tokens=4)
+    context = list(first.blocks.token_ids)
+    assert len(context) > 300
+    edited = context[:300] + [t + 1 for t in context[300:310]]  # diverges at 300, inside block 1
+
+    resent = run(engine, "a", edited, cache=first.blocks, match_prefix=True, max_tokens=10)
+    cold = run(engine, "cold", edited, max_tokens=10)
+
+    assert resent.reused_tokens == 300
+    assert resent.token_ids == cold.token_ids
+    # block 0 is shared, block 1 (trimmed inside) was written anew
+    assert resent.blocks.layer_block_ids(0)[0] == first.blocks.layer_block_ids(0)[0]
+    assert resent.blocks.layer_block_ids(0)[1] != first.blocks.layer_block_ids(0)[1]
+
+
+def test_sliding_window_model_falls_back_to_full_prefill_when_the_window_lost_the_prefix(gemma32):
+    engine = make_engine(gemma32)
+    first = run(engine, "a", STORY, max_tokens=4)  # longer than the 128-token window
+    context = list(first.blocks.token_ids)
+    edited = context[:200] + [5, 6, 7]
+
+    resent = run(engine, "a", edited, cache=first.blocks, match_prefix=True, max_tokens=10)
+    cold = run(engine, "cold", edited, max_tokens=10)
+
+    assert resent.reused_tokens == 0
+    assert resent.token_ids == cold.token_ids
+
+
+def test_extract_cache_at_every_stage(llama32):
+    engine = make_engine(llama32)
+    base = run(engine, "a", STORY, max_tokens=6)
+    uid = engine.submit("a", " go on and on", cache=base.blocks, max_tokens=30)
+
+    waiting = engine._extract_cache(uid)  # not stepped yet: the context it starts from, shared
+    assert waiting.token_ids == base.blocks.token_ids
+    assert waiting.all_block_ids == base.blocks.all_block_ids
+
+    snapshots = []
+    finished = []
+    while not finished:
+        finished = engine.step_once()
+        if not finished:
+            snapshots.append(engine._extract_cache(uid))
+    (final,) = finished
+    assert len(snapshots) >= 20
+    context = final.blocks.token_ids
+    spec = engine.spec
+    for snap in snapshots:  # every snapshot is a prefix of the final context, bit for bit
+        assert context[: snap.num_tokens] == snap.token_ids
+        mid = engine._reconstruct_cache(snap)
+        end = engine._reconstruct_cache(final.blocks, snap.num_tokens)
+        for a, b in zip(mid, end):
+            assert a.offset == b.offset == snap.num_tokens
+            assert mx.array_equal(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :]).item()
+        # unchanged full blocks of the source are shared, not copied
+        full = base.blocks.num_tokens // spec.block_size
+        assert snap.layer_block_ids(0)[:full] == base.blocks.layer_block_ids(0)[:full]
+
+    again = engine._extract_cache(uid)  # finished, while its completion's blocks are alive
+    assert again.all_block_ids == final.blocks.all_block_ids
+    for handle in snapshots + [again, final.blocks, waiting, base.blocks]:
+        handle.release()
+    del final, finished
+    gc.collect()
+    with pytest.raises(UnknownRequestError):
+        engine._extract_cache(uid)
+    assert at_start(engine.pool)
+
+
+def test_cancel_gives_back_everything(llama32):
+    engine = make_engine(llama32)
+    base = run(engine, "a", STORY, max_tokens=4)
+    uid = engine.submit("a", " more", cache=base.blocks, max_tokens=30)
+    engine.step_once()
+    engine.cancel(uid)
+    assert engine.pending == 0
+    base.blocks.release()
+    del base
+    assert at_start(engine.pool)
+
+
+def test_bad_inputs_raise_typed_errors_and_change_nothing(llama32, gemma32):
+    engine = make_engine(llama32, total_blocks=64)
+    good = run(engine, "a", STORY, max_tokens=4)
+    other = make_engine(llama32, total_blocks=64)
+    foreign = run(other, "a", STORY, max_tokens=4)
+    gemma_engine = make_engine(gemma32, total_blocks=64)
+    other_geometry = run(gemma_engine, "g", STORY, max_tokens=4)
+    released = good.blocks.share()
+    released.release()
+    before = engine.pool.usage()
+
+    cases = [
+        (InvalidRequestError, lambda: engine.submit("a", "", max_tokens=4)),
+        (InvalidRequestError, lambda: engine.submit("a", [], max_tokens=4)),
+        (InvalidRequestError, lambda: engine.submit("a", STORY, max_tokens=0)),
+        (InvalidRequestError, lambda: engine.submit("a", STORY, max_tokens=-3)),
+        (InvalidRequestError, lambda: engine.submit("", STORY)),
+        (InvalidRequestError, lambda: engine.submit("a", STORY, temperature=-1)),
+        (InvalidRequestError, lambda: engine.submit("a", STORY, match_prefix=True)),
+        (UnknownRequestError, lambda: engine._extract_cache(12345)),
+        (UnknownRequestError, lambda: engine.cancel(12345)),
+        (IncompatibleCacheError, lambda: engine.submit("a", "x", cache=foreign.blocks)),
+        (IncompatibleCacheError, lambda: engine.submit("a", "x", cache=other_geometry.blocks)),
+        (IncompatibleCacheError, lambda: engine._reconstruct_cache(other_geometry.blocks)),
+        (PoolExhaustedError, lambda: engine.submit("a", STORY * 20, max_tokens=10)),
+        (ReleasedHandleError, lambda: engine.submit("a", "x", cache=released)),
+        (ReleasedHandleError, lambda: engine._reconstruct_cache(released)),
+        (ReleasedHandleError, lambda: released.release()),
+    ]
+    for error, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value), error
+        assert engine.pool.usage() == before
+        engine.pool.check_invariants()
+    assert engine.pending == 0
+
+
+def test_pool_exhausted_error_says_what_was_asked_and_what_is_free(llama32):
+    engine = make_engine(llama32, total_blocks=10)
+    with pytest.raises(PoolExhaustedError) as info:
+        engine.submit("a", STORY * 10, max_tokens=10)
+    assert info.value.available == 10 and info.value.requested > 10
+    assert "requested" in str(info.value) and "free" in str(info.value)
+
+
+def test_requests_wait_for_blocks_and_run_when_handles_are_released(llama32):
+    layers = ModelCacheSpec.from_model(llama32[0]).n_layers
+    engine = make_engine(llama32, total_blocks=2 * layers)  # room for two short contexts
+    uids = [engine.submit(agent, "hello there", max_tokens=5) for agent in "abc"]
+    assert engine.pending == 3
+    done = list(engine.step())  # the list keeps both completions' blocks: the third must wait
+    assert sorted(c.uid for c in done) == uids[:2]
+    assert engine.pending == 1
+    del done
+    (third,) = list(engine.step())
+    assert third.uid == uids[2]
+    del third
+    texts = [c.text for c in (engine.generate(a, "hello there", max_tokens=5) for a in "xyz")]
+    assert len(texts) == 3  # completions dropped as they come: nothing waits
+
+    held = [run(engine, agent, "keep me", max_tokens=5) for agent in "de"]
+    waiting = engine.submit("f", "wait for room", max_tokens=5)
+    with pytest.warns(PoolPressureWarning, match="wait for blocks"):
+        assert list(engine.step()) == []
+    assert engine.pending == 1
+    held[0].blocks.release()
+    (late,) = list(engine.step())
+    assert late.uid == waiting
+
+
+def test_pool_returns_to_start_and_does_not_grow_over_200_turns(llama32):
+    engine = make_engine(llama32, total_blocks=200)
+    blocks = run(engine, "a", "start", max_tokens=3).blocks
+    high_water = 0
+    for turn in range(200):
+        completion = run(engine, "a", f" turn {turn}", cache=blocks, max_tokens=2)
+        blocks.release()
+        blocks = completion.blocks
+        if blocks.num_tokens > engine.spec.block_size:  # keep the context short: restart it
+            blocks.release()
+            blocks = run(engine, "a", "start", max_tokens=3).blocks
+        high_water = max(high_water, engine.pool.usage().used_blocks)
+    assert high_water <= 2 * engine.spec.n_layers * 2
+    blocks.release()
+    assert at_start(engine.pool)
+
+
+@pytest.mark.filterwarnings("ignore::semantic.application.batch_engine.PoolPressureWarning")
+def test_seed_experiment_loops_run_as_written():
+    """EXP-006's three loops, verbatim, on the SmolLM2-geometry model with total_blocks=500."""
+    import time
+
+    import numpy as np
+
+    from semantic.testing.local_models import load_local_model
+
+    model, tokenizer = load_local_model("smollm2-135m")
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec=spec, total_blocks=500)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+
+    uid = engine.submit("agent", "Long prompt..." * 50, max_tokens=100)
+    completions = list(engine.step())
+    agent_blocks = completions[0].blocks
+    times_reconstruct = []
+    for _ in range(100):
+        start = time.perf_counter()
+        cache = engine._reconstruct_cache(agent_blocks)
+        end = time.perf_counter()
+        times_reconstruct.append((end - start) * 1000)
+    assert cache[0].offset == agent_blocks.num_tokens
+
+    uid = engine.submit("agent", "Prompt", max_tokens=100)
+    list(engine.step())
+    times_extract = []
+    for _ in range(100):
+        uid = engine.submit("agent", "Test", max_tokens=10)
+        start = time.perf_counter()
+        blocks = engine._extract_cache(uid)
+        end = time.perf_counter()
+        times_extract.append((end - start) * 1000)
+
+    times_roundtrip = []
+    for _ in range(100):
+        start = time.perf_counter()
+        cache = engine._reconstruct_cache(agent_blocks)
+        uid = engine.submit("agent", "Continue", cache=agent_blocks, max_tokens=10)
+        completions = list(engine.step())
+        end = time.perf_counter()
+        times_roundtrip.append((end - start) * 1000)
+
+    assert len(times_reconstruct) == len(times_extract) == len(times_roundtrip) == 100
+    assert np.isfinite(times_roundtrip).all()
+    del completions, blocks, cache
+    while engine.pending:  # requests the pool made wait while the loop held completions
+        assert list(engine.step())
+    agent_blocks.release()
+    assert at_start(pool)

@@ -1,0 +1,279 @@
+"""AgentCacheStore: the two tiers, eviction, restarts, and a state machine against a model of both tiers."""
+
+import tempfile
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from semantic.domain.errors import IncompatibleCacheError, PoolExhaustedError
+from semantic.domain.services import BlockPool
+from semantic.persistence import AgentCacheStore, UnknownAgentError
+from test_persistence_support import (
+    SMALL_SPEC,
+    loaded_snapshot,
+    nothing_changes,
+    open_store,
+    random_handle,
+    snapshot,
+    snapshot_of,
+)
+
+AGENT_BYTES = SMALL_SPEC.bytes_per_agent(11)  # 8 blocks: 3 + 2 (window) + 3
+
+
+def put_new(store, agent_id, n_tokens=11, seed=0):
+    """Put a fresh context for ``agent_id``; returns its snapshot."""
+    handle = random_handle(store.pool, agent_id, n_tokens, seed)
+    expected = snapshot(handle)
+    store.put(handle)
+    return expected
+
+
+def current(store, agent_id):
+    with store.get(agent_id) as handle:
+        return snapshot(handle)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return open_store(tmp_path)
+
+
+def test_put_keeps_the_context_in_the_pool_and_get_shares_it(store):
+    expected = put_new(store, "a")
+    used = store.pool.used_blocks
+    with store.get("a") as shared:
+        assert snapshot(shared) == expected
+        assert store.pool.used_blocks == used  # a share, not a copy
+    assert store.resident == ("a",) and store.list() == ["a"] and "a" in store
+    assert not store.directory.joinpath("a.safetensors").exists()  # written on eviction, flush or close
+
+
+def test_get_of_an_agent_on_disk_reads_it_into_pool_blocks(store):
+    with random_handle(store.pool, "a", 11, seed=1) as handle:
+        store.save(handle)
+        expected = snapshot(handle)
+    assert store.resident == () and store.pool.used_blocks == 0
+    with store.get("a") as loaded:
+        assert snapshot(loaded) == expected
+        assert store.pool.used_blocks == loaded.num_blocks == 8
+    assert store.resident == ("a",)
+    store.evict("a")  # its file is current: nothing is written
+    assert store.pool.used_blocks == 0
+
+
+def test_the_budget_moves_least_recently_used_agents_to_disk(tmp_path):
+    store = open_store(tmp_path, memory_budget_bytes=2 * AGENT_BYTES)
+    a, b = put_new(store, "a", seed=1), put_new(store, "b", seed=2)
+    current(store, "a")  # "a" is now more recent than "b"
+    c = put_new(store, "c", seed=3)
+    assert store.resident == ("a", "c") and store.resident_bytes <= store.memory_budget_bytes
+    assert loaded_snapshot(store, "b") == b  # written on the way out
+    assert [current(store, agent) for agent in "abc"] == [a, b, c]
+    assert store.resident_bytes <= store.memory_budget_bytes and store.pool.used_blocks * store.pool.block_bytes \
+        <= store.memory_budget_bytes
+
+
+def test_blocks_shared_between_agents_count_once_against_the_budget(tmp_path):
+    store = open_store(tmp_path, memory_budget_bytes=AGENT_BYTES)
+    with random_handle(store.pool, "a", 11, seed=1) as handle:
+        store.put(handle.share())
+        store.put(handle.share("b"))  # a fork: the same blocks
+    assert store.resident == ("a", "b") and store.resident_bytes == AGENT_BYTES
+
+
+def test_a_full_pool_moves_least_recently_used_agents_to_disk_to_load_another(tmp_path):
+    store = open_store(tmp_path, total_blocks=16)  # two agents
+    with random_handle(store.pool, "c", 11, seed=3) as handle:
+        store.save(handle)
+        c = snapshot(handle)
+    a, b = put_new(store, "a", seed=1), put_new(store, "b", seed=2)
+    assert current(store, "c") == c
+    assert store.resident == ("b", "c")
+    assert loaded_snapshot(store, "a") == a  # written on the way out
+    assert [current(store, agent) for agent in "abc"] == [a, b, c]
+
+
+def test_nothing_is_evicted_when_handles_held_elsewhere_pin_the_blocks(tmp_path):
+    store = open_store(tmp_path, total_blocks=16)  # two agents
+    with random_handle(store.pool, "b", 11, seed=2) as handle:
+        store.save(handle)
+    a = put_new(store, "a", seed=1)
+    with store.get("a") as pinned, random_handle(store.pool, "c", 11, seed=3):  # the pool is full
+        assert not store.make_room(1)  # evicting "a" would free nothing: "pinned" holds its blocks
+        with nothing_changes(store), pytest.raises(PoolExhaustedError, match="cannot free enough"):
+            store.get("b")
+    assert store.make_room(16) and store.resident == ()
+    assert loaded_snapshot(store, "a") == a
+
+
+def test_save_makes_a_resident_agent_current_on_both_tiers(store):
+    put_new(store, "a", seed=1)
+    with random_handle(store.pool, "a", 7, seed=2) as handle:
+        store.save(handle)
+        expected = snapshot(handle)
+    assert current(store, "a") == loaded_snapshot(store, "a") == expected
+
+
+def test_load_reads_the_file_even_when_a_newer_context_is_resident(store):
+    with random_handle(store.pool, "a", 11, seed=1) as handle:
+        store.save(handle)
+        saved = snapshot(handle)
+    newer = put_new(store, "a", seed=2)
+    assert loaded_snapshot(store, "a") == saved and current(store, "a") == newer
+
+
+def test_write_through_puts_are_on_disk_when_put_returns(tmp_path):
+    store = open_store(tmp_path, write_through=True)
+    expected = put_new(store, "a")
+    assert store.resident == ("a",)
+    assert loaded_snapshot(open_store(tmp_path), "a") == expected  # another process would find it
+
+
+def test_delete_forgets_both_tiers(store):
+    put_new(store, "a")
+    with random_handle(store.pool, "b", 5, seed=1) as handle:
+        store.save(handle)
+    put_new(store, "b")
+    assert store.delete("a") and store.delete("b") and not store.delete("b")
+    assert store.list() == [] and store.pool.used_blocks == 0 and list(store.directory.iterdir()) == []
+    with pytest.raises(UnknownAgentError):
+        store.get("b")
+
+
+def test_close_writes_every_agent_and_a_new_process_sees_them(tmp_path):
+    with open_store(tmp_path) as store:
+        expected = {agent: put_new(store, agent, n_tokens=3 * seed + 1, seed=seed) for seed, agent in enumerate("abc")}
+    assert store.resident == () and store.pool.used_blocks == 0
+    restarted = open_store(tmp_path)
+    assert restarted.list() == ["a", "b", "c"]
+    assert {agent: current(restarted, agent) for agent in "abc"} == expected
+
+
+def test_handles_of_another_pool_are_refused(store):
+    other = BlockPool(SMALL_SPEC, 20)
+    with random_handle(other, "a", 5, seed=0) as handle:
+        for call in (store.save, store.put):
+            with nothing_changes(store), pytest.raises(IncompatibleCacheError, match="belong to pool"):
+                call(handle)
+
+
+@pytest.mark.parametrize("kwargs", [{"memory_budget_bytes": -1}, {"lock_timeout": -1}, {"memory_budget_bytes": 1.5}])
+def test_bad_construction_arguments_are_refused(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        open_store(tmp_path, **kwargs)
+    with pytest.raises(ValueError):
+        AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), "")
+
+
+# ---- the state machine ------------------------------------------------------------------------------
+AGENTS = st.sampled_from(["a", "A", "agent é", "x y"])
+CONTEXTS = st.tuples(st.integers(0, 14), st.integers(0, 3))  # (tokens, seed): up to 11 blocks
+POOL_BLOCKS, BUDGET_BLOCKS = 40, 24
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random puts, saves, gets, loads, deletes, evictions, flushes and (crash) restarts, checked against
+    a model: each agent's current context, and what its file holds. Implicit evictions (budget, make_room)
+    are read off ``store.resident``: an agent that leaves the pool must then be on disk."""
+
+    def __init__(self):
+        super().__init__()
+        self.tmp = tempfile.TemporaryDirectory()
+        self.current, self.on_disk = {}, {}
+        self.open()
+
+    def open(self):
+        self.store = open_store(self.tmp.name, total_blocks=POOL_BLOCKS,
+                                memory_budget_bytes=BUDGET_BLOCKS * SMALL_SPEC.bytes_per_block_per_layer)
+
+    def run(self, operation):
+        """Run a store operation and record the evictions it caused."""
+        before = set(self.store.resident)
+        result = operation()
+        for agent in before - set(self.store.resident):
+            if agent in self.current:
+                self.on_disk[agent] = self.current[agent]
+        return result
+
+    def context(self, agent, n_tokens, seed):
+        return random_handle(self.store.pool, agent, n_tokens, seed)
+
+    @rule(agent=AGENTS, content=CONTEXTS)
+    def put(self, agent, content):
+        handle = self.context(agent, *content)
+        self.current[agent] = snapshot(handle)
+        self.run(lambda: self.store.put(handle))
+
+    @rule(agent=AGENTS, content=CONTEXTS)
+    def save(self, agent, content):
+        with self.context(agent, *content) as handle:
+            self.run(lambda: self.store.save(handle))
+            self.current[agent] = self.on_disk[agent] = snapshot(handle)
+
+    @rule(agent=AGENTS)
+    def get(self, agent):
+        if agent not in self.current:
+            with pytest.raises(UnknownAgentError):
+                self.store.get(agent)
+            return
+        with self.run(lambda: self.store.get(agent)) as handle:
+            assert snapshot(handle) == self.current[agent]
+
+    @rule(agent=AGENTS)
+    def load(self, agent):
+        if agent not in self.on_disk:
+            with pytest.raises(UnknownAgentError):
+                self.store.load(agent)
+            return
+        with self.run(lambda: self.store.load(agent)) as handle:
+            assert snapshot(handle) == self.on_disk[agent]
+
+    @rule(agent=AGENTS)
+    def delete(self, agent):
+        assert self.store.delete(agent) == (agent in self.current)
+        self.current.pop(agent, None)
+        self.on_disk.pop(agent, None)
+
+    @rule(agent=AGENTS)
+    def evict(self, agent):
+        was_resident = agent in self.store.resident
+        assert self.run(lambda: self.store.evict(agent)) == was_resident
+
+    @rule(n_blocks=st.integers(0, POOL_BLOCKS + 1))
+    def make_room(self, n_blocks):
+        made = self.run(lambda: self.store.make_room(n_blocks))
+        assert made == (self.store.pool.available_blocks >= n_blocks)
+
+    @rule()
+    def flush(self):
+        self.store.flush()
+        self.on_disk.update((agent, self.current[agent]) for agent in self.store.resident)
+
+    @rule(crash=st.booleans())
+    def restart(self, crash):
+        if not crash:
+            self.store.close()
+            self.on_disk.update(self.current)
+        self.current = dict(self.on_disk)
+        self.open()
+
+    @invariant()
+    def nothing_is_lost(self):
+        store = self.store
+        assert store.list() == sorted(self.current)
+        for agent in set(self.current) - set(store.resident):
+            assert self.on_disk[agent] == self.current[agent]
+        assert store.resident_bytes <= store.memory_budget_bytes
+        store.pool.check_invariants()
+        assert store.pool.used_blocks * store.pool.block_bytes == store.resident_bytes  # no leaked block
+
+    def teardown(self):
+        self.tmp.cleanup()
+
+
+StoreMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+test_store_against_a_model_of_both_tiers = StoreMachine.TestCase
+

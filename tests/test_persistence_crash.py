@@ -1,0 +1,351 @@
+"""Crash safety: killed saves, a full disk, and processes that save the same agent at once.
+
+Every kill hits a real save in another process. Those processes are forked,
+one per trial, from "zygote" processes that import the store once and run no
+MLX before forking, so a trial costs its own work rather than a Python start.
+"Old" is the context a trial starts with on disk, "new" the one the child saves.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+
+import pytest
+
+from semantic.domain.services import BlockPool
+from semantic.persistence import AgentCacheStore, CacheLockTimeoutError, CacheWriteError, file_format
+from test_persistence_support import (
+    CRASH_POOL_BLOCKS,
+    CRASH_SPEC,
+    CRASH_TOKENS,
+    FINGERPRINT,
+    loaded_snapshot,
+    nothing_changes,
+    open_store,
+    python_child,
+    random_handle,
+    snapshot,
+    snapshot_of,
+    temp_files,
+)
+
+OLD_SEED, NEW_SEED = 1, 2
+
+# Reads one task per line: {"directory", "seeds", "kill_after", "die_in"}. Forks a child that saves the
+# seeds' contexts in turn, forever; SIGKILLs it `kill_after` seconds after it starts saving, or lets it
+# die in the OS call `die_in` names (see PHASES). Prints {"directory", "killed"} per task.
+ZYGOTE = """
+import json, os, signal, sys, time, traceback
+import test_persistence_support as support
+
+def die_in(call, when):
+    # pwrite: die once `when` bytes are written; fsync/replace: -n dies before the n-th call, +n after it
+    real, state = getattr(os, call), {"calls": 0, "budget": when}
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+    def pwrite(fd, data, offset):
+        if len(data) >= state["budget"]:
+            if state["budget"]:
+                real(fd, bytes(data[:state["budget"]]), offset)
+            die()
+        state["budget"] -= len(data)
+        return real(fd, data, offset)
+    def around(*args):
+        state["calls"] += 1
+        if when == -state["calls"]:
+            die()
+        result = real(*args)
+        if when == state["calls"]:
+            die()
+        return result
+    setattr(os, call, pwrite if call == "pwrite" else around)
+
+def save_forever(task, ready):
+    store = support.open_store(task["directory"], support.CRASH_SPEC, support.CRASH_POOL_BLOCKS)
+    handles = [support.random_handle(store.pool, "agent", support.CRASH_TOKENS, s) for s in task["seeds"]]
+    if task["die_in"]:
+        die_in(*task["die_in"])
+    os.write(ready, b"r")
+    while True:
+        for handle in handles:
+            store.save(handle)
+
+for line in sys.stdin:
+    task = json.loads(line)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            save_forever(task, ready_w)
+        except BaseException:
+            traceback.print_exc()
+        os._exit(1)
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    if task["kill_after"] is not None:
+        time.sleep(task["kill_after"])
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    print(json.dumps({"directory": task["directory"], "killed": killed}), flush=True)
+"""
+
+
+def run_in_zygotes(tasks, n_zygotes=2):
+    """Run the tasks, spread over ``n_zygotes`` processes; returns {directory: killed}."""
+    zygotes = [python_child(ZYGOTE, stdin=subprocess.PIPE) for _ in range(n_zygotes)]
+    for i, task in enumerate(tasks):
+        zygotes[i % n_zygotes].stdin.write(json.dumps(task) + "\n")
+    results = {}
+    for zygote in zygotes:
+        zygote.stdin.close()
+        results.update((r["directory"], r["killed"]) for r in map(json.loads, zygote.stdout))
+        assert zygote.wait() == 0
+    return results
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory):
+    """The old file (to copy into each trial's directory) and both contexts' snapshots."""
+    directory = tmp_path_factory.mktemp("template")
+    store = open_store(directory, CRASH_SPEC, CRASH_POOL_BLOCKS)
+    with random_handle(store.pool, "agent", CRASH_TOKENS, OLD_SEED) as handle:
+        store.save(handle)
+        old = snapshot(handle)
+    new = snapshot_of(store.pool, "agent", CRASH_TOKENS, NEW_SEED)
+    return directory / "agent.safetensors", old, new
+
+
+def trial_directory(tmp_path, name, old_file) -> str:
+    directory = tmp_path / name
+    directory.mkdir()
+    shutil.copy(old_file, directory)
+    return str(directory)
+
+
+def reopened_content(directory, pool):
+    """What a restarted process finds: opening the store must clean the killed save's temp file."""
+    store = AgentCacheStore(directory, pool, FINGERPRINT)
+    assert temp_files(directory) == []
+    return loaded_snapshot(store, "agent")
+
+
+def test_a_save_killed_at_a_random_moment_leaves_the_old_or_the_new_file(tmp_path, contexts):
+    """100 trials: SIGKILL 0-250 ms into a loop of saves (new, old, new, ...). Every trial's file loads and
+    equals the old or the new context, and opening a store removes the killed save's temp file."""
+    old_file, old, new = contexts
+    rng = random.Random(0)
+    tasks = [
+        {"directory": trial_directory(tmp_path, f"trial{i}", old_file), "seeds": [NEW_SEED, OLD_SEED],
+         "kill_after": rng.uniform(0, 0.25), "die_in": None}
+        for i in range(100)
+    ]
+    killed = run_in_zygotes(tasks)
+    assert all(killed[task["directory"]] for task in tasks)
+    pool = BlockPool(CRASH_SPEC, CRASH_POOL_BLOCKS)
+    outcomes = {"old": 0, "new": 0, "temp file left": 0}
+    for task in tasks:
+        outcomes["temp file left"] += bool(temp_files(task["directory"]))
+        content = reopened_content(task["directory"], pool)
+        assert content in (old, new)
+        outcomes["new" if content == new else "old"] += 1
+    assert pool.used_blocks == 0
+    print(outcomes)
+
+
+# (os call, when) -> the content the file must hold after the kill.
+# A save writes data first (after a gap for the header), header last, fsyncs the file, renames, fsyncs the directory.
+DATA_BYTES = CRASH_SPEC.bytes_per_agent(CRASH_TOKENS)
+PHASES = {
+    ("pwrite", 0): "old",
+    ("pwrite", 1): "old",
+    ("pwrite", DATA_BYTES // 2): "old",
+    ("pwrite", DATA_BYTES): "old",  # all data, no header
+    ("pwrite", DATA_BYTES + 9): "old",  # the header length and one byte of JSON
+    ("fsync", -1): "old",  # everything written, not yet synced
+    ("fsync", 1): "old",  # synced, not yet renamed
+    ("replace", -1): "old",
+    ("replace", 1): "new",  # renamed, directory not yet synced
+    ("fsync", 2): "new",  # directory synced
+}
+
+
+def test_a_save_killed_in_each_phase_leaves_the_expected_file(tmp_path, contexts):
+    old_file, old, new = contexts
+    tasks = [
+        {"directory": trial_directory(tmp_path, "-".join(map(str, phase)), old_file), "seeds": [NEW_SEED],
+         "kill_after": None, "die_in": phase}
+        for phase in PHASES
+    ]
+    killed = run_in_zygotes(tasks)
+    pool = BlockPool(CRASH_SPEC, CRASH_POOL_BLOCKS)
+    for task, expected in zip(tasks, PHASES.values()):
+        phase, directory = task["die_in"], task["directory"]
+        assert killed[directory], f"{phase}: the save was not killed"
+        assert bool(temp_files(directory)) == (expected == "old"), phase
+        assert reopened_content(directory, pool) == {"old": old, "new": new}[expected], phase
+
+
+# ---- a full disk ----------------------------------------------------------------------------------
+@pytest.fixture
+def store_with_old(tmp_path):
+    store = open_store(tmp_path, total_blocks=100)
+    with random_handle(store.pool, "agent", 11, OLD_SEED) as handle:
+        store.save(handle)
+    return store
+
+
+def fail_after(monkeypatch, n_bytes):
+    """Make the file writer raise ENOSPC once ``n_bytes`` are written, like a disk that fills up."""
+    real_write_all, left = file_format._write_all, [n_bytes]
+
+    def write_all(fd, data, offset):
+        size = memoryview(data).nbytes
+        if size > left[0]:
+            real_write_all(fd, memoryview(data).cast("B")[: left[0]], offset)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        left[0] -= size
+        real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(file_format, "_write_all", write_all)
+
+
+@pytest.mark.parametrize("fails_after", [0, 1, 100, "data", "data+8"])
+def test_a_disk_that_fills_up_mid_save_keeps_the_old_file(store_with_old, monkeypatch, fails_after):
+    store = store_with_old
+    old = loaded_snapshot(store, "agent")
+    data_bytes = store.pool.spec.bytes_per_agent(11)
+    fail_after(monkeypatch, {"data": data_bytes, "data+8": data_bytes + 8}.get(fails_after, fails_after))
+    with random_handle(store.pool, "agent", 11, NEW_SEED) as new:
+        with nothing_changes(store), pytest.raises(CacheWriteError, match="No space left on device.*unchanged"):
+            store.save(new)
+        assert temp_files(store.directory) == []
+        assert loaded_snapshot(store, "agent") == old
+        monkeypatch.undo()
+        store.save(new)
+        assert loaded_snapshot(store, "agent") == snapshot(new)
+
+
+def test_an_eviction_that_cannot_write_keeps_the_agent_in_memory(store_with_old, monkeypatch):
+    store = store_with_old
+    with random_handle(store.pool, "agent", 11, NEW_SEED) as new:
+        expected = snapshot(new)
+        store.put(new.share())
+    fail_after(monkeypatch, 0)
+    with pytest.raises(CacheWriteError):
+        store.evict("agent")
+    with pytest.raises(CacheWriteError):
+        store.close()
+    assert store.resident == ("agent",)
+    with store.get("agent") as current:
+        assert snapshot(current) == expected
+    monkeypatch.undo()
+    store.close()
+    assert store.resident == () and loaded_snapshot(store, "agent") == expected
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 2 MiB tmpfs (needs root); the injected-ENOSPC tests above cover machines without it."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_real_full_file_system_keeps_the_old_file(tiny_filesystem):
+    spec = CRASH_SPEC.with_layers(4)  # 786 KiB per block of all layers
+    store = open_store(tiny_filesystem / "cache", spec, total_blocks=20)
+    with random_handle(store.pool, "agent", 200, OLD_SEED) as small:
+        store.save(small)
+        old = snapshot(small)
+    with random_handle(store.pool, "agent", 400, NEW_SEED) as big:  # 1.5 MiB: does not fit beside the old one
+        with nothing_changes(store), pytest.raises(CacheWriteError, match="No space left on device"):
+            store.save(big)
+        assert temp_files(store.directory) == []
+        assert loaded_snapshot(store, "agent") == old
+        store.delete("agent")
+        store.save(big)
+        assert loaded_snapshot(store, "agent") == snapshot(big)
+
+
+# ---- two writers --------------------------------------------------------------------------------
+TWO_WRITERS_CHILD = """
+import sys
+from test_persistence_support import CRASH_POOL_BLOCKS, CRASH_SPEC, CRASH_TOKENS, open_store, random_handle
+store = open_store(sys.argv[1], CRASH_SPEC, CRASH_POOL_BLOCKS)
+with random_handle(store.pool, "agent", CRASH_TOKENS, int(sys.argv[2])) as handle:
+    for _ in range(15):
+        store.save(handle)
+"""
+
+
+def test_two_processes_saving_one_agent_never_tear_its_file(tmp_path, contexts):
+    """Two processes save their own context 15 times each while this one keeps loading: every load is
+    one of the two, whole."""
+    old_file, old, new = contexts
+    directory = trial_directory(tmp_path, "shared", old_file)
+    writers = [python_child(TWO_WRITERS_CHILD, directory, seed) for seed in (OLD_SEED, NEW_SEED)]
+    reader = open_store(directory, CRASH_SPEC, CRASH_POOL_BLOCKS)
+    loads = 0
+    while any(w.poll() is None for w in writers):
+        assert loaded_snapshot(reader, "agent") in (old, new)
+        loads += 1
+    assert [w.wait() for w in writers] == [0, 0]
+    assert loaded_snapshot(reader, "agent") in (old, new)
+    assert temp_files(directory) == []
+    print(f"{loads} loads during the saves")
+
+
+@pytest.fixture
+def agent_lock_held_elsewhere(store_with_old):
+    """Agent "agent"'s lock held through another open file, as another process would hold it."""
+    with open(store_with_old.directory / ".agent.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield lock_file
+
+
+def test_a_save_gives_up_with_a_typed_error_while_another_process_holds_the_lock(
+        store_with_old, agent_lock_held_elsewhere):
+    store = open_store(store_with_old.directory, lock_timeout=0.05)
+    with random_handle(store.pool, "agent", 11, NEW_SEED) as new:
+        with nothing_changes(store):
+            for call in (store.save, lambda h: store.delete(h.agent_id)):
+                with pytest.raises(CacheLockTimeoutError, match="another process holds the lock of agent 'agent'"):
+                    call(new)
+        fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
+        store.save(new)
+        assert loaded_snapshot(store, "agent") == snapshot(new)
+
+
+def test_a_save_waits_for_the_lock_to_be_released(store_with_old, agent_lock_held_elsewhere):
+    store = store_with_old
+    release = threading.Timer(0.2, fcntl.flock, (agent_lock_held_elsewhere, fcntl.LOCK_UN))
+    release.start()
+    with random_handle(store.pool, "agent", 11, NEW_SEED) as new:
+        store.save(new)
+        assert loaded_snapshot(store, "agent") == snapshot(new)
+    release.join()
+
+
+def test_opening_a_store_removes_abandoned_temp_files_but_not_a_live_writers(store_with_old,
+                                                                               agent_lock_held_elsewhere):
+    directory = store_with_old.directory
+    (directory / ".agent.0123456789ab.tmp").write_bytes(b"a live writer's half-written file")
+    (directory / ".other.0123456789ab.tmp").write_bytes(b"abandoned by a killed process")
+    open_store(directory)
+    assert temp_files(directory) == [".agent.0123456789ab.tmp"]
+    fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
+    open_store(directory)
+    assert temp_files(directory) == []

@@ -1,0 +1,249 @@
+"""The agent cache file: every damage is a typed error that changes nothing, and MLX reads the file.
+
+Each bad-file test goes through ``AgentCacheStore.load`` / ``get`` on a real file
+and then checks that the pool, the store and every other file are unchanged.
+"""
+
+import json
+import os
+import random
+import struct
+
+import mlx.core as mx
+import pytest
+
+from semantic.domain.value_objects import ModelCacheSpec
+from semantic.persistence import (
+    AgentCacheStore,
+    CacheCorruptionError,
+    IncompatibleCacheFileError,
+    InvalidAgentIdError,
+    UnknownAgentError,
+)
+from semantic.persistence import file_format
+from test_persistence_support import (
+    FINGERPRINT,
+    nothing_changes,
+    open_store,
+    random_handle,
+    snapshot,
+    snapshot_of,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return open_store(tmp_path / "cache")
+
+
+@pytest.fixture
+def saved(store):
+    """Agent "a" (11 tokens: 3 blocks in full layers, 2 in the window layer) and a bystander "b", on disk."""
+    for agent, n_tokens, seed in (("a", 11, 1), ("b", 5, 2)):
+        with random_handle(store.pool, agent, n_tokens, seed) as handle:
+            store.save(handle)
+    return store.directory / "a.safetensors"
+
+
+def header_length(path) -> int:
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def rewrite_metadata(path, **changes):
+    """Change metadata fields and re-seal the header checksum, as a writer of that content would."""
+    raw = path.read_bytes()
+    end = header_length(path)
+    header = json.loads(raw[8:end])
+    header["__metadata__"].update(changes)
+    header["__metadata__"]["header_checksum"] = file_format.header_checksum(header)
+    path.write_bytes(file_format.encode_header(header) + raw[end:])
+
+
+# ---- every single-bit flip, every truncation ---------------------------------------------------------
+def test_every_single_bit_flip_of_a_small_file_is_detected(tmp_path):
+    """All ~9,000 flips of a small file (a full-attention layer of 3 blocks, a window layer of 2): each is a
+    CacheCorruptionError. No flip is harmless: the header JSON has no insignificant bytes (no whitespace
+    inside it; a flipped padding space is not whitespace), and a changed header length breaks the exact
+    file size check."""
+    store = open_store(tmp_path, ModelCacheSpec(2, 1, 2, 2, "bfloat16", block_size=2, layer_windows=(None, 3)))
+    with random_handle(store.pool, "a", 5, seed=1) as handle:
+        store.save(handle)
+    path = store.directory / "a.safetensors"
+    original = path.read_bytes()
+    undetected = []
+    with nothing_changes(store, except_file=path.name), open(path, "r+b", buffering=0) as f:
+        for position in range(len(original)):
+            for bit in range(8):
+                f.seek(position)
+                f.write(bytes([original[position] ^ (1 << bit)]))
+                try:
+                    store.load("a").release()
+                    undetected.append((position, bit))
+                except CacheCorruptionError:
+                    pass
+            f.seek(position)
+            f.write(original[position:position + 1])
+    assert undetected == []
+    assert len(original) - header_length(path) == 80  # the data region was covered too
+
+
+def test_sampled_bit_flips_of_a_large_file_are_detected(tmp_path):
+    """A smollm2-geometry context (30 layers x 2 blocks, 12 MB): flips at 1,000 random header positions,
+    and at the first, last and 60 random data bytes (each of those loads reads and hashes all 12 MB)."""
+    spec = ModelCacheSpec.preset("smollm2-135m")
+    store = open_store(tmp_path, spec, total_blocks=130)
+    with random_handle(store.pool, "big", 300, seed=3) as handle:
+        store.save(handle)
+    path = store.directory / "big.safetensors"
+    original = path.read_bytes()
+    data_start = header_length(path)
+    rng = random.Random(0)
+    positions = rng.sample(range(data_start), 1000) + [data_start, len(original) - 1]
+    positions += rng.sample(range(data_start, len(original)), 60)
+    with nothing_changes(store, except_file=path.name), open(path, "r+b", buffering=0) as f:
+        for position in positions:
+            f.seek(position)
+            f.write(bytes([original[position] ^ (1 << rng.randrange(8))]))
+            with pytest.raises(CacheCorruptionError):
+                store.load("big")
+            f.seek(position)
+            f.write(original[position:position + 1])
+
+
+def test_a_file_truncated_anywhere_is_detected(store, saved):
+    with nothing_changes(store, except_file="a.safetensors"):
+        for length in reversed(range(saved.stat().st_size)):
+            os.truncate(saved, length)
+            with pytest.raises(CacheCorruptionError, match="truncated|damaged|not JSON"):
+                store.load("a")
+
+
+def test_bytes_appended_to_a_file_are_detected(store, saved):
+    saved.write_bytes(saved.read_bytes() + b"\0")
+    with nothing_changes(store), pytest.raises(CacheCorruptionError, match="unexpected bytes at the end"):
+        store.get("a")
+
+
+# ---- files that are sound but not ours --------------------------------------------------------------
+@pytest.mark.parametrize("header", [b"this is not json", b'{"__metadata__": {"format": ', b"\xff\xfe{}"])
+def test_a_header_that_is_not_json_is_corruption(store, saved, header):
+    saved.write_bytes(struct.pack("<Q", len(header)) + header)
+    with nothing_changes(store), pytest.raises(CacheCorruptionError, match="not JSON"):
+        store.get("a")
+
+
+def test_a_plain_safetensors_file_is_not_an_agent_cache(store, saved):
+    mx.save_safetensors(str(saved), {"weight": mx.zeros((2, 2))}, metadata={"format": "mlx"})
+    with nothing_changes(store), pytest.raises(IncompatibleCacheFileError, match="format 'mlx'.* not an agent cache"):
+        store.get("a")
+
+
+def test_a_file_of_another_format_version_is_incompatible(store, saved):
+    rewrite_metadata(saved, format_version="2")
+    with nothing_changes(store), pytest.raises(IncompatibleCacheFileError, match="format version '2'"):
+        store.get("a")
+
+
+def test_a_file_of_another_model_is_incompatible(store, saved):
+    other_model = AgentCacheStore(store.directory, store.pool, "another-model:fedcba9876543210")
+    with nothing_changes(store), pytest.raises(IncompatibleCacheFileError, match="written for model"):
+        other_model.get("a")
+
+
+def test_a_file_of_another_geometry_is_incompatible(store, saved):
+    wider = ModelCacheSpec(3, 2, 8, 8, "bfloat16", block_size=4, layer_windows=(None, 6, None))
+    other_pool = open_store(store.directory, wider)
+    with nothing_changes(store), pytest.raises(IncompatibleCacheFileError, match="geometry"):
+        other_pool.load("a")
+    assert other_pool.pool.used_blocks == 0
+
+
+def test_a_file_renamed_to_another_agent_is_detected(store, saved):
+    (store.directory / "c.safetensors").write_bytes(saved.read_bytes())
+    with nothing_changes(store), pytest.raises(CacheCorruptionError, match="holds agent 'a', not 'c'"):
+        store.get("c")
+
+
+def test_a_missing_agent_is_unknown(store, saved):
+    with nothing_changes(store):
+        with pytest.raises(UnknownAgentError, match="no cache file for agent 'zed'"):
+            store.get("zed")
+        with pytest.raises(UnknownAgentError):
+            store.load("zed")
+
+
+# ---- agent ids ------------------------------------------------------------------------------------
+BAD_IDS = ["../x", "../../etc/passwd", "/abs/path", "a/b", "a\\b", ".", "..", "", "x\x00y", "\x00", "line\nbreak",
+           "a" * 201, "é" * 34, 123, None, b"bytes"]
+
+
+@pytest.mark.parametrize("agent_id", BAD_IDS, ids=repr)
+def test_agent_ids_that_could_escape_the_directory_are_rejected(store, saved, agent_id):
+    calls = [store.get, store.load, store.delete, store.evict, lambda a: a in store]
+    with nothing_changes(store):
+        for call in calls:
+            with pytest.raises(InvalidAgentIdError):
+                call(agent_id)
+    if isinstance(agent_id, str) and agent_id:  # the pool accepts any non-empty string; the store does not
+        with random_handle(store.pool, agent_id, 5, seed=0) as handle:
+            for call in (store.save, store.put):
+                with nothing_changes(store), pytest.raises(InvalidAgentIdError):
+                    call(handle)
+    assert sorted(p.name for p in store.directory.parent.iterdir()) == ["cache"]
+
+
+ODD_IDS = ["Alice", "alice", "ALICE", "agent é", "agent e\u0301", "100%", "%41", "a.b", ".hidden", "-", "x" * 200,
+           "日本語", "tab\u00a0space", "COM1", "a:b"]
+
+
+def test_unusual_agent_ids_get_distinct_files_even_on_case_insensitive_file_systems(store):
+    for seed, agent_id in enumerate(ODD_IDS):
+        with random_handle(store.pool, agent_id, 5, seed) as handle:
+            store.save(handle)
+    names = [p.name for p in store.directory.glob("*.safetensors")]
+    assert len({name.lower() for name in names}) == len(ODD_IDS)  # no two differ only in case
+    assert all(name.isascii() and not name.startswith(".") for name in names)
+    assert store.list() == sorted(ODD_IDS)
+    for seed, agent_id in enumerate(ODD_IDS):
+        with store.load(agent_id) as handle:
+            assert handle.agent_id == agent_id
+            assert snapshot(handle) == snapshot_of(store.pool, agent_id, 5, seed)
+
+
+def test_foreign_files_in_the_directory_are_ignored_by_list(store, saved):
+    for name in ("notes.txt", "UPPER.safetensors", "%zz.safetensors", ".a.safetensors"):
+        (store.directory / name).write_text("not ours")
+    assert store.list() == ["a", "b"]
+
+
+# ---- the file is a safetensors file -------------------------------------------------------------------
+def test_mlx_reads_the_file_and_its_header(store, saved):
+    arrays, metadata = mx.load(str(saved), return_metadata=True)
+    with store.load("a") as handle:
+        for layer, ids in enumerate(handle.all_block_ids):
+            keys, values = store.pool.gather([ids])
+            assert mx.array_equal(arrays[f"layers.{layer}.keys"], keys[0])
+            assert mx.array_equal(arrays[f"layers.{layer}.values"], values[0])
+        assert json.loads(metadata["token_ids"]) == list(handle.token_ids)
+    assert metadata["format"] == "semantic.agent_cache" and metadata["format_version"] == "1"
+    assert metadata["model_fingerprint"] == FINGERPRINT
+    assert json.loads(metadata["layer_blocks"]) == [3, 2, 3]  # the window layer keeps only its blocks
+    assert header_length(saved) % 8 == 0  # tensor data is aligned
+
+
+def test_an_empty_context_round_trips(store):
+    with random_handle(store.pool, "empty", 0, seed=0) as handle:
+        store.save(handle)
+    with store.load("empty") as loaded:
+        assert loaded.num_tokens == 0 and loaded.num_blocks == 0
+
+
+def test_the_same_context_gives_the_same_bytes(tmp_path):
+    """Files are a function of the content: no timestamps, no random padding."""
+    files = []
+    for name in ("one", "two"):
+        store = open_store(tmp_path / name)
+        with random_handle(store.pool, "a", 9, seed=4) as handle:
+            store.save(handle)
+        files.append((store.directory / "a.safetensors").read_bytes())
+    assert files[0] == files[1]

@@ -1,0 +1,165 @@
+"""On real local models: a context read back from disk continues with exactly the tokens the never-saved
+context gives, in this process and after a restart; agents that do not all fit take turns through disk;
+fingerprints tell models apart."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+
+from semantic.application.batch_engine import BlockPoolBatchEngine
+from semantic.domain.services import BlockPool
+from semantic.domain.value_objects import ModelCacheSpec
+from semantic.persistence import AgentCacheStore, IncompatibleCacheFileError, model_fingerprint
+from semantic.testing.local_models import build_local_model, load_local_model
+from test_persistence_support import nothing_changes, run_python, snapshot
+
+WORDS = ("the old river ran past a quiet town where people made bread and told long stories about the sea "
+         "and the mountains and the years that came before them").split()
+
+
+def text(n_words: int, offset: int = 0) -> str:
+    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(n_words))
+
+
+# Over 512 tokens: several blocks, and past every sliding window (128 and 512).
+LONG_PROMPT = text(700)
+FOLLOW_UP = " and then, one morning, " + text(12, offset=5)
+
+
+def engine_for(preset: str, total_blocks: int = 200) -> BlockPoolBatchEngine:
+    model, tokenizer = load_local_model(preset)
+    return BlockPoolBatchEngine(model, tokenizer, BlockPool(ModelCacheSpec.from_model(model), total_blocks))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3", "tiny-gemma3-w512"])
+def test_a_loaded_context_continues_exactly_like_the_never_saved_one(tmp_path, preset):
+    engine = engine_for(preset)
+    store = AgentCacheStore.for_engine(tmp_path, engine)
+    first = engine.generate("agent", LONG_PROMPT, max_tokens=24)
+    assert first.blocks.num_tokens > 700
+    store.save(first.blocks)
+    with store.load("agent") as loaded:
+        assert snapshot(loaded) == snapshot(first.blocks)
+        resumed = engine.generate("agent", FOLLOW_UP, cache=loaded, max_tokens=24)
+    never_saved = engine.generate("agent", FOLLOW_UP, cache=first.blocks, max_tokens=24)
+    assert resumed.token_ids == never_saved.token_ids
+    assert len(set(resumed.token_ids)) > 4  # a real continuation, not one token repeated
+
+
+# ---- a restart ------------------------------------------------------------------------------------
+PROMPTS = {"short": text(40), "two-blocks": text(300, offset=3), "long": LONG_PROMPT}
+
+ENGINE_IN_CHILD = """
+import json, sys
+from semantic.application.batch_engine import BlockPoolBatchEngine
+from semantic.domain.services import BlockPool
+from semantic.domain.value_objects import ModelCacheSpec
+from semantic.persistence import AgentCacheStore
+from semantic.testing.local_models import load_local_model
+directory, preset = sys.argv[1], sys.argv[2]
+prompts, follow_up = json.loads(sys.argv[3]), sys.argv[4]
+model, tokenizer = load_local_model(preset)
+engine = BlockPoolBatchEngine(model, tokenizer, BlockPool(ModelCacheSpec.from_model(model), 200))
+store = AgentCacheStore.for_engine(directory, engine)
+"""
+
+# Process A: run the agents, keep them in the store, close it (all written); then continue the never-saved contexts.
+BEFORE_RESTART = ENGINE_IN_CHILD + """
+contexts = {}
+for agent, prompt in prompts.items():
+    completion = store.generate(engine, agent, prompt, max_tokens=16)
+    contexts[agent] = completion.blocks
+store.close()
+continued = {agent: engine.generate(agent, follow_up, cache=blocks, max_tokens=16).token_ids
+             for agent, blocks in contexts.items()}
+print(json.dumps({"agents": store.list(), "fingerprint": store.model_fingerprint, "continued": continued}))
+"""
+
+# Process B: a fresh process continues every agent from what process A left on disk.
+AFTER_RESTART = ENGINE_IN_CHILD + """
+agents = store.list()
+continued = {agent: store.generate(engine, agent, follow_up, max_tokens=16).token_ids for agent in agents}
+print(json.dumps({"agents": agents, "fingerprint": store.model_fingerprint, "continued": continued}))
+"""
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3"])
+def test_agents_continue_identically_in_a_new_process(tmp_path, preset):
+    args = (tmp_path, preset, json.dumps(PROMPTS), FOLLOW_UP)
+    before = run_python(BEFORE_RESTART, *args)
+    after = run_python(AFTER_RESTART, *args)
+    assert before["agents"] == after["agents"] == sorted(PROMPTS)
+    assert before["fingerprint"] == after["fingerprint"]
+    assert after["continued"] == before["continued"]
+
+
+# ---- more agents than fit -----------------------------------------------------------------------------
+N_AGENTS, ROUNDS = 6, 3
+AGENT_BLOCKS = 8  # tiny-llama: 4 layers x 2 blocks for the ~320-token contexts below
+
+
+@pytest.mark.parametrize("limit", ["memory budget", "pool size"])
+def test_agents_answer_correctly_when_more_of_them_than_fit_take_turns(tmp_path, limit):
+    """Six agents take three rounds of turns, in the order that is worst for an LRU. The store keeps at most
+    about two of them in the pool (by its budget, or because the pool is that small); every answer equals
+    the answer of an engine that keeps every agent in a roomy pool."""
+    reference = engine_for("tiny-llama")
+    if limit == "memory budget":
+        engine = engine_for("tiny-llama")
+        budget = 2 * AGENT_BLOCKS * engine.pool.block_bytes
+    else:  # two agents, plus the blocks of the turn in progress
+        engine, budget = engine_for("tiny-llama", total_blocks=3 * AGENT_BLOCKS), None
+    store = AgentCacheStore.for_engine(tmp_path, engine, memory_budget_bytes=budget)
+    expected, kept = {}, {}
+    for turn in range(ROUNDS):
+        for i in range(N_AGENTS):
+            agent = f"agent-{i}"
+            prompt = text(300, offset=i) if turn == 0 else FOLLOW_UP
+            previous = kept.get(agent)
+            answer = reference.generate(agent, prompt, cache=previous, max_tokens=8)
+            kept[agent] = answer.blocks
+            completion = store.generate(engine, agent, prompt, max_tokens=8)
+            assert completion.token_ids == answer.token_ids, (turn, agent)
+            completion.blocks.release()
+            assert len(store.resident) < N_AGENTS
+            if budget is not None:
+                assert store.resident_bytes <= budget
+                assert engine.pool.used_blocks * engine.pool.block_bytes <= budget
+            engine.pool.check_invariants()
+    assert store.list() == sorted(kept)
+    assert len(list(store.directory.glob("*.safetensors"))) >= N_AGENTS - 2  # the evicted ones are on disk
+
+
+# ---- fingerprints -------------------------------------------------------------------------------
+def test_fingerprints_tell_apart_models_of_one_architecture():
+    model, tokenizer = load_local_model("tiny-llama")
+    fingerprint = model_fingerprint(model, tokenizer)
+    assert fingerprint == model_fingerprint(model, tokenizer)
+    assert fingerprint.startswith("llama-4x2x32-bfloat16:")
+    other_weights = load_local_model("tiny-llama", seed=1)  # same architecture and geometry, another "fine-tune"
+    others = {
+        "other weights": model_fingerprint(*other_weights),
+        "other dtype": model_fingerprint(*load_local_model("tiny-llama", dtype="float32")),
+        "no tokenizer": model_fingerprint(model),
+    }
+    assert fingerprint not in others.values() and len(set(others.values())) == len(others)
+
+
+def test_one_changed_weight_changes_the_fingerprint():
+    model, tokenizer = mlx_lm.load(str(build_local_model("tiny-llama")))  # a private copy to change
+    before = model_fingerprint(model, tokenizer)
+    projection = model.model.layers[2].mlp.down_proj
+    weight = projection.weight
+    projection.weight = mx.where((mx.arange(weight.size) == 1234).reshape(weight.shape), weight * 2, weight)
+    assert model_fingerprint(model, tokenizer) != before
+
+
+def test_a_file_of_another_model_of_the_same_geometry_is_refused(tmp_path):
+    engine = engine_for("tiny-llama")
+    first = engine.generate("agent", text(40), max_tokens=4)
+    AgentCacheStore.for_engine(tmp_path, engine).save(first.blocks)
+    other_model = AgentCacheStore(tmp_path, engine.pool, model_fingerprint(*load_local_model("tiny-llama", seed=1)))
+    with nothing_changes(other_model), pytest.raises(IncompatibleCacheFileError, match="written for model"):
+        other_model.get("agent")

@@ -1,0 +1,259 @@
+"""BlockPool bookkeeping: property tests against a simple model, misuse, threads, geometry."""
+
+import collections
+import gc
+import threading
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from semantic.domain.errors import (
+    BlockOwnershipError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+    PoolExhaustedError,
+    ReleasedHandleError,
+)
+from semantic.domain.services import BlockPool
+from semantic.domain.value_objects import PRESETS, ModelCacheSpec
+
+SPEC = ModelCacheSpec(n_layers=2, n_kv_heads=1, k_head_dim=4, v_head_dim=4, dtype="float32", name="tiny")
+AGENTS = ("a", "b", "c")
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """Random allocate / retain / release / handle / share / reserve sequences against a model:
+    ``refs[agent]`` counts the references each agent holds on each block."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = BlockPool(SPEC, total_blocks=12)
+        self.refs = {a: collections.Counter() for a in AGENTS}
+        self.handles = []
+        self.reservations = []
+
+    def _model_refcount(self):
+        total = collections.Counter()
+        for counter in self.refs.values():
+            total.update(counter)
+        for handle in self.handles:
+            total.update(b for ids in handle.all_block_ids for b in ids)
+        return total
+
+    @rule(agent=st.sampled_from(AGENTS), n=st.integers(0, 6))
+    def allocate(self, agent, n):
+        free = self.pool.total_blocks - len(self._model_refcount()) - sum(r.remaining for r in self.reservations)
+        before = self.pool.usage()
+        if n > free:
+            with pytest.raises(PoolExhaustedError) as info:
+                self.pool.allocate(n, agent)
+            assert (info.value.requested, info.value.available) == (n, free)
+            assert self.pool.usage() == before
+        else:
+            ids = self.pool.allocate(n, agent)
+            assert len(set(ids)) == n and not set(ids) & set(self._model_refcount())
+            self.refs[agent].update(ids)
+
+    @rule(agent=st.sampled_from(AGENTS), data=st.data())
+    def retain_or_release_raw(self, agent, data):
+        held = sorted(self._model_refcount())
+        if not held:
+            return
+        block = data.draw(st.sampled_from(held))
+        if data.draw(st.booleans()):
+            self.pool.retain([block], agent)
+            self.refs[agent][block] += 1
+        elif self.refs[agent][block]:
+            self.pool.release_blocks([block], agent)
+            self.refs[agent][block] -= 1
+            self.refs[agent] += collections.Counter()
+        else:
+            before = self.pool.usage()
+            with pytest.raises(BlockOwnershipError):
+                self.pool.release_blocks([block], agent)
+            assert self.pool.usage() == before
+
+    @rule(agent=st.sampled_from(AGENTS))
+    def wrap_raw_blocks_in_a_handle(self, agent):
+        ids = sorted(self.refs[agent].elements())
+        if not ids:
+            return
+        with self.pool.build_handle(agent) as builder:
+            builder.retain(ids)
+            handle = builder.finish([1, 2, 3], [ids, []])
+        self.handles.append(handle)
+
+    @precondition(lambda self: self.handles)
+    @rule(data=st.data(), agent=st.sampled_from(AGENTS))
+    def share_handle(self, data, agent):
+        handle = data.draw(st.sampled_from(self.handles))
+        self.handles.append(handle.share(agent))
+
+    @precondition(lambda self: self.handles)
+    @rule(data=st.data(), drop=st.booleans())
+    def release_handle(self, data, drop):
+        handle = self.handles.pop(data.draw(st.integers(0, len(self.handles) - 1)))
+        if drop:  # the finalizer gives the blocks back at the next pool call
+            del handle
+            gc.collect()
+        else:
+            handle.release()
+            before = self.pool.usage()
+            with pytest.raises(ReleasedHandleError):
+                handle.release()
+            assert self.pool.usage() == before
+
+    @rule(n=st.integers(0, 5))
+    def reserve(self, n):
+        free = self.pool.total_blocks - len(self._model_refcount()) - sum(r.remaining for r in self.reservations)
+        if n > free:
+            with pytest.raises(PoolExhaustedError):
+                self.pool.reserve(n, "r")
+        else:
+            self.reservations.append(self.pool.reserve(n, "r"))
+
+    @precondition(lambda self: self.reservations)
+    @rule(agent=st.sampled_from(AGENTS), data=st.data())
+    def allocate_from_reservation(self, agent, data):
+        reservation = self.reservations[-1]
+        n = data.draw(st.integers(0, reservation.remaining))
+        self.refs[agent].update(self.pool.allocate(n, agent, reservation=reservation))
+        if data.draw(st.booleans()):
+            reservation.cancel()
+            self.reservations.pop()
+
+    @invariant()
+    def matches_model(self):
+        self.pool.check_invariants()
+        expected = self._model_refcount()
+        usage = self.pool.usage()
+        assert usage.used_blocks == len(expected)
+        assert usage.free_blocks + usage.used_blocks == usage.total_blocks
+        assert usage.reserved_blocks == sum(r.remaining for r in self.reservations)
+        for block, count in expected.items():
+            assert self.pool.refcount(block) == count >= 1
+
+    def teardown(self):
+        for handle in self.handles:
+            handle.release()
+        for agent, counter in self.refs.items():
+            self.pool.release_blocks(list(counter.elements()), agent)
+        for reservation in self.reservations:
+            reservation.cancel()
+        usage = self.pool.usage()
+        assert usage.used_blocks == usage.reserved_blocks == 0
+
+
+TestPoolMachine = PoolMachine.TestCase
+TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_per_agent_attribution_in_blocks_and_bytes():
+    pool = BlockPool(SPEC, total_blocks=10)
+    a = pool.allocate(3, "a")
+    pool.retain(a[:1], "b")
+    usage = pool.usage()
+    assert usage.per_agent == {"a": (3, 3 * SPEC.bytes_per_block_per_layer), "b": (1, SPEC.bytes_per_block_per_layer)}
+    assert usage.used_blocks == 3 and usage.used_bytes == 3 * SPEC.bytes_per_block_per_layer
+    assert pool.nbytes == 10 * SPEC.bytes_per_block_per_layer  # the arrays the pool holds
+
+
+def test_misuse_raises_typed_errors_and_changes_nothing():
+    pool = BlockPool(SPEC, total_blocks=6)
+    other = BlockPool(SPEC, total_blocks=6)
+    ids = pool.allocate(2, "a")
+    with pool.build_handle("a") as b:
+        b.retain(ids)
+        handle = b.finish([1], [ids, []])
+    foreign_ids = other.allocate(1, "a")
+    with other.build_handle("a") as b:
+        b.retain(foreign_ids)
+        foreign = b.finish([1], [foreign_ids, []])
+    before = pool.usage()
+    for error, call in [
+        (BlockOwnershipError, lambda: pool.release_blocks([5], "a")),  # free block
+        (BlockOwnershipError, lambda: pool.release_blocks([99], "a")),  # not in this pool
+        (BlockOwnershipError, lambda: pool.release_blocks(ids, "b")),  # held by another agent
+        (BlockOwnershipError, lambda: pool.release_blocks([ids[0]] * 3, "a")),  # more than held
+        (BlockOwnershipError, lambda: pool.retain([4], "a")),  # free blocks cannot be shared
+        (InvalidRequestError, lambda: pool.allocate(-1, "a")),
+        (InvalidRequestError, lambda: pool.allocate(1, "")),
+        (PoolExhaustedError, lambda: pool.allocate(7, "a")),
+        (IncompatibleCacheError, lambda: pool.release(foreign)),
+        (IncompatibleCacheError, lambda: pool.share(foreign)),
+    ]:
+        with pytest.raises(error):
+            call()
+        assert pool.usage() == before
+        pool.check_invariants()
+    handle.release()
+    pool.release_blocks(ids, "a")
+    assert pool.usage().used_blocks == 0
+
+
+def test_allocation_is_all_or_nothing():
+    pool = BlockPool(SPEC, total_blocks=5)
+    pool.allocate(3, "a")
+    with pytest.raises(PoolExhaustedError) as info:
+        pool.allocate(3, "b")
+    assert "3 blocks requested, 2 free" in str(info.value)
+    assert pool.free_blocks == 2 and "b" not in pool.usage().per_agent
+
+
+def test_threads_allocating_and_releasing_keep_the_invariants():
+    pool = BlockPool(SPEC, total_blocks=64)
+    errors = []
+
+    def worker(agent):
+        try:
+            for i in range(300):
+                try:
+                    ids = pool.allocate(1 + i % 4, agent)
+                except PoolExhaustedError:
+                    continue
+                with pool.build_handle(agent) as b:
+                    b.retain(ids)
+                    handle = b.finish([i], [ids, []])
+                shared = handle.share("shared-" + agent)
+                pool.release_blocks(ids, agent)
+                handle.release()
+                if i % 2:
+                    shared.release()
+                else:
+                    del shared  # finalizer path, racing with the other threads
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    assert not errors
+    pool.check_invariants()
+    assert pool.usage().used_blocks == 0
+
+
+def test_spec_presets_and_derived_sizes():
+    smol = PRESETS["smollm2-135m"]
+    assert (smol.n_layers, smol.n_kv_heads, smol.head_dim) == (30, 3, 64)
+    assert smol.bytes_per_block_per_layer == 2 * 3 * 64 * 256 * 2
+    gemma = ModelCacheSpec.preset("gemma-3-12b")
+    assert (gemma.n_layers, gemma.n_kv_heads, gemma.head_dim) == (48, 8, 256)
+    assert len(gemma.sliding_window_layers) == 40 and gemma.full_attention_layers[:2] == (5, 11)
+    assert gemma.blocks_per_agent(8192) == 8 * 32 + 40 * 4  # a 1024 window on block boundaries
+    assert gemma.blocks_per_agent(8000) == 8 * 32 + 40 * 5  # ... and straddling them
+    assert ModelCacheSpec.preset("llama-3.1-8b").n_layers == 32
+    assert ModelCacheSpec.preset("qwen2.5-0.5b").n_kv_heads == 2
+    assert gemma.with_layers(12).layer_windows == gemma.layer_windows[:12]
+    with pytest.raises(InvalidRequestError, match="known presets"):
+        ModelCacheSpec.preset("gpt-5")
+    with pytest.raises(InvalidRequestError):
+        ModelCacheSpec(n_layers=0, n_kv_heads=1, k_head_dim=1, v_head_dim=1)
+    with pytest.raises(InvalidRequestError):
+        ModelCacheSpec(2, 1, 4, 4, layer_windows=(None,))
+    with pytest.raises(InvalidRequestError):
+        ModelCacheSpec(2, 1, 4, 4, dtype="int8")
