@@ -1,0 +1,82 @@
+"""The contract semantic relies on from mlx-lm (see semantic/adapters/mlx_lm_adapter.py).
+
+An mlx-lm upgrade that changes a cache's ``state`` layout, ``BatchGenerator``'s
+calls or its responses fails here first, naming what moved.
+"""
+
+import inspect
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.domain.errors import UnsupportedModelError
+from semantic.domain.value_objects import ModelCacheSpec
+
+
+def test_installed_mlx_lm_is_in_the_supported_range():
+    adapter.check_mlx_lm_version()
+    major, minor, patch = (int(p) for p in mlx_lm.__version__.split(".")[:3])
+    assert (major, minor) == (0, 32) and patch >= 2
+
+
+def test_cache_state_layouts():
+    keys = mx.zeros((1, 2, 256, 8))
+    full = KVCache()
+    full.state = (keys, keys, 10)
+    assert full.offset == 10 and full.size() == 10
+    rotating = RotatingKVCache(max_size=64, keep=0)
+    rotating.state = (keys[..., :64, :], keys[..., :64, :], 300, 0, 64, 64)
+    assert (rotating.offset, rotating.max_size, rotating.keep, rotating._idx) == (300, 64, 0, 64)
+    assert rotating._temporal_order(rotating.keys).shape[2] == 64
+
+
+def test_batch_generator_calls_the_engine_makes():
+    insert = inspect.signature(BatchGenerator.insert).parameters
+    for name in ("prompts", "max_tokens", "caches", "all_tokens", "samplers", "logits_processors"):
+        assert name in insert, f"BatchGenerator.insert lost {name!r}"
+    init = inspect.signature(BatchGenerator.__init__).parameters
+    for name in ("stop_tokens", "prefill_step_size", "prefill_batch_size", "completion_batch_size"):
+        assert name in init, f"BatchGenerator() lost {name!r}"
+    for method in ("next_generated", "extract_cache", "remove", "close"):
+        assert callable(getattr(BatchGenerator, method, None)), method
+
+
+def test_generator_round_trip_returns_cache_and_context(llama32):
+    model, tokenizer = llama32
+    generator = adapter.Generator(model, stop_token_ids=[])
+    prompt = tokenizer.encode("one two three four five")
+    uid = generator.insert(prompt, None, [], 4, adapter.sampler_for(0.0, 0.0, 0, 0.0), [])
+    assert generator.extract(uid)[1] == []  # queued: nothing processed yet
+    events = []
+    while not any(e.finish_reason for e in events):
+        events += generator.next()
+    last = events[-1]
+    assert last.uid == uid and last.finish_reason == "length" and len(events) == 4
+    assert last.context_tokens == prompt + [e.token for e in events]  # every reported token is in the cache
+    assert all(type(c) is KVCache and c.offset == len(last.context_tokens) for c in last.cache)
+    assert generator.extract(uid) is None
+    generator.close()
+
+
+def test_spec_from_models_reads_their_own_cache_layout(llama32, gemma32, qwen3):
+    llama = ModelCacheSpec.from_model(llama32[0])
+    assert llama.sliding_window_layers == () and llama.dtype == "float32"
+    gemma = ModelCacheSpec.from_model(gemma32[0])
+    pattern = gemma32[0].args.sliding_window_pattern
+    assert gemma.full_attention_layers == tuple(i for i in range(gemma.n_layers) if (i + 1) % pattern == 0)
+    assert set(gemma.layer_windows) - {None} == {gemma32[0].args.sliding_window}
+    qwen = ModelCacheSpec.from_model(qwen3[0])
+    assert qwen.n_kv_heads == qwen3[0].args.num_key_value_heads
+
+
+def test_unsupported_cache_types_are_refused_clearly():
+    with pytest.raises(UnsupportedModelError, match="keeps 4 tokens"):
+        adapter.layer_window(RotatingKVCache(max_size=64, keep=4), 3)
+    from mlx_lm.models.cache import ArraysCache
+
+    with pytest.raises(UnsupportedModelError, match="ArraysCache"):
+        adapter.layer_window(ArraysCache(2), 0)
