@@ -60,17 +60,18 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
         groups[window].append(layer)
 
     caches: List[Optional[adapter.LayerCache]] = [None] * spec.n_layers
-    for window, layers in groups.items():
-        keys, values = pool.gather([layer_ids_for(spec, handle, layer, n_tokens) for layer in layers])
-        first_block = spec.layer_block_range(layers[0], n_tokens)[0]
-        start, end = spec.visible_range(layers[0], n_tokens)
-        if window is not None:  # the rotating cache holds exactly the visible tokens
-            lo, hi = start - first_block * spec.block_size, end - first_block * spec.block_size
-            keys, values = keys[:, :, lo:hi, :], values[:, :, lo:hi, :]
-        per_layer = zip(layers, _split_layers(keys), _split_layers(values))
-        for layer, layer_keys, layer_values in per_layer:
-            caches[layer] = adapter.build_layer_cache(window, layer_keys, layer_values, n_tokens)
-    mx.eval([(c.keys, c.values) for c in caches])
+    with pool.storage_lock:  # one evaluation for the gathers and every per-layer view
+        for window, layers in groups.items():
+            ids = [layer_ids_for(spec, handle, layer, n_tokens) for layer in layers]
+            keys, values = pool.gather(ids, evaluate=False)
+            first_block = spec.layer_block_range(layers[0], n_tokens)[0]
+            start, end = spec.visible_range(layers[0], n_tokens)
+            if window is not None:  # the rotating cache holds exactly the visible tokens
+                lo, hi = start - first_block * spec.block_size, end - first_block * spec.block_size
+                keys, values = keys[:, :, lo:hi, :], values[:, :, lo:hi, :]
+            for layer, layer_keys, layer_values in zip(layers, _split_layers(keys), _split_layers(values)):
+                caches[layer] = adapter.build_layer_cache(window, layer_keys, layer_values, n_tokens)
+        mx.eval([(c.keys, c.values) for c in caches])
     return caches
 
 

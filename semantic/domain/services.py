@@ -19,8 +19,8 @@ Invariants (checked by :meth:`BlockPool.check_invariants`):
   once shared), so any handle may keep reading it.
 
 Memory: the pool allocates ``total_blocks`` blocks up front (``BlockPool.nbytes``)
-and, unless ``grow_buffer_cache=False``, raises MLX's buffer-cache limit to that
-size so rebuilds reuse freed buffers instead of page-faulting fresh memory.
+and, unless ``grow_buffer_cache=False``, raises MLX's buffer-cache limit to twice
+that size so rebuilds reuse freed buffers instead of page-faulting fresh memory.
 
 Thread safety: every public method takes the pool's lock. Handles dropped without
 ``release()`` are returned by a finalizer that only queues their blocks; the
@@ -39,6 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from semantic.adapters.mlx_kernels import gather_rows
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -152,7 +153,7 @@ class BlockPool:
         mx.eval(self._keys, self._values)
         self._heads = mx.arange(spec.n_kv_heads)
         if grow_buffer_cache:
-            _ensure_buffer_cache(self.nbytes)
+            _ensure_buffer_cache(2 * self.nbytes)  # a rebuild while the previous one is still alive
 
     # ---- accounting ---------------------------------------------------------------------------
     @property
@@ -418,13 +419,19 @@ class BlockPool:
                 arena = getattr(self, arena_name)
                 arena[ids[None, :], self._heads[:, None]] = chunk  # in place: the arena is donated
 
-    def gather(self, layer_block_ids: Sequence[Sequence[int]]) -> Tuple[mx.array, mx.array]:
-        """Keys and values of several layers that keep the same number of blocks, evaluated:
-        ``[layers, heads, n_blocks * block_size, dim]``, one row-gather each.
+    @property
+    def storage_lock(self) -> threading.RLock:
+        """Held while the storage arrays are read or written; hold it to evaluate lazy :meth:`gather` results."""
+        return self._lock
+
+    def gather(self, layer_block_ids: Sequence[Sequence[int]], *, evaluate: bool = True) -> Tuple[mx.array, mx.array]:
+        """Keys and values of several layers that keep the same number of blocks,
+        ``[layers, heads, n_blocks * block_size, dim]``, one row-gather each. With
+        ``evaluate=False`` the caller evaluates them, under :attr:`storage_lock`.
 
         The arena is viewed as ``[blocks * heads, block_size, dim]`` rows, so a single
         index array ``[layers, heads, n_blocks]`` puts every row straight where the
-        cache wants it (a one-index take is MLX's fast gather path).
+        cache wants it (see ``adapters.mlx_kernels`` for how each backend copies rows).
         """
         spec = self.spec
         heads = spec.n_kv_heads
@@ -433,11 +440,12 @@ class BlockPool:
         n_layers, n_blocks = ids.shape
         tokens = n_blocks * spec.block_size
         with self._lock:
-            keys = mx.take(self._keys.reshape(-1, spec.block_size, spec.k_head_dim), rows, axis=0)
-            values = mx.take(self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows, axis=0)
+            keys = gather_rows(self._keys.reshape(-1, spec.block_size, spec.k_head_dim), rows)
+            values = gather_rows(self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows)
             keys = keys.reshape(n_layers, heads, tokens, spec.k_head_dim)
             values = values.reshape(n_layers, heads, tokens, spec.v_head_dim)
-            mx.eval(keys, values)
+            if evaluate:
+                mx.eval(keys, values)
         return keys, values
 
     def __repr__(self) -> str:
@@ -451,7 +459,8 @@ def _ensure_buffer_cache(nbytes: int) -> None:
     MLX's CPU backend caches only a few MiB of freed buffers by default, so every
     rebuild larger than that writes into freshly mapped pages and page-faults on
     each one: measured 4-10x slower than memcpy of the same bytes. A rebuild never
-    produces more than the pool holds.
+    produces more than the pool holds. Only freed buffers are kept, so this costs
+    memory only after rebuilds have been freed.
     """
     previous = mx.set_cache_limit(nbytes)
     if previous > nbytes:
