@@ -17,7 +17,6 @@ from test_persistence_support import (
     open_store,
     random_handle,
     snapshot,
-    snapshot_of,
 )
 
 AGENT_BYTES = SMALL_SPEC.bytes_per_agent(11)  # 8 blocks: 3 + 2 (window) + 3
@@ -160,12 +159,12 @@ def test_handles_of_another_pool_are_refused(store):
                 call(handle)
 
 
-@pytest.mark.parametrize("kwargs", [{"memory_budget_bytes": -1}, {"lock_timeout": -1}, {"memory_budget_bytes": 1.5}])
+@pytest.mark.parametrize("kwargs", [{"memory_budget_bytes": -1}, {"memory_budget_bytes": 1.5}, {"lock_timeout": -1},
+                                    {"model_fingerprint": ""}, {"model_fingerprint": "a\x00b"}, {"model_fingerprint": 5}])
 def test_bad_construction_arguments_are_refused(tmp_path, kwargs):
+    arguments = {"model_fingerprint": "model", **kwargs}
     with pytest.raises(ValueError):
-        open_store(tmp_path, **kwargs)
-    with pytest.raises(ValueError):
-        AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), "")
+        AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), **arguments)
 
 
 # ---- the state machine ------------------------------------------------------------------------------

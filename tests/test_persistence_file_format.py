@@ -125,7 +125,8 @@ def test_bytes_appended_to_a_file_are_detected(store, saved):
 
 
 # ---- files that are sound but not ours --------------------------------------------------------------
-@pytest.mark.parametrize("header", [b"this is not json", b'{"__metadata__": {"format": ', b"\xff\xfe{}"])
+@pytest.mark.parametrize("header", [b"this is not json", b'{"__metadata__": {"format": ', b"\xff\xfe{}",
+                                    b"[" * 100_000], ids=["text", "cut JSON", "not UTF-8", "deeply nested"])
 def test_a_header_that_is_not_json_is_corruption(store, saved, header):
     saved.write_bytes(struct.pack("<Q", len(header)) + header)
     with nothing_changes(store), pytest.raises(CacheCorruptionError, match="not JSON"):

@@ -9,6 +9,7 @@ import mlx_lm
 import pytest
 
 from semantic.application.batch_engine import BlockPoolBatchEngine
+from semantic.domain.errors import PoolExhaustedError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence import AgentCacheStore, IncompatibleCacheFileError, model_fingerprint
@@ -54,6 +55,7 @@ PROMPTS = {"short": text(40), "two-blocks": text(300, offset=3), "long": LONG_PR
 ENGINE_IN_CHILD = """
 import json, sys
 from semantic.application.batch_engine import BlockPoolBatchEngine
+from semantic.domain.errors import PoolExhaustedError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence import AgentCacheStore
@@ -97,7 +99,7 @@ def test_agents_continue_identically_in_a_new_process(tmp_path, preset):
 
 # ---- more agents than fit -----------------------------------------------------------------------------
 N_AGENTS, ROUNDS = 6, 3
-AGENT_BLOCKS = 8  # tiny-llama: 4 layers x 2 blocks for the ~320-token contexts below
+AGENT_BLOCKS = 8  # tiny-llama: 4 layers x 2 blocks for the ~500-token first turns below (3 blocks later)
 
 
 @pytest.mark.parametrize("limit", ["memory budget", "pool size"])
@@ -130,6 +132,17 @@ def test_agents_answer_correctly_when_more_of_them_than_fit_take_turns(tmp_path,
             engine.pool.check_invariants()
     assert store.list() == sorted(kept)
     assert len(list(store.directory.glob("*.safetensors"))) >= N_AGENTS - 2  # the evicted ones are on disk
+
+
+def test_a_turn_that_cannot_get_blocks_is_cancelled_with_a_typed_error(tmp_path):
+    engine = engine_for("tiny-llama", total_blocks=12)
+    store = AgentCacheStore.for_engine(tmp_path, engine)
+    pinned = store.generate(engine, "a", text(300), max_tokens=8).blocks  # 8 of 12 blocks, held by us
+    with nothing_changes(store), pytest.raises(PoolExhaustedError, match="handles held outside the store"):
+        store.generate(engine, "b", text(300, offset=1), max_tokens=8)
+    assert engine.pending == 0 and "b" not in store
+    pinned.release()
+    assert store.generate(engine, "b", text(300, offset=1), max_tokens=8).token_ids  # now "a" can move to disk
 
 
 # ---- fingerprints -------------------------------------------------------------------------------

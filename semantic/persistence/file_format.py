@@ -118,7 +118,7 @@ def write_agent_cache(fd: int, header: AgentCacheHeader, tensors: Sequence[mx.ar
     digests, goes in last.
     """
     table = header.tensor_table()
-    views = [_byte_view(t) for t in tensors]
+    views = _byte_views(tensors)
     sizes = [entry["data_offsets"][1] - entry["data_offsets"][0] for entry in table.values()]
     if [v.nbytes for v in views] != sizes:
         raise AssertionError("tensors do not match the header's layer_blocks")
@@ -195,7 +195,7 @@ def _parse_json(raw: bytes, where: str) -> Dict[str, Any]:
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CacheCorruptionError(f"{where} is damaged: its header is not JSON ({exc})") from None
     if not isinstance(header, dict) or not all(_is_tensor_entry(v) for k, v in header.items() if k != "__metadata__"):
         raise CacheCorruptionError(f"{where} is damaged: its header is not a safetensors header")
@@ -296,7 +296,7 @@ def _load_tensors(file, table: Dict[str, Dict[str, Any]], where: str) -> List[mx
 
 
 def _verify_tensors(table, tensors: Sequence[mx.array], expected: Dict[str, str], where: str) -> None:
-    actual = _checksum_pool().map(lambda t: _sha256(_byte_view(t)), tensors)
+    actual = _checksum_pool().map(_sha256, _byte_views(tensors))
     for name, digest in zip(table, actual):
         if expected.get(name) != digest:
             raise CacheCorruptionError(
@@ -310,9 +310,11 @@ def unsigned_view(array: mx.array) -> mx.array:
     return array.view(_UINT_OF_SIZE[array.itemsize])
 
 
-def _byte_view(array: mx.array) -> np.ndarray:
-    """The evaluated array's bytes, without a copy when it is contiguous."""
-    return np.ascontiguousarray(np.asarray(unsigned_view(array))).reshape(-1).view(np.uint8)
+def _byte_views(arrays: Sequence[mx.array]) -> List[np.ndarray]:
+    """Each array's bytes, without a copy when it is contiguous."""
+    unsigned = [unsigned_view(a) for a in arrays]
+    mx.eval(unsigned)  # once for all: np.asarray would evaluate each lazy view on its own
+    return [np.asarray(u).reshape(-1).view(np.uint8) for u in unsigned]
 
 
 def _sha256(data) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, OrderedDict, Tuple
@@ -59,8 +60,10 @@ class AgentCacheStore:
                  memory_budget_bytes: Optional[int] = None, write_through: bool = False, lock_timeout: float = 30.0):
         if not isinstance(pool, BlockPool):
             raise InvalidRequestError(f"pool must be a BlockPool, got {type(pool).__name__}")
-        if not isinstance(model_fingerprint, str) or not model_fingerprint:
-            raise InvalidRequestError("model_fingerprint must be a non-empty string (see model_fingerprint())")
+        if not isinstance(model_fingerprint, str) or not model_fingerprint or not model_fingerprint.isprintable():
+            raise InvalidRequestError(
+                f"model_fingerprint must be a non-empty printable string (see model_fingerprint()), got {model_fingerprint!r}"
+            )
         if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 0):
             raise InvalidRequestError(f"memory_budget_bytes must be None or an int >= 0, got {memory_budget_bytes!r}")
         if not lock_timeout >= 0:
@@ -172,9 +175,9 @@ class AgentCacheStore:
             reclaimable = sum(1 for block, count in refs.items() if self.pool.refcount(block) == count)
             if self.pool.available_blocks + reclaimable < n_blocks:
                 return False
-            while self.pool.available_blocks < n_blocks:
+            while self._resident and self.pool.available_blocks < n_blocks:
                 self._evict(next(iter(self._resident)))
-            return True
+            return self.pool.available_blocks >= n_blocks  # False only if another thread took blocks meanwhile
 
     def flush(self) -> None:
         """Write every resident agent whose file is not current."""
@@ -200,8 +203,12 @@ class AgentCacheStore:
     # ---- with the engine --------------------------------------------------------------------------
     def generate(self, engine: "BlockPoolBatchEngine", agent_id: str, prompt, **submit_kwargs) -> "Completion":
         """One turn of ``agent_id`` on ``engine``: continue its stored context (if any) with ``prompt``, and
-        keep the result as its current context. Evicts agents when the engine waits for blocks. Requests
-        of other agents that finish meanwhile are kept too. The returned completion's ``blocks`` are yours."""
+        keep the result as its current context. While the request waits for blocks, least recently used
+        agents are moved to disk. Like ``engine.generate``, other requests run along and their completions
+        are dropped. The returned completion's ``blocks`` are yours. ``PoolExhaustedError`` (the request
+        cancelled) if handles held outside the store pin the blocks it needs."""
+        from semantic.application.batch_engine import PoolPressureWarning  # the engine's module is loaded
+
         if engine.pool is not self.pool:
             raise IncompatibleCacheError("the engine uses another pool than this store; use one pool for both")
         cache = self.get(agent_id) if agent_id in self else None
@@ -212,14 +219,21 @@ class AgentCacheStore:
                 cache.release()
         result = None
         while result is None:
-            try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PoolPressureWarning)  # relieving that pressure is our job
                 for completion in engine.step():
-                    self.put(completion.blocks.share())
                     if completion.uid == uid:
                         result = completion
-            except PoolExhaustedError as exc:
-                if not self.make_room(exc.requested):
-                    raise
+            # step() returned with our request still waiting: free at least one more block and retry.
+            wanted = self.pool.available_blocks + 1
+            if result is None and not self.make_room(wanted):
+                engine.cancel(uid)
+                raise PoolExhaustedError(
+                    wanted, self.pool.available_blocks,
+                    f"(agent {agent_id!r} waits for blocks that handles held outside the store pin; "
+                    "release them or use a larger pool)",
+                )
+        self.put(result.blocks.share())
         return result
 
     # ---- internals --------------------------------------------------------------------------------
