@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import gather_rows
+from semantic.adapters.mlx_kernels import gather_rows, host_view, writes_through_host
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -391,26 +391,39 @@ class BlockPool:
         ``first_index, first_index + 1, ...``. Slots outside the data are zeroed, so no
         earlier owner's data survives in a block.
         """
-        with self._lock:
-            self._write_arena(block_ids, first_index, keys, values, first_token)
-            mx.eval(self._keys, self._values)
+        self.write_many([(block_ids, first_index, keys, values, first_token)])
 
     def write_many(self, writes: Iterable[Tuple[Sequence[int], int, mx.array, mx.array, int]]) -> None:
         """Several :meth:`write_blocks` calls, evaluated together."""
+        writes = list(writes)
         with self._lock:
-            for write in writes:
-                self._write_arena(*write)
-            mx.eval(self._keys, self._values)
+            if writes_through_host():
+                mx.eval([(w[2], w[3]) for w in writes])
+                arenas = (host_view(self._keys), host_view(self._values))
+                for write in writes:
+                    self._write_host(arenas, *write)
+            else:
+                for write in writes:
+                    self._write_arena(*write)
+                mx.eval(self._keys, self._values)
+
+    def _write_host(self, arenas, block_ids, first_index, keys, values, first_token) -> None:
+        size = self.spec.block_size
+        for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, keys.shape[2], size):
+            ids = np.asarray(block_ids[lo:hi])
+            for arena, data in zip(arenas, (keys, values)):
+                rows = host_view(data)[0, :, a - first_token : b - first_token, :]
+                if b - a == (hi - lo) * size:
+                    arena[ids] = rows.reshape(rows.shape[0], hi - lo, size, -1).transpose(1, 0, 2, 3)
+                else:  # one partly filled block: zero the slots outside the data
+                    arena[ids[0]] = 0
+                    arena[ids[0], :, a - seg_start : b - seg_start, :] = rows
 
     def _write_arena(self, block_ids, first_index, keys, values, first_token) -> None:
         size = self.spec.block_size
-        end_token = first_token + keys.shape[2]
-        for lo, hi in _segments(len(block_ids), first_index, first_token, end_token, size):
+        for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, keys.shape[2], size):
             ids = mx.array(block_ids[lo:hi])
-            seg_start = (first_index + lo) * size
-            seg_end = (first_index + hi) * size
-            a, b = max(seg_start, first_token), min(seg_end, end_token)
-            pad = [(0, 0), (a - seg_start, seg_end - b), (0, 0)]
+            pad = [(0, 0), (a - seg_start, seg_start + (hi - lo) * size - b), (0, 0)]
             for arena_name, data in (("_keys", keys), ("_values", values)):
                 chunk = data[0, :, a - first_token : b - first_token, :]
                 if pad[1] != (0, 0):
@@ -467,10 +480,11 @@ def _ensure_buffer_cache(nbytes: int) -> None:
         mx.set_cache_limit(previous)
 
 
-def _segments(n_blocks: int, first_index: int, first_token: int, end_token: int, size: int):
+def _segments(n_blocks: int, first_index: int, first_token: int, n_tokens: int, size: int):
     """Split blocks ``[0, n_blocks)`` into runs that need the same padding: a partly filled first
     block, the whole blocks, a partly filled last block. Whole blocks are then written without
-    a padded copy."""
+    a padded copy. Yields ``(lo, hi, first data token, end data token, first slot's token)``."""
+    end_token = first_token + n_tokens
     cuts = {0, n_blocks}
     for k in range(n_blocks):
         start = (first_index + k) * size
@@ -479,7 +493,9 @@ def _segments(n_blocks: int, first_index: int, first_token: int, end_token: int,
         if start < end_token < start + size:
             cuts.update((k, k + 1))
     cuts = sorted(c for c in cuts if 0 <= c <= n_blocks)
-    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+    for lo, hi in zip(cuts, cuts[1:]):
+        seg_start = (first_index + lo) * size
+        yield lo, hi, max(seg_start, first_token), min((first_index + hi) * size, end_token), seg_start
 
 
 def _drop_zeros(table: Dict[str, collections.Counter], agent_id: str) -> None:
