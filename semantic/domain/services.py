@@ -19,8 +19,9 @@ Invariants (checked by :meth:`BlockPool.check_invariants`):
   once shared), so any handle may keep reading it.
 
 Memory: the pool allocates ``total_blocks`` blocks up front (``BlockPool.nbytes``)
-and, unless ``grow_buffer_cache=False``, raises MLX's buffer-cache limit to twice
-that size so rebuilds reuse freed buffers instead of page-faulting fresh memory.
+and, unless ``grow_buffer_cache=False``, raises MLX's buffer-cache limit to four
+times that size (at least 1 GiB) so rebuilds reuse freed buffers instead of
+page-faulting fresh memory.
 
 Thread safety: every public method takes the pool's lock. Handles dropped without
 ``release()`` are returned by a finalizer that only queues their blocks; the
@@ -153,7 +154,7 @@ class BlockPool:
         mx.eval(self._keys, self._values)
         self._heads = mx.arange(spec.n_kv_heads)
         if grow_buffer_cache:
-            _ensure_buffer_cache(2 * self.nbytes)  # a rebuild while the previous one is still alive
+            _ensure_buffer_cache(max(4 * self.nbytes, 1 << 30))  # room for rebuilds alive at once and temporaries
 
     # ---- accounting ---------------------------------------------------------------------------
     @property
