@@ -20,3 +20,23 @@ test: venv
 
 demo: venv
 	$(PY) -m semantic.demo
+
+# ---- benchmarks (asv, see docs/benchmarks.md) --------------------------------------------------
+ASV := $(VENV)/bin/asv
+BASE ?= main
+FACTOR ?= 1.25
+
+.PHONY: bench bench-compare
+
+# Measures the last commit (not uncommitted changes) in asv's own virtualenv, which installs MLX once.
+bench: venv
+	$(ASV) machine --yes
+	$(ASV) run HEAD^!
+	$(ASV) publish
+	@echo "Dashboard: $(CURDIR)/.asv/html/index.html"
+	@echo "Open it with: $(ASV) preview   (serves it on http://127.0.0.1:8080; file:// cannot load its data)"
+
+# Fails (exit 1) when a benchmark got slower than FACTOR x BASE, significantly.
+bench-compare: venv
+	$(ASV) machine --yes
+	$(ASV) continuous --factor $(FACTOR) $(BASE) HEAD

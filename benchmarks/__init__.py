@@ -1,0 +1,1 @@
+"""The asv benchmark suite of semantic: see docs/benchmarks.md."""

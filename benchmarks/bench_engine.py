@@ -1,0 +1,64 @@
+"""The engine with a model: resuming an agent from blocks vs prefilling it from nothing.
+
+Models come from ``semantic.testing.local_models`` (real mlx-lm architectures, random weights,
+no download); a commit without that module skips these benchmarks.
+"""
+
+from .common import (
+    DEFAULT_ROUND_TRIP,
+    DEFAULT_TTFT,
+    ENGINE_DTYPE,
+    ENGINE_MODELS,
+    cases,
+    engine,
+    median_of_runs,
+    require_selected,
+)
+
+
+class EngineBenchmark:
+    params = (list(ENGINE_MODELS), list(cases.ENGINE_TOKENS))
+    param_names = ("model", "context_tokens")
+    timeout = 3600  # SEMANTIC_BENCH_FULL on a CPU: a cold 2K-token prefill on smollm2-135m takes minutes
+    default_points = DEFAULT_TTFT
+
+    def setup(self, model, context_tokens):
+        require_selected((model, context_tokens), self.default_points, "model and context")
+        self.engine = engine(model)
+        self.ctx = cases.stored_context(model, context_tokens, ENGINE_DTYPE)
+        self.new_token = cases.prompt_tokens(self.engine, 1, seed=1)
+
+
+class TimeToFirstToken(EngineBenchmark):
+    """``Completion.time_to_first_token`` (submit to first sampled token) of the same conversation:
+    warm = a stored context of ``context_tokens`` rebuilt from blocks plus one new token prefilled;
+    cold = all ``context_tokens + 1`` tokens prefilled from nothing."""
+
+    def track_warm(self, model, context_tokens):
+        return median_of_runs(
+            lambda: cases.time_to_first_token(self.engine, self.new_token, cache=self.ctx), 9, 10.0
+        )
+
+    track_warm.unit = "seconds"
+
+    def track_cold(self, model, context_tokens):
+        prompt = list(self.ctx.token_ids) + self.new_token
+        return median_of_runs(lambda: cases.time_to_first_token(self.engine, prompt), 3, 30.0)
+
+    track_cold.unit = "seconds"
+
+
+class EngineRoundTrip(EngineBenchmark):
+    """An agent's turn: rebuild its cache from blocks, submit one new token, generate 10 tokens,
+    store the context as blocks again (``engine.submit(..., cache=blocks)`` + ``engine.step()``)."""
+
+    default_points = DEFAULT_ROUND_TRIP
+    completion = None  # asv calls teardown after a skipped setup too
+
+    def time_round_trip(self, model, context_tokens):
+        # Evaluated inside: the engine samples each token to an int and writes the blocks.
+        self.completion = cases.engine_round_trip(self.engine, self.ctx)
+
+    def teardown(self, model, context_tokens):
+        if self.completion is not None:
+            self.completion.blocks.release()  # the next sample needs the room in the pool

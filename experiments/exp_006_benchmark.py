@@ -1,0 +1,330 @@
+"""EXP-006: Cache Reconstruction Performance — the experiment runner.
+
+    python -m experiments.exp_006_benchmark                      # the plan, in full, on MLX's default device
+    python -m experiments.exp_006_benchmark --device cpu --budget-s 4 --ttft-repeats 1
+    python -m experiments.exp_006_benchmark --quick --model-preset tiny-llama
+    python -m experiments.exp_006_benchmark --combine cpu.json gpu.json --doc docs/results/exp-006.md
+
+Writes ``exp_006_results.json`` (every statistic and raw sample, the machine, versions and command),
+``exp_006_report.md`` (the plan's tables) and ``exp_006_scaling.png`` to ``--output-dir``. tqdm and
+matplotlib are optional: without them there is no progress bar or plot, and the JSON says so.
+Errors a user can fix (unknown device, a model that does not load, a pool too small) exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from experiments import exp_006_measure as measure
+from experiments import exp_006_report as report
+from experiments.exp_006_schema import validate
+from semantic.benchmarking import cases
+from semantic.domain.errors import SemanticError
+from semantic.domain.value_objects import ModelCacheSpec
+
+RESULTS_DIR = measure.REPO / "experiments" / "results"
+RESULTS_JSON = "exp_006_results.json"
+REPORT_MD = "exp_006_report.md"
+PLOT_PNG = "exp_006_scaling.png"
+DOC = measure.REPO / "docs" / "results" / "exp-006.md"
+
+QUICK = dict(warmup=1, iterations=5, min_iterations=1, blocks=(1, 2), layers=(12,), geometries=("smollm2-135m",),
+             ttft_tokens=(64,), ttft_repeats=1, ttft_warmup=0, leak_round_trips=20)
+"""``--quick``: a tiny grid and few repeats, for tests and smoke runs; explicit options still win."""
+
+
+def int_list(text: str) -> Tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> Tuple[str, ...]:
+    return tuple(part for part in text.split(",") if part)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.exp_006_benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", help="cpu or gpu (default: gpu when MLX has one, else cpu)")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", metavar="PATH", help="an mlx-lm model folder for the engine cases (mlx_lm.load)")
+    model.add_argument("--model-preset", default="smollm2-135m",
+                       help="a semantic.testing.local_models preset (default smollm2-135m; tiny-llama for tests)")
+    parser.add_argument("--warmup", type=int, help="warm-up calls per measurement (plan: 10)")
+    parser.add_argument("--iterations", type=int, help="timed calls per measurement (plan: 100)")
+    parser.add_argument("--budget-s", type=float,
+                        help="seconds one measurement may take; slower cases get fewer iterations (default: none)")
+    parser.add_argument("--min-iterations", type=int, help="the fewest timed calls --budget-s may leave (default 10)")
+    parser.add_argument("--blocks", type=int_list, help="grid block counts (default 1,2,4,8,16,32)")
+    parser.add_argument("--layers", type=int_list, help="grid layer counts (default 12,24,30,48)")
+    parser.add_argument("--geometries", type=name_list, help=f"grid geometries (default {','.join(cases.GEOMETRIES)})")
+    parser.add_argument("--write-geometries", type=name_list,
+                        help="geometries whose extraction and round trip are measured too (default: all of the grid)")
+    parser.add_argument("--ttft-tokens", type=int_list,
+                        help="prompt lengths of the time-to-first-token comparison (default CPU 256,1024,2048; "
+                             "GPU up to 8192)")
+    parser.add_argument("--ttft-repeats", type=int, help="time-to-first-token runs per length and kind (default 3)")
+    parser.add_argument("--ttft-warmup", type=int,
+                        help="untimed time-to-first-token runs before those (default 1; 0 on CPU saves minutes)")
+    parser.add_argument("--leak-round-trips", type=int, help="round trips of the leak check (default 1000)")
+    parser.add_argument("--pool-blocks", type=int, help="the engine's pool (default: 500, more if the prompts need it)")
+    parser.add_argument("--git-commit", metavar="SHA",
+                        help="the commit to record when the checkout has no .git (a copied working tree)")
+    parser.add_argument("--quick", action="store_true", help="a tiny grid and few repeats (seconds, not minutes)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="write the results document from these runs' JSON instead of measuring")
+    parser.add_argument("--doc", type=Path, default=DOC, help=f"the document --combine writes (default {DOC})")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace, device: str) -> measure.Settings:
+    defaults = measure.Settings(device, ttft_tokens=measure.GPU_TTFT_TOKENS if device == "gpu" else cases.ENGINE_TOKENS)
+
+    def pick(name: str):
+        given = getattr(args, name)
+        if given is not None:
+            return given
+        return QUICK[name] if args.quick and name in QUICK else getattr(defaults, name)
+
+    geometries = pick("geometries")
+    settings = measure.Settings(
+        device=device, warmup=pick("warmup"), iterations=pick("iterations"), min_iterations=pick("min_iterations"),
+        budget_s=pick("budget_s"), blocks=pick("blocks"), layers=pick("layers"), geometries=geometries,
+        write_geometries=args.write_geometries if args.write_geometries is not None else geometries,
+        ttft_tokens=pick("ttft_tokens"), ttft_repeats=pick("ttft_repeats"), ttft_warmup=pick("ttft_warmup"),
+        leak_round_trips=pick("leak_round_trips"), pool_blocks=args.pool_blocks, quick=args.quick,
+    )
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings: measure.Settings) -> None:
+    unknown = sorted(set(settings.geometries + settings.write_geometries) - set(cases.GEOMETRIES))
+    if unknown:
+        raise measure.ExperimentError(f"unknown geometry {', '.join(unknown)}; known: {', '.join(cases.GEOMETRIES)}")
+    if settings.iterations < 1 or settings.warmup < 0 or settings.min_iterations < 1:
+        raise measure.ExperimentError("--iterations and --min-iterations must be at least 1, --warmup at least 0")
+    if settings.ttft_repeats < 1 or settings.leak_round_trips < 1 or settings.ttft_warmup < 0:
+        raise measure.ExperimentError("--ttft-repeats and --leak-round-trips must be at least 1, --ttft-warmup at least 0")
+    if min(settings.ttft_tokens) <= measure.TTFT_NEW_TOKENS:
+        raise measure.ExperimentError(f"--ttft-tokens must exceed {measure.TTFT_NEW_TOKENS}, the new turn's length")
+    if settings.pool_blocks is not None and settings.pool_blocks < 1:
+        raise measure.ExperimentError("--pool-blocks must be at least 1")
+
+
+def load_model(args: argparse.Namespace):
+    """``(model, tokenizer, description)``: ``--model PATH`` through ``mlx_lm.load``, else a local preset."""
+    if args.model:
+        import mlx_lm
+
+        if not Path(args.model).is_dir():  # else mlx_lm.load would take it for a Hugging Face repo and download
+            raise measure.ExperimentError(f"cannot load the model at {args.model}: no such folder. "
+                                          "--model takes a local mlx-lm model folder")
+        try:
+            model, tokenizer = mlx_lm.load(args.model)
+        except Exception as error:  # mlx_lm.load raises whatever the folder's files provoke
+            raise measure.ExperimentError(
+                f"cannot load the model at {args.model}: {type(error).__name__}: {error}. "
+                "--model takes an mlx-lm model folder (config.json, *.safetensors, tokenizer files)"
+            ) from error
+        source, name = "path", str(args.model)
+    else:
+        from semantic.testing.local_models import load_local_model
+
+        try:
+            model, tokenizer = load_local_model(args.model_preset)
+        except SemanticError as error:
+            raise measure.ExperimentError(str(error)) from error
+        source, name = "preset", args.model_preset
+    try:
+        spec = ModelCacheSpec.from_model(model)
+    except SemanticError as error:
+        raise measure.ExperimentError(f"{name}: {error}") from error
+    return model, tokenizer, {"source": source, "name": name, "spec": spec.describe()}
+
+
+class Progress:
+    """A tqdm bar on stderr, or one line per step where tqdm is not installed."""
+
+    def __init__(self, total: int, notes: List[str]):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._bar = None
+            notes.append("tqdm is not installed: progress went to stderr as plain lines, no bar")
+        else:
+            self._bar = tqdm(total=total, file=sys.stderr, desc="EXP-006", unit="step", dynamic_ncols=True)
+        self._done, self._total = 0, total
+
+    def run(self, label: str, fn: Callable, *args):
+        if self._bar is None:
+            print(f"[{self._done + 1}/{self._total}] {label}", file=sys.stderr, flush=True)
+        else:
+            self._bar.set_postfix_str(label)
+        result = fn(*args)
+        self._done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        return result
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run(settings: measure.Settings, model, tokenizer, model_info: dict, command: str,
+        git_commit: Optional[str] = None) -> dict:
+    """Every section of the plan, in one process; returns the results document (``SCHEMA``)."""
+    started = time.perf_counter()
+    notes: List[str] = []
+    environment = measure.environment(settings.device, git_commit)
+    engine = measure.build_engine(model, tokenizer, settings)  # first: a pool too small fails before any waiting
+    grid = measure.grid(settings)
+    padded = measure.padded_geometries(settings)
+    progress = Progress(len(grid) + len(padded) + 2 + len(settings.ttft_tokens), notes)
+    try:
+        records = [progress.run(f"{g} {b}x{n}", measure.measure_case, g, b, n, settings) for g, b, n in grid]
+        padded_records = [progress.run(f"padded {g}", measure.padded_comparison, g, settings) for g in padded]
+        leak = progress.run("leak check", measure.leak_check, settings)
+        plan = progress.run("plan loops", measure.plan_loops, engine, settings)
+        ttft = [progress.run(f"TTFT {n} tokens", measure.time_to_first_token, engine, n, settings)
+                for n in settings.ttft_tokens]
+    finally:
+        progress.close()
+    leak["engine_pool"] = measure.engine_pool_state(engine)
+    engine.close()
+    environment["load_average_end"] = list(os.getloadavg())
+    notes += run_notes(records, padded_records, plan, ttft, settings)
+    return {
+        "schema_version": 1,
+        "experiment": "EXP-006",
+        "title": "Cache Reconstruction Performance",
+        "created_utc": measure.timestamp(),
+        "command": command,
+        "duration_s": time.perf_counter() - started,
+        "environment": environment,
+        "settings": settings.as_dict(),
+        "model": {**model_info, "pool_blocks": engine.pool.total_blocks},
+        "cases": records,
+        "targets": measure.targets(records),
+        "extraction": measure.extraction_targets(records),
+        "round_trip": measure.round_trip_target(records),
+        "scaling": measure.scaling(records),
+        "padded": padded_records,
+        "ttft": ttft,
+        "leak": leak,
+        "plan_loops": plan,
+        "notes": notes,
+    }
+
+
+def run_notes(records, padded_records, plan, ttft, settings: measure.Settings) -> List[str]:
+    """What a reader of the tables must know: trimmed and skipped measurements."""
+    measurements = [m for r in records for m in list(r.get("ops", {}).values()) + ([r["baseline"]] if "baseline" in r else [])]
+    measurements += [p[k] for p in padded_records for k in ("padded", "block_based")]
+    measurements += [plan[k] for k in ("reconstruct", "extract", "round_trip")] + [t["reconstruct"] for t in ttft]
+    notes = []
+    trimmed = [m for m in measurements if m["trimmed"]]
+    if trimmed:
+        notes.append(f"--budget-s {settings.budget_s}: {len(trimmed)} of {len(measurements)} measurements ran fewer "
+                     f"than the plan's {settings.warmup} warm-ups + {settings.iterations} iterations (at least "
+                     f"{settings.min_iterations} timed); their iteration counts are marked (trimmed).")
+    skipped = [r for r in records if r["skipped"]]
+    if skipped:
+        notes.append("not run for lack of memory: " + "; ".join(
+            f"{r['geometry']} {r['blocks']} x {r['layers']} ({r['skipped']})" for r in skipped))
+    if settings.ttft_repeats < 3:
+        notes.append(f"time to first token: {settings.ttft_repeats} run(s) per prompt length and kind.")
+    return notes
+
+
+def write_outputs(results: dict, output_dir: Path) -> List[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plot = output_dir / PLOT_PNG
+    if not report.plot_scaling(results, plot):
+        plot = None
+        results["notes"].append("matplotlib is not installed: no scaling plot (--combine draws it from the JSON)")
+    json_path = output_dir / RESULTS_JSON
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    report_path = output_dir / REPORT_MD
+    report_path.write_text(report.render_report(results, plot.name if plot else None))
+    return [json_path, report_path] + ([plot] if plot else [])
+
+
+def load_results(path: Path) -> dict:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise measure.ExperimentError(f"cannot read {path}: {error}") from error
+    problems = validate(results)
+    if problems:
+        raise measure.ExperimentError(f"{path} is not an EXP-006 results file: " + "; ".join(problems[:5]))
+    return results
+
+
+def combine(paths: Sequence[Path], doc: Path, output_dir: Path, command: str) -> List[Path]:
+    """The results document from runs' JSON, CPU first; a scaling plot per run where matplotlib is installed."""
+    runs = sorted((load_results(p) for p in paths), key=lambda r: r["environment"]["device"])
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written, plotted = [], []
+    for results in runs:
+        plot = output_dir / f"exp_006_scaling_{run_slug(results)}.png"
+        if report.plot_scaling(results, plot):
+            written.append(plot)
+            plotted.append((results, os.path.relpath(plot, doc.parent)))
+        else:
+            plotted.append((results, None))
+    doc.write_text(report.render_doc(plotted, command))
+    return [doc] + written
+
+
+def run_slug(results: dict) -> str:
+    """``cpu``, or ``gpu-nvidia-h100-80gb-hbm3``: one file name per machine when several GPUs ran."""
+    env = results["environment"]
+    name = env["device"] if env["device"] == "cpu" else f"{env['device']} {env['device_name']}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def command_line(argv: Optional[Sequence[str]]) -> str:
+    return "python -m experiments.exp_006_benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.combine:
+            paths = combine(args.combine, args.doc, args.output_dir, command_line(argv))
+        else:
+            device = measure.select_device(args.device)
+            settings = settings_from(args, device)
+            model, tokenizer, model_info = load_model(args)
+            results = run(settings, model, tokenizer, model_info, command_line(argv), args.git_commit)
+            paths = write_outputs(results, args.output_dir)
+            for entry in results["targets"]:
+                print(f"{entry['name']:<24} p95 {report.ms(entry['p95_ms']):>12}  target < "
+                      f"{report.ms(entry['target_ms'])}  {entry['status']}")
+    except (measure.ExperimentError, SemanticError) as error:
+        print(f"exp_006_benchmark: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

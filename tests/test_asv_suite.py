@@ -1,0 +1,328 @@
+"""The asv benchmark suite (asv.conf.json, benchmarks/, docs/benchmarks.md).
+
+Every asv command runs with a throwaway HOME (asv keeps its machine file there) and writes its
+results, environments and dashboard under tmp_path, never into the project's .asv/.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import importlib
+import itertools
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+
+import mlx.core as mx
+import pytest
+from asv.results import iter_results
+from asv.util import load_json
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXISTING = f"existing:{sys.executable}"  # the interpreter running the tests, with semantic installed
+BENCH_MODULES = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def asv_home(tmp_path_factory) -> dict:
+    """Environment variables for asv subprocesses: a throwaway HOME with a machine file in it."""
+    home = tmp_path_factory.mktemp("home")
+    env = dict(
+        os.environ,
+        HOME=str(home),
+        # What HOME would have moved: built local models and pip's download cache.
+        SEMANTIC_MODEL_CACHE=os.environ.get("SEMANTIC_MODEL_CACHE")
+        or str(pathlib.Path.home() / ".cache" / "semantic" / "models"),
+        PIP_CACHE_DIR=os.environ.get("PIP_CACHE_DIR") or str(pathlib.Path.home() / ".cache" / "pip"),
+    )
+    env.pop("SEMANTIC_BENCH_FULL", None)  # the tests run the default suite
+    asv(env, None, "machine", "--yes")
+    return env
+
+
+def asv(env: dict, config, *args, cwd=ROOT, check=True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "asv"] + (["--config", str(config)] if config else []) + list(args)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def config_for(tmp: pathlib.Path, repo: pathlib.Path = ROOT, **overrides) -> pathlib.Path:
+    """The project's asv.conf.json, reading ``repo``'s history and writing everything under ``tmp``."""
+    conf = load_json(str(ROOT / "asv.conf.json"), js_comments=True)
+    conf.update(
+        repo=str(repo),
+        benchmark_dir=str(repo / "benchmarks"),
+        results_dir=str(tmp / "results"),
+        html_dir=str(tmp / "html"),
+        env_dir=str(tmp / "env"),
+        **overrides,
+    )
+    path = tmp / "asv.conf.json"
+    path.write_text(json.dumps(conf, indent=2))
+    return path
+
+
+def test_asv_check_passes(asv_home, tmp_path):
+    proc = asv(asv_home, config_for(tmp_path), "check", "-E", EXISTING)
+    assert "No problems found" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(asv_home, tmp_path_factory):
+    """One ``asv run --quick`` of the default suite against this checkout, results saved for HEAD."""
+    tmp = tmp_path_factory.mktemp("quick")
+    config = config_for(tmp)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    proc = asv(asv_home, config, "run", "--quick", "--show-stderr", "-E", EXISTING,
+               "--set-commit-hash", head.stdout.strip(), check=False)
+    return proc, config, tmp
+
+
+def measured_values(results_dir: pathlib.Path):
+    """benchmark name -> list of its values over the parameter grid (None: failed, nan: skipped)."""
+    benchmarks = load_json(str(results_dir / "benchmarks.json"), api_version=2)
+    (result,) = list(iter_results(str(results_dir)))
+    return {
+        name: result.get_result_value(name, benchmark["params"])
+        for name, benchmark in benchmarks.items()
+        if name in result.get_result_keys(benchmarks)
+    }, benchmarks
+
+
+def test_every_benchmark_runs_without_failing(quick_run):
+    proc, _, tmp = quick_run
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    values, benchmarks = measured_values(tmp / "results")
+    assert set(values) == set(benchmarks), "benchmarks without a result"
+    assert {name.split(".")[0] for name in values} == set(BENCH_MODULES)
+    failed = {name: v for name, v in values.items() if any(x is None for x in v)}
+    assert not failed, f"failed benchmarks: {sorted(failed)}\n{output[-6000:]}"
+    never_measured = [name for name, v in values.items() if all(x != x for x in v)]  # all nan
+    assert not never_measured, f"skipped at every point of the default suite: {never_measured}"
+    # Points left out of the default suite say why, in asv's output.
+    assert "runs with SEMANTIC_BENCH_FULL=1" in output
+
+
+def benchmark_classes():
+    """(class, parameter tuples) of every benchmark class of the suite, imported in this process."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        modules = [importlib.import_module(f"benchmarks.{name}") for name in BENCH_MODULES]
+    finally:
+        sys.path.remove(str(ROOT))
+    for module in modules:
+        for cls in vars(module).values():
+            if isinstance(cls, type) and cls.__module__ == module.__name__ and hasattr(cls, "setup") \
+                    and any(name.startswith(("time_", "peakmem_", "track_")) for name in dir(cls)):
+                params = list(getattr(cls, "params", []))
+                if params and not isinstance(params[0], (list, tuple)):
+                    params = [params]  # asv's shorthand for a single parameter
+                yield cls, list(itertools.product(*params))
+
+
+def test_setup_after_the_first_sample_builds_nothing(monkeypatch):
+    """asv_runner calls setup (and teardown) around every sample, so after the first call setup must
+    only look up memoised builds: no MLX memory is allocated (contexts, pools and models all are)."""
+    monkeypatch.delenv("SEMANTIC_BENCH_FULL", raising=False)
+    checked = []
+    for cls, grid in benchmark_classes():
+        for params in grid:
+            bench = cls()
+            try:
+                bench.setup(*params)
+            except NotImplementedError:
+                continue
+            getattr(bench, "teardown", lambda *p: None)(*params)
+            mx.synchronize()
+            mx.reset_peak_memory()
+            active = mx.get_active_memory()
+            bench.setup(*params)
+            assert mx.get_peak_memory() <= active, f"{cls.__name__}{params}: setup allocated again"
+            getattr(bench, "teardown", lambda *p: None)(*params)
+            checked.append(cls.__name__)
+    assert len(set(checked)) >= 9, checked
+
+
+# ---- asv continuous catches a slowdown between two commits -----------------------------------------
+TINY_BENCHMARK = '''
+from semantic.benchmarking import cases
+
+
+class Reconstruct:
+    def setup(self):
+        self.ctx = cases.context("smollm2-135m", 16, 30)  # 90 MiB: copying dominates the call
+
+    def time_reconstruct(self):
+        cases.evaluate(cases.reconstruct(self.ctx))
+'''
+
+TWICE_AS_SLOW = '''
+
+_blocks_to_cache_once = blocks_to_cache
+
+
+def blocks_to_cache(pool, handle, n_tokens=None):
+    _blocks_to_cache_once(pool, handle, n_tokens)  # a deliberate 2x slowdown
+    return _blocks_to_cache_once(pool, handle, n_tokens)
+'''
+
+
+def git(repo: pathlib.Path, *args) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
+        cwd=repo, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+
+
+def test_asv_continuous_fails_on_a_2x_slower_reconstruction(asv_home, tmp_path):
+    """A throwaway repo (the package and a one-benchmark suite) with a commit that makes
+    ``blocks_to_cache`` do its work twice: ``asv continuous`` in the project's configuration
+    (its own virtualenv, the project installed per commit) must report it and exit 1."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "semantic", repo / "semantic", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / "benchmarks").mkdir()
+    (repo / "benchmarks" / "__init__.py").write_text("")
+    (repo / "benchmarks" / "bench_tiny.py").write_text(TINY_BENCHMARK)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "base")
+    block_cache = repo / "semantic" / "application" / "block_cache.py"
+    block_cache.write_text(block_cache.read_text() + TWICE_AS_SLOW)
+    git(repo, "commit", "-q", "-am", "slow down reconstruction")
+
+    (tmp_path / "asv").mkdir()
+    config = config_for(tmp_path / "asv", repo=repo)
+    proc = asv(asv_home, config, "continuous", "--factor", "1.25", "--show-stderr", "HEAD~1", "HEAD",
+               cwd=repo, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-6000:]
+    assert "PERFORMANCE DECREASED" in output, output[-6000:]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in output.splitlines()
+            if line.lstrip().startswith("|")]
+    worsened = [row[-1] for row in rows if row[0] == "+"]  # asv's table: change, before, after, ratio, name
+    assert worsened == ["bench_tiny.Reconstruct.time_reconstruct"], output[-6000:]
+
+
+# ---- the published dashboard draws a reconstruction graph in a real browser ------------------------
+RECONSTRUCT = "bench_reconstruct.Reconstruct.time_reconstruct"
+
+# asv's index.html loads jQuery, flot and bootstrap from CDNs, which CI cannot reach; it can reach
+# npm, so the same libraries come from there (`npm pack`) and the page is pointed at local copies.
+CDN_TO_NPM = {
+    "https://code.jquery.com/jquery-3.3.1.min.js": ("jquery@3.3.1", "dist/jquery.min.js"),
+    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.min.js": ("flot@0.8.3", "jquery.flot.js"),
+    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.time.min.js": ("flot@0.8.3", "jquery.flot.time.js"),
+    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.selection.min.js":
+        ("flot@0.8.3", "jquery.flot.selection.js"),
+    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.categories.min.js":
+        ("flot@0.8.3", "jquery.flot.categories.js"),
+    "https://cdn.jsdelivr.net/npm/flot-orderbars@1.0.0/js/jquery.flot.orderBars.js":
+        ("flot-orderbars@1.0.0", "js/jquery.flot.orderBars.js"),
+    # npm has only 1.1.3 of stupidtable (a table-sorting plugin; same API).
+    "https://cdnjs.cloudflare.com/ajax/libs/stupidtable/1.0.1/stupidtable.min.js":
+        ("stupid-table-plugin@1.1.3", "stupidtable.min.js"),
+    "https://cdnjs.cloudflare.com/ajax/libs/blueimp-md5/2.19.0/js/md5.min.js": ("blueimp-md5@2.19.0", "js/md5.min.js"),
+    "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/js/bootstrap.min.js": ("bootstrap@3.1.1", "dist/js/bootstrap.min.js"),
+    "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/css/bootstrap.min.css":
+        ("bootstrap@3.1.1", "dist/css/bootstrap.min.css"),
+}
+
+
+def use_local_libraries(html: pathlib.Path) -> None:
+    """Rewrite the dashboard's CDN <script>/<link> tags to copies unpacked from npm into html/vendor."""
+    vendor = html / "vendor"
+    vendor.mkdir()
+    page = (html / "index.html").read_text()
+    urls = re.findall(r'<(?:script|link)\b[^>]*?\b(?:src|href)="(https://[^"]+)"', page)
+    unknown = sorted(set(urls) - set(CDN_TO_NPM))
+    assert not unknown, f"no npm source for {unknown}: add them to CDN_TO_NPM"
+    specs = sorted({CDN_TO_NPM[url][0] for url in urls})
+    packed = subprocess.run(["npm", "pack", "--silent", "--json", "--pack-destination", str(vendor), *specs],
+                            capture_output=True, text=True, check=True)
+    tarballs = {f"{p['name']}@{p['version']}": vendor / p["filename"] for p in json.loads(packed.stdout)}
+
+    def local_tag(match) -> str:
+        spec, member = CDN_TO_NPM[match.group(2)]
+        name = f"{spec.replace('@', '-')}-{pathlib.PurePosixPath(member).name}"
+        with tarfile.open(tarballs[spec]) as tar:
+            (vendor / name).write_bytes(tar.extractfile(f"package/{member}").read())
+        if match.group(1) == "script":
+            return f'<script src="vendor/{name}">'
+        return f'<link rel="stylesheet" href="vendor/{name}">'
+
+    page = re.sub(r'<(script|link)\b[^>]*?\b(?:src|href)="(https://[^"]+)"[^>]*>', local_tag, page)
+    (html / "index.html").write_text(page)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser_tools() -> str:
+    """Debian's chromium and chromium-driver, and npm: installed by .ci/install-browser.sh (as root)
+    if missing. Returns the chromedriver's path."""
+    if (shutil.which("chromedriver") is None or shutil.which("npm") is None) and os.geteuid() == 0:
+        subprocess.run(["bash", str(ROOT / ".ci" / "install-browser.sh")], check=True)
+    missing = [tool for tool in ("chromium", "chromedriver", "npm") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: run .ci/install-browser.sh as root")
+    return shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def dashboard(quick_run, asv_home, browser_tools):
+    """``asv publish`` of the quick run, served over HTTP (its pages load their data with XHR)."""
+    _, config, tmp = quick_run
+    asv(asv_home, config, "publish")
+    use_local_libraries(tmp / "html")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(tmp / "html"))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_dashboard_draws_a_reconstruction_graph(dashboard, browser_tools, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=browser_tools))
+    try:
+        driver.get(f"{dashboard}#{RECONSTRUCT}?p-blocks=8&p-layers=30&p-geometry='smollm2-135m'")
+        # flot keeps the plot on its placeholder; its series hold the points read from graphs/*.json.
+        series = WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+            "var plot = window.jQuery && jQuery('#main-graph').data('plot');"
+            "return plot ? plot.getData().map(function (s) { return [s.label, s.data]; }) : null;"
+        ))
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "asv-dashboard-reconstruct.png"))
+        assert driver.find_element("id", "title").text == RECONSTRUCT
+        ((label, points),) = series
+        assert label == "blocks-8; geometry-smollm2-135m; layers-30"
+        assert len(points) == 1 and points[0][1] > 0  # one commit measured, in seconds
+        canvas = driver.find_element("css selector", "#main-graph canvas.flot-base")
+        assert canvas.size["width"] > 500 and canvas.size["height"] > 200
+    finally:
+        driver.quit()

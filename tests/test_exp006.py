@@ -1,0 +1,223 @@
+"""EXP-006 runner: its statistics, its judging of the plan's targets, its JSON, its errors.
+
+The end-to-end check is ``--quick`` on the tiny-llama preset (seconds); nothing here asserts a timing.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+# experiments/ is a folder of runnable plans at the repository root, not part of the installed package:
+# plain `pytest tests` (unlike `python -m pytest`) does not put the root on the import path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import exp_006_benchmark as runner  # noqa: E402
+from experiments import exp_006_measure as measure  # noqa: E402
+from experiments import exp_006_report as report  # noqa: E402
+from experiments.exp_006_schema import SCHEMA, validate  # noqa: E402
+from experiments.stats import fit_line, summarize  # noqa: E402
+from semantic.benchmarking import cases  # noqa: E402
+
+
+# ---- statistics ---------------------------------------------------------------------------------------
+def test_summary_of_one_to_a_hundred():
+    summary = summarize(list(range(1, 101)))
+    # linear interpolation between order statistics: rank q/100 * (n - 1)
+    assert summary["p50"] == pytest.approx(50.5)
+    assert summary["p95"] == pytest.approx(95.05)
+    assert summary["p99"] == pytest.approx(99.01)
+    assert summary["mean"] == pytest.approx(50.5)
+    assert summary["std"] == pytest.approx(29.011491975882016)
+    assert (summary["n"], summary["min"], summary["max"]) == (100, 1, 100)
+
+
+def test_summary_of_few_samples_interpolates():
+    summary = summarize([4.0, 1.0, 3.0, 2.0])
+    assert summary["p50"] == pytest.approx(2.5)
+    assert summary["p95"] == pytest.approx(3.85)
+    assert summarize([7.0]) == {"n": 1, "mean": 7.0, "std": 0.0, "min": 7.0, "max": 7.0,
+                                "p50": 7.0, "p95": 7.0, "p99": 7.0}
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_fit_of_an_exact_line():
+    xs = [12, 24, 96, 240, 480, 1536]
+    fit = fit_line(xs, [0.25 + 0.004 * x for x in xs])
+    assert fit.slope == pytest.approx(0.004)
+    assert fit.intercept == pytest.approx(0.25)
+    assert fit.r2 == pytest.approx(1.0)
+
+
+def test_fit_of_scattered_points():
+    fit = fit_line([0, 1, 2, 3], [1, 3, 2, 4])
+    # Sxy = 4, Sxx = 5; residuals -0.3, 0.9, -0.9, 0.3: SS_res = 1.8 of SS_tot = 5
+    assert (fit.slope, fit.intercept, fit.r2) == pytest.approx((0.8, 1.3, 0.64))
+    assert fit_line([1, 2, 3], [5, 5, 5]).r2 == 1.0
+    with pytest.raises(ValueError, match="two distinct"):
+        fit_line([3, 3], [1, 2])
+
+
+def _record(geometry, blocks, layers, p50_ms, ops=("reconstruct",)):
+    spec = cases.spec_for(geometry, layers)
+    n_tokens = blocks * spec.block_size
+    timing = {"warmup": 0, "iterations": 1, "trimmed": False, "samples_ms": [p50_ms],
+              "stats_ms": summarize([p50_ms])}
+    return {"geometry": geometry, "blocks": blocks, "layers": layers, "tokens": n_tokens,
+            "block_layers": blocks * layers, "blocks_moved": spec.blocks_per_agent(n_tokens),
+            "nbytes": spec.bytes_per_agent(n_tokens), "skipped": None, "ops": {op: timing for op in ops}}
+
+
+def test_scaling_recovers_the_cost_per_block_and_the_bandwidth():
+    records = [_record("smollm2-135m", b, n, 0.5 + 0.01 * b * n) for b in cases.BLOCKS for n in cases.LAYERS]
+    scaling = measure.scaling(records)
+    fit = scaling["per_geometry"]["smollm2-135m"]
+    assert fit["us_per_block"] == pytest.approx(10.0)
+    assert fit["intercept"] == pytest.approx(0.5)
+    assert fit["r2"] == pytest.approx(1.0)
+    block_bytes = cases.spec_for("smollm2-135m", 1).bytes_per_block_per_layer
+    assert scaling["bytes"]["gbps"] == pytest.approx(block_bytes / 0.01 / 1e6)  # bytes per ms -> GB/s
+    assert scaling["status"] == "PASS"
+
+
+def test_targets_pass_fail_and_not_run():
+    fast, slow = cases.TARGET_CASES[0], cases.TARGET_CASES[1]
+    records = [
+        _record(fast.geometry, fast.blocks, fast.layers, fast.target_ms / 2, ops=("reconstruct", "extract")),
+        _record(slow.geometry, slow.blocks, slow.layers, slow.target_ms * 2),
+    ]
+    judged = {e["name"]: e for e in measure.targets(records)}
+    assert judged[fast.name]["status"] == "PASS"
+    assert judged[slow.name]["status"] == "FAIL"
+    assert judged[cases.TARGET_CASES[4].name]["status"] == "NOT RUN"
+    assert judged[cases.TARGET_CASES[4].name]["nice_to_have_ms"] == cases.NICE_TO_HAVE_MS
+    extraction = measure.extraction_targets(records)
+    assert [e["status"] for e in extraction] == ["PASS", "NOT RUN"]
+    records[1]["skipped"] = "needs about 9 GiB"
+    del records[1]["ops"]
+    skipped = {e["name"]: e for e in measure.targets(records)}[slow.name]
+    assert (skipped["status"], skipped["reason"]) == ("NOT RUN", "needs about 9 GiB")
+
+
+def test_measure_trims_to_the_budget_and_counts_what_it_ran():
+    plan = measure.Settings("cpu", warmup=1, iterations=4)
+    full = measure.measure(lambda: mx.zeros(4), plan)
+    assert (full["warmup"], full["iterations"], full["trimmed"]) == (1, 4, False)
+    assert len(full["samples_ms"]) == full["stats_ms"]["n"] == 4
+    tight = measure.Settings("cpu", warmup=10, iterations=100, min_iterations=3, budget_s=1e-12)
+    trimmed = measure.measure(lambda: mx.zeros(4), tight)
+    assert (trimmed["warmup"], trimmed["iterations"], trimmed["trimmed"]) == (2, 3, True)
+
+
+def test_the_schema_checker_names_what_is_wrong():
+    assert validate({"experiment": "EXP-006"})[:1] == ["$: missing 'schema_version'"]
+    assert "$.experiment: 'EXP-007' is not one of ['EXP-006']" in validate({"experiment": "EXP-007"})
+    case = SCHEMA["$defs"]["case"]
+    problems = validate({"geometry": 3, "blocks": 1}, {**case, "$defs": SCHEMA["$defs"]})
+    assert "$.geometry: expected string, got int" in problems
+    assert "$: missing 'nbytes'" in problems
+
+
+# ---- the quick run, end to end ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``--quick`` on tiny-llama, with tqdm and matplotlib hidden as on the GPU image."""
+    out = tmp_path_factory.mktemp("exp006")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "tqdm", None)  # a None entry makes the import fail
+        patch.setitem(sys.modules, "matplotlib", None)
+        code = runner.main(["--quick", "--model-preset", "tiny-llama", "--device", "cpu", "--output-dir", str(out)])
+    assert code == 0
+    return out, json.loads((out / runner.RESULTS_JSON).read_text())
+
+
+def test_quick_run_writes_results_that_match_the_schema(quick_run):
+    out, results = quick_run
+    assert validate(results) == []
+    assert results["settings"]["quick"] is True
+    assert results["environment"]["device"] == "cpu"
+    assert results["environment"]["mlx_version"] == mx.__version__
+    assert results["command"].startswith("python -m experiments.exp_006_benchmark --quick")
+    grid = [(r["geometry"], r["blocks"], r["layers"]) for r in results["cases"]]
+    assert grid == [("smollm2-135m", 1, 12), ("smollm2-135m", 2, 12)]
+    for record in results["cases"]:
+        assert set(record["ops"]) == {"reconstruct", "extract", "round_trip"}
+        assert record["baseline_kind"] == "memcpy"
+        assert all(len(m["samples_ms"]) == 5 for m in record["ops"].values())
+    assert [t["status"] for t in results["targets"]][1:] == ["NOT RUN"] * 4
+    assert results["targets"][0]["status"] in ("PASS", "FAIL")
+    assert results["leak"]["status"] == "PASS"
+    assert results["leak"]["engine_pool"]["status"] == "PASS"
+    assert results["plan_loops"]["round_trip"]["iterations"] == 5
+    assert [t["tokens"] for t in results["ttft"]] == [64]
+
+
+def test_quick_run_without_tqdm_or_matplotlib_says_so(quick_run):
+    out, results = quick_run
+    assert not (out / runner.PLOT_PNG).exists()
+    assert any("tqdm is not installed" in note for note in results["notes"])
+    assert any("matplotlib is not installed" in note for note in results["notes"])
+
+
+def test_report_has_the_plans_tables(quick_run):
+    out, _ = quick_run
+    text = (out / runner.REPORT_MD).read_text()
+    for heading in ("| Configuration | Iterations | Mean | p50 | p95 | p99 | Status |",
+                    "| Configuration | p95 | Status |", "| Full cycle (8 blocks) | p95 | Status |",
+                    "| Blocks | Layers | Total Ops | Expected p95 | Actual p95 |"):
+        assert heading in text
+    assert "TBD" not in text
+
+
+def test_combine_writes_the_results_document(quick_run, tmp_path):
+    out, results = quick_run
+    doc = tmp_path / "exp-006.md"
+    assert runner.main(["--combine", str(out / runner.RESULTS_JSON), "--doc", str(doc),
+                        "--output-dir", str(tmp_path)]) == 0
+    text = doc.read_text()
+    assert "## Summary" in text and "reading" in text
+    assert results["command"] in text
+    assert "GPU: not run yet" in text
+
+
+def test_plot_draws_one_series_per_geometry(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, results = quick_run
+    assert report.plot_scaling(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+# ---- errors a user can fix: exit code 2 and a message -------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cpu", "--model", "/nonexistent/model"], "cannot load the model at /nonexistent/model"),
+    (["--device", "cpu", "--model-preset", "no-such-model"], "unknown local model preset"),
+    (["--device", "cpu", "--geometries", "llama-70b"], "unknown geometry llama-70b"),
+    (["--device", "cpu", "--quick", "--model-preset", "tiny-llama", "--pool-blocks", "2"],
+     "--pool-blocks 2 is too small"),
+])
+def test_clear_errors(argv, message, capsys):
+    assert runner.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_model_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    assert runner.main(["--device", "cpu", "--model", str(tmp_path)]) == 2
+    assert f"cannot load the model at {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(mx.is_available(mx.gpu), reason="this MLX has a GPU")
+def test_gpu_without_a_gpu_backend(capsys):
+    assert runner.main(["--device", "gpu"]) == 2
+    assert "no GPU backend" in capsys.readouterr().err
+
+
+def test_combine_refuses_a_file_that_is_not_results(tmp_path, capsys):
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"experiment": "EXP-006"}))
+    assert runner.main(["--combine", str(bogus), "--doc", str(tmp_path / "doc.md")]) == 2
+    assert "is not an EXP-006 results file" in capsys.readouterr().err
