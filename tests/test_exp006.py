@@ -178,7 +178,7 @@ def test_combine_writes_the_results_document(quick_run, tmp_path):
     assert runner.main(["--combine", str(out / runner.RESULTS_JSON), "--doc", str(doc),
                         "--output-dir", str(tmp_path)]) == 0
     text = doc.read_text()
-    assert "## Summary" in text and "reading" in text
+    assert "## Summary" in text and "### Reading" in text
     assert results["command"] in text
     assert "GPU: not run yet" in text
 
