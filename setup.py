@@ -26,6 +26,7 @@ setup(
             "hypothesis>=6.100",
             "asv==0.6.6",
             "asv_runner>=0.3,<0.4",
+            "selenium>=4.20",  # drives Debian's chromium in the dashboard test
             "virtualenv",
             "matplotlib",
             "tqdm",
