@@ -30,15 +30,28 @@ comma := ,
 # MLX's CPU build survives a fork (CUDA and Metal do not): asv's default, spawn, everywhere else.
 ASV_LAUNCH ?= $(if $(and $(filter Linux,$(shell uname -s)),$(filter cpu,$(subst $(comma), ,$(EXTRAS)))),forkserver,spawn)
 
-.PHONY: bench bench-compare
+.PHONY: bench bench-compare bench-history
+
+# This machine's name in benchmarks/results/ (default: asv's, the host name).
+MACHINE ?=
 
 # Measures the last commit (not uncommitted changes) in asv's own virtualenv, which installs MLX once.
 bench: venv
-	$(ASV) machine --yes
-	$(ASV) run --launch-method $(ASV_LAUNCH) HEAD^!
+	$(ASV) machine --yes $(if $(MACHINE),--machine $(MACHINE))
+	$(ASV) run --launch-method $(ASV_LAUNCH) $(if $(MACHINE),--machine $(MACHINE)) HEAD^!
 	$(ASV) publish
 	@echo "Dashboard: $(CURDIR)/.asv/html/index.html"
 	@echo "Open it with: $(ASV) preview   (serves it on http://127.0.0.1:8080; file:// cannot load its data)"
+
+# Backfill: every commit of HISTORY (asv's range; ALL = all of main) not measured yet on this machine,
+# at most STEPS of them, then the dashboard. MACHINE names this machine in benchmarks/results/.
+HISTORY ?= ALL
+STEPS ?=
+bench-history: venv
+	$(PY) tools/bench_history.py $(if $(MACHINE),--machine $(MACHINE)) $(if $(STEPS),--steps $(STEPS)) \
+		$(HISTORY) -- --launch-method $(ASV_LAUNCH)
+	$(ASV) publish
+	@echo "Dashboard: $(CURDIR)/.asv/html/index.html (serve it with: $(ASV) preview)"
 
 # Fails (exit 1) when a benchmark got slower than FACTOR x BASE, significantly.
 bench-compare: venv

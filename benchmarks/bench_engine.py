@@ -17,6 +17,7 @@ from .common import (
 
 
 class EngineBenchmark:
+    version = 1
     params = (list(ENGINE_MODELS), list(cases.ENGINE_TOKENS))
     param_names = ("model", "context_tokens")
     timeout = 3600  # SEMANTIC_BENCH_FULL on a CPU: a cold 2K-token prefill on smollm2-135m takes minutes

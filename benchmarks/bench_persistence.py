@@ -64,6 +64,7 @@ class SaveLoadThroughput:
     and ``load`` (read, verify every checksum, allocate and write pool blocks) over the file's size; the
     ``plain_*`` baselines move the same bytes to and from a file in the same directory. Medians of 5 calls."""
 
+    version = 1
     params = list(THROUGHPUT_CASES)
     param_names = ("case",)
     timeout = 300
@@ -123,6 +124,7 @@ class TimeToFirstTokenFromDisk:
     context. Compare with ``bench_engine.TimeToFirstToken`` at the same points: ``track_cold`` prefills
     the whole context, ``track_warm`` starts from blocks already in the pool."""
 
+    version = 1
     params = (list(ENGINE_MODELS), list(FROM_DISK_TOKENS))
     param_names = ("model", "context_tokens")
     timeout = 600

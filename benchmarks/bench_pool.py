@@ -8,6 +8,7 @@ AGENT = "bench"
 class PoolAllocate:
     """``pool.allocate(n, agent)`` of n free blocks."""
 
+    version = 1
     params = (list(cases.POOL_OPERATION_BLOCKS),)
     param_names = ("blocks",)
     repeat = (20, 100, 2.0)  # microseconds per call: many cheap samples
@@ -26,6 +27,7 @@ class PoolAllocate:
 class PoolRelease:
     """``pool.release_blocks(ids, agent)`` of n blocks, each referenced once."""
 
+    version = 1
     params = (list(cases.POOL_OPERATION_BLOCKS),)
     param_names = ("blocks",)
     repeat = (20, 100, 2.0)

@@ -21,6 +21,7 @@ class ReconstructPaddedVsBlocks:
     padded to 768 slots in one piece: the same bytes, gathered vs copied layer by layer."""
 
     # Full-attention geometries (a padded KVCache buffer is what they hold), at their own layer count.
+    version = 1
     params = (["smollm2-135m", "gemma3-12b-full"],)
     param_names = ("geometry",)
 

@@ -43,13 +43,26 @@ def _load_cases():
 
 cases = _load_cases()
 
-DEFAULT_GRID = frozenset(
-    {(c.blocks, c.layers, c.geometry) for c in cases.TARGET_CASES if c.geometry == "smollm2-135m"}
+DEFAULT_GRID = (
+    *((c.geometry, c.blocks, c.layers) for c in cases.TARGET_CASES if c.geometry == "smollm2-135m"),
     # One point per gemma3 geometry, 8 blocks so the sliding layers' 4-block windows slide; the
     # 32 x 48 target copies 3 GiB per call and runs with SEMANTIC_BENCH_FULL=1.
-    | {(4, 12, "gemma3-12b-full"), (8, 12, "gemma3-12b-sliding")}
+    ("gemma3-12b-full", 4, 12),
+    ("gemma3-12b-sliding", 8, 12),
 )
-"""(blocks, layers, geometry) points of the copy benchmarks that run without SEMANTIC_BENCH_FULL."""
+"""(geometry, blocks, layers) points of the copy benchmarks that run without SEMANTIC_BENCH_FULL."""
+
+FULL_GRID = tuple((g, b, n) for g in cases.GEOMETRIES for b in cases.BLOCKS for n in cases.LAYERS)
+
+
+def copy_case(geometry: str, blocks: int, layers: int) -> str:
+    return f"{geometry} {blocks}x{layers}"
+
+
+COPY_CASES = {copy_case(*point): point for point in (FULL_GRID if FULL else DEFAULT_GRID)}
+"""The copy benchmarks' one parameter, ``case`` ("smollm2-135m 8x30": geometry, blocks x layers) ->
+its point. One listed parameter rather than a blocks x layers x geometry product: asv starts a
+process for every point of a product, and all but a few of the 72 would only skip."""
 
 ENGINE_MODELS = ("tiny-llama", "smollm2-135m")
 ENGINE_DTYPE = "bfloat16"
@@ -104,23 +117,24 @@ def engine(model: str):
 
 
 class CopyBenchmark(abc.ABC):
-    """A block <-> cache copy over the grid: blocks x layers x geometry, 256-token blocks, bf16.
+    """A block <-> cache copy of one case (geometry, blocks x layers), 256-token blocks, bf16.
 
     Subclasses give ``operation`` and name their own ``time_``/``peakmem_`` methods (asv keys
     results by name), which call :meth:`measure` / :meth:`measure_peak`. ``peakmem_<operation>``
     minus ``peakmem_reference`` is the memory the operation adds to what setup left resident.
     """
 
-    params = (list(cases.BLOCKS), list(cases.LAYERS), list(cases.GEOMETRIES))
-    param_names = ("blocks", "layers", "geometry")
+    params = (list(COPY_CASES),)
+    param_names = ("case",)
+    version = 1  # results are kept in benchmarks/results: bump only when what is measured changes
     timeout = 900  # the full grid's 32 x 48 gemma3 cases first-touch ~10 GiB, slow on a VM
     spare_blocks = False  # whether the pool needs room for a second copy of the context
     copies = 1  # context-sized copies one call makes
     resident_copies = 3  # context-sized buffers alive at once: pool, source caches, output
     result = None  # asv calls teardown after a skipped setup too
 
-    def setup(self, blocks, layers, geometry):
-        require_selected((blocks, layers, geometry), DEFAULT_GRID, "grid point")
+    def setup(self, case):
+        geometry, blocks, layers = COPY_CASES[case]
         spec = cases.spec_for(geometry, layers)
         context_bytes = spec.bytes_per_agent(blocks * spec.block_size)
         require_memory((self.resident_copies + 2 * self.copies) * context_bytes)  # + memcpy's pair

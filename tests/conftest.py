@@ -1,4 +1,8 @@
-"""Shared fixtures: real mlx-lm models built locally (random weights, locally trained tokenizer)."""
+"""Shared fixtures: real mlx-lm models built locally (random weights, locally trained tokenizer), and
+the environment asv runs in."""
+
+import os
+import pathlib
 
 import pytest
 
@@ -37,3 +41,29 @@ def make_engine(model_and_tokenizer, total_blocks=400, **kwargs):
     spec = ModelCacheSpec.from_model(model)
     pool = BlockPool(spec=spec, total_blocks=total_blocks)
     return BlockPoolBatchEngine(model, tokenizer, pool, spec, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def asv_home(tmp_path_factory) -> dict:
+    """Environment variables for asv subprocesses: a throwaway HOME with a machine file in it."""
+    from asv_helpers import asv
+
+    home = tmp_path_factory.mktemp("home")
+    env = dict(
+        os.environ,
+        HOME=str(home),
+        # What HOME would have moved: built local models and pip's download cache.
+        SEMANTIC_MODEL_CACHE=os.environ.get("SEMANTIC_MODEL_CACHE")
+        or str(pathlib.Path.home() / ".cache" / "semantic" / "models"),
+        PIP_CACHE_DIR=os.environ.get("PIP_CACHE_DIR") or str(pathlib.Path.home() / ".cache" / "pip"),
+    )
+    env.pop("SEMANTIC_BENCH_FULL", None)  # the tests run the default suite
+    asv(env, None, "machine", "--yes")
+    return env
+
+
+@pytest.fixture(scope="session")
+def asv_env_dir(tmp_path_factory) -> pathlib.Path:
+    """One folder for the virtualenvs asv builds from the project's matrix (MLX, mlx-lm: about a
+    minute to install), shared by every test that runs asv on a throwaway repository."""
+    return tmp_path_factory.mktemp("asv-env")

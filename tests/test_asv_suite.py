@@ -25,52 +25,10 @@ import pytest
 from asv.results import iter_results
 from asv.util import load_json
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-EXISTING = f"existing:{sys.executable}"  # the interpreter running the tests, with semantic installed
-FORK = ("--launch-method", "forkserver")  # as `make bench` on MLX's CPU build: imports once, not per process
+from asv_helpers import EXISTING, FORK, ROOT, asv, config_for, git, table_rows
+
 BENCH_MODULES = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-@pytest.fixture(scope="module")
-def asv_home(tmp_path_factory) -> dict:
-    """Environment variables for asv subprocesses: a throwaway HOME with a machine file in it."""
-    home = tmp_path_factory.mktemp("home")
-    env = dict(
-        os.environ,
-        HOME=str(home),
-        # What HOME would have moved: built local models and pip's download cache.
-        SEMANTIC_MODEL_CACHE=os.environ.get("SEMANTIC_MODEL_CACHE")
-        or str(pathlib.Path.home() / ".cache" / "semantic" / "models"),
-        PIP_CACHE_DIR=os.environ.get("PIP_CACHE_DIR") or str(pathlib.Path.home() / ".cache" / "pip"),
-    )
-    env.pop("SEMANTIC_BENCH_FULL", None)  # the tests run the default suite
-    asv(env, None, "machine", "--yes")
-    return env
-
-
-def asv(env: dict, config, *args, cwd=ROOT, check=True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "asv"] + (["--config", str(config)] if config else []) + list(args)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def config_for(tmp: pathlib.Path, repo: pathlib.Path = ROOT, **overrides) -> pathlib.Path:
-    """The project's asv.conf.json, reading ``repo``'s history and writing everything under ``tmp``."""
-    conf = load_json(str(ROOT / "asv.conf.json"), js_comments=True)
-    conf.update(
-        repo=str(repo),
-        benchmark_dir=str(repo / "benchmarks"),
-        results_dir=str(tmp / "results"),
-        html_dir=str(tmp / "html"),
-        env_dir=str(tmp / "env"),
-        **overrides,
-    )
-    path = tmp / "asv.conf.json"
-    path.write_text(json.dumps(conf, indent=2))
-    return path
 
 
 def test_asv_check_passes(asv_home, tmp_path):
@@ -181,14 +139,7 @@ def blocks_to_cache(pool, handle, n_tokens=None):
 '''
 
 
-def git(repo: pathlib.Path, *args) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
-        cwd=repo, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-
-
-def test_asv_continuous_fails_on_a_2x_slower_reconstruction(asv_home, tmp_path):
+def test_asv_continuous_fails_on_a_2x_slower_reconstruction(asv_home, asv_env_dir, tmp_path):
     """A throwaway repo (the package and a one-benchmark suite) with a commit that makes
     ``blocks_to_cache`` do its work twice: ``asv continuous`` in the project's configuration
     (its own virtualenv, the project installed per commit) must report it and exit 1."""
@@ -206,16 +157,13 @@ def test_asv_continuous_fails_on_a_2x_slower_reconstruction(asv_home, tmp_path):
     block_cache.write_text(block_cache.read_text() + TWICE_AS_SLOW)
     git(repo, "commit", "-q", "-am", "slow down reconstruction")
 
-    (tmp_path / "asv").mkdir()
-    config = config_for(tmp_path / "asv", repo=repo)
+    config = config_for(tmp_path / "asv", repo=repo, env_dir=str(asv_env_dir))
     proc = asv(asv_home, config, "continuous", "--factor", "1.25", "--show-stderr", *FORK, "HEAD~1", "HEAD",
                cwd=repo, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-6000:]
     assert "PERFORMANCE DECREASED" in output, output[-6000:]
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in output.splitlines()
-            if line.lstrip().startswith("|")]
-    worsened = [row[-1] for row in rows if row[0] == "+"]  # asv's table: change, before, after, ratio, name
+    worsened = [row[-1] for row in table_rows(output) if row[0] == "+"]  # asv's table: change, before, after, ratio, name
     assert worsened == ["bench_tiny.Reconstruct.time_reconstruct"], output[-6000:]
 
 
@@ -313,7 +261,7 @@ def test_dashboard_draws_a_reconstruction_graph(dashboard, browser_tools, tmp_pa
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=browser_tools))
     try:
-        driver.get(f"{dashboard}#{RECONSTRUCT}?p-blocks=8&p-layers=30&p-geometry='smollm2-135m'")
+        driver.get(f"{dashboard}#{RECONSTRUCT}?p-case='smollm2-135m 8x30'")
         # flot keeps the plot on its placeholder; its series hold the points read from graphs/*.json.
         series = WebDriverWait(driver, 60).until(lambda d: d.execute_script(
             "var plot = window.jQuery && jQuery('#main-graph').data('plot');"
@@ -323,7 +271,7 @@ def test_dashboard_draws_a_reconstruction_graph(dashboard, browser_tools, tmp_pa
         driver.save_screenshot(str(ARTIFACTS / "asv-dashboard-reconstruct.png"))
         assert driver.find_element("id", "title").text == RECONSTRUCT
         ((label, points),) = series
-        assert label == "blocks-8; geometry-smollm2-135m; layers-30"
+        assert label == "case-smollm2-135m 8x30"
         assert len(points) == 1 and points[0][1] > 0  # one commit measured, in seconds
         canvas = driver.find_element("css selector", "#main-graph canvas.flot-base")
         assert canvas.size["width"] > 500 and canvas.size["height"] > 200

@@ -1,0 +1,224 @@
+"""History on the dashboard (docs/benchmarks.md, "History"): backfilling commits with
+``tools/bench_history.py``, and the reference machines' results kept in ``benchmarks/results/``.
+
+The backfill runs on a throwaway repository of a tiny package, through the project's asv.conf.json
+(its virtualenv, the package built and installed per commit): three commits, the second adding a
+feature a benchmark measures, the third making another benchmark twice as slow.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+from asv.results import iter_results_for_machine
+from asv.util import load_json
+
+from asv_helpers import FORK, ROOT, asv, config_for, git, table_rows
+
+MACHINE = "history-test"
+REBUILD = "bench_tiny.Rebuild.time_rebuild"
+STORE = "bench_tiny.Store.time_store"
+
+TINY_SETUP = 'from setuptools import setup\n\nsetup(name="semantic", version="0.0.1", packages=["semantic"])\n'
+
+TINY_BLOCKS = '''import mlx.core as mx
+
+
+def rebuild(blocks):
+    return mx.concatenate(blocks, axis=0)
+'''
+
+TINY_BLOCKS_TWICE_AS_SLOW = '''import mlx.core as mx
+
+
+def rebuild(blocks):
+    mx.eval(mx.concatenate(blocks, axis=0))  # a deliberate 2x slowdown: the copy is made twice
+    return mx.concatenate(blocks, axis=0)
+'''
+
+TINY_STORE = '''import mlx.core as mx
+
+
+def store(block):
+    return block + 0
+'''
+
+TINY_BENCHMARKS = '''import mlx.core as mx
+
+BLOCKS = [mx.full((256, 2048), i, dtype=mx.float32) for i in range(16)]  # 32 MiB: the copy dominates
+
+
+class Rebuild:
+    def setup(self):
+        from semantic.blocks import rebuild
+
+        self.rebuild = rebuild
+        mx.eval(BLOCKS)
+
+    def time_rebuild(self):
+        mx.eval(self.rebuild(BLOCKS))
+
+
+class Store:
+    """The feature the second commit adds: the first commit skips it."""
+
+    def setup(self):
+        try:
+            from semantic.store import store
+        except ImportError as exc:
+            raise NotImplementedError(f"this commit has no store: {exc}") from exc
+        self.store = store
+        mx.eval(BLOCKS)
+
+    def time_store(self):
+        mx.eval(self.store(BLOCKS[0]))
+'''
+
+
+def commit_files(repo: pathlib.Path, message: str, files: dict) -> str:
+    for name, text in files.items():
+        path = repo / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def backfill(env: dict, config: pathlib.Path, repo: pathlib.Path) -> subprocess.CompletedProcess:
+    """``tools/bench_history.py`` as ``make bench-history`` runs it, on ``repo``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_history.py"), "--config", str(config), "--machine", MACHINE,
+         "--", *FORK, "--show-stderr"],
+        cwd=repo, env=env, capture_output=True, text=True,
+    )
+
+
+def values_by_commit(results_dir: pathlib.Path, name: str) -> dict:
+    """commit hash -> the benchmark's value there (None: failed, nan: skipped)."""
+    benchmarks = load_json(str(results_dir / "benchmarks.json"), api_version=2)
+    return {
+        result.commit_hash: result.get_result_value(name, benchmarks[name]["params"])[0]
+        for result in iter_results_for_machine(str(results_dir), MACHINE)
+    }
+
+
+@pytest.fixture(scope="module")
+def history(asv_home, asv_env_dir, tmp_path_factory):
+    """The tiny package's three commits, backfilled once: (repo, config, scratch dir, run, commits)."""
+    tmp = tmp_path_factory.mktemp("history")
+    repo = tmp / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    commits = [
+        commit_files(repo, "rebuild", {
+            "setup.py": TINY_SETUP, "semantic/__init__.py": "", "semantic/blocks.py": TINY_BLOCKS,
+            "benchmarks/__init__.py": "", "benchmarks/bench_tiny.py": TINY_BENCHMARKS,
+        }),
+        commit_files(repo, "store", {"semantic/store.py": TINY_STORE}),
+        commit_files(repo, "slower rebuild", {"semantic/blocks.py": TINY_BLOCKS_TWICE_AS_SLOW}),
+    ]
+    config = config_for(tmp / "asv", repo=repo, env_dir=str(asv_env_dir))
+    run = backfill(asv_home, config, repo)
+    return repo, config, tmp / "asv", run, commits
+
+
+def test_backfill_measures_every_commit_and_skips_a_missing_feature(history):
+    _, _, tmp, run, (first, second, third) = history
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    rebuild = values_by_commit(tmp / "results", REBUILD)
+    store = values_by_commit(tmp / "results", STORE)
+    assert set(rebuild) == {first, second, third}, output[-6000:]
+    assert all(value is not None and value > 0 for value in rebuild.values()), rebuild
+    assert store[first] != store[first], f"the store benchmark ran on the commit before the store: {store}"
+    assert store[second] > 0 and store[third] > 0, store
+    assert "this commit has no store" in output  # asv says why it skipped
+    report = output[output.index("asv results for machine"):]
+    for commit in (first, second, third):
+        assert f"{commit[:8]} " in report and "FAILED" not in report, report
+
+
+def graph_points(html: pathlib.Path, name: str, machine: str) -> list:
+    """The [revision, value] points the dashboard draws for a benchmark without parameters on ``machine``."""
+    (path,) = [p for p in html.glob(f"graphs/**/{name}.json") if f"machine-{machine}" in p.parts]
+    return json.loads(path.read_text())
+
+
+def test_dashboard_draws_three_points_and_compare_shows_the_step(history, asv_home):
+    _, config, tmp, _, (first, second, third) = history
+    asv(asv_home, config, "publish")
+    points = graph_points(tmp / "html", REBUILD, MACHINE)
+    values = [value for _, value in sorted(points)]  # by revision: the commits' order on main
+    assert len(values) == 3 and all(v is not None for v in values), points
+    assert values[2] > 1.5 * values[1], f"no 2x step from the second to the third commit: {values}"
+    assert [v is None for _, v in sorted(graph_points(tmp / "html", STORE, MACHINE))] in (
+        [False, False], [True, False, False]), "the store graph should hold the two commits that have it"
+
+    compare = asv(asv_home, config, "compare", "--machine", MACHINE, "--factor", "1.25", second, third)
+    rows = {row[-1]: row for row in table_rows(compare.stdout)}
+    assert rows[REBUILD][0] == "+", compare.stdout  # asv's mark for "slower"
+    assert float(rows[REBUILD][-2]) > 1.5, compare.stdout  # the ratio column
+    assert rows[STORE][0] != "+", compare.stdout
+
+
+def test_backfill_passes_over_a_commit_that_does_not_build(history, asv_home):
+    """A fourth commit whose setup.py is broken: reported and passed over; the three commits measured
+    before are not run again (their result files are untouched)."""
+    repo, config, tmp, _, _ = history
+    results = tmp / "results" / MACHINE
+    before = {p.name: p.read_bytes() for p in results.glob("*.json") if p.name != "machine.json"}
+    broken = commit_files(repo, "break the build", {"setup.py": "this is not python\n"})
+    run = backfill(asv_home, config, repo)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    report = output[output.index("asv results for machine"):]
+    assert f"{broken[:8]}" in report and "BUILD FAILED" in report, report
+    after = {p.name: p.read_bytes() for p in results.glob("*.json") if p.name != "machine.json"}
+    assert {name: after[name] for name in before} == before, "commits measured before were run again"
+    assert len(after) == len(before) + 1
+
+
+# ---- the reference machines' results, committed -------------------------------------------------------
+RESULTS = ROOT / "benchmarks" / "results"
+SUITE_LANDED = "f11c728"  # "asv benchmark suite, EXP-006 runner and results": every commit since is measured
+REFERENCE = {"ref-cpu-2core": None, "ref-h200-cuda": 2}  # machine -> commits it must have (None: no gaps)
+RECONSTRUCT = "bench_reconstruct.Reconstruct.time_reconstruct"
+
+
+def measured_commits(html: pathlib.Path, machine: str) -> set:
+    """Revisions (positions on main) where the dashboard has a reconstruction time on ``machine``."""
+    paths = [p for p in html.glob(f"graphs/**/{RECONSTRUCT}.json") if f"machine-{machine}" in p.parts]
+    assert paths, f"no reconstruction graph for {machine}"
+    revisions = set()
+    for path in paths:
+        for revision, values in json.loads(path.read_text()):
+            if any(v is not None for v in (values if isinstance(values, list) else [values])):
+                revisions.add(revision)
+    return revisions
+
+
+def test_a_fresh_clone_publishes_both_reference_machines_history(asv_home, tmp_path):
+    """``asv publish`` of the committed results, without running anything."""
+    shutil.copytree(RESULTS, tmp_path / "results")  # publish may rewrite old-format files: not in the repo
+    config = config_for(tmp_path, env_dir=str(tmp_path / "env"))
+    asv(asv_home, config, "publish")
+    index = json.loads((tmp_path / "html" / "index.json").read_text())
+    assert set(REFERENCE) <= set(index["params"]["machine"]), index["params"]["machine"]
+    revisions = index["revision_to_hash"]
+    history = subprocess.run(["git", "rev-list", "--reverse", "main"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    landed = next(i for i, h in enumerate(history) if h.startswith(SUITE_LANDED))
+    for machine, minimum in REFERENCE.items():
+        measured = {revisions[str(r)] for r in measured_commits(tmp_path / "html", machine)}
+        if minimum is not None:
+            assert len(measured) >= minimum, f"{machine}: {len(measured)} commit(s) measured"
+            continue
+        newest = max(history.index(h) for h in measured)
+        missing = [h[:8] for h in history[landed:newest + 1] if h not in measured]
+        assert newest >= landed and not missing, f"{machine}: commits since the suite landed, unmeasured: {missing}"

@@ -1,0 +1,133 @@
+"""Backfill the asv dashboard: run the benchmark suite over the project's history on this machine,
+then say what each commit gave.
+
+    python tools/bench_history.py [--machine NAME] [--steps N] [--config FILE] [RANGE]
+
+``RANGE`` is asv's (default ``ALL``: every commit of the configured branches; ``f11c728..main``,
+``NEW``, ``HASHFILE:list`` work too). Commits this machine already has results for are not run again
+(``asv run --skip-existing-commits``), so a second call measures only what is new. A commit whose
+package does not build is reported and passed over, and the run goes on. The benchmarks skip (raise
+``NotImplementedError`` in setup) what a commit does not have yet, so a *failed* benchmark on a
+commit that built is a defect of the suite: the exit status is then 1, else 0.
+
+Extra arguments after ``--`` go to ``asv run`` unchanged (e.g. ``-- --launch-method forkserver``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from asv.benchmarks import Benchmarks
+from asv.config import Config
+from asv.machine import Machine
+from asv.results import iter_results_for_machine
+
+SPECIAL_RANGES = ("NEW", "EXISTING")  # asv's range names that git cannot resolve (ALL is mapped)
+
+
+@dataclass
+class CommitOutcome:
+    """What one environment's results for one commit hold, counted over parameter points."""
+
+    commit: str
+    env: str
+    measured: int = 0
+    skipped: int = 0
+    failed: List[str] = field(default_factory=list)
+    build_failed: bool = False
+
+
+def asv_command(config: str, *args: str) -> List[str]:
+    return [sys.executable, "-m", "asv", "--config", config, *args]
+
+
+def commits_in(conf: Config, range_spec: str) -> Optional[List[str]]:
+    """The range's commits, newest first; None for asv's NEW/EXISTING (then: every measured commit)."""
+    if range_spec in SPECIAL_RANGES:
+        return None
+    revisions = list(conf.branches) if range_spec == "ALL" else range_spec.split()
+    listed = subprocess.run(["git", "rev-list", *revisions, "--"], cwd=conf.repo,
+                            capture_output=True, text=True, check=True)
+    return listed.stdout.split()
+
+
+def outcomes(conf: Config, machine: str) -> Dict[str, List[CommitOutcome]]:
+    """Commit hash -> one outcome per environment, from ``machine``'s result files."""
+    benchmarks = Benchmarks.load(conf)
+    found: Dict[str, List[CommitOutcome]] = {}
+    for result in iter_results_for_machine(conf.results_dir, machine):
+        outcome = CommitOutcome(result.commit_hash, result.env_name)
+        keys = [key for key in result.get_result_keys(benchmarks) if key in benchmarks]
+        for key in keys:
+            for value in result.get_result_value(key, benchmarks[key]["params"]):
+                if value is None:
+                    outcome.failed.append(key)
+                elif isinstance(value, float) and math.isnan(value):
+                    outcome.skipped += 1
+                else:
+                    outcome.measured += 1
+        # asv marks every benchmark failed, with no output of its own, when the package did not build.
+        outcome.build_failed = bool(keys) and outcome.measured == outcome.skipped == 0 \
+            and not any(result.stderr.get(key) for key in keys)
+        found.setdefault(result.commit_hash, []).append(outcome)
+    return found
+
+
+def report(conf: Config, machine: str, range_spec: str) -> int:
+    """Print one line per commit and environment; return how many benchmarks failed on built commits."""
+    measured = outcomes(conf, machine)
+    commits = commits_in(conf, range_spec)
+    if commits is None:
+        commits = list(measured)
+    print(f"\nasv results for machine {machine!r}, {len(commits)} commit(s) of {range_spec}:")
+    print(f"{'commit':10} {'points measured':>15} {'n/a':>5} {'failed':>7}  environment / note")
+    defects = 0
+    for commit in commits:
+        if commit not in measured:
+            print(f"{commit[:8]:10} {'-':>15} {'-':>5} {'-':>7}  not measured (left out by --steps, or the run stopped)")
+            continue
+        for outcome in measured[commit]:
+            if outcome.build_failed:
+                print(f"{commit[:8]:10} {'-':>15} {'-':>5} {'-':>7}  {outcome.env}: BUILD FAILED, passed over "
+                      "(asv's log above says why)")
+                continue
+            defects += len(outcome.failed)
+            note = f"FAILED: {', '.join(sorted(set(outcome.failed)))}" if outcome.failed else ""
+            print(f"{commit[:8]:10} {outcome.measured:>15} {outcome.skipped:>5} {len(outcome.failed):>7}  "
+                  f"{outcome.env} {note}")
+    return defects
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("range", nargs="?", default="ALL", help="asv's commit range (default: ALL)")
+    parser.add_argument("--machine", help="the machine's name in the results (default: asv's, the host name)")
+    parser.add_argument("--steps", type=int, help="measure at most N commits, spread over the range")
+    parser.add_argument("--config", default="asv.conf.json")
+    args, asv_args = parser.parse_known_args(argv)
+    asv_args = [a for a in asv_args if a != "--"]
+
+    machine = ["--machine", args.machine] if args.machine else []
+    subprocess.run(asv_command(args.config, "machine", "--yes", *machine), check=True)
+    steps = ["--steps", str(args.steps)] if args.steps else []
+    run = subprocess.run(asv_command(args.config, "run", "--skip-existing-commits", *machine, *steps,
+                                     *asv_args, args.range))
+    if run.returncode not in (0, 2):  # 2: something failed, which the report below sorts out
+        return run.returncode
+
+    conf = Config.load(args.config)
+    defects = report(conf, args.machine or Machine.get_unique_machine_name(), args.range)
+    if defects:
+        print(f"{defects} benchmark point(s) failed on commits that built: benchmarks must skip "
+              "(NotImplementedError in setup) what a commit does not have.")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
