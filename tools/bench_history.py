@@ -10,15 +10,24 @@ package does not build is reported and passed over, and the run goes on. The ben
 ``NotImplementedError`` in setup) what a commit does not have yet, so a *failed* benchmark on a
 commit that built is a defect of the suite: the exit status is then 1, else 0.
 
+``--existing PYTHON`` measures in an interpreter that already has MLX (asv cannot install it: a CUDA
+machine without a package index, say). asv's ``-E existing`` measures whatever that interpreter
+imports, so each commit is exported to a scratch folder that the benchmarks import ``semantic`` from
+(``ASV_PYTHONPATH``), and its results are saved under that commit (``--set-commit-hash``).
+
 Extra arguments after ``--`` go to ``asv run`` unchanged (e.g. ``-- --launch-method forkserver``).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
+import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -26,6 +35,7 @@ from asv.benchmarks import Benchmarks
 from asv.config import Config
 from asv.machine import Machine
 from asv.results import iter_results_for_machine
+from asv.util import pick_n
 
 SPECIAL_RANGES = ("NEW", "EXISTING")  # asv's range names that git cannot resolve (ALL is mapped)
 
@@ -78,6 +88,32 @@ def outcomes(conf: Config, machine: str) -> Dict[str, List[CommitOutcome]]:
     return found
 
 
+def run_in_existing(conf: Config, config: str, python: str, range_spec: str, machine: List[str],
+                    steps: Optional[int], asv_args: List[str]) -> int:
+    """``asv run -E existing:python`` once per unmeasured commit of the range, each commit's package
+    exported to a scratch folder first. Returns asv's worst exit status."""
+    commits = commits_in(conf, range_spec)
+    if commits is None:
+        raise SystemExit(f"--existing needs a git range, not {range_spec}")
+    name = machine[1] if machine else Machine.get_unique_machine_name()
+    measured = {result.commit_hash for result in iter_results_for_machine(conf.results_dir, name)}
+    todo = [commit for commit in commits if commit not in measured]
+    status = 0
+    for commit in pick_n(todo, steps) if steps else todo:
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=conf.repo,
+                                 capture_output=True, check=True).stdout
+        with tempfile.TemporaryDirectory(prefix=f"semantic-{commit[:8]}-") as source:
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                tar.extractall(source, filter="data")
+            run = subprocess.run(
+                asv_command(config, "run", "-E", f"existing:{python}", "--set-commit-hash", commit, *machine,
+                            *asv_args),
+                env=dict(os.environ, ASV_PYTHONPATH=source),  # asv drops PYTHONPATH, passes this on
+            )
+        status = max(status, run.returncode)
+    return status
+
+
 def report(conf: Config, machine: str, range_spec: str) -> int:
     """Print one line per commit and environment; return how many benchmarks failed on built commits."""
     measured = outcomes(conf, machine)
@@ -109,18 +145,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--machine", help="the machine's name in the results (default: asv's, the host name)")
     parser.add_argument("--steps", type=int, help="measure at most N commits, spread over the range")
     parser.add_argument("--config", default="asv.conf.json")
+    parser.add_argument("--existing", metavar="PYTHON",
+                        help="measure in this interpreter (asv -E existing), one exported commit at a time")
     args, asv_args = parser.parse_known_args(argv)
     asv_args = [a for a in asv_args if a != "--"]
 
     machine = ["--machine", args.machine] if args.machine else []
     subprocess.run(asv_command(args.config, "machine", "--yes", *machine), check=True)
-    steps = ["--steps", str(args.steps)] if args.steps else []
-    run = subprocess.run(asv_command(args.config, "run", "--skip-existing-commits", *machine, *steps,
-                                     *asv_args, args.range))
-    if run.returncode not in (0, 2):  # 2: something failed, which the report below sorts out
-        return run.returncode
-
     conf = Config.load(args.config)
+    if args.existing:
+        status = run_in_existing(conf, args.config, args.existing, args.range, machine, args.steps, asv_args)
+    else:
+        steps = ["--steps", str(args.steps)] if args.steps else []
+        status = subprocess.run(asv_command(args.config, "run", "--skip-existing-commits", *machine, *steps,
+                                            *asv_args, args.range)).returncode
+    if status not in (0, 2):  # 2: something failed, which the report below sorts out
+        return status
+
     defects = report(conf, args.machine or Machine.get_unique_machine_name(), args.range)
     if defects:
         print(f"{defects} benchmark point(s) failed on commits that built: benchmarks must skip "
