@@ -9,6 +9,7 @@ feature a benchmark measures, the third making another benchmark twice as slow.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -90,21 +91,22 @@ def commit_files(repo: pathlib.Path, message: str, files: dict) -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
-def backfill(env: dict, config: pathlib.Path, repo: pathlib.Path) -> subprocess.CompletedProcess:
+def backfill(env: dict, config: pathlib.Path, repo: pathlib.Path, *options: str,
+             machine: str = MACHINE) -> subprocess.CompletedProcess:
     """``tools/bench_history.py`` as ``make bench-history`` runs it, on ``repo``."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_history.py"), "--config", str(config), "--machine", MACHINE,
-         "--", *FORK, "--show-stderr"],
+        [sys.executable, str(ROOT / "tools" / "bench_history.py"), "--config", str(config), "--machine", machine,
+         *options, "--", *FORK, "--show-stderr"],
         cwd=repo, env=env, capture_output=True, text=True,
     )
 
 
-def values_by_commit(results_dir: pathlib.Path, name: str) -> dict:
+def values_by_commit(results_dir: pathlib.Path, name: str, machine: str = MACHINE) -> dict:
     """commit hash -> the benchmark's value there (None: failed, nan: skipped)."""
     benchmarks = load_json(str(results_dir / "benchmarks.json"), api_version=2)
     return {
         result.commit_hash: result.get_result_value(name, benchmarks[name]["params"])[0]
-        for result in iter_results_for_machine(str(results_dir), MACHINE)
+        for result in iter_results_for_machine(str(results_dir), machine)
     }
 
 
@@ -182,6 +184,27 @@ def test_backfill_passes_over_a_commit_that_does_not_build(history, asv_home):
     after = {p.name: p.read_bytes() for p in results.glob("*.json") if p.name != "machine.json"}
     assert {name: after[name] for name in before} == before, "commits measured before were run again"
     assert len(after) == len(before) + 1
+
+
+def test_backfill_in_an_existing_interpreter(history, asv_home, tmp_path):
+    """``--existing``: the interpreter running these tests (MLX installed; no virtualenv, nothing
+    built), each commit exported and imported through ASV_PYTHONPATH, as on a CUDA machine without a
+    package index. A fresh HOME: the tool must describe the machine itself."""
+    repo, _, _, _, (first, second, third) = history
+    config = config_for(tmp_path / "asv", repo=repo)
+    env = dict(asv_home, HOME=str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    run = backfill(env, config, repo, "--existing", sys.executable, third, machine="history-existing")
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    results = tmp_path / "asv" / "results"
+    rebuild = values_by_commit(results, REBUILD, "history-existing")
+    store = values_by_commit(results, STORE, "history-existing")
+    assert set(rebuild) == {first, second, third} and all(v and v > 0 for v in rebuild.values()), rebuild
+    assert store[first] != store[first] and store[second] > 0, store  # the export of each commit was measured
+    assert rebuild[third] > 1.5 * rebuild[second], rebuild
+    described = json.loads((results / "history-existing" / "machine.json").read_text())
+    assert described["num_cpu"] == str(os.cpu_count()) and described["cpu"], described
 
 
 # ---- the reference machines' results, committed -------------------------------------------------------

@@ -73,6 +73,26 @@ def test_every_benchmark_runs_without_failing(quick_run):
     assert "runs with SEMANTIC_BENCH_FULL=1" in output
 
 
+HIGHER_IS_BETTER_UNITS = {"GB/s", "ratio"}
+
+
+def test_bench_compare_judges_only_lower_is_better_benchmarks(quick_run):
+    """asv takes every number as lower-is-better: `make bench-compare` must leave out exactly the
+    benchmarks whose unit says higher is better, or an improvement would fail the gate."""
+    _, _, tmp = quick_run
+    benchmarks = load_json(str(tmp / "results" / "benchmarks.json"), api_version=2)
+    line = next(l for l in (ROOT / "Makefile").read_text().splitlines() if l.startswith("LOWER_IS_BETTER :="))
+    judged = re.compile(line.split(":=", 1)[1].strip().replace("$$", "$"))
+    def selected(name, benchmark) -> bool:  # as asv's -b does: parameterized names as name(params)
+        points = [f"{name}({', '.join(p)})" for p in itertools.product(*benchmark["params"])] or [name]
+        return any(judged.search(point) for point in points)
+
+    wrong = {name: b["unit"] for name, b in benchmarks.items()
+             if name != "version" and selected(name, b) == (b["unit"] in HIGHER_IS_BETTER_UNITS)}
+    assert not wrong, f"judged by make bench-compare in the wrong direction (fix LOWER_IS_BETTER): {wrong}"
+    assert any(b["unit"] in HIGHER_IS_BETTER_UNITS for b in benchmarks.values())
+
+
 def benchmark_classes():
     """(class, parameter tuples) of every benchmark class of the suite, imported in this process."""
     sys.path.insert(0, str(ROOT))

@@ -147,11 +147,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--config", default="asv.conf.json")
     parser.add_argument("--existing", metavar="PYTHON",
                         help="measure in this interpreter (asv -E existing), one exported commit at a time")
-    args, asv_args = parser.parse_known_args(argv)
-    asv_args = [a for a in asv_args if a != "--"]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, asv_args = parser.parse_args(argv[:split]), argv[split + 1:]
 
     machine = ["--machine", args.machine] if args.machine else []
-    subprocess.run(asv_command(args.config, "machine", "--yes", *machine), check=True)
+    # asv fills in a new name's details (cpu, ram, ...) only from the entry of this host's own name:
+    # without it, `asv machine --yes --machine NAME` records the name alone.
+    subprocess.run(asv_command(args.config, "machine", "--yes"), check=True)
+    if machine:
+        subprocess.run(asv_command(args.config, "machine", "--yes", *machine), check=True)
     conf = Config.load(args.config)
     if args.existing:
         status = run_in_existing(conf, args.config, args.existing, args.range, machine, args.steps, asv_args)
@@ -159,8 +164,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         steps = ["--steps", str(args.steps)] if args.steps else []
         status = subprocess.run(asv_command(args.config, "run", "--skip-existing-commits", *machine, *steps,
                                             *asv_args, args.range)).returncode
-    if status not in (0, 2):  # 2: something failed, which the report below sorts out
-        return status
+    # 2: something failed, which the report below sorts out; but asv's usage errors exit 2 too, and
+    # then there is nothing to report on.
+    if status not in (0, 2) or not os.path.exists(os.path.join(conf.results_dir, "benchmarks.json")):
+        print(f"asv run exited {status} without results: see its output above", file=sys.stderr)
+        return status or 1
 
     defects = report(conf, args.machine or Machine.get_unique_machine_name(), args.range)
     if defects:
