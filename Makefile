@@ -36,8 +36,10 @@ ASV_LAUNCH ?= $(if $(and $(filter Linux,$(shell uname -s)),$(filter cpu,$(subst 
 MACHINE ?=
 
 # Measures the last commit (not uncommitted changes) in asv's own virtualenv, which installs MLX once.
+# A new MACHINE name gets its details (cpu, ram, ...) from the host's own entry, described first.
 bench: venv
-	$(ASV) machine --yes $(if $(MACHINE),--machine $(MACHINE))
+	$(ASV) machine --yes
+	$(if $(MACHINE),$(ASV) machine --yes --machine $(MACHINE))
 	$(ASV) run --launch-method $(ASV_LAUNCH) $(if $(MACHINE),--machine $(MACHINE)) HEAD^!
 	$(ASV) publish
 	@echo "Dashboard: $(CURDIR)/.asv/html/index.html"

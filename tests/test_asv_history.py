@@ -146,9 +146,14 @@ def test_backfill_measures_every_commit_and_skips_a_missing_feature(history):
         assert f"{commit[:8]} " in report and "FAILED" not in report, report
 
 
+def machine_graphs(html: pathlib.Path, name: str, machine: str) -> list:
+    """The dashboard's graph files of benchmark ``name`` on ``machine`` (one per environment)."""
+    return [p for p in html.glob(f"graphs/**/{name}.json") if f"machine-{machine}" in p.parts]
+
+
 def graph_points(html: pathlib.Path, name: str, machine: str) -> list:
     """The [revision, value] points the dashboard draws for a benchmark without parameters on ``machine``."""
-    (path,) = [p for p in html.glob(f"graphs/**/{name}.json") if f"machine-{machine}" in p.parts]
+    (path,) = machine_graphs(html, name, machine)
     return json.loads(path.read_text())
 
 
@@ -216,7 +221,7 @@ RECONSTRUCT = "bench_reconstruct.Reconstruct.time_reconstruct"
 
 def measured_commits(html: pathlib.Path, machine: str) -> set:
     """Revisions (positions on main) where the dashboard has a reconstruction time on ``machine``."""
-    paths = [p for p in html.glob(f"graphs/**/{RECONSTRUCT}.json") if f"machine-{machine}" in p.parts]
+    paths = machine_graphs(html, RECONSTRUCT, machine)
     assert paths, f"no reconstruction graph for {machine}"
     revisions = set()
     for path in paths:
@@ -229,7 +234,7 @@ def measured_commits(html: pathlib.Path, machine: str) -> set:
 def test_a_fresh_clone_publishes_both_reference_machines_history(asv_home, tmp_path):
     """``asv publish`` of the committed results, without running anything."""
     shutil.copytree(RESULTS, tmp_path / "results")  # publish may rewrite old-format files: not in the repo
-    config = config_for(tmp_path, env_dir=str(tmp_path / "env"))
+    config = config_for(tmp_path)
     asv(asv_home, config, "publish")
     index = json.loads((tmp_path / "html" / "index.json").read_text())
     assert set(REFERENCE) <= set(index["params"]["machine"]), index["params"]["machine"]

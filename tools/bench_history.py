@@ -88,15 +88,14 @@ def outcomes(conf: Config, machine: str) -> Dict[str, List[CommitOutcome]]:
     return found
 
 
-def run_in_existing(conf: Config, config: str, python: str, range_spec: str, machine: List[str],
+def run_in_existing(conf: Config, config: str, python: str, range_spec: str, machine: str,
                     steps: Optional[int], asv_args: List[str]) -> int:
-    """``asv run -E existing:python`` once per unmeasured commit of the range, each commit's package
-    exported to a scratch folder first. Returns asv's worst exit status."""
+    """``asv run -E existing:python`` once per commit of the range that ``machine`` has no results
+    for, each commit's package exported to a scratch folder first. Returns asv's worst exit status."""
     commits = commits_in(conf, range_spec)
     if commits is None:
         raise SystemExit(f"--existing needs a git range, not {range_spec}")
-    name = machine[1] if machine else Machine.get_unique_machine_name()
-    measured = {result.commit_hash for result in iter_results_for_machine(conf.results_dir, name)}
+    measured = {result.commit_hash for result in iter_results_for_machine(conf.results_dir, machine)}
     todo = [commit for commit in commits if commit not in measured]
     status = 0
     for commit in pick_n(todo, steps) if steps else todo:
@@ -106,8 +105,8 @@ def run_in_existing(conf: Config, config: str, python: str, range_spec: str, mac
             with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
                 tar.extractall(source, filter="data")
             run = subprocess.run(
-                asv_command(config, "run", "-E", f"existing:{python}", "--set-commit-hash", commit, *machine,
-                            *asv_args),
+                asv_command(config, "run", "-E", f"existing:{python}", "--set-commit-hash", commit,
+                            "--machine", machine, *asv_args),
                 env=dict(os.environ, ASV_PYTHONPATH=source),  # asv drops PYTHONPATH, passes this on
             )
         status = max(status, run.returncode)
@@ -151,26 +150,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     args, asv_args = parser.parse_args(argv[:split]), argv[split + 1:]
 
-    machine = ["--machine", args.machine] if args.machine else []
+    machine = args.machine or Machine.get_unique_machine_name()
     # asv fills in a new name's details (cpu, ram, ...) only from the entry of this host's own name:
     # without it, `asv machine --yes --machine NAME` records the name alone.
     subprocess.run(asv_command(args.config, "machine", "--yes"), check=True)
-    if machine:
-        subprocess.run(asv_command(args.config, "machine", "--yes", *machine), check=True)
+    subprocess.run(asv_command(args.config, "machine", "--yes", "--machine", machine), check=True)
     conf = Config.load(args.config)
     if args.existing:
         status = run_in_existing(conf, args.config, args.existing, args.range, machine, args.steps, asv_args)
     else:
         steps = ["--steps", str(args.steps)] if args.steps else []
-        status = subprocess.run(asv_command(args.config, "run", "--skip-existing-commits", *machine, *steps,
-                                            *asv_args, args.range)).returncode
+        status = subprocess.run(asv_command(args.config, "run", "--skip-existing-commits", "--machine", machine,
+                                            *steps, *asv_args, args.range)).returncode
     # 2: something failed, which the report below sorts out; but asv's usage errors exit 2 too, and
     # then there is nothing to report on.
     if status not in (0, 2) or not os.path.exists(os.path.join(conf.results_dir, "benchmarks.json")):
         print(f"asv run exited {status} without results: see its output above", file=sys.stderr)
         return status or 1
 
-    defects = report(conf, args.machine or Machine.get_unique_machine_name(), args.range)
+    defects = report(conf, machine, args.range)
     if defects:
         print(f"{defects} benchmark point(s) failed on commits that built: benchmarks must skip "
               "(NotImplementedError in setup) what a commit does not have.")
