@@ -10,6 +10,10 @@ from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
 
+KERNEL_TOLERANCE = 1e-2
+"""Largest difference allowed between float32 results of different kernels (a GPU picks kernels by shape)."""
+
+
 def prefill(model, tokens, chunk=512, decode=3):
     """The model's own cache after ``tokens`` (prefilled in chunks, as mlx-lm does) and ``decode``
     greedy steps: (cache, the tokens it holds, the next token, sampled and not yet fed)."""
@@ -108,9 +112,14 @@ def test_rebuild_of_a_prefix_trims_inside_a_block(llama32):
 
     rebuilt = blocks_to_cache(pool, handle, 300)
 
-    for original, copy in zip(short, rebuilt):
+    for stored, original, copy in zip(cache, short, rebuilt):
         assert copy.offset == 300
-        np.testing.assert_array_equal(visible(copy)[0], visible(original)[0])
+        # The same computation: exactly the first 300 tokens of the blocks it came from.
+        np.testing.assert_array_equal(visible(copy)[0], visible(stored)[0][..., :300, :])
+        np.testing.assert_array_equal(visible(copy)[1], visible(stored)[1][..., :300, :])
+        # A prefill of 300 tokens: the same values, up to the rounding of other kernels on a GPU
+        # (measured 0.0018 on an H200; bit-equal on CPU).
+        np.testing.assert_allclose(visible(copy)[0], visible(original)[0], rtol=0, atol=KERNEL_TOLERANCE)
 
 
 def test_random_geometry_round_trip_without_a_model():
