@@ -4,7 +4,8 @@ then say what each commit gave.
     python tools/bench_history.py [--machine NAME] [--steps N] [--config FILE] [RANGE]
 
 ``RANGE`` is asv's (default ``ALL``: every commit of the configured branches; ``f11c728..main``,
-``NEW``, ``HASHFILE:list`` work too). Commits this machine already has results for are not run again
+``HEAD^!``, ``HEAD``, ``NEW``, ``EXISTING`` and ``HASHFILE:list`` (one commit a line, ``-`` for stdin) work
+too; a git range lists first parents, as asv does). Commits this machine already has results for are not run again
 (``asv run --skip-existing-commits``), so a second call measures only what is new. A commit whose
 package does not build is reported and passed over, and the run goes on. The benchmarks skip (raise
 ``NotImplementedError`` in setup) what a commit does not have yet, so a *failed* benchmark on a
@@ -15,6 +16,11 @@ machine without a package index, say). asv's ``-E existing`` measures whatever t
 imports, so each commit is exported to a scratch folder that the benchmarks import ``semantic`` from
 (``ASV_PYTHONPATH``), and its results are saved under that commit (``--set-commit-hash``).
 
+A reference machine (a folder of the config's ``reference_results_dir``, ``benchmarks/results/``) is
+measured into that folder, with its committed details (``asv_dashboard.pin``), so its series goes on and
+its ``machine.json`` stays as committed; any other machine's results go to the config's ``results_dir``
+(``.asv/results/``, git-ignored), next to copies of the reference machines'.
+
 Extra arguments after ``--`` go to ``asv run`` unchanged (e.g. ``-- --launch-method forkserver``).
 """
 
@@ -24,11 +30,13 @@ import argparse
 import io
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from asv.benchmarks import Benchmarks
@@ -37,7 +45,9 @@ from asv.machine import Machine
 from asv.results import iter_results_for_machine
 from asv.util import pick_n
 
-SPECIAL_RANGES = ("NEW", "EXISTING")  # asv's range names that git cannot resolve (ALL is mapped)
+import asv_dashboard  # tools/, next to this file
+
+SPECIAL_RANGES = ("NEW", "EXISTING", "TAGS")  # asv's range names that git cannot resolve (ALL, HEAD are mapped)
 
 
 @dataclass
@@ -57,13 +67,42 @@ def asv_command(config: str, *args: str) -> List[str]:
 
 
 def commits_in(conf: Config, range_spec: str) -> Optional[List[str]]:
-    """The range's commits, newest first; None for asv's NEW/EXISTING (then: every measured commit)."""
+    """The range's commits, newest first, as ``asv run`` reads the range; None for asv's NEW, EXISTING
+    and TAGS (then: every measured commit)."""
     if range_spec in SPECIAL_RANGES:
         return None
-    revisions = list(conf.branches) if range_spec == "ALL" else range_spec.split()
-    listed = subprocess.run(["git", "rev-list", *revisions, "--"], cwd=conf.repo,
-                            capture_output=True, text=True, check=True)
-    return listed.stdout.split()
+
+    def git(*args: str) -> List[str]:
+        listed = subprocess.run(["git", *args], cwd=conf.repo, capture_output=True, text=True)
+        if listed.returncode != 0:
+            raise SystemExit(f"bench_history: error: {range_spec!r} is not a commit range here: "
+                             f"git {' '.join(args)}: {listed.stderr.strip()}")
+        return listed.stdout.split()
+
+    if range_spec.startswith("HASHFILE:"):
+        names = read_hashfile(range_spec)
+        return [commit for name in names for commit in git("rev-parse", "--verify", "--end-of-options",
+                                                              f"{name}^{{commit}}")]
+    if range_spec == "HEAD":
+        return git("rev-parse", "HEAD")
+    revisions = list(conf.branches) if range_spec == "ALL" else shlex.split(range_spec)
+    return git("rev-list", "--first-parent", *revisions, "--")
+
+
+def read_hashfile(range_spec: str) -> List[str]:
+    path = range_spec[len("HASHFILE:"):]
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as error:
+        raise SystemExit(f"bench_history: error: cannot read the commit list {path}: {error}") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def absolute_range(range_spec: str) -> str:
+    """asv reads ``HASHFILE:path`` after changing to the config's folder: give it an absolute path."""
+    if range_spec.startswith("HASHFILE:") and range_spec != "HASHFILE:-":
+        return "HASHFILE:" + str(Path(range_spec[len("HASHFILE:"):]).resolve())
+    return range_spec
 
 
 def outcomes(conf: Config, machine: str) -> Dict[str, List[CommitOutcome]]:
@@ -151,24 +190,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, asv_args = parser.parse_args(argv[:split]), argv[split + 1:]
 
     machine = args.machine or Machine.get_unique_machine_name()
-    # asv fills in a new name's details (cpu, ram, ...) only from the entry of this host's own name:
-    # without it, `asv machine --yes --machine NAME` records the name alone.
-    subprocess.run(asv_command(args.config, "machine", "--yes"), check=True)
-    subprocess.run(asv_command(args.config, "machine", "--yes", "--machine", machine), check=True)
-    conf = Config.load(args.config)
-    if args.existing:
-        status = run_in_existing(conf, args.config, args.existing, args.range, machine, args.steps, asv_args)
-    else:
-        steps = ["--steps", str(args.steps)] if args.steps else []
-        status = subprocess.run(asv_command(args.config, "run", "--skip-existing-commits", "--machine", machine,
-                                            *steps, *asv_args, args.range)).returncode
-    # 2: something failed, which the report below sorts out; but asv's usage errors exit 2 too, and
-    # then there is nothing to report on.
-    if status not in (0, 2) or not os.path.exists(os.path.join(conf.results_dir, "benchmarks.json")):
-        print(f"asv run exited {status} without results: see its output above", file=sys.stderr)
-        return status or 1
-
-    defects = report(conf, machine, args.range)
+    conf_json = asv_dashboard.load_config(Path(args.config))
+    reference = machine in asv_dashboard.reference_machines(conf_json)
+    if reference:  # measured into the committed folder itself
+        conf_json["results_dir"] = str(asv_dashboard.reference_dir(conf_json))
+    else:  # next to the reference machines' results, so asv compare and publish see both
+        asv_dashboard.sync(conf_json)
+    with tempfile.TemporaryDirectory(prefix="bench-history-") as scratch:
+        config = str(asv_dashboard.write_config(conf_json, Path(scratch), "asv.conf.json"))
+        asv_dashboard.pin(Path(config), conf_json, machine)
+        conf = Config.load(config)
+        range_spec = absolute_range(args.range)
+        if args.existing:
+            status = run_in_existing(conf, config, args.existing, range_spec, machine, args.steps, asv_args)
+        else:
+            steps = ["--steps", str(args.steps)] if args.steps else []
+            status = subprocess.run(asv_command(config, "run", "--skip-existing-commits", "--machine", machine,
+                                                *steps, *asv_args, range_spec)).returncode
+        # 2: something failed, which the report below sorts out; but asv's usage errors exit 2 too, and
+        # then there is nothing to report on.
+        if status not in (0, 2) or not os.path.exists(os.path.join(conf.results_dir, "benchmarks.json")):
+            print(f"asv run exited {status} without results: see its output above", file=sys.stderr)
+            return status or 1
+        defects = report(conf, machine, range_spec)
+    where = "the committed reference results" if reference else "this machine's results (git-ignored)"
+    print(f"results: {conf.results_dir}/{machine}/ ({where})")
     if defects:
         print(f"{defects} benchmark point(s) failed on commits that built: benchmarks must skip "
               "(NotImplementedError in setup) what a commit does not have.")
