@@ -10,7 +10,6 @@ import functools
 import http.server
 import importlib
 import itertools
-import json
 import os
 import pathlib
 import re

@@ -28,20 +28,27 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import os
+import queue
+import re
 import shlex
 import subprocess
 import sys
+import shutil
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from asv.benchmarks import Benchmarks
 from asv.config import Config
+from asv.environment import get_environments
 from asv.machine import Machine
+from asv.repo import get_repo
 from asv.results import iter_results_for_machine
 from asv.util import pick_n
 
@@ -127,28 +134,102 @@ def outcomes(conf: Config, machine: str) -> Dict[str, List[CommitOutcome]]:
     return found
 
 
-def run_in_existing(conf: Config, config: str, python: str, range_spec: str, machine: str,
-                    steps: Optional[int], asv_args: List[str]) -> int:
-    """``asv run -E existing:python`` once per commit of the range that ``machine`` has no results
-    for, each commit's package exported to a scratch folder first. Returns asv's worst exit status."""
+def export(conf: Config, commit: str, folder: Path) -> Path:
+    """The commit's tree, unpacked under ``folder``: what the benchmarks import ``semantic`` from."""
+    archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=conf.repo,
+                             capture_output=True, check=True).stdout
+    source = folder / f"source-{commit[:8]}"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(source, filter="data")
+    return source
+
+
+def suite(conf: Config, python: str, source: Path) -> List[str]:
+    """The names of the checkout's benchmarks, discovered as asv does, in ``python``."""
+    os.environ["ASV_PYTHONPATH"] = str(source)  # asv passes it on to the discovery process
+    try:
+        environments = list(get_environments(conf, [f"existing:{python}"]))
+        return sorted(Benchmarks.discover(conf, get_repo(conf), environments, ["HEAD"]))
+    finally:
+        del os.environ["ASV_PYTHONPATH"]
+
+
+def measured_names(conf: Config, machine: str) -> Dict[str, set]:
+    """Commit hash -> the benchmarks ``machine`` has a result for there."""
+    found: Dict[str, set] = {}
+    for result in iter_results_for_machine(conf.results_dir, machine):
+        found.setdefault(result.commit_hash, set()).update(result.get_all_result_keys())
+    return found
+
+
+def merge(unit_results: Path, results_dir: Path, machine: str) -> None:
+    """Add one benchmark's results (a unit's scratch results dir) to the machine's result files."""
+    target = results_dir / machine
+    target.mkdir(parents=True, exist_ok=True)
+    for path in (unit_results / machine).glob("*.json"):
+        existing = target / path.name
+        if path.name == "machine.json" or not existing.exists():
+            if not existing.exists():
+                shutil.copy2(path, existing)
+            continue
+        merged, new = json.loads(existing.read_text()), json.loads(path.read_text())
+        for key in ("results", "durations"):
+            merged.setdefault(key, {}).update(new.get(key, {}))
+        existing.write_text(json.dumps(merged))
+    shutil.copy2(unit_results / "benchmarks.json", results_dir / "benchmarks.json")
+
+
+def run_in_existing(conf: Config, config_json: dict, python: str, range_spec: str, machine: str,
+                    steps: Optional[int], jobs: int, asv_args: List[str]) -> int:
+    """``asv run -E existing:python`` for each benchmark of the suite on each commit of the range that
+    ``machine`` has no result of it for, each commit's package exported to a scratch folder first.
+    ``jobs`` run at once, job i on GPU i (``CUDA_VISIBLE_DEVICES``); each into a scratch results dir,
+    merged into the machine's as it ends, so a run stopped by a time limit resumes where it was.
+    Returns asv's worst exit status."""
     commits = commits_in(conf, range_spec)
     if commits is None:
         raise SystemExit(f"--existing needs a git range, not {range_spec}")
-    measured = {result.commit_hash for result in iter_results_for_machine(conf.results_dir, machine)}
-    todo = [commit for commit in commits if commit not in measured]
     status = 0
-    for commit in pick_n(todo, steps) if steps else todo:
-        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=conf.repo,
-                                 capture_output=True, check=True).stdout
-        with tempfile.TemporaryDirectory(prefix=f"semantic-{commit[:8]}-") as source:
-            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-                tar.extractall(source, filter="data")
-            run = subprocess.run(
-                asv_command(config, "run", "-E", f"existing:{python}", "--set-commit-hash", commit,
-                            "--machine", machine, *asv_args),
-                env=dict(os.environ, ASV_PYTHONPATH=source),  # asv drops PYTHONPATH, passes this on
-            )
-        status = max(status, run.returncode)
+    with tempfile.TemporaryDirectory(prefix="bench-existing-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        names = suite(conf, python, export(conf, commits[0], scratch))
+        done = measured_names(conf, machine)
+        todo = [commit for commit in commits if set(names) - done.get(commit, set())]
+        units = queue.SimpleQueue()
+        for commit in pick_n(todo, steps) if steps else todo:
+            source = export(conf, commit, scratch) if commit != commits[0] else scratch / f"source-{commit[:8]}"
+            for name in names:
+                if name not in done.get(commit, set()):
+                    units.put((commit, source, name))
+        print(f"{units.qsize()} benchmark(s) x commit(s) to measure, {jobs} at a time", flush=True)
+        lock = threading.Lock()
+
+        def work(job: int) -> None:
+            nonlocal status
+            env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(job)} if jobs > 1 else {}))
+            while True:
+                try:
+                    commit, source, name = units.get_nowait()
+                except queue.Empty:
+                    return
+                folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{commit[:8]}-"))
+                unit_config = asv_dashboard.write_config(dict(config_json, results_dir=str(folder)), folder,
+                                                         "asv.conf.json")
+                run = subprocess.run(
+                    asv_command(str(unit_config), "run", "-E", f"existing:{python}", "--set-commit-hash", commit,
+                                "--machine", machine, "-b", f"^{re.escape(name)}(\\(|$)", *asv_args),
+                    env=dict(env, ASV_PYTHONPATH=str(source)),  # asv drops PYTHONPATH, passes this on
+                )
+                with lock:
+                    if (folder / "benchmarks.json").exists():
+                        merge(folder, Path(conf.results_dir), machine)
+                    status = max(status, run.returncode)
+
+        threads = [threading.Thread(target=work, args=(job,)) for job in range(jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     return status
 
 
@@ -184,7 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, help="measure at most N commits, spread over the range")
     parser.add_argument("--config", default="asv.conf.json")
     parser.add_argument("--existing", metavar="PYTHON",
-                        help="measure in this interpreter (asv -E existing), one exported commit at a time")
+                        help="measure in this interpreter (asv -E existing), each commit exported")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --existing: benchmarks run at once, job i on GPU i (default 1)")
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args, asv_args = parser.parse_args(argv[:split]), argv[split + 1:]
@@ -202,7 +285,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         conf = Config.load(config)
         range_spec = absolute_range(args.range)
         if args.existing:
-            status = run_in_existing(conf, config, args.existing, range_spec, machine, args.steps, asv_args)
+            status = run_in_existing(conf, conf_json, args.existing, range_spec, machine, args.steps, args.jobs,
+                                     asv_args)
         else:
             steps = ["--steps", str(args.steps)] if args.steps else []
             status = subprocess.run(asv_command(config, "run", "--skip-existing-commits", "--machine", machine,
