@@ -133,3 +133,29 @@ def test_random_geometry_round_trip_without_a_model():
     for original, copy in zip(caches, blocks_to_cache(pool, handle)):
         np.testing.assert_array_equal(visible(copy)[0], visible(original)[0])
         np.testing.assert_array_equal(visible(copy)[1], visible(original)[1])
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fragmented):
+    """On CPU blocks are written through NumPy views; other backends write with MLX ops (slices of rows,
+    or one scatter when the free list is fragmented). Both must store the same bytes."""
+    from semantic.benchmarking.cases import random_caches
+    from semantic.domain import services
+
+    spec = ModelCacheSpec(6, 2, 16, 16, "bfloat16", layer_windows=(None, 300) * 3, name="small")
+    pool = BlockPool(spec, total_blocks=4 * spec.blocks_per_agent(1100))
+    if fragmented:  # free ids come back out of order
+        held = pool.allocate(pool.total_blocks // 2, "x")
+        pool.release_blocks(held[::2], "x")
+    caches = random_caches(spec, 1100, seed=3)
+    tokens = list(range(1100))
+    with monkeypatch.context() as patch:
+        patch.setattr(services, "writes_through_host", lambda: False)
+        on_device = cache_to_blocks(pool, "device", caches, tokens)
+    on_host = cache_to_blocks(pool, "host", caches, tokens)
+    runs = len(list(services._id_runs([b for ids in on_device.all_block_ids for b in ids], 0, on_device.num_blocks)))
+    assert (runs > services._MAX_SLICE_WRITES) == fragmented
+    for original, a, b in zip(caches, blocks_to_cache(pool, on_host), blocks_to_cache(pool, on_device)):
+        for x, y, z in zip(visible(original)[:2], visible(a)[:2], visible(b)[:2]):
+            np.testing.assert_array_equal(y, x)
+            np.testing.assert_array_equal(z, x)

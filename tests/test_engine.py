@@ -26,18 +26,24 @@ SAME_KERNELS = mx.default_device() == mx.cpu
 """On CPU a resume and a prefill of the whole context run the same kernels, so their tokens are equal bit
 for bit. A GPU picks kernels by shape (a prefill of 300 tokens or of 600, a batch of one or of three), so
 there generated tokens are checked with :func:`greedy_gap` instead: greedy up to rounding."""
-LOGIT_TOLERANCE = 1e-2
-"""Largest logit difference allowed between kernels (float32 test models)."""
+LOGIT_TOLERANCE = 0.2
+"""Largest logit difference allowed between kernels. The test models are float32, but MLX's CUDA backend
+multiplies float32 matrices in TF32 (10-bit mantissas): gaps up to 0.08 were seen on an H200."""
 
 
-def greedy_gap(model, context, generated):
-    """How far ``generated`` is from greedy after ``context``: the largest gap, over its tokens, between
-    the best logit and the chosen token's, all scored in one prefill of the whole sequence (0: greedy)."""
+def greedy_gaps(model, context, generated):
+    """How far each token of ``generated`` is from greedy after ``context`` and the tokens before it: the
+    best logit minus the chosen token's (0: greedy), all scored in one prefill of the whole sequence."""
     sequence = list(context) + list(generated)
     logits = model(mx.array([sequence[:-1]]), cache=adapter.make_cache(model))[0, len(context) - 1 :]
     logits = logits.astype(mx.float32)
     chosen = mx.take_along_axis(logits, mx.array(generated)[:, None], axis=1)[:, 0]
-    return float((logits.max(axis=1) - chosen).max())
+    return (logits.max(axis=1) - chosen).tolist()
+
+
+def greedy_gap(model, context, generated):
+    """The largest of :func:`greedy_gaps`: within ``LOGIT_TOLERANCE``, ``generated`` is greedy up to rounding."""
+    return max(greedy_gaps(model, context, generated))
 
 
 def run(engine, agent, prompt, **kwargs):
@@ -117,13 +123,14 @@ def test_several_agents_in_one_batch_keep_their_own_context(llama32):
     for agent in prompts:
         assert resumed[agent].uid == resumed_uids[agent]
         # Greedy after its own context, and far from greedy after each other agent's: a cache mixed up
-        # within the batch fails by a margin no rounding covers.
+        # within the batch fails by a margin no rounding covers (a mean gap of 0.4, against 0.2 allowed
+        # for any one token of the agent's own continuation).
         for other in prompts:
-            gap = greedy_gap(engine.model, contexts[other], resumed[agent].token_ids)
+            gaps = greedy_gaps(engine.model, contexts[other], resumed[agent].token_ids)
             if other == agent:
-                assert gap <= LOGIT_TOLERANCE, agent
-            else:
-                assert gap > 100 * LOGIT_TOLERANCE, (agent, other, gap)
+                assert max(gaps) <= LOGIT_TOLERANCE, agent
+            else:  # measured on CPU: every token 0.3-1.6 from greedy, 0.75 on average
+                assert sum(gaps) / len(gaps) > 2 * LOGIT_TOLERANCE, (agent, other, gaps)
         if SAME_KERNELS:
             alone = cold_continuation(engine, firsts[agent].blocks, tokens, max_tokens=15)
             assert resumed[agent].token_ids == alone.token_ids, agent

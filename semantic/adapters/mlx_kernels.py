@@ -10,7 +10,7 @@ the same launch (a launch costs about as much as copying a 2 MiB context).
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -55,6 +55,62 @@ def gather_row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array) -> Tu
         output_dtypes=[k_table.dtype, v_table.dtype],
     )
     return k_out.reshape(rows.shape + k_table.shape[1:]), v_out.reshape(rows.shape + v_table.shape[1:])
+
+
+# One thread block per (new block, head) row, keys and values in one launch: copies each slot of the
+# row from its layer's source (token ``tok0 + slot``), zeroes the slots outside ``[lo, hi)``.
+_PACK_BLOCKS = """
+    const int row = blockIdx.x;
+    const int block = row / HEADS, head = row % HEADS;
+    const int source = plan[4 * block], tok0 = plan[4 * block + 1];
+    const int lo = plan[4 * block + 2], hi = plan[4 * block + 3];
+    const bool is_value = blockIdx.y == 1;
+    const int vecs = is_value ? V_VECS : K_VECS;  // 16-byte vectors per token slot
+    const uint4* src = nullptr;
+    switch (source) {
+%s
+    }
+    const long long first = ((long long)head * lengths[source] + tok0) * vecs;
+    uint4* dst = reinterpret_cast<uint4*>(is_value ? v_out : k_out) + (size_t)row * BLOCK_SIZE * vecs;
+    for (int i = threadIdx.x; i < BLOCK_SIZE * vecs; i += blockDim.x) {
+        const int slot = i / vecs;
+        dst[i] = (slot >= lo && slot < hi) ? src[first + i] : make_uint4(0, 0, 0, 0);
+    }
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _pack_kernel(n_sources: int):
+    cases = "\n".join(
+        f"        case {i}: src = reinterpret_cast<const uint4*>(is_value ? v{i} : k{i}); break;"
+        for i in range(n_sources)
+    )
+    names = [f"k{i}" for i in range(n_sources)] + [f"v{i}" for i in range(n_sources)] + ["lengths", "plan"]
+    return mx.fast.cuda_kernel(name=f"semantic_pack_blocks_{n_sources}", input_names=names,
+                               output_names=["k_out", "v_out"], source=_PACK_BLOCKS % cases)
+
+
+def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: Sequence[Tuple[int, int, int, int]],
+                block_size: int) -> Optional[Tuple[mx.array, mx.array]]:
+    """New blocks ``[n, heads, block_size, dim]`` (keys, values) cut from ``sources`` (per source ``[1, heads,
+    T, dim]`` keys and values) in one kernel, or ``None`` where this backend has no such kernel (the caller
+    then writes each source's blocks itself). ``plan`` has one row per new block: (source, the source token
+    in its slot 0, the first and end slot holding data); other slots are zeroed."""
+    keys, values = sources[0]
+    k_vec, v_vec = keys.shape[-1] * keys.itemsize, values.shape[-1] * values.itemsize
+    if not _on_cuda() or k_vec % 16 or v_vec % 16:
+        return None
+    heads, n = keys.shape[1], len(plan)
+    (k_out, v_out) = _pack_kernel(len(sources))(
+        inputs=[k for k, _ in sources] + [v for _, v in sources]
+        + [mx.array([k.shape[2] for k, _ in sources], dtype=mx.int32), mx.array(plan, dtype=mx.int32)],
+        template=[("HEADS", heads), ("BLOCK_SIZE", block_size), ("K_VECS", k_vec // 16), ("V_VECS", v_vec // 16)],
+        grid=(n * heads * _THREADS, 2, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(n, heads, block_size, keys.shape[-1]), (n, heads, block_size, values.shape[-1])],
+        output_dtypes=[keys.dtype, values.dtype],
+    )
+    return k_out, v_out
 
 
 _SAME_SIZE_UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}

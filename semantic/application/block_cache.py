@@ -168,8 +168,9 @@ def cache_to_blocks(
             ids = new_ids[taken : taken + n_new]
             taken += n_new
             layer_ids.append(shared_ids + ids)
-            if ids:
-                lo = spec.visible_range(layer, n_tokens)[0] - first_token
-                plan.append((ids, new_from, keys[..., lo:, :], values[..., lo:, :], first_token + lo))
+            if ids:  # only the new blocks' tokens: a kernel that needs contiguous input copies no more
+                start = max(spec.visible_range(layer, n_tokens)[0], new_from * spec.block_size)
+                lo = start - first_token
+                plan.append((ids, new_from, keys[..., lo:, :], values[..., lo:, :], start))
         pool.write_many(plan)
         return builder.finish(token_ids, layer_ids)

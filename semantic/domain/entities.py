@@ -64,17 +64,20 @@ class AgentBlocks:
         agent_id: str,
         token_ids: Sequence[int],
         layer_block_ids: Sequence[Sequence[int]],
+        *,
+        normalized: bool = False,
     ):
         # Called by BlockPool with the references already taken on this handle's behalf.
         self._pool = pool
         self.agent_id = agent_id
-        # A shared handle passes another handle's tuples, which are immutable and already normalised.
-        self.token_ids: Tuple[int, ...] = token_ids if type(token_ids) is tuple else tuple(map(int, token_ids))
-        self._layer_block_ids: Optional[Tuple[Tuple[int, ...], ...]] = (
-            layer_block_ids
-            if type(layer_block_ids) is tuple and all(type(ids) is tuple for ids in layer_block_ids)
-            else tuple(map(tuple, layer_block_ids))
-        )
+        # ``normalized``: the ids are another handle's tuples, shared as they are (a long context has
+        # thousands of tokens and ~1,000 blocks, and every resume shares its source handle).
+        if normalized:  # another handle's tuples
+            self.token_ids: Tuple[int, ...] = token_ids
+            self._layer_block_ids: Optional[Tuple[Tuple[int, ...], ...]] = layer_block_ids
+        else:
+            self.token_ids = tuple(map(int, token_ids))
+            self._layer_block_ids = tuple(map(tuple, layer_block_ids))
         flat = [b for ids in self._layer_block_ids for b in ids]
         self._finalizer = weakref.finalize(self, pool._release_later, flat, agent_id)
         self._memo: Dict[object, object] = {}

@@ -40,7 +40,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import gather_row_pairs, host_source, host_view, writes_through_host
+from semantic.adapters.mlx_kernels import gather_row_pairs, host_source, host_view, pack_blocks, writes_through_host
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -321,21 +321,29 @@ class BlockPool:
             loose = self._loose_refs[agent_id]
             if any(loose[b] < n for b, n in owned.items()):
                 raise AssertionError("a handle can only own references taken for it")
-            loose.subtract(owned)
-            _drop_zeros(self._loose_refs, agent_id)
+            _subtract(self._loose_refs, agent_id, owned)
             handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids)
             self._handles.add(handle)
         return handle
 
     def share(self, handle: AgentBlocks, agent_id: Optional[str] = None) -> AgentBlocks:
         """A new handle on ``handle``'s blocks, for ``agent_id`` (default: the same agent)."""
-        self.check_handle(handle)
         agent = handle.agent_id if agent_id is None else agent_id
         _check_agent_id(agent)
-        with self._lock, self.build_handle(agent) as builder:
+        with self._lock:
+            self._drain()
+            self.check_handle(handle)  # under the lock: a release in between would leave the copies dangling
             ids = handle.all_block_ids
-            builder.retain([b for layer in ids for b in layer])
-            return builder.finish(handle.token_ids, ids)
+            flat = [b for layer in ids for b in layer]
+            refcount = self._refcount
+            for b in flat:  # in use, as every block of a live handle is
+                refcount[b] += 1
+            self._agent_refs[agent].update(flat)
+            # The handle's own tuples: nothing to copy or check again (a context of 8K tokens on a
+            # 30-layer model is ~1,000 blocks, and this runs on every resume).
+            shared = AgentBlocks(self, agent, handle.token_ids, ids, normalized=True)
+            self._handles.add(shared)
+            return shared
 
     def release(self, handle: AgentBlocks) -> None:
         """Release a handle's references. A second release raises ``ReleasedHandleError``."""
@@ -378,19 +386,22 @@ class BlockPool:
     def _release_checked(self, block_ids: List[int], agent_id: str, loose_refs) -> None:
         """Drop one reference per id held by ``agent_id`` (from ``loose_refs`` too, when given)."""
         wanted = collections.Counter(block_ids)
-        for table in (self._agent_refs, loose_refs):
-            held = table.get(agent_id) if table is not None else None
-            for b, n in wanted.items():
+        if loose_refs is None:  # a handle's references: taken for it, valid by construction
+            tables = [self._agent_refs]
+        else:
+            for b in wanted:
                 self._checked_id(b)
-                if table is not None and (held is None or held[b] < n):
-                    raise BlockOwnershipError(
-                        f"agent {agent_id!r} does not hold {n} reference(s) on block {b} outside a handle; "
-                        "blocks are released once, by the agent that holds them (a handle's with the handle)"
-                    )
-        for table in (self._agent_refs, loose_refs):
-            if table is not None:
-                table[agent_id].subtract(wanted)
-                _drop_zeros(table, agent_id)
+            tables = [self._agent_refs, loose_refs]
+            for table in tables:
+                held = table.get(agent_id, collections.Counter())
+                for b, n in wanted.items():
+                    if held[b] < n:
+                        raise BlockOwnershipError(
+                            f"agent {agent_id!r} does not hold {n} reference(s) on block {b} outside a handle; "
+                            "blocks are released once, by the agent that holds them (a handle's with the handle)"
+                        )
+        for table in tables:
+            _subtract(table, agent_id, wanted)
         freed = []
         for b, n in wanted.items():
             self._refcount[b] -= n
@@ -452,10 +463,36 @@ class BlockPool:
                 arenas = self._host_arenas()
                 for k, write in enumerate(writes):
                     self._write_host(arenas, write[0], write[1], sources[2 * k], sources[2 * k + 1], write[4])
-            else:
-                for write in writes:
-                    self._write_arena(*write)
+            elif writes:
+                if not self._write_packed(writes):
+                    for write in writes:
+                        self._write_arena(*write)
                 mx.eval(self._keys, self._values)
+
+    def _write_packed(self, writes) -> bool:
+        """All new blocks cut from their sources by one kernel, then written as whole rows (one slice per
+        run of consecutive ids): two passes over the bytes, but three launches instead of two per layer.
+        Returns False where the backend has no such kernel."""
+        size = self.spec.block_size
+        plan = []
+        for source, (block_ids, first_index, keys, _, first_token) in enumerate(writes):
+            tokens = keys.shape[2]
+            for k in range(len(block_ids)):
+                tok0 = (first_index + k) * size - first_token
+                plan.append((source, tok0, max(0, -tok0), min(size, tokens - tok0)))
+        packed = pack_blocks([(w[2], w[3]) for w in writes], plan, size)
+        if packed is None:
+            return False
+        ids = [b for w in writes for b in w[0]]
+        runs = list(_id_runs(ids, 0, len(ids)))
+        for arena_name, blocks in zip(("_keys", "_values"), packed):
+            arena = getattr(self, arena_name)
+            if len(runs) <= _MAX_SLICE_WRITES:
+                for run_lo, run_hi, first_id in runs:  # in place: the arena is donated
+                    arena[first_id : first_id + run_hi - run_lo] = blocks[run_lo:run_hi]
+            else:
+                arena[mx.array(ids)] = blocks
+        return True
 
     def _host_arenas(self) -> Tuple[np.ndarray, np.ndarray]:
         # Made once: the arrays are written only through these views, so their buffers never change,
@@ -584,10 +621,18 @@ def _id_runs(block_ids: Sequence[int], lo: int, hi: int):
             start = k
 
 
-def _drop_zeros(table: Dict[str, collections.Counter], agent_id: str) -> None:
+def _subtract(table: Dict[str, collections.Counter], agent_id: str, counts: Dict[int, int]) -> None:
+    """Take ``counts`` references off ``agent_id``'s (which hold at least that many), forgetting blocks
+    at zero and the agent once it holds none. Not ``Counter.subtract``: that and ``Counter``'s deletes
+    run in Python, ~3x slower on the thousand blocks of a long context."""
     counter = table[agent_id]
-    for b in [b for b, n in counter.items() if n <= 0]:
-        del counter[b]
+    get = counter.get
+    for b, n in counts.items():
+        left = get(b, 0) - n
+        if left > 0:
+            counter[b] = left
+        else:
+            counter.pop(b, None)
     if not counter:
         del table[agent_id]
 
