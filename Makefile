@@ -38,6 +38,10 @@ ASV_LAUNCH ?= $(if $(and $(filter Linux,$(shell uname -s)),$(filter cpu,$(subst 
 MACHINE ?=
 BENCH_MACHINE = $(or $(MACHINE),$(shell uname -n))
 
+# asv builds its virtualenv from the first `pythonX.Y` on PATH of the version running asv (.venv's):
+# .venv/bin's own, not a pyenv shim that may not serve that version.
+bench bench-compare bench-history dashboard: export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
 # Measures the last commit (not uncommitted changes) in asv's own virtualenv (MLX installed once, with
 # the Python of .venv), then publishes the dashboard next to the reference machines' history.
 bench: venv

@@ -5,6 +5,8 @@
   (git-ignored), so both are drawn and ``asv compare`` finds both;
 * benchmarks whose unit says higher is better (GB/s, ratio) are left out of the Regressions page:
   asv takes every number as lower-is-better, so their improvements would be listed as regressions;
+* the front page's thumbnails draw one machine, the one with the most commits measured (asv averages
+  every machine into them: the H200's times drew a false 3x dip into the CPU history);
 * the JavaScript and CSS that asv's pages load from CDNs are served from the dashboard itself
   (``vendor/``: pinned npm packages, fetched once from the npm registry, checked against npm's
   sha512, licences kept), so ``asv preview`` or any static server draws the graphs offline.
@@ -26,6 +28,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -243,6 +246,35 @@ def vendor(html: Path, cache: Path = VENDOR_CACHE) -> List[Package]:
     return packages
 
 
+def summaries_of_one_machine(html: Path) -> Optional[str]:
+    """Redraw each front-page thumbnail (``graphs/summary/NAME.json``) from the graphs of the machine
+    with the most commits measured: per commit, the geometric mean over the benchmark's parameter
+    points and environments there, as asv's own summary takes it over everything. Returns the machine."""
+    index = json.loads((html / "index.json").read_text())
+    counts = {}
+    for path in (html / "graphs").glob("**/*.json"):
+        machine = next((part[len("machine-"):] for part in path.parts if part.startswith("machine-")), None)
+        if machine is not None:
+            counts[machine] = max(counts.get(machine, 0), len(json.loads(path.read_text())))
+    machines = [m for m in index["params"].get("machine", []) if m in counts]
+    if len(machines) < 2:
+        return None  # asv's summary already draws the one machine there is
+    machine = max(machines, key=lambda m: counts[m])
+    for summary in (html / "graphs" / "summary").glob("*.json"):
+        values: Dict[int, List[float]] = {}
+        for graph in html.glob(f"graphs/**/machine-{glob_escape(machine)}/**/{glob_escape(summary.name)}"):
+            for revision, value in json.loads(graph.read_text()):
+                points = value if isinstance(value, list) else [value]
+                values.setdefault(revision, []).extend(v for v in points if v is not None and v > 0)
+        drawn = [[revision, math.exp(sum(map(math.log, vs)) / len(vs))] for revision, vs in sorted(values.items()) if vs]
+        summary.write_text(json.dumps(drawn))
+    return machine
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def publish(config: Path, asv_args: List[str] = ()) -> Path:
     """sync + ``asv publish`` (higher-is-better benchmarks out of regression detection) + vendor."""
     conf = load_config(config)
@@ -251,6 +283,7 @@ def publish(config: Path, asv_args: List[str] = ()) -> Path:
         derived = write_config(publish_config(conf), Path(scratch), "asv.conf.json")
         subprocess.run([sys.executable, "-m", "asv", "--config", str(derived), "publish", *asv_args], check=True)
     html = Path(conf["html_dir"])
+    summaries_of_one_machine(html)
     vendor(html)
     return html
 

@@ -272,6 +272,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     args, asv_args = parser.parse_args(argv[:split]), argv[split + 1:]
 
+    # asv builds virtualenvs from the first `pythonX.Y` on PATH for the version running it: this
+    # interpreter's own folder first (a pyenv shim there may not serve that version).
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     machine = args.machine or Machine.get_unique_machine_name()
     conf_json = asv_dashboard.load_config(Path(args.config))
     reference = machine in asv_dashboard.reference_machines(conf_json)
