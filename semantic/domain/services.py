@@ -109,9 +109,18 @@ class _HandleBuilder:
         self._held.extend(block_ids)
 
     def finish(self, token_ids: Sequence[int], layer_block_ids: Sequence[Sequence[int]]) -> AgentBlocks:
-        if sorted(b for ids in layer_block_ids for b in ids) != sorted(self._held):
-            raise AssertionError("a handle must own exactly the references taken for it")
-        handle = self._pool._adopt(self._agent_id, token_ids, layer_block_ids)
+        tokens = _int_list("token_ids", token_ids)
+        if any(t < 0 for t in tokens):
+            raise InvalidRequestError("token_ids must be non-negative")
+        layers = _sequence("layer_block_ids", layer_block_ids)
+        if len(layers) != self._pool.spec.n_layers:
+            raise InvalidRequestError(f"layer_block_ids needs one list per layer ({self._pool.spec.n_layers}), got {len(layers)}")
+        layers = [_int_list(f"layer_block_ids[{i}]", ids) for i, ids in enumerate(layers)]
+        if sorted(b for ids in layers for b in ids) != sorted(self._held):
+            raise BlockOwnershipError(
+                "a handle must own exactly the references taken for it (allocate / retain on this builder)"
+            )
+        handle = self._pool._adopt(self._agent_id, tokens, layers)
         self._held = []
         return handle
 
@@ -130,8 +139,9 @@ class BlockPool:
     def __init__(self, spec: ModelCacheSpec, total_blocks: int, *, grow_buffer_cache: bool = True):
         if not isinstance(spec, ModelCacheSpec):
             raise InvalidRequestError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
-        if not isinstance(total_blocks, int) or total_blocks <= 0:
+        if not _is_int(total_blocks) or total_blocks <= 0:
             raise InvalidRequestError(f"total_blocks must be a positive int, got {total_blocks!r}")
+        total_blocks = int(total_blocks)
         self.spec = spec
         self.total_blocks = total_blocks
         self.pool_id = next(_pool_ids)
@@ -224,14 +234,12 @@ class BlockPool:
     # ---- raw references -----------------------------------------------------------------------
     def allocate(self, n_blocks: int, agent_id: str, *, reservation: Optional[Reservation] = None) -> List[int]:
         """Take ``n_blocks`` free blocks (reference count 1, attributed to ``agent_id``). All or nothing."""
-        if not isinstance(n_blocks, int) or n_blocks < 0:
-            raise InvalidRequestError(f"n_blocks must be a non-negative int, got {n_blocks!r}")
+        n_blocks = _count("n_blocks", n_blocks)
         _check_agent_id(agent_id)
+        self._check_reservation(reservation)
         with self._lock:
             self._drain()
             if reservation is not None:
-                if reservation._pool is not self:
-                    raise IncompatibleCacheError("that reservation belongs to another pool")
                 from_reservation = min(n_blocks, reservation.remaining)
             else:
                 from_reservation = 0
@@ -251,6 +259,7 @@ class BlockPool:
 
     def retain(self, block_ids: Sequence[int], agent_id: str) -> None:
         """One more reference on each of ``block_ids`` (which must be in use), attributed to ``agent_id``."""
+        block_ids = [self._checked_id(b) for b in _sequence("block_ids", block_ids)]
         _check_agent_id(agent_id)
         with self._lock:
             self._drain()
@@ -265,12 +274,17 @@ class BlockPool:
     def release_blocks(self, block_ids: Sequence[int], agent_id: str) -> None:
         """Give back one reference per id taken by :meth:`allocate` / :meth:`retain` (a handle's
         references go back with the handle). Checks everything first: a bad call changes nothing."""
+        block_ids = [self._checked_id(b) for b in _sequence("block_ids", block_ids)]
+        _check_agent_id(agent_id)
         with self._lock:
             self._drain()
-            self._release_checked(list(block_ids), agent_id, self._loose_refs)
+            self._release_checked(block_ids, agent_id, self._loose_refs)
 
     def reserve(self, n_blocks: int, owner: str) -> Reservation:
         """Promise ``n_blocks`` free blocks to ``owner``; raises ``PoolExhaustedError`` if they are not there."""
+        n_blocks = _count("n_blocks", n_blocks)
+        if not isinstance(owner, str):
+            raise InvalidRequestError(f"owner must be a string (who the blocks are for), got {owner!r}")
         with self._lock:
             self._drain()
             available = len(self._free) - self._reserved
@@ -278,6 +292,14 @@ class BlockPool:
                 raise PoolExhaustedError(n_blocks, available, f"(reserving for {owner})")
             self._reserved += n_blocks
             return Reservation(self, n_blocks, owner)
+
+    def _check_reservation(self, reservation) -> None:
+        if reservation is None:
+            return
+        if not isinstance(reservation, Reservation):
+            raise InvalidRequestError(f"reservation must be a Reservation from reserve(), got {type(reservation).__name__}")
+        if reservation._pool is not self:
+            raise IncompatibleCacheError("that reservation belongs to another pool")
 
     def _cancel_reservation(self, reservation: Reservation) -> None:
         with self._lock:
@@ -288,6 +310,7 @@ class BlockPool:
     def build_handle(self, agent_id: str, reservation: Optional[Reservation] = None) -> _HandleBuilder:
         """``with pool.build_handle(agent) as b: ...; handle = b.finish(tokens, ids)`` (rolled back on error)."""
         _check_agent_id(agent_id)
+        self._check_reservation(reservation)
         return _HandleBuilder(self, agent_id, reservation)
 
     def _adopt(self, agent_id: str, token_ids, layer_block_ids) -> AgentBlocks:
@@ -305,11 +328,11 @@ class BlockPool:
 
     def share(self, handle: AgentBlocks, agent_id: Optional[str] = None) -> AgentBlocks:
         """A new handle on ``handle``'s blocks, for ``agent_id`` (default: the same agent)."""
-        self.check_handle(handle)
-        agent = handle.agent_id if agent_id is None else agent_id
-        _check_agent_id(agent)
         with self._lock:
             self._drain()
+            self.check_handle(handle)  # under the lock: a release in between would leave the copies dangling
+            agent = handle.agent_id if agent_id is None else agent_id
+            _check_agent_id(agent)
             ids = handle.all_block_ids
             flat = [b for layer in ids for b in layer]
             refcount = self._refcount
@@ -387,9 +410,24 @@ class BlockPool:
         self._free.extend(reversed(freed))  # allocate pops from the end: a released run comes back in order
 
     def _checked_id(self, block_id) -> int:
-        if not isinstance(block_id, int) or not 0 <= block_id < self.total_blocks:
+        if not _is_int(block_id) or not 0 <= block_id < self.total_blocks:
             raise BlockOwnershipError(f"block id {block_id!r} is not in this pool (0..{self.total_blocks - 1})")
-        return block_id
+        return int(block_id)
+
+    def _block_array(self, block_ids, ndim: int) -> np.ndarray:
+        """Block ids as an int32 array, checked in bulk: an id outside the arrays would read or write out of
+        bounds (the storage calls are on the hot path, so this is one NumPy pass, not a Python loop)."""
+        try:
+            ids = np.asarray(block_ids)
+        except (ValueError, TypeError):
+            ids = None
+        if ids is None or ids.ndim != ndim or (ids.size and (
+                ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= self.total_blocks)):
+            raise BlockOwnershipError(
+                f"block ids must be {'a list' if ndim == 1 else 'equal-length lists'} of ids in this pool "
+                f"(0..{self.total_blocks - 1}), got {block_ids!r}"
+            )
+        return ids.astype(np.int32)
 
     # ---- storage ------------------------------------------------------------------------------
     def block_keys(self, block_id: int) -> mx.array:
@@ -416,6 +454,8 @@ class BlockPool:
         every backend); :meth:`allocate` hands out consecutive ids whenever the free list has them.
         """
         writes = list(writes)
+        for write in writes:
+            self._block_array(write[0], 1)
         with self._lock:
             if writes_through_host():
                 sources = [host_source(a) for w in writes for a in (w[2], w[3])]
@@ -501,7 +541,7 @@ class BlockPool:
         """The row index :meth:`gather` reads for these blocks (``[layers, heads, n_blocks]``); callers that
         gather the same blocks again (an immutable handle) make it once and pass it as ``rows``."""
         heads = self.spec.n_kv_heads
-        ids = np.asarray(layer_block_ids, dtype=np.int32).reshape(len(layer_block_ids), -1)
+        ids = self._block_array(layer_block_ids, 2)
         return mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None])
 
     def gather(self, layer_block_ids: Sequence[Sequence[int]] = (), *, evaluate: bool = True,
@@ -595,6 +635,32 @@ def _subtract(table: Dict[str, collections.Counter], agent_id: str, counts: Dict
             counter.pop(b, None)
     if not counter:
         del table[agent_id]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _count(name: str, value) -> int:
+    if not _is_int(value) or value < 0:
+        raise InvalidRequestError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _sequence(name: str, value) -> list:
+    """``value`` as a list, if it is a list, tuple, range or 1-d array (not a str, bytes or an iterator,
+    which would read as characters or be consumed by the first pass)."""
+    if isinstance(value, (list, tuple, range)) or (isinstance(value, np.ndarray) and value.ndim == 1):
+        return list(value)
+    raise InvalidRequestError(f"{name} must be a list or tuple, got {type(value).__name__}")
+
+
+def _int_list(name: str, value) -> List[int]:
+    items = _sequence(name, value)
+    bad = next((v for v in items if not _is_int(v)), None)
+    if bad is not None:
+        raise InvalidRequestError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
+    return [int(v) for v in items]
 
 
 def _check_agent_id(agent_id) -> None:
