@@ -90,12 +90,14 @@ def token_ids(prompt: Any, vocab_size: int) -> List[int]:
             "the prompt is bytes; decode it to str (the tokenizer encodes text), or pass a list of token ids"
         )
     elif isinstance(prompt, (list, tuple, range)):
-        bad = next((t for t in prompt if not is_int(t)), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"token ids must be ints (Python, NumPy or MLX integers), got {type(bad).__name__} {bad!r}"
-            )
-        ids = [int(t) for t in prompt]
+        ids = list(prompt)
+        if not all(type(t) is int for t in ids):  # the common case in one fast pass; the rest converted
+            bad = next((t for t in ids if not is_int(t)), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"token ids must be ints (Python, NumPy or MLX integers), got {type(bad).__name__} {bad!r}"
+                )
+            ids = [int(t) for t in ids]
     else:
         raise InvalidRequestError(
             f"prompt must be a str, a sequence of token ids or a 1-d integer array, got {type(prompt).__name__}"
