@@ -66,3 +66,17 @@ def host_view(array: mx.array) -> np.ndarray:
     ints so bfloat16 needs no NumPy support. Writes through it change ``array`` in place: only for
     arrays no computation still reads (the pool writes only blocks nothing refers to)."""
     return np.array(array.view(_SAME_SIZE_UINT[array.itemsize]), copy=False)
+
+
+def gather_dequantized(packed: mx.array, scales: mx.array, biases: mx.array, rows: mx.array, *, group_size: int,
+                       bits: int) -> mx.array:
+    """``mx.dequantize`` of rows ``rows`` of three tables of one quantized array (``[n_rows, *row_shape]``
+    each, as ``gather_rows`` takes them); the result is ``rows.shape + (tokens, head_dim)`` in the scales' dtype.
+
+    Portable path: three row gathers, then one dequantize (every backend). The GPU
+    form reads each packed row once and writes the dequantized row straight into
+    the cache layout: one kernel launched with the same ``rows`` index, the
+    ``VECS``-style template of ``_ROW_COPY`` extended by ``bits`` and ``group_size``.
+    """
+    return mx.dequantize(gather_rows(packed, rows), gather_rows(scales, rows), gather_rows(biases, rows),
+                         group_size=group_size, bits=bits)
