@@ -83,9 +83,21 @@ class QuantizedArenas:
 
     # ---- writes -------------------------------------------------------------------------------
     def write_many(self, writes: Iterable[Tuple[Sequence[int], int, mx.array, mx.array, int]]) -> None:
-        """``BlockPool.write_many`` for this format: quantize every write's tokens, then store them."""
-        self.write_stored([(ids, first_index, self.quantize(keys, values), first_token)
-                           for ids, first_index, keys, values, first_token in writes])
+        """``BlockPool.write_many`` for this format: quantize the tokens each write's blocks hold, then store them."""
+        stored = []
+        for ids, first_index, keys, values, first_token in writes:
+            (keys, values), start = self._clip((keys, values), first_index, len(ids), first_token)
+            stored.append((ids, first_index, self.quantize(keys, values), start))
+        self.write_stored(stored)
+
+    def _clip(self, parts: Sequence[mx.array], first_index: int, n_blocks: int,
+              first_token: int) -> Tuple[List[mx.array], int]:
+        """The tokens of ``parts`` (from position ``first_token``) that blocks ``first_index`` ..
+        ``first_index + n_blocks - 1`` cover, and the first one's position."""
+        size = self.spec.block_size
+        start = max(first_token, first_index * size)
+        end = min(first_token + parts[0].shape[2], (first_index + n_blocks) * size)
+        return [p[:, :, start - first_token:end - first_token] for p in parts], start
 
     def write_stored(self, writes: Iterable[StoredWrite]) -> None:
         """Write already quantized parts into fresh blocks (evaluated on return); slots outside the
@@ -94,6 +106,7 @@ class QuantizedArenas:
         planned = []
         for block_ids, first_index, parts, first_token in writes:
             n_blocks = len(block_ids)
+            parts, first_token = self._clip(parts, first_index, n_blocks, first_token)
             before = first_token - first_index * size
             padded = []
             for part in parts:
