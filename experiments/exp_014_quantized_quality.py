@@ -38,7 +38,7 @@ import numpy as np
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
-from semantic.domain.block_format import BlockFormat
+from semantic.domain.block_format import BlockFormat, fitted
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -56,6 +56,10 @@ TURNS = (
     "Summarise everything you have told me so far in a few sentences.",
     "What do you think the town will look like in a hundred years?",
 )
+
+CONFIDENT_MARGIN = 0.5
+"""Nats between the dense top-1 and top-2 log-probabilities above which a position counts as confident:
+a random-weight model is almost never confident, so its plain agreement is dominated by ties."""
 
 PPL_TEXT = (
     "The old river ran past a quiet town where people made bread and told long stories about the sea. "
@@ -83,13 +87,6 @@ def load_model(name: str):
             raise SystemExit(f"{name!r} is neither a local preset ({', '.join(sorted(PRESETS))}) nor a folder")
         return mlx_lm.load(str(fetch(name))), f"{name} (pretrained, via semantic.models.fetch)"
     return mlx_lm.load(name), f"{name} (mlx-lm folder)"
-
-
-def format_for(name: str, head_dim: int) -> BlockFormat:
-    fmt = BlockFormat.parse(name)
-    if fmt.quantized and head_dim % fmt.group_size:
-        fmt = BlockFormat(fmt.bits, 32)
-    return fmt
 
 
 class Conversation:
@@ -191,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.time()
     (model, tokenizer), model_description = load_model(args.model)
     dense = ModelCacheSpec.from_model(model)
-    formats = [format_for(f, dense.k_head_dim) for f in args.formats.split(",")]
+    formats = [fitted(f, dense.k_head_dim) for f in args.formats.split(",")]
     turns = [TURNS[i % len(TURNS)] for i in range(args.turns)]
     text_tokens = tokenizer.encode(PPL_TEXT * (1 + args.ppl_tokens // 100))[: args.ppl_tokens]
     longest = max(args.ppl_tokens, args.turns * (args.tokens_per_turn + 40) + 64)
@@ -208,12 +205,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logprobs, ref = mx.concatenate(forced), mx.concatenate(reference)
         kl = (mx.exp(ref) * (ref - logprobs)).sum(axis=-1)
         agree = mx.argmax(logprobs, axis=-1) == reference_tokens
+        top2 = mx.sort(ref, axis=-1)[:, -2:]
+        confident = (top2[:, 1] - top2[:, 0]) > CONFIDENT_MARGIN
         per_turn_agreement = [float(mx.mean(mx.argmax(f, -1) == mx.argmax(r, -1))) for f, r in zip(forced, reference)]
         results[fmt.name] = {
             "bytes_per_block_vs_dense": spec.bytes_per_block_per_layer / dense.bytes_per_block_per_layer,
             "positions": int(agree.size),
             "greedy_agreement": float(mx.mean(agree)),
             "greedy_agreement_per_turn": per_turn_agreement,
+            "confident_positions": int(confident.sum()),
+            "confident_agreement": float((agree * confident).sum() / mx.maximum(confident.sum(), 1)),
             "mean_kl": float(mx.mean(kl)),
             "max_kl": float(mx.max(kl)),
             "perplexity": perplexity(model, spec, text_tokens, args.ppl_chunk, pool_blocks),
@@ -241,10 +242,13 @@ def markdown_rows(record: dict) -> str:
     lines = [f"{record['model_description']}: {record['turns']} turns x {record['tokens_per_turn']} generated "
              f"tokens ({record['generated_tokens']} positions), perplexity over {record['ppl_tokens']} tokens in "
              f"{record['ppl_chunk']}-token resumed chunks", "",
-             "| format | bytes vs dense | greedy agreement | mean KL (nats) | max KL | perplexity |",
-             "|---|---|---|---|---|---|"]
+             "| format | bytes vs dense | greedy agreement | agreement where dense is confident (positions) "
+             "| mean KL (nats) | max KL | perplexity |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in record["results"].items():
+        confident = f"{100 * r['confident_agreement']:.2f} %" if r["confident_positions"] else "n/a"
         lines.append(f"| {name} | {r['bytes_per_block_vs_dense']:.3f} | {100 * r['greedy_agreement']:.2f} % | "
+                     f"{confident} ({r['confident_positions']}) | "
                      f"{r['mean_kl']:.2e} | {r['max_kl']:.2e} | {r['perplexity']:.3f} |")
     return "\n".join(lines)
 

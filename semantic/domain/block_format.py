@@ -101,6 +101,18 @@ class BlockFormat:
         return None if not self.quantized else {"bits": self.bits, "group_size": self.group_size}
 
 
+def fitted(value, head_dim: int) -> BlockFormat:
+    """``value`` (as :meth:`BlockFormat.parse` takes it) with its group size lowered, if needed, to the
+    largest that divides ``head_dim``: ``"q4"`` on a model of head dim 32 is ``q4g32``."""
+    fmt = BlockFormat.parse(value)
+    if not fmt.quantized:
+        return fmt
+    fitting = [g for g in GROUP_SIZES if g <= fmt.group_size and head_dim % g == 0]
+    if not fitting:
+        fmt.check_head_dim(head_dim)  # raises, saying why
+    return BlockFormat(fmt.bits, fitting[-1])
+
+
 DENSE = BlockFormat()
 Q8 = BlockFormat(8)
 Q4 = BlockFormat(4)
