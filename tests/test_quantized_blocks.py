@@ -92,21 +92,30 @@ def test_a_rebuilt_model_cache_is_the_dequantized_cache(request, model_name):
                 assert mx.array_equal(got, expected).item()
 
 
-def test_a_context_stored_rebuilt_and_continued_is_quantized_once(llama32):
-    engine = make_engine(llama32, pool_format="q4g32")
+def blocks_by_index(handle, layer):
+    first = handle.spec.layer_block_range(layer, handle.num_tokens)[0]
+    return {first + k: block for k, block in enumerate(handle.layer_block_ids(layer))}
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+def test_a_context_stored_rebuilt_and_continued_is_quantized_once(request, model_name):
+    engine = make_engine(request.getfixturevalue(model_name), pool_format="q4g32")
+    spec, size = engine.spec, engine.spec.block_size
     first = engine.generate("a", "the old river ran past a quiet town " * 40, max_tokens=6)
     n = first.blocks.num_tokens
-    full = n // engine.spec.block_size
-    assert n % engine.spec.block_size  # a partly filled tail block
+    assert n % size  # a partly filled tail block
     second = engine.generate("a", " and then", cache=first.blocks, max_tokens=6)
 
     before, after = packed(first.blocks), packed(second.blocks)
-    for layer in range(engine.spec.n_layers):
-        ids_before, ids_after = first.blocks.layer_block_ids(layer), second.blocks.layer_block_ids(layer)
-        assert ids_after[:full] == ids_before[:full]  # shared, not copied
-        assert ids_after[full] != ids_before[full]  # the tail block was written anew...
+    for layer in range(spec.n_layers):
+        old, new = blocks_by_index(first.blocks, layer), blocks_by_index(second.blocks, layer)
+        assert all(new[i] == old[i] for i in new if i < n // size)  # whole blocks: shared, not copied
+        assert new[n // size] != old[n // size]  # the tail block was written anew...
+        start = spec.visible_range(layer, second.blocks.num_tokens)[0]  # ...its old tokens' bytes unchanged
+        old_first, new_first = (min(blocks) * size for blocks in (old, new))
         for rows_before, rows_after in zip(before[layer], after[layer]):
-            assert np.array_equal(rows_after[:, :n], rows_before[:, :n])  # ...with its old tokens' bytes unchanged
+            assert np.array_equal(rows_after[:, start - new_first : n - new_first],
+                                  rows_before[:, start - old_first : n - old_first])
 
 
 def test_trimming_inside_a_block_keeps_the_reused_rows_packed(llama32):
