@@ -42,7 +42,8 @@ class QuantizedCapacity:
     track_agents_per_gib.unit = "agents"
 
     def track_agents_vs_dense(self, block_format, geometry):
-        return (GIB // self.bytes) / (GIB // self.dense_bytes)
+        """Agents per byte against dense (before rounding down to whole agents)."""
+        return self.dense_bytes / self.bytes
 
     track_agents_vs_dense.unit = "ratio"
 
