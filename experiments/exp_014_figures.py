@@ -32,11 +32,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for fmt in bench.FORMATS:
         row = {}
         for geometry in ("smollm2-135m", "gemma3-12b-sliding"):
-            capacity = bench.QuantizedCapacity()
+            capacity, dense = bench.QuantizedCapacity(), bench.QuantizedCapacity()
             capacity.setup(fmt, geometry)
-            row[f"agents_per_gib {geometry}"] = capacity.track_agents_per_gib(fmt, geometry)
-            row[f"bytes_vs_dense {geometry}"] = capacity.bytes / capacity.dense_bytes
-        copies = bench.QuantizedCopies()
+            dense.setup("dense", geometry)
+            row[f"agents_per_gib {geometry}"] = (1 << 30) // capacity.bytes
+            row[f"bytes_vs_dense {geometry}"] = capacity.bytes / dense.bytes
+        copies = bench.QuantizedCopy()
         copies.setup(fmt)
         row["bytes_at_rest"] = copies.track_bytes_at_rest(fmt)
         rebuild = cases.time_samples(lambda: cases.reconstruct(copies.ctx), args.repeat)

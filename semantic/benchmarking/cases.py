@@ -109,12 +109,12 @@ class Context:
 
 
 @functools.lru_cache(maxsize=4)
-def context(geometry: str, blocks: int, layers: int, spare_blocks: int = 0) -> Context:
+def context(geometry: str, blocks: int, layers: int, spare_blocks: int = 0, block_format: str = "dense") -> Context:
     """Memoised: asv calls ``setup`` before every sample, so building must happen once per process.
 
     ``spare_blocks`` extra free blocks per layer let extraction benchmarks store a second copy.
     """
-    return token_context(geometry, blocks * spec_for(geometry, layers).block_size, layers, spare_blocks)
+    return token_context(geometry, blocks * spec_for(geometry, layers).block_size, layers, spare_blocks, block_format)
 
 
 def token_context(geometry: str, n_tokens: int, layers: int, spare_blocks: int = 0,
