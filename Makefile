@@ -30,30 +30,39 @@ comma := ,
 # MLX's CPU build survives a fork (CUDA and Metal do not): asv's default, spawn, everywhere else.
 ASV_LAUNCH ?= $(if $(and $(filter Linux,$(shell uname -s)),$(filter cpu,$(subst $(comma), ,$(EXTRAS)))),forkserver,spawn)
 
-.PHONY: bench bench-compare bench-history
+.PHONY: bench bench-compare bench-history dashboard
 
-# This machine's name in benchmarks/results/ (default: asv's, the host name).
+# This machine's name in the results (default: the host name, as asv's). Results go to .asv/results/
+# (git-ignored); a reference machine's name (a folder of benchmarks/results/) continues its series there
+# with its committed details, e.g. to `asv compare` your HEAD with its history on the same hardware.
 MACHINE ?=
+BENCH_MACHINE = $(or $(MACHINE),$(shell uname -n))
 
-# Measures the last commit (not uncommitted changes) in asv's own virtualenv, which installs MLX once.
-# A new MACHINE name gets its details (cpu, ram, ...) from the host's own entry, described first.
+# asv builds its virtualenv from the first `pythonX.Y` on PATH of the version running asv (.venv's):
+# .venv/bin's own, not a pyenv shim that may not serve that version.
+bench bench-compare bench-history dashboard: export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+# Measures the last commit (not uncommitted changes) in asv's own virtualenv (MLX installed once, with
+# the Python of .venv), then publishes the dashboard next to the reference machines' history.
 bench: venv
-	$(ASV) machine --yes
-	$(if $(MACHINE),$(ASV) machine --yes --machine $(MACHINE))
-	$(ASV) run --launch-method $(ASV_LAUNCH) $(if $(MACHINE),--machine $(MACHINE)) HEAD^!
-	$(ASV) publish
-	@echo "Dashboard: $(CURDIR)/.asv/html/index.html"
-	@echo "Open it with: $(ASV) preview   (serves it on http://127.0.0.1:8080; file:// cannot load its data)"
+	$(PY) tools/asv_dashboard.py sync
+	$(PY) tools/asv_dashboard.py pin $(BENCH_MACHINE)
+	$(ASV) run --launch-method $(ASV_LAUNCH) --machine $(BENCH_MACHINE) HEAD^!
+	$(PY) tools/asv_dashboard.py publish
+
+# The dashboard of every result there is: the reference machines' and this machine's. Offline: asv's
+# JavaScript libraries are served from .asv/html/vendor (fetched once from the npm registry).
+dashboard: venv
+	$(PY) tools/asv_dashboard.py publish
 
 # Backfill: every commit of HISTORY (asv's range; ALL = all of main) not measured yet on this machine,
-# at most STEPS of them, then the dashboard. MACHINE names this machine in benchmarks/results/.
+# at most STEPS of them, then the dashboard. A reference machine's name writes into benchmarks/results/.
 HISTORY ?= ALL
 STEPS ?=
 bench-history: venv
 	$(PY) tools/bench_history.py $(if $(MACHINE),--machine $(MACHINE)) $(if $(STEPS),--steps $(STEPS)) \
 		$(HISTORY) -- --launch-method $(ASV_LAUNCH)
-	$(ASV) publish
-	@echo "Dashboard: $(CURDIR)/.asv/html/index.html (serve it with: $(ASV) preview)"
+	$(PY) tools/asv_dashboard.py publish
 
 # asv judges every number as lower-is-better (asv issue #1617), so a GB/s or memcpy-ratio track that
 # improves would fail the gate and one that worsens would pass: the gate leaves those to the dashboard

@@ -28,6 +28,7 @@ setup(
             "asv_runner>=0.3,<0.4",
             "selenium>=4.20",  # drives Debian's chromium in the dashboard test
             "virtualenv",
+            "jsonschema>=4.18",  # EXP-006's results files are checked against experiments/exp_006_schema.py
             "matplotlib",
             "tqdm",
         ],

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# What tests/test_asv_suite.py's dashboard test needs: Debian's chromium and its WebDriver, and npm
-# (the dashboard's JavaScript libraries come from the npm registry, CI cannot reach their CDNs). Root.
+# What the browser tests (pytest -m browser: the asv dashboard drawn offline) need: Debian's chromium
+# and its WebDriver. Root. The dashboard's JavaScript libraries come from the npm registry through
+# tools/asv_dashboard.py itself: no npm needed.
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium fonts-dejavu-core)  # a font, for legible screenshots
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
-command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi

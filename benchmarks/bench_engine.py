@@ -63,3 +63,27 @@ class EngineRoundTrip(EngineBenchmark):
     def teardown(self, model, context_tokens):
         if self.completion is not None:
             self.completion.blocks.release()  # the next sample needs the room in the pool
+
+
+class WarmResumeVsHotPath:
+    """A warm resume through the engine over mlx-lm's own hot path on the same context, both measured in
+    one process (``cases.warm_resume_against_hot_path``): the engine rebuilds the cache from blocks and
+    stores the finished context again; mlx-lm continues a ``copy.deepcopy`` of its live cache. Lower is
+    better; 1.0 means keeping the context as blocks costs nothing against keeping the live cache."""
+
+    version = 1
+    params = (list(ENGINE_MODELS), [1024, 2048])
+    param_names = ("model", "context_tokens")
+    timeout = 1200
+    default_points = frozenset(("tiny-llama", n) for n in (1024, 2048))
+
+    def setup(self, model, context_tokens):
+        require_selected((model, context_tokens), self.default_points, "model and context")
+        self.engine = engine(model)
+        self.ctx = cases.stored_context(model, context_tokens, ENGINE_DTYPE)
+
+    def track_over_hot_path(self, model, context_tokens):
+        resumed, hot = cases.warm_resume_against_hot_path(self.engine, self.ctx, repeat=10)
+        return resumed / hot
+
+    track_over_hot_path.unit = "x hot path"

@@ -2,13 +2,16 @@
 
     python -m experiments.exp_006_benchmark                      # the plan, in full, on MLX's default device
     python -m experiments.exp_006_benchmark --device cpu --budget-s 4 --ttft-repeats 1
-    python -m experiments.exp_006_benchmark --quick --model-preset tiny-llama
+    python -m experiments.exp_006_benchmark --quick                # a smoke run: under 30 s on 2 CPU cores
+    python -m experiments.exp_006_benchmark --output-dir experiments/results    # replace the committed CPU run
     python -m experiments.exp_006_benchmark --combine cpu.json gpu.json --doc docs/results/exp-006.md
 
 Writes ``exp_006_results.json`` (every statistic and raw sample, the machine, versions and command),
-``exp_006_report.md`` (the plan's tables) and ``exp_006_scaling.png`` to ``--output-dir``. tqdm and
+``exp_006_report.md`` (the plan's tables) and ``exp_006_scaling.png`` to ``--output-dir``: by default a
+new scratch folder (printed at the end), never the committed results in experiments/results/. tqdm and
 matplotlib are optional: without them there is no progress bar or plot, and the JSON says so.
-Errors a user can fix (unknown device, a model that does not load, a pool too small) exit with code 2.
+Errors a user can fix (a bad option value, unknown device, a model that does not load, a pool too small)
+exit with code 2 and a message. MLX is imported only after the options are read.
 """
 
 from __future__ import annotations
@@ -19,26 +22,50 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
-from experiments import exp_006_measure as measure
-from experiments import exp_006_report as report
-from experiments.exp_006_schema import validate
-from semantic.benchmarking import cases
-from semantic.domain.errors import SemanticError
-from semantic.domain.value_objects import ModelCacheSpec
+if TYPE_CHECKING:  # imported in main(), after the options are read: importing MLX takes seconds
+    from experiments import exp_006_measure as measure
 
-RESULTS_DIR = measure.REPO / "experiments" / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "experiments" / "results"
 RESULTS_JSON = "exp_006_results.json"
 REPORT_MD = "exp_006_report.md"
 PLOT_PNG = "exp_006_scaling.png"
-DOC = measure.REPO / "docs" / "results" / "exp-006.md"
+DOC = REPO / "docs" / "results" / "exp-006.md"
+MODEL_PRESET = "smollm2-135m"
 
 QUICK = dict(warmup=1, iterations=5, min_iterations=1, blocks=(1, 2), layers=(12,), geometries=("smollm2-135m",),
-             ttft_tokens=(64,), ttft_repeats=1, ttft_warmup=0, leak_round_trips=20)
-"""``--quick``: a tiny grid and few repeats, for tests and smoke runs; explicit options still win."""
+             ttft_tokens=(64,), ttft_repeats=1, ttft_warmup=0, leak_round_trips=20, model_preset="tiny-llama")
+"""``--quick``: a tiny grid, few repeats and the smallest model (the plan's loops generate 100 tokens:
+2 minutes with smollm2-135m on 2 CPU cores), for tests and smoke runs; explicit options still win."""
+
+
+def whole(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its message
+    return parse
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
 
 
 def int_list(text: str) -> Tuple[int, ...]:
@@ -61,37 +88,55 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu or gpu (default: gpu when MLX has one, else cpu)")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", metavar="PATH", help="an mlx-lm model folder for the engine cases (mlx_lm.load)")
-    model.add_argument("--model-preset", default="smollm2-135m",
-                       help="a semantic.testing.local_models preset (default smollm2-135m; tiny-llama for tests)")
-    parser.add_argument("--warmup", type=int, help="warm-up calls per measurement (plan: 10)")
-    parser.add_argument("--iterations", type=int, help="timed calls per measurement (plan: 100)")
-    parser.add_argument("--budget-s", type=float,
+    model.add_argument("--model-preset",
+                       help=f"a semantic.testing.local_models preset (default {MODEL_PRESET}; --quick: tiny-llama)")
+    parser.add_argument("--warmup", type=whole(0), help="warm-up calls per measurement (plan: 10)")
+    parser.add_argument("--iterations", type=whole(1), help="timed calls per measurement (plan: 100)")
+    parser.add_argument("--budget-s", type=seconds,
                         help="seconds one measurement may take; slower cases get fewer iterations (default: none)")
-    parser.add_argument("--min-iterations", type=int, help="the fewest timed calls --budget-s may leave (default 10)")
+    parser.add_argument("--min-iterations", type=whole(1),
+                        help="the fewest timed calls --budget-s may leave (default 10)")
     parser.add_argument("--blocks", type=int_list, help="grid block counts (default 1,2,4,8,16,32)")
     parser.add_argument("--layers", type=int_list, help="grid layer counts (default 12,24,30,48)")
-    parser.add_argument("--geometries", type=name_list, help=f"grid geometries (default {','.join(cases.GEOMETRIES)})")
+    parser.add_argument("--geometries", type=name_list,
+                        help="grid geometries (default: all of semantic/benchmarking/cases.py's GEOMETRIES)")
     parser.add_argument("--write-geometries", type=name_list,
                         help="geometries whose extraction and round trip are measured too (default: all of the grid)")
     parser.add_argument("--ttft-tokens", type=int_list,
                         help="prompt lengths of the time-to-first-token comparison (default CPU 256,1024,2048; "
                              "GPU up to 8192)")
-    parser.add_argument("--ttft-repeats", type=int, help="time-to-first-token runs per length and kind (default 3)")
-    parser.add_argument("--ttft-warmup", type=int,
+    parser.add_argument("--ttft-repeats", type=whole(1),
+                        help="time-to-first-token runs per length and kind (default 3)")
+    parser.add_argument("--ttft-warmup", type=whole(0),
                         help="untimed time-to-first-token runs before those (default 1; 0 on CPU saves minutes)")
-    parser.add_argument("--leak-round-trips", type=int, help="round trips of the leak check (default 1000)")
-    parser.add_argument("--pool-blocks", type=int, help="the engine's pool (default: 500, more if the prompts need it)")
+    parser.add_argument("--leak-round-trips", type=whole(1), help="round trips of the leak check (default 1000)")
+    parser.add_argument("--pool-blocks", type=whole(1),
+                        help="the engine's pool (default: 500, more if the prompts need it)")
     parser.add_argument("--git-commit", metavar="SHA",
                         help="the commit to record when the checkout has no .git (a copied working tree)")
-    parser.add_argument("--quick", action="store_true", help="a tiny grid and few repeats (seconds, not minutes)")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny grid, few repeats, tiny-llama: a smoke run of seconds, not minutes")
+    parser.add_argument("--output-dir", type=Path,
+                        help=f"where the results go (default: a new scratch folder; with --combine, {RESULTS_DIR}, "
+                             "the plots the document shows)")
     parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                         help="write the results document from these runs' JSON instead of measuring")
     parser.add_argument("--doc", type=Path, default=DOC, help=f"the document --combine writes (default {DOC})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output-dir {args.output_dir} is a file, not a folder")
+    for path in args.combine or ():
+        if not path.is_file():
+            parser.error(f"--combine {path}: no such file")
+    if args.model_preset is None:
+        args.model_preset = QUICK["model_preset"] if args.quick else MODEL_PRESET
+    return args
 
 
 def settings_from(args: argparse.Namespace, device: str) -> measure.Settings:
+    from experiments import exp_006_measure as measure
+    from semantic.benchmarking import cases
+
     defaults = measure.Settings(device, ttft_tokens=measure.GPU_TTFT_TOKENS if device == "gpu" else cases.ENGINE_TOKENS)
 
     def pick(name: str):
@@ -113,6 +158,9 @@ def settings_from(args: argparse.Namespace, device: str) -> measure.Settings:
 
 
 def check_settings(settings: measure.Settings) -> None:
+    from experiments import exp_006_measure as measure
+    from semantic.benchmarking import cases
+
     unknown = sorted(set(settings.geometries + settings.write_geometries) - set(cases.GEOMETRIES))
     if unknown:
         raise measure.ExperimentError(f"unknown geometry {', '.join(unknown)}; known: {', '.join(cases.GEOMETRIES)}")
@@ -128,6 +176,10 @@ def check_settings(settings: measure.Settings) -> None:
 
 def load_model(args: argparse.Namespace):
     """``(model, tokenizer, description)``: ``--model PATH`` through ``mlx_lm.load``, else a local preset."""
+    from experiments import exp_006_measure as measure
+    from semantic.domain.errors import SemanticError
+    from semantic.domain.value_objects import ModelCacheSpec
+
     if args.model:
         import mlx_lm
 
@@ -189,6 +241,8 @@ class Progress:
 def run(settings: measure.Settings, model, tokenizer, model_info: dict, command: str,
         git_commit: Optional[str] = None) -> dict:
     """Every section of the plan, in one process; returns the results document (``SCHEMA``)."""
+    from experiments import exp_006_measure as measure
+
     started = time.perf_counter()
     notes: List[str] = []
     environment = measure.environment(settings.device, git_commit)
@@ -252,7 +306,15 @@ def run_notes(records, padded_records, plan, ttft, settings: measure.Settings) -
     return notes
 
 
+def results_folder(args: argparse.Namespace) -> Path:
+    """``--output-dir``, else a new scratch folder: a measuring run never replaces the committed results
+    unless told to."""
+    return args.output_dir or Path(tempfile.mkdtemp(prefix="exp006-"))
+
+
 def write_outputs(results: dict, output_dir: Path) -> List[Path]:
+    from experiments import exp_006_report as report
+
     output_dir.mkdir(parents=True, exist_ok=True)
     plot = output_dir / PLOT_PNG
     if not report.plot_scaling(results, plot):
@@ -266,6 +328,9 @@ def write_outputs(results: dict, output_dir: Path) -> List[Path]:
 
 
 def load_results(path: Path) -> dict:
+    from experiments import exp_006_measure as measure
+    from experiments.exp_006_schema import validate
+
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -278,6 +343,8 @@ def load_results(path: Path) -> dict:
 
 def combine(paths: Sequence[Path], doc: Path, output_dir: Path, command: str) -> List[Path]:
     """The results document from runs' JSON, CPU first; a scaling plot per run where matplotlib is installed."""
+    from experiments import exp_006_report as report
+
     runs = sorted((load_results(p) for p in paths), key=lambda r: r["environment"]["device"])
     doc.parent.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -306,15 +373,19 @@ def command_line(argv: Optional[Sequence[str]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    from experiments import exp_006_measure as measure
+    from experiments import exp_006_report as report
+    from semantic.domain.errors import SemanticError
+
     try:
         if args.combine:
-            paths = combine(args.combine, args.doc, args.output_dir, command_line(argv))
+            paths = combine(args.combine, args.doc, args.output_dir or RESULTS_DIR, command_line(argv))
         else:
             device = measure.select_device(args.device)
             settings = settings_from(args, device)
             model, tokenizer, model_info = load_model(args)
             results = run(settings, model, tokenizer, model_info, command_line(argv), args.git_commit)
-            paths = write_outputs(results, args.output_dir)
+            paths = write_outputs(results, results_folder(args))
             for entry in results["targets"]:
                 print(f"{entry['name']:<24} p95 {report.ms(entry['p95_ms']):>12}  target < "
                       f"{report.ms(entry['target_ms'])}  {entry['status']}")

@@ -1,11 +1,12 @@
-"""The shape of an EXP-006 results file, as JSON Schema, and a small checker for the subset it uses
-(``type``, ``properties``, ``additionalProperties``, ``required``, ``items``, ``enum``, ``minimum``,
-``anyOf``, ``$ref`` to ``$defs``): no ``jsonschema`` dependency, and any JSON Schema validator accepts
-the same document."""
+"""The shape of an EXP-006 results file (``exp_006_results.json``), as JSON Schema (draft 2020-12), checked
+with the ``jsonschema`` library. Every part says what it holds (``description``); times are milliseconds
+unless a name ends in ``_s``, sizes are bytes."""
 
 from __future__ import annotations
 
 from typing import Any, List
+
+from jsonschema import Draft202012Validator
 
 NUMBER = {"type": "number"}
 COUNT = {"type": "integer", "minimum": 0}
@@ -14,19 +15,23 @@ STATUS = {"enum": ["PASS", "FAIL", "NOT RUN"]}
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "EXP-006 results",
+    "description": "One run of experiments/exp_006_benchmark.py: the plan's cache reconstruction, extraction and "
+                   "round-trip timings over a grid of context sizes, judged against the plan's targets, with "
+                   "the machine, settings and every raw sample",
     "type": "object",
     "required": ["schema_version", "experiment", "title", "created_utc", "command", "duration_s", "environment",
                  "settings", "model", "cases", "targets", "extraction", "round_trip", "scaling", "padded", "ttft",
                  "leak", "plan_loops", "notes"],
     "properties": {
-        "schema_version": {"enum": [1]},
+        "schema_version": {"enum": [1], "description": "this layout's version: bumped when a field changes meaning"},
         "experiment": {"enum": ["EXP-006"]},
         "title": {"type": "string"},
-        "created_utc": {"type": "string"},
-        "command": {"type": "string"},
-        "duration_s": NUMBER,
+        "created_utc": {"type": "string", "description": "when the run ended, ISO 8601 UTC"},
+        "command": {"type": "string", "description": "the command line that produced this file"},
+        "duration_s": {**NUMBER, "description": "wall time of the whole run, seconds"},
         "environment": {
             "type": "object",
+            "description": "the machine and software the run measured: device, CPU, memory, versions, git commit, load",
             "required": ["device", "device_name", "cpu_name", "platform", "machine", "python", "cpu_count",
                          "memory_bytes", "mlx_version", "mlx_lm_version", "git_commit", "git_dirty",
                          "mlx_device_info", "mlx_cache_limit_bytes_at_start", "nice", "load_average_start",
@@ -48,6 +53,7 @@ SCHEMA = {
         },
         "settings": {
             "type": "object",
+            "description": "the options the run used (counts of warm-ups and iterations, the grid, the engine cases)",
             "required": ["device", "warmup", "iterations", "min_iterations", "budget_s", "blocks", "layers",
                          "geometries", "write_geometries", "ttft_tokens", "ttft_repeats", "ttft_warmup",
                          "leak_round_trips",
@@ -63,15 +69,20 @@ SCHEMA = {
         },
         "model": {
             "type": "object",
+            "description": "the model of the engine cases: a local preset or an mlx-lm folder, its cache geometry",
             "required": ["source", "name", "spec", "pool_blocks"],
             "properties": {"source": {"enum": ["preset", "path"]}, "pool_blocks": COUNT},
         },
-        "cases": {"type": "array", "items": {"$ref": "#/$defs/case"}},
-        "targets": {"type": "array", "items": {"$ref": "#/$defs/judged"}},
-        "extraction": {"type": "array", "items": {"$ref": "#/$defs/judged"}},
-        "round_trip": {"$ref": "#/$defs/judged"},
+        "cases": {"type": "array", "items": {"$ref": "#/$defs/case"},
+                  "description": "one per point of the grid (geometry x blocks x layers)"},
+        "targets": {"type": "array", "items": {"$ref": "#/$defs/judged"},
+                    "description": "the plan's reconstruction targets, p95 judged against each"},
+        "extraction": {"type": "array", "items": {"$ref": "#/$defs/judged"},
+                       "description": "the plan's extraction targets"},
+        "round_trip": {"$ref": "#/$defs/judged", "description": "the plan's full-cycle target (8 blocks)"},
         "scaling": {
             "type": "object",
+            "description": "linear fits of reconstruction time against blocks x layers (per geometry) and bytes",
             "required": ["latency", "per_geometry", "bytes", "r2_threshold", "status"],
             "properties": {
                 "per_geometry": {"type": "object", "additionalProperties": {"$ref": "#/$defs/fit"}},
@@ -81,6 +92,7 @@ SCHEMA = {
         },
         "padded": {
             "type": "array",
+            "description": "the same bytes rebuilt from blocks vs copied from a padded monolithic cache",
             "items": {
                 "type": "object",
                 "required": ["geometry", "layers", "tokens", "padded_slots", "blocks", "nbytes", "padded",
@@ -91,6 +103,7 @@ SCHEMA = {
         },
         "ttft": {
             "type": "array",
+            "description": "time to first token per prompt length: resumed from blocks (cached_s) vs prefilled (direct_s), seconds",
             "items": {
                 "type": "object",
                 "required": ["tokens", "context_tokens", "new_tokens", "reconstruct", "cached_s", "direct_s",
@@ -106,6 +119,7 @@ SCHEMA = {
         },
         "leak": {
             "type": "object",
+            "description": "free blocks and active memory before and after many round trips: both must come back",
             "required": ["case", "round_trips", "pool_total_blocks", "free_blocks_before", "free_blocks_after",
                          "active_bytes_before", "active_bytes_after", "tolerance_bytes", "status", "engine_pool"],
             "properties": {
@@ -115,20 +129,24 @@ SCHEMA = {
         },
         "plan_loops": {
             "type": "object",
+            "description": "the plan's three benchmark loops as written, through the engine",
             "required": ["context_tokens", "generated_tokens", "reconstruct", "extract", "extracted_tokens",
                          "round_trip"],
             "properties": {name: {"$ref": "#/$defs/measurement"} for name in ("reconstruct", "extract", "round_trip")},
         },
-        "notes": {"type": "array", "items": {"type": "string"}},
+        "notes": {"type": "array", "items": {"type": "string"},
+                  "description": "what a reader of the tables must know: trimmed or skipped measurements, missing tools"},
     },
     "$defs": {
         "stats": {
             "type": "object",
+            "description": "summary of samples: count, mean, standard deviation, extremes, percentiles (linear interpolation)",
             "required": ["n", "mean", "std", "min", "max", "p50", "p95", "p99"],
             "properties": {"n": COUNT, **{k: NUMBER for k in ("mean", "std", "min", "max", "p50", "p95", "p99")}},
         },
         "measurement": {
             "type": "object",
+            "description": "one timed call: warm-ups and iterations run (trimmed: fewer, by --budget-s), its stats and samples, ms",
             "required": ["warmup", "iterations", "trimmed", "stats_ms", "samples_ms"],
             "properties": {
                 "warmup": COUNT,
@@ -140,6 +158,7 @@ SCHEMA = {
         },
         "case": {
             "type": "object",
+            "description": "one grid point: the context's size, each operation's measurement, the plain-copy baseline and bandwidths (skipped: why not run)",
             "required": ["geometry", "blocks", "layers", "tokens", "block_layers", "blocks_moved", "nbytes", "skipped"],
             "properties": {
                 "geometry": {"type": "string"},
@@ -156,6 +175,7 @@ SCHEMA = {
         },
         "judged": {
             "type": "object",
+            "description": "a plan target: the case, its p95 and the target (ms), PASS / FAIL / NOT RUN and why",
             "required": ["name", "geometry", "blocks", "layers", "tokens", "op", "target_ms", "p95_ms", "status",
                          "reason"],
             "properties": {"p95_ms": {"type": ["number", "null"]}, "status": STATUS,
@@ -163,53 +183,17 @@ SCHEMA = {
         },
         "fit": {
             "type": "object",
+            "description": "least-squares line: slope, intercept, R² over n points",
             "required": ["slope", "intercept", "r2", "n"],
             "properties": {k: NUMBER for k in ("slope", "intercept", "r2")},
         },
     },
 }
 
-_TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
 
 
 def validate(instance: Any, schema: dict = SCHEMA) -> List[str]:
     """Every way ``instance`` breaks ``schema``, as ``"$.path: problem"`` lines; empty when it conforms."""
-    return _check(instance, schema, "$", schema)
-
-
-def _check(value: Any, schema: dict, path: str, root: dict) -> List[str]:
-    if "$ref" in schema:
-        return _check(value, root["$defs"][schema["$ref"].rsplit("/", 1)[1]], path, root)
-    if "anyOf" in schema:
-        if any(not _check(value, option, path, root) for option in schema["anyOf"]):
-            return []
-        return [f"{path}: matches none of the allowed shapes"]
-    if "enum" in schema and value not in schema["enum"]:
-        return [f"{path}: {value!r} is not one of {schema['enum']}"]
-    if "type" in schema:
-        allowed = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
-        if not any(_TYPES[t](value) for t in allowed):
-            return [f"{path}: expected {' or '.join(allowed)}, got {type(value).__name__}"]
-    if "minimum" in schema and value < schema["minimum"]:
-        return [f"{path}: {value} is below the minimum {schema['minimum']}"]
-    errors = []
-    if isinstance(value, dict):
-        errors += [f"{path}: missing {key!r}" for key in schema.get("required", ()) if key not in value]
-        properties = schema.get("properties", {})
-        for key, item in value.items():
-            if key in properties:
-                errors += _check(item, properties[key], f"{path}.{key}", root)
-            elif isinstance(schema.get("additionalProperties"), dict):
-                errors += _check(item, schema["additionalProperties"], f"{path}.{key}", root)
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            errors += _check(item, schema["items"], f"{path}[{i}]", root)
-    return errors
+    validator = Draft202012Validator(schema)
+    return [f"{error.json_path}: {error.message}"
+            for error in sorted(validator.iter_errors(instance), key=lambda e: (list(e.absolute_path), e.message))]

@@ -25,7 +25,8 @@ def asv(env: dict, config, *args, cwd=ROOT, check=True) -> subprocess.CompletedP
 
 
 def config_for(tmp: pathlib.Path, repo: pathlib.Path = ROOT, **overrides) -> pathlib.Path:
-    """The project's asv.conf.json, reading ``repo``'s history and writing everything under ``tmp``."""
+    """The project's asv.conf.json, reading ``repo``'s history (and its committed reference results) and
+    writing everything under ``tmp``."""
     conf = load_json(str(ROOT / "asv.conf.json"), js_comments=True)
     conf.update(
         repo=str(repo),
@@ -33,6 +34,7 @@ def config_for(tmp: pathlib.Path, repo: pathlib.Path = ROOT, **overrides) -> pat
         results_dir=str(tmp / "results"),
         html_dir=str(tmp / "html"),
         env_dir=str(tmp / "env"),
+        reference_results_dir=str(repo / "benchmarks" / "results"),
     )
     conf.update(overrides)
     tmp.mkdir(parents=True, exist_ok=True)

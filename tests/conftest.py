@@ -11,6 +11,10 @@ from semantic.domain.value_objects import ModelCacheSpec
 from semantic.testing.local_models import load_local_model
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives headless chromium (.ci/install-browser.sh installs it)")
+
+
 @pytest.fixture(scope="session")
 def llama32():
     """A small llama in float32: greedy tokens do not depend on bf16 rounding of the batch layout."""

@@ -5,6 +5,7 @@ import gc
 import mlx.core as mx
 import pytest
 
+from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.application.batch_engine import BlockPoolBatchEngine, PoolPressureWarning
 from semantic.domain.errors import (
     IncompatibleCacheError,
@@ -19,6 +20,30 @@ from semantic.domain.value_objects import ModelCacheSpec
 from conftest import make_engine
 
 STORY = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire " * 12
+
+
+SAME_KERNELS = mx.default_device() == mx.cpu
+"""On CPU a resume and a prefill of the whole context run the same kernels, so their tokens are equal bit
+for bit. A GPU picks kernels by shape (a prefill of 300 tokens or of 600, a batch of one or of three), so
+there generated tokens are checked with :func:`greedy_gap` instead: greedy up to rounding."""
+LOGIT_TOLERANCE = 0.2
+"""Largest logit difference allowed between kernels. The test models are float32, but MLX's CUDA backend
+multiplies float32 matrices in TF32 (10-bit mantissas): gaps up to 0.08 were seen on an H200."""
+
+
+def greedy_gaps(model, context, generated):
+    """How far each token of ``generated`` is from greedy after ``context`` and the tokens before it: the
+    best logit minus the chosen token's (0: greedy), all scored in one prefill of the whole sequence."""
+    sequence = list(context) + list(generated)
+    logits = model(mx.array([sequence[:-1]]), cache=adapter.make_cache(model))[0, len(context) - 1 :]
+    logits = logits.astype(mx.float32)
+    chosen = mx.take_along_axis(logits, mx.array(generated)[:, None], axis=1)[:, 0]
+    return (logits.max(axis=1) - chosen).tolist()
+
+
+def greedy_gap(model, context, generated):
+    """The largest of :func:`greedy_gaps`: within ``LOGIT_TOLERANCE``, ``generated`` is greedy up to rounding."""
+    return max(greedy_gaps(model, context, generated))
 
 
 def run(engine, agent, prompt, **kwargs):
@@ -50,9 +75,13 @@ def test_warm_resume_equals_cold(request, model_name):
     cold = cold_continuation(engine, first.blocks, follow_up, max_tokens=25)
 
     assert warm.reused_tokens == first.blocks.num_tokens
-    assert warm.token_ids == cold.token_ids
+    context = list(first.blocks.token_ids) + follow_up
+    for completion in (warm, cold):
+        assert greedy_gap(engine.model, context, completion.token_ids) <= LOGIT_TOLERANCE
+    if SAME_KERNELS:
+        assert warm.token_ids == cold.token_ids
+        assert warm.blocks.token_ids == cold.blocks.token_ids
     assert len(set(warm.token_ids)) >= 5
-    assert warm.blocks.token_ids == cold.blocks.token_ids
     for c in (first, warm, cold):
         c.blocks.release()
     assert at_start(engine.pool)
@@ -90,11 +119,21 @@ def test_several_agents_in_one_batch_keep_their_own_context(llama32):
     resumed = {c.agent_id: c for c in engine.step()}  # all three decoded in one batch
     assert len(resumed) == 3
     tokens = engine.tokenizer.encode(follow_up, add_special_tokens=False)
+    contexts = {agent: list(firsts[agent].blocks.token_ids) + tokens for agent in prompts}
     for agent in prompts:
-        alone = cold_continuation(engine, firsts[agent].blocks, tokens, max_tokens=15)
         assert resumed[agent].uid == resumed_uids[agent]
-        assert resumed[agent].token_ids == alone.token_ids, agent
-    assert len({tuple(r.token_ids) for r in resumed.values()}) == 3
+        # Greedy after its own context, and far from greedy after each other agent's: a cache mixed up
+        # within the batch fails by a margin no rounding covers (a mean gap of 0.4, against 0.2 allowed
+        # for any one token of the agent's own continuation).
+        for other in prompts:
+            gaps = greedy_gaps(engine.model, contexts[other], resumed[agent].token_ids)
+            if other == agent:
+                assert max(gaps) <= LOGIT_TOLERANCE, agent
+            else:  # measured on CPU: every token 0.3-1.6 from greedy, 0.75 on average
+                assert sum(gaps) / len(gaps) > 2 * LOGIT_TOLERANCE, (agent, other, gaps)
+        if SAME_KERNELS:
+            alone = cold_continuation(engine, firsts[agent].blocks, tokens, max_tokens=15)
+            assert resumed[agent].token_ids == alone.token_ids, agent
 
 
 def test_resending_the_whole_conversation_reuses_the_common_prefix(llama32):

@@ -4,11 +4,13 @@ The end-to-end check is ``--quick`` on the tiny-llama preset (seconds); nothing 
 """
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from jsonschema import Draft202012Validator
 
 # experiments/ is a folder of runnable plans at the repository root, not part of the installed package:
 # plain `pytest tests` (unlike `python -m pytest`) does not put the root on the import path.
@@ -112,13 +114,15 @@ def test_measure_trims_to_the_budget_and_counts_what_it_ran():
     assert (trimmed["warmup"], trimmed["iterations"], trimmed["trimmed"]) == (2, 3, True)
 
 
-def test_the_schema_checker_names_what_is_wrong():
-    assert validate({"experiment": "EXP-006"})[:1] == ["$: missing 'schema_version'"]
+def test_the_schema_is_valid_json_schema_and_names_what_is_wrong():
+    Draft202012Validator.check_schema(SCHEMA)  # an unknown or misspelt keyword's value would fail here
+    assert "$: 'schema_version' is a required property" in validate({"experiment": "EXP-006"})
     assert "$.experiment: 'EXP-007' is not one of ['EXP-006']" in validate({"experiment": "EXP-007"})
     case = SCHEMA["$defs"]["case"]
     problems = validate({"geometry": 3, "blocks": 1}, {**case, "$defs": SCHEMA["$defs"]})
-    assert "$.geometry: expected string, got int" in problems
-    assert "$: missing 'nbytes'" in problems
+    assert "$.geometry: 3 is not of type 'string'" in problems
+    assert "$: 'nbytes' is a required property" in problems
+    assert all(part.get("description") for part in [SCHEMA, *SCHEMA["$defs"].values()])
 
 
 # ---- the quick run, end to end ----------------------------------------------------------------------------
@@ -129,7 +133,7 @@ def quick_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "tqdm", None)  # a None entry makes the import fail
         patch.setitem(sys.modules, "matplotlib", None)
-        code = runner.main(["--quick", "--model-preset", "tiny-llama", "--device", "cpu", "--output-dir", str(out)])
+        code = runner.main(["--quick", "--device", "cpu", "--output-dir", str(out)])  # tiny-llama: --quick's
     assert code == 0
     return out, json.loads((out / runner.RESULTS_JSON).read_text())
 
@@ -192,12 +196,45 @@ def test_plot_draws_one_series_per_geometry(quick_run, tmp_path):
 
 # ---- errors a user can fix: exit code 2 and a message -------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
+    (["--budget-s", "-5"], "argument --budget-s: expected a positive number of seconds, got -5"),
+    (["--budget-s", "nan"], "argument --budget-s: expected a positive number of seconds, got nan"),
+    (["--iterations", "0"], "argument --iterations: expected an integer of at least 1, got 0"),
+    (["--warmup", "two"], "argument --warmup: expected an integer, got 'two'"),
+    (["--pool-blocks", "-1"], "argument --pool-blocks: expected an integer of at least 1, got -1"),
+    (["--blocks", "1,x"], "argument --blocks: expected comma-separated integers, got '1,x'"),
+    (["--combine", "/nonexistent.json"], "--combine /nonexistent.json: no such file"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_options_exit_2_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        runner.parse_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_imports_no_mlx():
+    """``--help`` answers at once: MLX (seconds to import) only after the options are read."""
+    code = ("import sys; from experiments import exp_006_benchmark as r\n"
+            "try:\n    r.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'mlx' not in sys.modules and 'semantic' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True,
+                   capture_output=True)
+
+
+def test_measuring_writes_to_a_scratch_folder_by_default(monkeypatch, tmp_path):
+    """Never over the committed results: without --output-dir, a new folder under the temp dir."""
+    monkeypatch.setattr(runner.tempfile, "tempdir", str(tmp_path))
+    scratch = runner.results_folder(runner.parse_args(["--quick"]))
+    assert scratch.parent == tmp_path and scratch.name.startswith("exp006-") and scratch.is_dir()
+    assert runner.results_folder(runner.parse_args(["--output-dir", "experiments/results"])) == Path("experiments/results")
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cpu", "--model", "/nonexistent/model"], "cannot load the model at /nonexistent/model"),
     (["--device", "cpu", "--model-preset", "no-such-model"], "unknown local model preset"),
     (["--device", "cpu", "--geometries", "llama-70b"], "unknown geometry llama-70b"),
-    (["--device", "cpu", "--quick", "--model-preset", "tiny-llama", "--pool-blocks", "2"],
-     "--pool-blocks 2 is too small"),
+    (["--device", "cpu", "--quick", "--pool-blocks", "2"], "--pool-blocks 2 is too small"),
 ])
 def test_clear_errors(argv, message, capsys):
     assert runner.main(argv) == 2

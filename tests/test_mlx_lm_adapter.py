@@ -9,11 +9,12 @@ import inspect
 import mlx.core as mx
 import mlx_lm
 import pytest
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.domain.errors import UnsupportedModelError
+from semantic.domain.request_checks import SamplingParams
 from semantic.domain.value_objects import ModelCacheSpec
 
 
@@ -43,13 +44,15 @@ def test_batch_generator_calls_the_engine_makes():
         assert name in init, f"BatchGenerator() lost {name!r}"
     for method in ("next_generated", "extract_cache", "remove", "close"):
         assert callable(getattr(BatchGenerator, method, None)), method
+    step = inspect.getsource(GenerationBatch._step)  # per-sequence samplers and processors: failures attributable
+    assert "self.samplers" in step and "self.logits_processors[e]" in step
 
 
 def test_generator_round_trip_returns_cache_and_context(llama32):
     model, tokenizer = llama32
     generator = adapter.Generator(model, stop_token_ids=[])
     prompt = tokenizer.encode("one two three four five")
-    uid = generator.insert(prompt, None, [], 4, adapter.sampler_for(0.0, 0.0, 0, 0.0), [])
+    uid = generator.insert(prompt, None, [], 4, SamplingParams(), tag="t")
     assert generator.extract(uid)[1] == []  # queued: nothing processed yet
     events = []
     while not any(e.finish_reason for e in events):
@@ -80,3 +83,41 @@ def test_unsupported_cache_types_are_refused_clearly():
 
     with pytest.raises(UnsupportedModelError, match="ArraysCache"):
         adapter.layer_window(ArraysCache(2), 0)
+
+
+def test_vocab_size_is_what_the_embedding_and_logits_take(llama32, gemma32):
+    for model, _ in (llama32, gemma32):
+        assert adapter.vocab_size(model) == model.args.vocab_size == model.model.embed_tokens.weight.shape[0]
+
+
+def test_a_failing_step_names_the_sequence_whose_sampler_raised_and_empties_the_generator(llama32, monkeypatch):
+    model, tokenizer = llama32
+    generator = adapter.Generator(model, stop_token_ids=[])
+    prompt = tokenizer.encode("one two three")
+    generator.insert(prompt, None, [], 4, SamplingParams(), tag="greedy")
+    generator.insert(prompt, None, [], 4, SamplingParams(temperature=1.0, top_k=5), tag="sampled")
+    real = adapter.sampler_for
+
+    def broken(sampling, vocab):
+        sampler = real(sampling, vocab)
+        return (lambda logprobs: 1 / 0) if sampling.top_k == 6 else sampler
+
+    monkeypatch.setattr(adapter, "sampler_for", broken)
+    generator.insert(prompt, None, [], 4, SamplingParams(temperature=1.0, top_k=6), tag="bad")
+    with pytest.raises(adapter.StepFailed) as info:
+        while True:
+            generator.next()
+    assert info.value.attributed and info.value.tags == ["bad"]
+    assert isinstance(info.value.cause, ZeroDivisionError)
+    assert generator.next() == []  # emptied: a step that raised cannot be resumed
+
+
+def test_a_failing_forward_pass_names_every_sequence(llama32, monkeypatch):
+    model, tokenizer = llama32
+    generator = adapter.Generator(model, stop_token_ids=[])
+    for tag in ("a", "b"):
+        generator.insert(tokenizer.encode("one two three"), None, [], 4, SamplingParams(), tag=tag)
+    monkeypatch.setattr(type(model), "__call__", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(adapter.StepFailed) as info:
+        generator.next()
+    assert not info.value.attributed and sorted(info.value.tags) == ["a", "b"]

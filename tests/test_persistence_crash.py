@@ -1,8 +1,10 @@
 """Crash safety: killed saves, a full disk, and processes that save the same agent at once.
 
-Every kill hits a real save in another process. Those processes are forked,
-one per trial, from "zygote" processes that import the store once and run no
-MLX before forking, so a trial costs its own work rather than a Python start.
+Every kill hits a real save in another process. On CPU those processes are
+forked, one per trial, from "zygote" processes that import the store once and
+run no MLX before forking, so a trial costs its own work rather than a Python
+start. Where MLX has initialised CUDA at import (a CUDA context does not survive
+a fork), the zygote starts each trial as a fresh Python process instead.
 "Old" is the context a trial starts with on disk, "new" the one the child saves.
 """
 
@@ -37,10 +39,9 @@ from test_persistence_support import (
 
 OLD_SEED, NEW_SEED = 1, 2
 
-# Reads one task per line: {"directory", "seeds", "kill_after", "die_in"}. Forks a child that saves the
-# seeds' contexts in turn, forever; SIGKILLs it `kill_after` seconds after it starts saving, or lets it
-# die in the OS call `die_in` names (see PHASES). Prints {"directory", "killed"} per task.
-ZYGOTE = """
+# What a saving child runs: save_forever(task, ready_fd) saves the task's seeds' contexts in turn, forever,
+# after arming the OS call `die_in` names (see PHASES) to kill it.
+SAVER = """
 import json, os, signal, sys, time, traceback
 import test_persistence_support as support
 
@@ -75,10 +76,23 @@ def save_forever(task, ready):
     while True:
         for handle in handles:
             store.save(handle)
+"""
 
-for line in sys.stdin:
-    task = json.loads(line)
-    ready_r, ready_w = os.pipe()
+# Reads one task per line: {"directory", "seeds", "kill_after", "die_in"}. Starts a child that saves (see
+# SAVER); SIGKILLs it `kill_after` seconds after it starts saving, or lets it die in the OS call `die_in`
+# names. Prints {"directory", "killed"} per task.
+ZYGOTE = SAVER + f"SAVER = {SAVER!r}\n" + """
+import subprocess
+import mlx.core as mx
+
+FORKABLE = not mx.cuda.is_available()  # a child forked after CUDA's initialisation cannot use it
+
+def start(task, ready_w):
+    \"\"\"Starts a saving child; returns a function that waits for it and says whether SIGKILL ended it.\"\"\"
+    if not FORKABLE:
+        code = SAVER + "save_forever(json.loads(sys.argv[1]), int(sys.argv[2]))"
+        child = subprocess.Popen([sys.executable, "-c", code, json.dumps(task), str(ready_w)], pass_fds=(ready_w,))
+        return child.pid, lambda: child.wait() == -signal.SIGKILL
     pid = os.fork()
     if pid == 0:
         try:
@@ -86,15 +100,22 @@ for line in sys.stdin:
         except BaseException:
             traceback.print_exc()
         os._exit(1)
+    def killed():
+        _, status = os.waitpid(pid, 0)
+        return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    return pid, killed
+
+for line in sys.stdin:
+    task = json.loads(line)
+    ready_r, ready_w = os.pipe()
+    pid, killed = start(task, ready_w)
     os.close(ready_w)
     os.read(ready_r, 1)
     os.close(ready_r)
     if task["kill_after"] is not None:
         time.sleep(task["kill_after"])
         os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    print(json.dumps({"directory": task["directory"], "killed": killed}), flush=True)
+    print(json.dumps({"directory": task["directory"], "killed": killed()}), flush=True)
 """
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import struct
+import subprocess
 
 import mlx.core as mx
 import pytest
@@ -16,6 +17,7 @@ from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence import (
     AgentCacheStore,
     CacheCorruptionError,
+    CacheWriteError,
     IncompatibleCacheFileError,
     InvalidAgentIdError,
     UnknownAgentError,
@@ -174,12 +176,11 @@ def test_a_missing_agent_is_unknown(store, saved):
 
 
 # ---- agent ids ------------------------------------------------------------------------------------
-BAD_IDS = ["../x", "../../etc/passwd", "/abs/path", "a/b", "a\\b", ".", "..", "", "x\x00y", "\x00", "line\nbreak",
-           "a" * 201, "é" * 34, 123, None, b"bytes"]
+BAD_IDS = ["", "x\x00y", "\x00", "line\nbreak", "a" * 201, "é" * 34, "/" * 67, 123, None, b"bytes"]
 
 
 @pytest.mark.parametrize("agent_id", BAD_IDS, ids=repr)
-def test_agent_ids_that_could_escape_the_directory_are_rejected(store, saved, agent_id):
+def test_agent_ids_that_cannot_name_a_file_are_rejected(store, saved, agent_id):
     calls = [store.get, store.load, store.delete, store.evict, lambda a: a in store]
     with nothing_changes(store):
         for call in calls:
@@ -194,7 +195,10 @@ def test_agent_ids_that_could_escape_the_directory_are_rejected(store, saved, ag
 
 
 ODD_IDS = ["Alice", "alice", "ALICE", "agent é", "agent e\u0301", "100%", "%41", "a.b", ".hidden", "-", "x" * 200,
-           "日本語", "tab\u00a0space", "COM1", "a:b"]
+           "日本語", "tab\u00a0space", "COM1", "a:b",
+           # paths and URLs: escaped like any other byte, so they name files inside the directory
+           "team/alice", "https://example.com/agents/alice?turn=2", "../x", "../../etc/passwd", "/abs/path",
+           "a\\b", ".", "..", "./x"]
 
 
 def test_unusual_agent_ids_get_distinct_files_even_on_case_insensitive_file_systems(store):
@@ -209,6 +213,9 @@ def test_unusual_agent_ids_get_distinct_files_even_on_case_insensitive_file_syst
         with store.load(agent_id) as handle:
             assert handle.agent_id == agent_id
             assert snapshot(handle) == snapshot_of(store.pool, agent_id, 5, seed)
+    assert all(p.is_file() for p in store.directory.iterdir())
+    assert sorted(p.name for p in store.directory.parent.iterdir()) == ["cache"]  # nothing written outside
+    assert store.delete("team/alice") and "team/alice" not in store.list()
 
 
 def test_foreign_files_in_the_directory_are_ignored_by_list(store, saved):
@@ -248,3 +255,84 @@ def test_the_same_context_gives_the_same_bytes(tmp_path):
             store.save(handle)
         files.append((store.directory / "a.safetensors").read_bytes())
     assert files[0] == files[1]
+
+
+# ---- links, directories and read-only stores ---------------------------------------------------------
+def test_a_planted_lock_symlink_cannot_make_save_write_outside_the_store(store, saved, tmp_path):
+    outside = tmp_path / "outside"
+    lock = store.directory / ".a.lock"
+    lock.unlink()
+    lock.symlink_to(outside)
+    with random_handle(store.pool, "a", 7, seed=3) as handle:
+        with nothing_changes(store), pytest.raises(CacheWriteError, match="symbolic link"):
+            store.save(handle)
+    assert not outside.exists()
+
+
+def test_a_cache_file_that_is_a_symlink_or_a_directory_is_refused(store, saved, tmp_path):
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes(saved.read_bytes())
+    (store.directory / "c.safetensors").symlink_to(elsewhere)
+    (store.directory / "d.safetensors").mkdir()
+    with nothing_changes(store):
+        with pytest.raises(IncompatibleCacheFileError, match="symbolic link"):
+            store.load("c")
+        with pytest.raises(IncompatibleCacheFileError, match="not a regular file"):
+            store.load("d")
+        with pytest.raises(IncompatibleCacheFileError):
+            store.get("d")
+    assert store.list() == ["a", "b"]
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only view of a directory (a read-only bind mount: root ignores permission bits)."""
+    views = []
+
+    def view(directory):
+        mount_point = tmp_path / f"read-only-{len(views)}"
+        mount_point.mkdir()
+        if os.geteuid() != 0:
+            os.chmod(directory, 0o555)
+            os.rmdir(mount_point)
+            mount_point.symlink_to(directory)
+        else:
+            for args in (["--bind", str(directory), str(mount_point)], ["-o", "remount,bind,ro", str(mount_point)]):
+                mounted = subprocess.run(["mount", *args], capture_output=True, text=True)
+                if mounted.returncode != 0:
+                    pytest.skip(f"cannot make a read-only bind mount here: {mounted.stderr.strip()}")
+            views.append(mount_point)
+        return mount_point
+
+    yield view
+    for mount_point in views:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_read_only_store_with_a_leftover_temp_file_opens_and_loads(store, saved, read_only):
+    (store.directory / ".a.0123456789ab.tmp").write_bytes(b"half a save")
+    expected = {agent: snapshot(store.load(agent)) for agent in ("a", "b")}
+    view = read_only(store.directory)
+    reader = open_store(view)
+    assert reader.list() == ["a", "b"]
+    assert {agent: snapshot(reader.load(agent)) for agent in ("a", "b")} == expected
+    with random_handle(reader.pool, "a", 5, seed=9) as handle, pytest.raises(CacheWriteError):
+        reader.save(handle)
+
+
+# ---- the header's bytes ------------------------------------------------------------------------------
+def test_a_changed_padding_byte_is_detected(store):
+    for n_tokens in range(1, 40):  # a context whose header needs padding
+        with random_handle(store.pool, "p", n_tokens, seed=n_tokens) as handle:
+            store.save(handle)
+        path = store.directory / "p.safetensors"
+        raw = path.read_bytes()
+        end = header_length(path)
+        if raw[end - 1:end] == b" ":
+            break
+    else:
+        raise AssertionError("no header with padding")
+    for replacement in (b"\n", b"\t", b"\r"):  # still valid JSON whitespace
+        path.write_bytes(raw[: end - 1] + replacement + raw[end:])
+        with nothing_changes(store), pytest.raises(CacheCorruptionError, match="canonical"):
+            store.load("p")

@@ -160,13 +160,39 @@ def test_fingerprints_tell_apart_models_of_one_architecture():
     assert fingerprint not in others.values() and len(set(others.values())) == len(others)
 
 
-def test_one_changed_weight_changes_the_fingerprint():
+def test_any_change_to_the_weights_changes_the_fingerprint():
+    """Swapping two weights, or moving two by one ulp in opposite directions, kept the old sampled
+    fingerprint (and each model accepted the other's caches)."""
     model, tokenizer = mlx_lm.load(str(build_local_model("tiny-llama")))  # a private copy to change
-    before = model_fingerprint(model, tokenizer)
-    projection = model.model.layers[2].mlp.down_proj
+    original = model_fingerprint(model, tokenizer)
+    projection = model.model.layers[1].self_attn.o_proj
     weight = projection.weight
-    projection.weight = mx.where((mx.arange(weight.size) == 1234).reshape(weight.shape), weight * 2, weight)
-    assert model_fingerprint(model, tokenizer) != before
+    flat = weight.reshape(-1)
+    bits = flat.view(mx.uint16)
+    changes = {
+        "swap of flat 1001 and 2003": flat.at[mx.array([1001, 2003])].add(flat[mx.array([2003, 1001])] - flat[mx.array([1001, 2003])]),
+        "+1 ulp and -1 ulp": bits.at[mx.array([1001, 2003])].add(mx.array([1, -1], dtype=mx.int32).astype(mx.uint16)).view(weight.dtype),
+        "one weight doubled": flat.at[1234].multiply(2),
+    }
+    seen = {original}
+    for name, changed in changes.items():
+        assert not mx.array_equal(changed, flat).item(), name
+        projection.weight = changed.reshape(weight.shape)
+        fingerprint = model_fingerprint(model, tokenizer)
+        assert fingerprint not in seen, name
+        seen.add(fingerprint)
+    projection.weight = weight
+    assert model_fingerprint(model, tokenizer) == original
+
+
+def test_a_file_with_an_old_sampled_fingerprint_is_refused_with_its_own_message(tmp_path):
+    engine = engine_for("tiny-llama")
+    first = engine.generate("agent", text(40), max_tokens=4)
+    old_scheme = "llama-4x2x32-bfloat16:0123456789abcdef0123456789abcdef"
+    AgentCacheStore(tmp_path, engine.pool, old_scheme).save(first.blocks)
+    store = AgentCacheStore.for_engine(tmp_path, engine)
+    with nothing_changes(store), pytest.raises(IncompatibleCacheFileError, match="older model fingerprint"):
+        store.get("agent")
 
 
 def test_a_file_of_another_model_of_the_same_geometry_is_refused(tmp_path):

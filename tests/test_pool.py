@@ -4,6 +4,7 @@ import collections
 import gc
 import threading
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -15,12 +16,18 @@ from semantic.domain.errors import (
     InvalidRequestError,
     PoolExhaustedError,
     ReleasedHandleError,
+    SemanticError,
 )
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import PRESETS, ModelCacheSpec
 
 SPEC = ModelCacheSpec(n_layers=2, n_kv_heads=1, k_head_dim=4, v_head_dim=4, dtype="float32", name="tiny")
 AGENTS = ("a", "b", "c")
+# Not a count of blocks: negative, huge, fractional, textual, boolean, missing, array-valued.
+BAD_COUNTS = (-3, -1, 1.5, float("nan"), "3", None, True, False, np.int64(-2), np.bool_(True), [1], 2**70)
+# Not a block id of a 12-block pool.
+BAD_IDS = (-1, 12, 2**40, 2**70, True, np.bool_(False), 1.0, "1", None, (1,), np.float32(2))
+BAD_AGENTS = ("", None, 5, b"a", ["a"], True)
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -124,6 +131,59 @@ class PoolMachine(RuleBasedStateMachine):
             reservation.cancel()
             self.reservations.pop()
 
+    @rule(data=st.data())
+    def misuse_changes_nothing(self, data):
+        """Any public call with a bad argument raises a typed error and leaves the pool as it was."""
+        handle = data.draw(st.sampled_from(self.handles)) if self.handles else None
+        bad_count = data.draw(st.sampled_from(BAD_COUNTS))
+        bad_id = data.draw(st.sampled_from(BAD_IDS))
+        bad_agent = data.draw(st.sampled_from(BAD_AGENTS))
+        good_ids = sorted(self._model_refcount())
+        calls = {
+            "allocate": lambda: self.pool.allocate(bad_count, "a"),
+            "allocate huge": lambda: self.pool.allocate(2**62, "a"),
+            "allocate agent": lambda: self.pool.allocate(1, bad_agent),
+            "allocate reservation": lambda: self.pool.allocate(1, "a", reservation="r"),
+            "reserve": lambda: self.pool.reserve(bad_count, "r"),
+            "reserve huge": lambda: self.pool.reserve(2**62, "r"),
+            "reserve owner": lambda: self.pool.reserve(1, None),
+            "retain id": lambda: self.pool.retain(good_ids[:1] + [bad_id], "a"),
+            "retain not a list": lambda: self.pool.retain(data.draw(st.sampled_from([3, "01", None, iter(good_ids)])), "a"),
+            "retain agent": lambda: self.pool.retain(good_ids[:1], bad_agent),
+            "release id": lambda: self.pool.release_blocks([bad_id], "a"),
+            "release not a list": lambda: self.pool.release_blocks(data.draw(st.sampled_from([0, "0", None])), "a"),
+            "release agent": lambda: self.pool.release_blocks(good_ids[:1], bad_agent),
+            "refcount": lambda: self.pool.refcount(bad_id),
+            "block_keys": lambda: self.pool.block_keys(bad_id),
+            "gather": lambda: self.pool.gather([[bad_id]]),
+            "gather ragged": lambda: self.pool.gather([[0, 1], [0]]),
+            "write_blocks": lambda: self.pool.write_blocks([bad_id], 0, np.zeros((1, 1, 1, 4)), np.zeros((1, 1, 1, 4)), 0),
+            "build_handle agent": lambda: self.pool.build_handle(bad_agent),
+            "build_handle reservation": lambda: self.pool.build_handle("a", reservation=5),
+            "share agent": lambda: handle.share(bad_agent) if handle else self.pool.share(None),
+            "release not a handle": lambda: self.pool.release(data.draw(st.sampled_from([None, "h", 3]))),
+            "builder": lambda: self._misuse_builder(data, bad_id),
+        }
+        name = data.draw(st.sampled_from(sorted(calls)))
+        before = self.pool.usage()
+        with pytest.raises(SemanticError):
+            calls[name]()
+        assert self.pool.usage() == before, name
+
+    def _misuse_builder(self, data, bad_id):
+        """A builder finished with references it did not take, or with malformed tokens / layers."""
+        with self.pool.build_handle("a") as builder:
+            ids = builder.allocate(1) if self.pool.available_blocks else []
+            builder.finish(*data.draw(st.sampled_from([
+                ([1], [ids + [bad_id], []]),
+                ([1], [ids]),
+                ([True], [ids, []]),
+                ([-1], [ids, []]),
+                ("ab", [ids, []]),
+                ([1], "ab"),
+                ([1], [ids, [], []]),
+            ])))
+
     @invariant()
     def matches_model(self):
         self.pool.check_invariants()
@@ -191,6 +251,20 @@ def test_misuse_raises_typed_errors_and_changes_nothing():
     handle.release()
     pool.release_blocks(ids, "a")
     assert pool.usage().used_blocks == 0
+
+
+@pytest.mark.parametrize("total", [True, False, 0, -3, 1.5, "8", None, 2**70 * 1.0])
+def test_a_pool_of_a_bad_size_is_refused(total):
+    with pytest.raises(InvalidRequestError):
+        BlockPool(SPEC, total)
+
+
+def test_a_negative_reservation_is_refused_and_cannot_lose_blocks():
+    pool = BlockPool(SPEC, total_blocks=4)
+    with pytest.raises(InvalidRequestError):
+        pool.reserve(-3, "x")
+    pool.check_invariants()
+    assert pool.allocate(4, "a") and pool.free_blocks == 0
 
 
 def test_allocation_is_all_or_nothing():

@@ -3,7 +3,8 @@
 On CPU, ``mx.take`` of whole rows already runs at memcpy speed. On CUDA, MLX's
 generic gather indexes every element and was measured at 7x a plain copy of the
 same bytes (H100, 3 GiB: 17 ms vs 2.4 ms), so there a small kernel copies each
-row with 16-byte loads and stores, one thread block per row.
+row with 16-byte loads and stores, one thread block per row, keys and values in
+the same launch (a launch costs about as much as copying a 2 MiB context).
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 
-_ROW_COPY = """
-    const uint4* src = reinterpret_cast<const uint4*>(table) + (size_t)rows[blockIdx.x] * VECS;
-    uint4* dst = reinterpret_cast<uint4*>(out) + (size_t)blockIdx.x * VECS;
-    for (int i = threadIdx.x; i < VECS; i += blockDim.x) {
+_ROW_PAIR_COPY = """
+    const bool is_value = blockIdx.y == 1;
+    const int vecs = is_value ? V_VECS : K_VECS;
+    const uint4* src = reinterpret_cast<const uint4*>(is_value ? v_table : k_table)
+        + (size_t)rows[blockIdx.x] * vecs;
+    uint4* dst = reinterpret_cast<uint4*>(is_value ? v_out : k_out) + (size_t)blockIdx.x * vecs;
+    for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
         dst[i] = src[i];
     }
 """
@@ -27,32 +31,88 @@ _THREADS = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _row_copy_kernel():
-    return mx.fast.cuda_kernel(name="semantic_row_gather", input_names=["table", "rows"], output_names=["out"],
-                               source=_ROW_COPY)
+def _row_pair_kernel():
+    return mx.fast.cuda_kernel(name="semantic_row_pair_gather", input_names=["k_table", "v_table", "rows"],
+                               output_names=["k_out", "v_out"], source=_ROW_PAIR_COPY)
 
 
 def _on_cuda() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
-def gather_rows(table: mx.array, rows: mx.array) -> mx.array:
-    """``table[rows]`` for a contiguous ``table`` ``[n_rows, *row_shape]`` and integer ``rows`` of any shape;
-    the result is ``rows.shape + row_shape``."""
-    row_shape = table.shape[1:]
-    row_bytes = table.itemsize * table[0].size
-    if not _on_cuda() or row_bytes % 16:
-        return mx.take(table, rows, axis=0)
-    flat = rows.reshape(-1).astype(mx.int32)
-    (out,) = _row_copy_kernel()(
-        inputs=[table, flat],
-        template=[("VECS", row_bytes // 16)],
-        grid=(flat.size * _THREADS, 1, 1),
+def gather_row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array) -> Tuple[mx.array, mx.array]:
+    """``(k_table[rows], v_table[rows])`` for contiguous tables ``[n_rows, *row_shape]`` and int32 ``rows``
+    of any shape; each result is ``rows.shape + row_shape``."""
+    k_bytes = k_table.itemsize * k_table[0].size
+    v_bytes = v_table.itemsize * v_table[0].size
+    if not _on_cuda() or k_bytes % 16 or v_bytes % 16:
+        return mx.take(k_table, rows, axis=0), mx.take(v_table, rows, axis=0)
+    flat = rows.reshape(-1)
+    k_out, v_out = _row_pair_kernel()(
+        inputs=[k_table, v_table, flat],
+        template=[("K_VECS", k_bytes // 16), ("V_VECS", v_bytes // 16)],
+        grid=(flat.size * _THREADS, 2, 1),
         threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(flat.size,) + row_shape],
-        output_dtypes=[table.dtype],
+        output_shapes=[(flat.size,) + k_table.shape[1:], (flat.size,) + v_table.shape[1:]],
+        output_dtypes=[k_table.dtype, v_table.dtype],
     )
-    return out.reshape(rows.shape + row_shape)
+    return k_out.reshape(rows.shape + k_table.shape[1:]), v_out.reshape(rows.shape + v_table.shape[1:])
+
+
+# One thread block per (new block, head) row, keys and values in one launch: copies each slot of the
+# row from its layer's source (token ``tok0 + slot``), zeroes the slots outside ``[lo, hi)``.
+_PACK_BLOCKS = """
+    const int row = blockIdx.x;
+    const int block = row / HEADS, head = row % HEADS;
+    const int source = plan[4 * block], tok0 = plan[4 * block + 1];
+    const int lo = plan[4 * block + 2], hi = plan[4 * block + 3];
+    const bool is_value = blockIdx.y == 1;
+    const int vecs = is_value ? V_VECS : K_VECS;  // 16-byte vectors per token slot
+    const uint4* src = nullptr;
+    switch (source) {
+%s
+    }
+    const long long first = ((long long)head * lengths[source] + tok0) * vecs;
+    uint4* dst = reinterpret_cast<uint4*>(is_value ? v_out : k_out) + (size_t)row * BLOCK_SIZE * vecs;
+    for (int i = threadIdx.x; i < BLOCK_SIZE * vecs; i += blockDim.x) {
+        const int slot = i / vecs;
+        dst[i] = (slot >= lo && slot < hi) ? src[first + i] : make_uint4(0, 0, 0, 0);
+    }
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _pack_kernel(n_sources: int):
+    cases = "\n".join(
+        f"        case {i}: src = reinterpret_cast<const uint4*>(is_value ? v{i} : k{i}); break;"
+        for i in range(n_sources)
+    )
+    names = [f"k{i}" for i in range(n_sources)] + [f"v{i}" for i in range(n_sources)] + ["lengths", "plan"]
+    return mx.fast.cuda_kernel(name=f"semantic_pack_blocks_{n_sources}", input_names=names,
+                               output_names=["k_out", "v_out"], source=_PACK_BLOCKS % cases)
+
+
+def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: Sequence[Tuple[int, int, int, int]],
+                block_size: int) -> Optional[Tuple[mx.array, mx.array]]:
+    """New blocks ``[n, heads, block_size, dim]`` (keys, values) cut from ``sources`` (per source ``[1, heads,
+    T, dim]`` keys and values) in one kernel, or ``None`` where this backend has no such kernel (the caller
+    then writes each source's blocks itself). ``plan`` has one row per new block: (source, the source token
+    in its slot 0, the first and end slot holding data); other slots are zeroed."""
+    keys, values = sources[0]
+    k_vec, v_vec = keys.shape[-1] * keys.itemsize, values.shape[-1] * values.itemsize
+    if not _on_cuda() or k_vec % 16 or v_vec % 16:
+        return None
+    heads, n = keys.shape[1], len(plan)
+    (k_out, v_out) = _pack_kernel(len(sources))(
+        inputs=[k for k, _ in sources] + [v for _, v in sources]
+        + [mx.array([k.shape[2] for k, _ in sources], dtype=mx.int32), mx.array(plan, dtype=mx.int32)],
+        template=[("HEADS", heads), ("BLOCK_SIZE", block_size), ("K_VECS", k_vec // 16), ("V_VECS", v_vec // 16)],
+        grid=(n * heads * _THREADS, 2, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(n, heads, block_size, keys.shape[-1]), (n, heads, block_size, values.shape[-1])],
+        output_dtypes=[keys.dtype, values.dtype],
+    )
+    return k_out, v_out
 
 
 _SAME_SIZE_UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
@@ -64,11 +124,19 @@ def writes_through_host() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def host_source(array: mx.array) -> mx.array:
+    """``array`` reinterpreted as same-size unsigned ints, for :func:`host_view`; evaluate many of
+    these in one ``mx.eval`` (an evaluation per array costs ~20 us)."""
+    return array.view(_SAME_SIZE_UINT[array.itemsize])
+
+
 def host_view(array: mx.array) -> np.ndarray:
     """A NumPy view sharing ``array``'s memory (evaluated first), its elements as same-size unsigned
     ints so bfloat16 needs no NumPy support. Writes through it change ``array`` in place: only for
     arrays no computation still reads (the pool writes only blocks nothing refers to)."""
-    return np.array(array.view(_SAME_SIZE_UINT[array.itemsize]), copy=False)
+    if array.dtype not in _SAME_SIZE_UINT.values():
+        array = host_source(array)
+    return np.array(array, copy=False)
 
 
 # One thread per packed uint32 word of the output: it reads the word, its group's scale and bias, and
@@ -113,7 +181,7 @@ def dequantizing_gather_kernel_enabled() -> bool:
 def gather_dequantized(packed: mx.array, scales: mx.array, biases: mx.array, rows: mx.array, *, group_size: int,
                        bits: int, kernel: Optional[bool] = None) -> mx.array:
     """``mx.dequantize`` of rows ``rows`` of three tables of one quantized array (``[n_rows, tokens, width]``
-    each, as ``gather_rows`` takes them); the result is ``rows.shape + (tokens, head_dim)`` in the scales' dtype.
+    each, gathered like ``gather_row_pairs``'s tables); the result is ``rows.shape + (tokens, head_dim)`` in the scales' dtype.
 
     Portable path (the default everywhere): three row gathers, then one dequantize. On CUDA with
     ``SEMANTIC_DEQUANTIZING_GATHER=1`` (or ``kernel=True``), one kernel reads each packed row once and writes
@@ -122,8 +190,8 @@ def gather_dequantized(packed: mx.array, scales: mx.array, biases: mx.array, row
     if kernel is None:
         kernel = dequantizing_gather_kernel_enabled()
     if not kernel:
-        return mx.dequantize(gather_rows(packed, rows), gather_rows(scales, rows), gather_rows(biases, rows),
-                             group_size=group_size, bits=bits)
+        return mx.dequantize(mx.take(packed, rows, axis=0), mx.take(scales, rows, axis=0),
+                             mx.take(biases, rows, axis=0), group_size=group_size, bits=bits)
     _, tokens, words = packed.shape
     dim = words * 32 // bits
     flat = rows.reshape(-1).astype(mx.int32)

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from semantic.domain.errors import UnsupportedModelError
+from semantic.domain.request_checks import SamplingParams
 from semantic.domain.value_objects import ModelCacheSpec
 
 SUPPORTED_MLX_LM = (">=0.32.2", "<0.33")
@@ -119,12 +121,30 @@ def read_layer_cache(cache: LayerCache) -> Tuple[mx.array, mx.array, int, int]:
     raise UnsupportedModelError(f"cannot read a {type(cache).__name__}")
 
 
-def sampler_for(temperature: float, top_p: float, top_k: int, min_p: float):
-    return make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+def vocab_size(model) -> int:
+    """How many token ids the model can take and score: the smallest of its config's ``vocab_size``, its
+    token embedding's rows and its logits' width (an id past any of them indexes out of bounds)."""
+    sizes = []
+    configured = getattr(getattr(model, "args", None), "vocab_size", None)
+    if isinstance(configured, int) and configured > 0:
+        sizes.append(configured)
+    for name, module in model.named_modules():
+        if name.endswith("embed_tokens") and isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
+            sizes.append(module.num_embeddings if isinstance(module, nn.QuantizedEmbedding) else module.weight.shape[0])
+    logits = model(mx.array([[0]]), cache=make_cache(model))
+    sizes.append(logits.shape[-1])
+    return min(sizes)
 
 
-def logits_processors_for(repetition_penalty: Optional[float]):
-    return make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else []
+def sampler_for(sampling: SamplingParams, vocab: int):
+    """mlx-lm's sampler; ``top_k`` of the whole vocabulary keeps every token, which mlx-lm spells 0."""
+    top_k = 0 if sampling.top_k >= vocab else sampling.top_k
+    return make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k, min_p=sampling.min_p)
+
+
+def logits_processors_for(sampling: SamplingParams):
+    penalty = sampling.repetition_penalty
+    return make_logits_processors(repetition_penalty=penalty) if penalty is not None and penalty != 1 else []
 
 
 @dataclass
@@ -138,35 +158,110 @@ class GenerationEvent:
     context_tokens: Optional[List[int]]
 
 
+class StepFailed(Exception):
+    """A batched step raised. ``tags`` are the sequences it is attributed to: the one whose own sampler or
+    logits processor raised, else every sequence the generator held (the shared forward pass failed, so
+    any of them may be the cause). The generator is empty afterwards: its state was lost mid-step."""
+
+    def __init__(self, tags: List[Any], attributed: bool, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.tags = tags
+        self.attributed = attributed
+        self.cause = cause
+
+
+class _SequenceError(Exception):
+    def __init__(self, tag: Any, cause: BaseException):
+        super().__init__(tag)
+        self.tag = tag
+        self.cause = cause
+
+
+def _attributed(function, tag):
+    """``function`` raising ``_SequenceError(tag)`` instead of what it raises, so a batched step that fails
+    inside one sequence's own sampler or logits processor names that sequence."""
+    def call(*args):
+        try:
+            return function(*args)
+        except Exception as exc:
+            raise _SequenceError(tag, exc) from exc
+    return call
+
+
 class Generator:
-    """mlx-lm's ``BatchGenerator`` behind the few calls the engine needs."""
+    """mlx-lm's ``BatchGenerator`` behind the few calls the engine needs.
+
+    Each sequence carries a ``tag`` (the engine's request id); a step that raises
+    raises ``StepFailed`` naming the tags it is attributed to, and leaves the
+    generator empty (``BatchGenerator`` cannot be resumed after an exception
+    inside a step: caches and token lists are half updated).
+    """
 
     def __init__(self, model, *, stop_token_ids: Sequence[int], prefill_step_size: int = 2048,
                  prefill_batch_size: int = 8, completion_batch_size: int = 32):
         check_mlx_lm_version()
-        self._gen = BatchGenerator(
+        self._make = lambda: BatchGenerator(
             model,
             stop_tokens=[[t] for t in stop_token_ids] or None,
             prefill_step_size=prefill_step_size,
             prefill_batch_size=prefill_batch_size,
             completion_batch_size=completion_batch_size,
         )
+        self._gen = self._make()
+        self._vocab = vocab_size(model)
+        self._tags: Dict[int, Any] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
 
     def insert(self, prompt_tokens: List[int], cache: Optional[List[LayerCache]], context_tokens: List[int],
-               max_tokens: int, sampler, logits_processors) -> int:
+               max_tokens: int, sampling: SamplingParams, tag: Any) -> int:
         """Queue a sequence that continues ``cache`` (which holds ``context_tokens``) with ``prompt_tokens``."""
+        sampler = sampler_for(sampling, self._vocab)
+        if not sampling.greedy:  # greedy requests share mlx-lm's one sampler: one argmax for the whole batch
+            sampler = _attributed(sampler, tag)
+        processors = [_attributed(p, tag) for p in logits_processors_for(sampling)]
         (uid,) = self._gen.insert(
             [prompt_tokens], max_tokens=[max_tokens], caches=[cache] if cache is not None else None,
-            all_tokens=[list(context_tokens)], samplers=[sampler], logits_processors=[logits_processors],
+            all_tokens=[list(context_tokens)], samplers=[sampler], logits_processors=[processors],
         )
+        self._tags[uid] = tag
         return uid
 
     def next(self) -> List[GenerationEvent]:
         """Advance every active sequence by one step (prefill chunk or decoded token)."""
-        return [
-            GenerationEvent(r.uid, int(r.token), r.finish_reason, r.prompt_cache, r.all_tokens)
-            for r in self._gen.next_generated()
+        try:
+            responses = self._gen.next_generated()
+        except _SequenceError as exc:
+            self._reset()
+            raise StepFailed([exc.tag], True, exc.cause) from exc.cause
+        except Exception as exc:
+            tags = list(self._tags.values())
+            self._reset()
+            raise StepFailed(tags, False, exc) from exc
+        except BaseException:
+            self._reset()
+            raise
+        events = [
+            GenerationEvent(r.uid, int(r.token), r.finish_reason, r.prompt_cache, r.all_tokens) for r in responses
         ]
+        for event in events:
+            if event.finish_reason is not None:
+                self._tags.pop(event.uid, None)
+        return events
+
+    def empty_copy(self) -> "Generator":
+        """A new, empty generator with the same model and settings."""
+        copy = object.__new__(Generator)
+        copy._make, copy._vocab, copy._tags = self._make, self._vocab, {}
+        copy._gen = self._make()
+        return copy
+
+    def _reset(self) -> None:
+        self._gen.close()
+        self._gen = self._make()
+        self._tags.clear()
 
     def extract(self, uid: int) -> Optional[Tuple[List[LayerCache], List[int]]]:
         """The sequence's current cache and the tokens it holds, or ``None`` if it is not here."""
@@ -178,6 +273,8 @@ class Generator:
 
     def remove(self, uid: int) -> None:
         self._gen.remove([uid])
+        self._tags.pop(uid, None)
 
     def close(self) -> None:
         self._gen.close()
+        self._tags.clear()

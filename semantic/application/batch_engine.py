@@ -12,6 +12,20 @@ Lifecycle of a request:
    sequence finishes; its ``blocks`` share every unchanged block of the source
    context and write only the new ones.
 
+Failures. ``submit`` checks every argument (token ids against the model's
+vocabulary, sampling parameters against mlx-lm's ranges) and raises
+``InvalidRequestError`` before anything is reserved. A request that fails later
+(rebuilding its cache, in a batched step, storing its context) ends alone: its
+completion has ``finish_reason == "error"`` and ``error`` set to a
+``RequestFailedError`` naming it (``generate`` raises it; ``blocks`` raises it
+too), its blocks and reservation go back to the pool, and the other requests go
+on to the tokens they would have produced without it. A step that fails inside
+one request's sampler or logits processor names that request; one that fails in
+the shared forward pass is re-run for each request alone, and those that fail
+alone are the culprits. Either way the batch is rebuilt (mlx-lm cannot resume a
+step that raised), so the survivors' prompts and generated tokens are prefilled
+again: a failure costs one prefill of every running request.
+
 Blocks return to the pool when their last handle is released: call
 ``AgentBlocks.release()`` (or use it as a context manager), or drop the last
 reference to it (a finalizer gives its blocks back at the pool's next operation).
@@ -47,12 +61,18 @@ from semantic.domain.errors import (
     IncompatibleCacheError,
     InvalidRequestError,
     PoolExhaustedError,
+    RequestFailedError,
     UnknownRequestError,
 )
+from semantic.domain.request_checks import SamplingParams, check_vocabulary, checked_int, token_ids
 from semantic.domain.services import BlockPool, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
 Prompt = Union[str, Sequence[int]]
+
+# A request in this many batches that failed, each time without failing alone, is failed anyway:
+# retries of a failure that needs company (or keeps recurring) must end.
+_MAX_UNATTRIBUTED_FAILURES = 3
 
 
 class PoolPressureWarning(UserWarning):
@@ -62,17 +82,28 @@ class PoolPressureWarning(UserWarning):
 @dataclass
 class Completion:
     """A finished request. ``token_ids`` are the generated tokens; ``blocks`` the agent's whole
-    context after them (source context + prompt + generated tokens), owned by the pool."""
+    context after them (source context + prompt + generated tokens), owned by the pool.
+
+    ``finish_reason`` is ``"stop"``, ``"length"`` or ``"error"``: a failed request has ``error`` set
+    (a ``RequestFailedError``), ``token_ids`` holds what it generated before failing, and reading
+    ``blocks`` raises ``error``."""
 
     uid: int
     agent_id: str
     text: str
     token_ids: List[int]
     finish_reason: str
-    blocks: AgentBlocks
+    context_blocks: Optional[AgentBlocks] = field(repr=False)
     prompt_tokens: int
     reused_tokens: int
-    time_to_first_token: float
+    time_to_first_token: Optional[float]
+    error: Optional[RequestFailedError] = None
+
+    @property
+    def blocks(self) -> AgentBlocks:
+        if self.error is not None:
+            raise self.error
+        return self.context_blocks
 
 
 @dataclass
@@ -83,14 +114,14 @@ class _Request:
     context_tokens: List[int]  # reused from the source, already in the cache
     source: Optional[AgentBlocks]
     max_tokens: int
-    sampler: object
-    logits_processors: list
+    sampling: SamplingParams
     new_blocks_bound: int
     submitted_at: float
     reservation: Optional[Reservation] = None
     generator_uid: Optional[int] = None
     generated: List[int] = field(default_factory=list)
     first_token_at: Optional[float] = None
+    unattributed_failures: int = 0
 
     @property
     def reused_tokens(self) -> int:
@@ -131,22 +162,29 @@ class BlockPoolBatchEngine:
         self._waiting: Deque[_Request] = collections.deque()
         self._running: Dict[int, _Request] = {}  # by generator uid
         self._by_uid: Dict[int, _Request] = {}
+        self._done: Deque[Completion] = collections.deque()  # finished or failed, not yet returned by step_once
         self._finished: "weakref.WeakValueDictionary[int, AgentBlocks]" = weakref.WeakValueDictionary()
 
     # ---- submitting -------------------------------------------------------------------------------
     def submit(self, agent_id: str, prompt: Prompt, cache: Optional[AgentBlocks] = None, max_tokens: int = 256,
                *, match_prefix: bool = False, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                min_p: float = 0.0, repetition_penalty: Optional[float] = None) -> int:
-        """Queue a request and return its uid. Greedy unless ``temperature`` > 0 (mlx-lm's samplers)."""
+        """Queue a request and return its uid. Greedy unless ``temperature`` > 0 (mlx-lm's samplers).
+
+        ``prompt``: text, or token ids (a sequence of ints, or a 1-d integer NumPy / MLX array), each
+        below the model's vocabulary size. Sampling ranges: ``temperature`` >= 0, ``top_p`` and
+        ``min_p`` in [0, 1], ``top_k`` an int in [0, vocabulary] (0: off), ``repetition_penalty``
+        None or > 0; all finite. Anything else raises ``InvalidRequestError`` and reserves nothing.
+        """
         if not isinstance(agent_id, str) or not agent_id:
             raise InvalidRequestError(f"agent_id must be a non-empty string, got {agent_id!r}")
-        if not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
-            raise InvalidRequestError(
-                f"sampling parameters out of range: temperature={temperature} (>= 0), top_p={top_p} (0..1), "
-                f"top_k={top_k} (>= 0), min_p={min_p} (0..1)"
-            )
+        max_tokens = checked_int("max_tokens", max_tokens, 1)
+        if not isinstance(match_prefix, bool):
+            raise InvalidRequestError(f"match_prefix must be True or False, got {match_prefix!r}")
+        sampling = SamplingParams.checked(
+            self._generator.vocab_size, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty,
+        )
         if cache is not None:
             self.pool.check_handle(cache)
         elif match_prefix:
@@ -171,9 +209,7 @@ class BlockPoolBatchEngine:
             request = _Request(
                 uid=next(self._uids), agent_id=agent_id, prompt_tokens=tokens, context_tokens=context,
                 source=cache.share() if cache is not None and context else None, max_tokens=max_tokens,
-                sampler=adapter.sampler_for(temperature, top_p, top_k, min_p),
-                logits_processors=adapter.logits_processors_for(repetition_penalty),
-                new_blocks_bound=bound, submitted_at=time.perf_counter(),
+                sampling=sampling, new_blocks_bound=bound, submitted_at=time.perf_counter(),
             )
             self._by_uid[request.uid] = request
             self._waiting.append(request)
@@ -181,12 +217,16 @@ class BlockPoolBatchEngine:
             return request.uid
 
     def _tokenize(self, prompt: Prompt, continuation: bool) -> List[int]:
+        vocab = self._generator.vocab_size
         if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(prompt, add_special_tokens=not continuation) if prompt else []
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and t >= 0 for t in prompt):
-            tokens = list(prompt)
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(f"the prompt is not valid Unicode text ({exc.reason}, a lone surrogate)") from None
+            tokens = list(self.tokenizer.encode(prompt, add_special_tokens=not continuation)) if prompt else []
+            check_vocabulary(tokens, vocab)  # a tokenizer of another model
         else:
-            raise InvalidRequestError("prompt must be a string or a sequence of non-negative token ids")
+            tokens = token_ids(prompt, vocab)
         if not tokens:
             raise InvalidRequestError("the prompt is empty (no tokens to process); give at least one token")
         return list(tokens)
@@ -220,25 +260,46 @@ class BlockPoolBatchEngine:
                 request.reservation = self.pool.reserve(request.new_blocks_bound, f"request {request.uid}")
             except PoolExhaustedError:
                 return
-            try:
-                cache = self._reconstruct_cache(request.source, request.reused_tokens) if request.source else None
-                request.generator_uid = self._generator.insert(
-                    request.prompt_tokens, cache, request.context_tokens, request.max_tokens,
-                    request.sampler, request.logits_processors,
-                )
-            except BaseException:
-                request.reservation.cancel()
-                request.reservation = None
-                raise
             self._waiting.popleft()
-            self._running[request.generator_uid] = request
+            self._start(request)
+
+    def _start(self, request: _Request) -> None:
+        """Put a request with its reservation into the generator: from its source context, fed its prompt
+        and whatever it generated before (a restart after a failed step), to generate the rest."""
+        try:
+            cache = self._reconstruct_cache(request.source, request.reused_tokens) if request.source else None
+            request.generator_uid = self._generator.insert(
+                request.prompt_tokens + request.generated, cache, request.context_tokens,
+                request.max_tokens - len(request.generated), request.sampling, request.uid,
+            )
+        except Exception as exc:
+            request.generator_uid = None
+            self._fail(request, "admission", exc)
+            return
+        self._running[request.generator_uid] = request
+
+    def _fail(self, request: _Request, stage: str, cause: BaseException) -> None:
+        """End a request with an error completion (returned by the next ``step_once``), giving back what it held."""
+        self._retire(request)
+        try:
+            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        except Exception:
+            text = ""
+        self._done.append(Completion(
+            uid=request.uid, agent_id=request.agent_id, text=text, token_ids=list(request.generated),
+            finish_reason="error", context_blocks=None, prompt_tokens=len(request.prompt_tokens),
+            reused_tokens=request.reused_tokens,
+            time_to_first_token=None if request.first_token_at is None else request.first_token_at - request.submitted_at,
+            error=RequestFailedError(request.uid, request.agent_id, stage, cause),
+        ))
 
     # ---- running ----------------------------------------------------------------------------------
     def step(self) -> Iterator[Completion]:
         """Run until every admitted request has finished, yielding each completion as soon as it finishes.
 
         Requests waiting for blocks are admitted as finished contexts are released
-        (a completion dropped inside the loop frees its blocks at once). If requests
+        (a completion dropped inside the loop frees its blocks at once). Failed requests
+        are yielded too, with ``error`` set (see the module docstring). If requests
         still wait when nothing runs, the blocks they need are held by handles the
         caller keeps: ``step`` returns, warns with ``PoolPressureWarning``, and
         ``pending`` says how many wait; release handles and call ``step`` again.
@@ -246,7 +307,7 @@ class BlockPoolBatchEngine:
         while True:
             with self._lock:
                 self._admit()
-                if not self._running:
+                if not self._running and not self._done:
                     if self._waiting:
                         head = self._waiting[0]
                         warnings.warn(PoolPressureWarning(
@@ -263,43 +324,120 @@ class BlockPoolBatchEngine:
         returns the requests that finished in it."""
         with self._lock:
             self._admit()
-            if not self._running:
-                return []
-            events = self._generator.next()
-            return [c for c in map(self._on_event, events) if c is not None]
+            if self._running:
+                try:
+                    events = self._generator.next()
+                except adapter.StepFailed as failure:
+                    self._recover(failure)
+                    events = []
+                except BaseException:  # interrupted (KeyboardInterrupt): keep the engine usable, then stop
+                    self._restart(list(self._running.values()))
+                    raise
+                for event in events:
+                    self._on_event(event)
+            done, self._done = list(self._done), collections.deque()
+            return done
 
     def generate(self, agent_id: str, prompt: Prompt, **kwargs) -> Completion:
-        """Submit one request and run the engine until it finishes (other requests run along)."""
+        """Submit one request and run the engine until it finishes (other requests run along; their
+        completions are dropped). Raises the request's ``RequestFailedError`` if it failed, and
+        ``PoolExhaustedError`` naming the agents whose handles hold the pool if it cannot get its blocks
+        (the request is then cancelled); never returns without a completion."""
         uid = self.submit(agent_id, prompt, **kwargs)
         result = None
-        for completion in self.step():
-            if completion.uid == uid:
-                result = completion
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PoolPressureWarning)  # raised as an error below instead
+            for completion in self.step():
+                if completion.uid == uid:
+                    result = completion
+        if result is None:
+            with self._lock:
+                request = self._by_uid.get(uid)
+                if request is None:
+                    raise UnknownRequestError(f"request {uid} was cancelled before it finished")
+                self.cancel(uid)
+                raise PoolExhaustedError(
+                    request.new_blocks_bound, self.pool.available_blocks,
+                    f"(request {uid} of agent {agent_id!r} was cancelled: the blocks it needs are held by "
+                    f"handles you keep: {self._holders()}. Release some, or submit() and call step() again "
+                    "after releasing them)",
+                )
+        if result.error is not None:
+            raise result.error
         return result
 
-    def _on_event(self, event: adapter.GenerationEvent) -> Optional[Completion]:
+    def _holders(self) -> str:
+        per_agent = sorted(self.pool.usage().per_agent.items(), key=lambda item: -item[1][0])
+        shown = ", ".join(f"agent {agent!r} {blocks} blocks" for agent, (blocks, _) in per_agent[:10])
+        more = f" and {len(per_agent) - 10} more agents" if len(per_agent) > 10 else ""
+        return (shown + more) or "none (other requests' reservations)"
+
+    def _recover(self, failure: adapter.StepFailed) -> None:
+        """A batched step raised and the generator lost every sequence: fail the requests it is attributed
+        to and restart the others. Unattributed failures (the shared forward pass) are re-run for each
+        request alone; a request that fails alone is a culprit."""
+        requests = list(self._running.values())
+        self._running.clear()
+        suspects = [r for r in requests if r.uid in set(failure.tags)]
+        if failure.attributed:
+            culprits = suspects
+        else:
+            culprits = [r for r in suspects if self._fails_alone(r)]
+            if not culprits:  # transient, or only in this company: retry, a bounded number of times
+                for request in suspects:
+                    request.unattributed_failures += 1
+                culprits = [r for r in suspects if r.unattributed_failures >= _MAX_UNATTRIBUTED_FAILURES]
+        for request in culprits:
+            request.generator_uid = None
+            self._fail(request, "decode" if request.generated else "prefill", failure.cause)
+        self._restart([r for r in requests if r not in culprits])
+
+    def _restart(self, requests: List[_Request]) -> None:
+        self._running.clear()
+        for request in requests:
+            request.generator_uid = None
+            self._start(request)
+
+    def _fails_alone(self, request: _Request) -> bool:
+        """Whether the request's next step fails with no other request in the batch."""
+        probe = self._generator.empty_copy()
+        try:
+            cache = self._reconstruct_cache(request.source, request.reused_tokens) if request.source else None
+            probe.insert(request.prompt_tokens + request.generated, cache, request.context_tokens,
+                         request.max_tokens - len(request.generated), request.sampling, request.uid)
+            probe.next()
+        except Exception:
+            return True
+        finally:
+            probe.close()
+        return False
+
+    def _on_event(self, event: adapter.GenerationEvent) -> None:
         request = self._running[event.uid]
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.generated.append(event.token)
         if event.finish_reason is None:
-            return None
+            return
         del self._running[event.uid]
+        request.generator_uid = None
         try:
             blocks = cache_to_blocks(
                 self.pool, request.agent_id, event.cache, event.context_tokens, source=request.source,
                 reused_tokens=request.reused_tokens, reservation=request.reservation,
             )
-        finally:
-            self._retire(request)
+        except Exception as exc:
+            self._fail(request, "store", exc)
+            return
+        self._retire(request)
         self._finished[request.uid] = blocks
-        return Completion(
+        self._done.append(Completion(
             uid=request.uid, agent_id=request.agent_id,
             text=self.tokenizer.decode(request.generated, skip_special_tokens=True),
-            token_ids=list(request.generated), finish_reason=event.finish_reason, blocks=blocks,
+            token_ids=list(request.generated), finish_reason=event.finish_reason, context_blocks=blocks,
             prompt_tokens=len(request.prompt_tokens), reused_tokens=request.reused_tokens,
             time_to_first_token=request.first_token_at - request.submitted_at,
-        )
+        ))
 
     def _retire(self, request: _Request) -> None:
         if request.reservation is not None:
@@ -322,15 +460,16 @@ class BlockPoolBatchEngine:
 
     @property
     def pending(self) -> int:
-        """Requests submitted and not yet finished."""
+        """Requests submitted whose completion ``step`` has not yet returned."""
         with self._lock:
-            return len(self._by_uid)
+            return len(self._by_uid) + len(self._done)
 
     def close(self) -> None:
         """Cancel everything in flight and release what it held."""
         with self._lock:
             for uid in list(self._by_uid):
                 self.cancel(uid)
+            self._done.clear()
             self._generator.close()
 
     # ---- cache conversions ------------------------------------------------------------------------
@@ -343,7 +482,7 @@ class BlockPoolBatchEngine:
         """The request's current context as a new handle, at any stage: waiting, prefilling, generating,
         or finished (while its completion's blocks are alive)."""
         with self._lock:
-            finished = self._finished.get(uid)
+            finished = self._finished.get(uid) if _is_uid(uid) else None
             if finished is not None and not finished.released:
                 return finished.share()
             request = self._request(uid)
@@ -367,12 +506,16 @@ class BlockPoolBatchEngine:
             return builder.finish(request.context_tokens, ids)
 
     def _request(self, uid: int) -> _Request:
-        try:
-            return self._by_uid[uid]
-        except (KeyError, TypeError):
+        request = self._by_uid.get(uid) if _is_uid(uid) else None
+        if request is None:
             raise UnknownRequestError(
                 f"no request {uid!r} in flight (finished requests are found only while their blocks are alive)"
-            ) from None
+            )
+        return request
+
+
+def _is_uid(uid) -> bool:
+    return isinstance(uid, int) and not isinstance(uid, bool)
 
 
 def _geometry(spec: ModelCacheSpec):

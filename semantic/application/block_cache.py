@@ -8,6 +8,7 @@ blocks a source context already holds instead of copying them.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -43,34 +44,57 @@ def can_trim(spec: ModelCacheSpec, handle: AgentBlocks, n_tokens: int) -> bool:
     )
 
 
-def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None) -> List[adapter.LayerCache]:
-    """Rebuild one evaluated cache object per layer from ``handle``'s first ``n_tokens`` tokens (default all).
+@dataclass(frozen=True)
+class _GatherGroup:
+    """Layers that keep the same blocks count, rebuilt by one gather: their row index (made once per
+    handle and length, since handles are immutable) and the slots the caches keep of the gathered tokens."""
 
-    Layers that keep the same blocks count are gathered together: one gather for
-    keys and one for values per group (all full-attention layers form one group,
-    the sliding-window layers of one window another), whatever the block count.
-    """
-    pool.check_handle(handle)
+    window: Optional[int]
+    layers: Tuple[int, ...]
+    rows: mx.array
+    lo: int
+    hi: int
+
+
+def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int) -> Tuple[_GatherGroup, ...]:
     spec = pool.spec
-    n_tokens = handle.num_tokens if n_tokens is None else n_tokens
-    if n_tokens == 0:
-        return [adapter.empty_layer_cache(window) for window in spec.layer_windows]
     groups: Dict[Optional[int], List[int]] = defaultdict(list)
     for layer, window in enumerate(spec.layer_windows):
         groups[window].append(layer)
+    plan = []
+    for window, layers in groups.items():
+        ids = [layer_ids_for(spec, handle, layer, n_tokens) for layer in layers]
+        first_block, last_block = spec.layer_block_range(layers[0], n_tokens)
+        start, end = spec.visible_range(layers[0], n_tokens)
+        if window is None:  # a KVCache keeps whole blocks, like one after a prefill
+            lo, hi = 0, (last_block - first_block) * spec.block_size
+        else:  # the rotating cache holds exactly the visible tokens
+            lo, hi = start - first_block * spec.block_size, end - first_block * spec.block_size
+        plan.append(_GatherGroup(window, tuple(layers), pool.gather_rows(ids), lo, hi))
+    return tuple(plan)
 
-    caches: List[Optional[adapter.LayerCache]] = [None] * spec.n_layers
+
+def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None) -> List[adapter.LayerCache]:
+    """Rebuild one evaluated cache object per layer from ``handle``'s first ``n_tokens`` tokens (default all).
+
+    Layers that keep the same blocks count are gathered together: one gather kernel for
+    keys and values per group (all full-attention layers form one group, the
+    sliding-window layers of one window another), whatever the block count.
+    """
+    pool.check_handle(handle)
+    n_tokens = handle.num_tokens if n_tokens is None else n_tokens
+    if n_tokens == 0:
+        return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]
+    plan = handle.memo(("gather", n_tokens), lambda: _gather_plan(pool, handle, n_tokens))
+
+    caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
     with pool.storage_lock:  # one evaluation for the gathers and every per-layer view
-        for window, layers in groups.items():
-            ids = [layer_ids_for(spec, handle, layer, n_tokens) for layer in layers]
-            keys, values = pool.gather(ids, evaluate=False)
-            first_block = spec.layer_block_range(layers[0], n_tokens)[0]
-            start, end = spec.visible_range(layers[0], n_tokens)
-            if window is not None:  # the rotating cache holds exactly the visible tokens
-                lo, hi = start - first_block * spec.block_size, end - first_block * spec.block_size
-                keys, values = keys[:, :, lo:hi, :], values[:, :, lo:hi, :]
-            for layer, layer_keys, layer_values in zip(layers, _split_layers(keys), _split_layers(values)):
-                caches[layer] = adapter.build_layer_cache(window, layer_keys, layer_values, n_tokens)
+        for group in plan:
+            keys, values = pool.gather(evaluate=False, rows=group.rows)
+            if group.hi - group.lo != keys.shape[2]:
+                keys, values = keys[:, :, group.lo : group.hi, :], values[:, :, group.lo : group.hi, :]
+            for layer, layer_keys, layer_values in zip(group.layers, _split_layers(keys), _split_layers(values)):
+                caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens)
         mx.eval([(c.keys, c.values) for c in caches])
     return caches
 
@@ -137,31 +161,39 @@ def cache_to_blocks(
     if len(caches) != spec.n_layers:
         raise IncompatibleCacheError(f"{len(caches)} layer caches for a {spec.n_layers}-layer pool")
     n_tokens = len(token_ids)
-    plan, copies = [], []
-    quantized = spec.block_format.quantized
+    layouts = []  # per layer: (keys, values, first_token, shared ids, first new block index, new blocks)
+    for layer, cache in enumerate(caches):
+        keys, values, first_token, offset = adapter.read_layer_cache(cache)
+        if offset != n_tokens:
+            raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
+        first, last = spec.layer_block_range(layer, n_tokens)
+        shared = reusable_blocks(spec, source, reused_tokens, layer, n_tokens)
+        new_from = first
+        while new_from in shared:
+            new_from += 1
+        if any(index >= new_from for index in shared):
+            raise AssertionError("shared blocks must be a prefix of the layer's blocks")
+        shared_ids = [shared[i] for i in range(first, new_from)]
+        layouts.append((keys, values, first_token, shared_ids, new_from, last - new_from))
     with pool.build_handle(agent_id, reservation) as builder:
+        builder.retain([b for layout in layouts for b in layout[3]])
+        # One allocation for every layer: consecutive ids, so each layer's new blocks are one slice.
+        new_ids = builder.allocate(sum(layout[5] for layout in layouts))
         layer_ids: List[List[int]] = []
-        for layer, cache in enumerate(caches):
-            keys, values, first_token, offset = adapter.read_layer_cache(cache)
-            if offset != n_tokens:
-                raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
-            first, last = spec.layer_block_range(layer, n_tokens)
-            shared = reusable_blocks(spec, source, reused_tokens, layer, n_tokens)
-            builder.retain(list(shared.values()))
-            new_from = first
-            while new_from in shared:
-                new_from += 1
-            if any(index >= new_from for index in shared):
-                raise AssertionError("shared blocks must be a prefix of the layer's blocks")
-            new_ids = builder.allocate(last - new_from)
-            layer_ids.append([shared[i] for i in range(first, new_from)] + new_ids)
-            if new_ids:
-                start = spec.visible_range(layer, n_tokens)[0]
+        plan, copies = [], []
+        quantized = spec.block_format.quantized
+        taken = 0
+        for layer, (keys, values, first_token, shared_ids, new_from, n_new) in enumerate(layouts):
+            ids = new_ids[taken : taken + n_new]
+            taken += n_new
+            layer_ids.append(shared_ids + ids)
+            if ids:  # only the new blocks' tokens: a kernel that needs contiguous input copies no more
+                start = max(spec.visible_range(layer, n_tokens)[0], new_from * spec.block_size)
                 lo = start - first_token
-                plan.append((new_ids, new_from, keys[..., lo:, :], values[..., lo:, :], start))
+                plan.append((ids, new_from, keys[..., lo:, :], values[..., lo:, :], start))
                 carried = carried_rows(spec, source, reused_tokens, layer, n_tokens, new_from) if quantized else None
                 if carried is not None:
-                    copies.append((new_ids[0], *carried))
+                    copies.append((ids[0], *carried))
         pool.write_many(plan)
         if copies:
             pool.copy_token_rows(copies)

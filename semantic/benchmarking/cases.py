@@ -221,9 +221,15 @@ def copy_ratio(ctx: Context, repeat: int = 20) -> Tuple[float, float, float]:
 def throughput(fn: Callable[[], object], nbytes: int, repeat: int = 20) -> Tuple[float, float, float]:
     """(GB/s of ``fn``, the plain copy's GB/s, plain copy time / ``fn`` time) for ``fn`` copying
     ``nbytes``, both medians measured now, in this process (see :func:`plain_copy`)."""
-    took = float(np.median(time_samples(fn, repeat)))
-    copy = float(np.median(time_samples(plain_copy(nbytes), repeat)))
+    sync = on_gpu()
+    took = float(np.median(time_samples(fn, repeat, sync=sync)))
+    copy = float(np.median(time_samples(plain_copy(nbytes), repeat, sync=sync)))
     return nbytes / took / 1e9, nbytes / copy / 1e9, copy / took
+
+
+def on_gpu() -> bool:
+    """Whether MLX computes on a GPU, where timers must also wait for the device (``mx.synchronize``)."""
+    return mx.default_device().type != mx.cpu
 
 
 def plain_copy(nbytes: int) -> Callable[[], object]:
@@ -343,3 +349,52 @@ def engine_round_trip(engine, ctx: AgentBlocks):
     engine.submit("round-trip", prompt_tokens(engine, 1, seed=1), cache=ctx, max_tokens=ENGINE_NEW_TOKENS)
     (completion,) = engine.step()
     return completion
+
+
+# ---- a warm resume against mlx-lm's own hot cache ---------------------------------------------------
+RESUME_NEW_TOKENS = 16
+"""Tokens a resumed agent feeds before its first new token, in the warm-resume comparison."""
+
+
+def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: int = 2) -> Tuple[float, float]:
+    """Median seconds of (the engine resuming ``ctx``, mlx-lm resuming the same context from a live cache),
+    each feeding the same :data:`RESUME_NEW_TOKENS` tokens and sampling one token, alternated call by
+    call in this process.
+
+    Engine: ``submit(cache=ctx, max_tokens=1)`` and ``step()`` until the completion, which includes
+    rebuilding the cache and storing the finished context as blocks. mlx-lm: its hot path, a
+    ``BatchGenerator`` (through the adapter) given a ``copy.deepcopy`` of the live cache, until the first
+    token; nothing is stored, the live cache is what it keeps.
+    """
+    import copy
+
+    new_tokens = prompt_tokens(engine, RESUME_NEW_TOKENS, seed=2)
+    live = blocks_to_cache(engine.pool, ctx)
+    generator = adapter.Generator(engine.model, stop_token_ids=[])
+    sampler = adapter.sampler_for(0.0, 0.0, 0, 0.0)
+    sync = on_gpu()
+
+    def resume_engine() -> float:
+        start = time.perf_counter()
+        engine.submit("warm-resume", new_tokens, cache=ctx, max_tokens=1)
+        (completion,) = engine.step()
+        if sync:
+            mx.synchronize()
+        took = time.perf_counter() - start
+        completion.blocks.release()
+        return took
+
+    def resume_hot_path() -> float:
+        start = time.perf_counter()
+        uid = generator.insert(new_tokens, copy.deepcopy(live), ctx.token_ids, 1, sampler, [])
+        while not any(event.uid == uid and event.finish_reason for event in generator.next()):
+            pass
+        if sync:
+            mx.synchronize()
+        return time.perf_counter() - start
+
+    try:
+        samples = [(resume_engine(), resume_hot_path()) for _ in range(warmup + repeat)][warmup:]
+    finally:
+        generator.close()
+    return float(np.median([s[0] for s in samples])), float(np.median([s[1] for s in samples]))

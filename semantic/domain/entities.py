@@ -41,6 +41,9 @@ class KVBlock:
         return self.pool.block_values(self.block_id)
 
 
+_MEMO_ENTRIES = 4
+
+
 class AgentBlocks:
     """An agent's context held as pool blocks: per layer the blocks it can still see, plus its token ids.
 
@@ -53,7 +56,7 @@ class AgentBlocks:
     Create handles through the pool or the engine, never directly.
     """
 
-    __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_finalizer", "__weakref__")
+    __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_finalizer", "_memo", "__weakref__")
 
     def __init__(
         self,
@@ -61,14 +64,23 @@ class AgentBlocks:
         agent_id: str,
         token_ids: Sequence[int],
         layer_block_ids: Sequence[Sequence[int]],
+        *,
+        normalized: bool = False,
     ):
         # Called by BlockPool with the references already taken on this handle's behalf.
         self._pool = pool
         self.agent_id = agent_id
-        self.token_ids: Tuple[int, ...] = tuple(int(t) for t in token_ids)
-        self._layer_block_ids: Optional[Tuple[Tuple[int, ...], ...]] = tuple(tuple(ids) for ids in layer_block_ids)
+        # ``normalized``: the ids are another handle's tuples, shared as they are (a long context has
+        # thousands of tokens and ~1,000 blocks, and every resume shares its source handle).
+        if normalized:  # another handle's tuples
+            self.token_ids: Tuple[int, ...] = token_ids
+            self._layer_block_ids: Optional[Tuple[Tuple[int, ...], ...]] = layer_block_ids
+        else:
+            self.token_ids = tuple(map(int, token_ids))
+            self._layer_block_ids = tuple(map(tuple, layer_block_ids))
         flat = [b for ids in self._layer_block_ids for b in ids]
         self._finalizer = weakref.finalize(self, pool._release_later, flat, agent_id)
+        self._memo: Dict[object, object] = {}
 
     # ---- identity -----------------------------------------------------------------------------
     @property
@@ -124,6 +136,18 @@ class AgentBlocks:
                 layer_blocks.append(KVBlock(block_id, layer, index, lo - index * spec.block_size, hi - lo, self._pool))
             out[layer] = layer_blocks
         return out
+
+    def memo(self, key, make):
+        """``make()``, computed once per ``key`` for this handle: what derives from its immutable blocks
+        (e.g. a rebuild's row index) need not be recomputed on every resume. Keeps the last few keys."""
+        self._checked()
+        try:
+            return self._memo[key]
+        except KeyError:
+            if len(self._memo) >= _MEMO_ENTRIES:
+                self._memo.clear()
+            value = self._memo[key] = make()
+            return value
 
     # ---- lifetime -----------------------------------------------------------------------------
     def share(self, agent_id: Optional[str] = None) -> "AgentBlocks":

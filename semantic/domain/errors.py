@@ -50,3 +50,23 @@ class UnknownRequestError(SemanticError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
+
+
+class RequestFailedError(SemanticError):
+    """A request failed while the engine ran it (``stage``: admission, prefill, decode or store).
+
+    Raised by ``generate`` and carried by the request's ``Completion.error``. The
+    request's blocks and reservation are back in the pool; the other requests in the
+    batch went on. ``__cause__`` is the original exception.
+    """
+
+    def __init__(self, uid: int, agent_id: str, stage: str, cause: BaseException):
+        self.uid = uid
+        self.agent_id = agent_id
+        self.stage = stage
+        super().__init__(
+            f"request {uid} (agent {agent_id!r}) failed in {stage}: {type(cause).__name__}: {cause}. "
+            "Its blocks and reservation went back to the pool and the other requests went on; "
+            "fix the request (or the model) and submit it again"
+        )
+        self.__cause__ = cause

@@ -18,7 +18,7 @@ from typing import Iterable, List, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import gather_dequantized, gather_rows, host_view, writes_through_host
+from semantic.adapters.mlx_kernels import gather_dequantized, host_view, writes_through_host
 from semantic.domain.value_objects import ModelCacheSpec
 
 StoredWrite = Tuple[Sequence[int], int, Sequence[mx.array], int]
@@ -78,7 +78,7 @@ class QuantizedArenas:
     def gather_stored(self, rows: mx.array) -> List[mx.array]:
         """The packed parts of ``rows`` as stored, each ``[layers, heads, n_blocks * block_size, width]`` (lazy)."""
         n_layers, heads, n_blocks = rows.shape
-        return [gather_rows(table, rows).reshape(n_layers, heads, n_blocks * self.spec.block_size, -1)
+        return [mx.take(table, rows, axis=0).reshape(n_layers, heads, n_blocks * self.spec.block_size, -1)
                 for table in self._row_tables()]
 
     # ---- writes -------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import gather_rows, host_view, writes_through_host
+from semantic.adapters.mlx_kernels import gather_row_pairs, host_source, host_view, pack_blocks, writes_through_host
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -110,10 +110,18 @@ class _HandleBuilder:
         self._held.extend(block_ids)
 
     def finish(self, token_ids: Sequence[int], layer_block_ids: Sequence[Sequence[int]]) -> AgentBlocks:
-        owned = sorted(b for ids in layer_block_ids for b in ids)
-        if owned != sorted(self._held):
-            raise AssertionError("a handle must own exactly the references taken for it")
-        handle = self._pool._adopt(self._agent_id, token_ids, layer_block_ids)
+        tokens = _int_list("token_ids", token_ids)
+        if any(t < 0 for t in tokens):
+            raise InvalidRequestError("token_ids must be non-negative")
+        layers = _sequence("layer_block_ids", layer_block_ids)
+        if len(layers) != self._pool.spec.n_layers:
+            raise InvalidRequestError(f"layer_block_ids needs one list per layer ({self._pool.spec.n_layers}), got {len(layers)}")
+        layers = [_int_list(f"layer_block_ids[{i}]", ids) for i, ids in enumerate(layers)]
+        if sorted(b for ids in layers for b in ids) != sorted(self._held):
+            raise BlockOwnershipError(
+                "a handle must own exactly the references taken for it (allocate / retain on this builder)"
+            )
+        handle = self._pool._adopt(self._agent_id, tokens, layers)
         self._held = []
         return handle
 
@@ -132,8 +140,9 @@ class BlockPool:
     def __init__(self, spec: ModelCacheSpec, total_blocks: int, *, grow_buffer_cache: bool = True):
         if not isinstance(spec, ModelCacheSpec):
             raise InvalidRequestError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
-        if not isinstance(total_blocks, int) or total_blocks <= 0:
+        if not _is_int(total_blocks) or total_blocks <= 0:
             raise InvalidRequestError(f"total_blocks must be a positive int, got {total_blocks!r}")
+        total_blocks = int(total_blocks)
         self.spec = spec
         self.total_blocks = total_blocks
         self.pool_id = next(_pool_ids)
@@ -155,7 +164,7 @@ class BlockPool:
         self._keys = mx.zeros(shape + (spec.k_head_dim,), dtype=dtype)
         self._values = mx.zeros(shape + (spec.v_head_dim,), dtype=dtype)
         mx.eval(self._keys, self._values)
-        self._heads = mx.arange(spec.n_kv_heads)
+        self._host_views: Optional[Tuple[np.ndarray, np.ndarray]] = None
         if grow_buffer_cache:
             _ensure_buffer_cache(max(4 * self.nbytes, 1 << 30))  # room for rebuilds alive at once and temporaries
 
@@ -230,14 +239,12 @@ class BlockPool:
     # ---- raw references -----------------------------------------------------------------------
     def allocate(self, n_blocks: int, agent_id: str, *, reservation: Optional[Reservation] = None) -> List[int]:
         """Take ``n_blocks`` free blocks (reference count 1, attributed to ``agent_id``). All or nothing."""
-        if not isinstance(n_blocks, int) or n_blocks < 0:
-            raise InvalidRequestError(f"n_blocks must be a non-negative int, got {n_blocks!r}")
+        n_blocks = _count("n_blocks", n_blocks)
         _check_agent_id(agent_id)
+        self._check_reservation(reservation)
         with self._lock:
             self._drain()
             if reservation is not None:
-                if reservation._pool is not self:
-                    raise IncompatibleCacheError("that reservation belongs to another pool")
                 from_reservation = min(n_blocks, reservation.remaining)
             else:
                 from_reservation = 0
@@ -247,7 +254,8 @@ class BlockPool:
             if from_reservation:
                 reservation.remaining -= from_reservation
                 self._reserved -= from_reservation
-            ids = [self._free.pop() for _ in range(n_blocks)]
+            ids = self._free[: -n_blocks - 1 : -1] if n_blocks else []
+            del self._free[len(self._free) - n_blocks :]
             for b in ids:
                 self._refcount[b] = 1
             self._agent_refs[agent_id].update(ids)
@@ -256,6 +264,7 @@ class BlockPool:
 
     def retain(self, block_ids: Sequence[int], agent_id: str) -> None:
         """One more reference on each of ``block_ids`` (which must be in use), attributed to ``agent_id``."""
+        block_ids = [self._checked_id(b) for b in _sequence("block_ids", block_ids)]
         _check_agent_id(agent_id)
         with self._lock:
             self._drain()
@@ -270,12 +279,17 @@ class BlockPool:
     def release_blocks(self, block_ids: Sequence[int], agent_id: str) -> None:
         """Give back one reference per id taken by :meth:`allocate` / :meth:`retain` (a handle's
         references go back with the handle). Checks everything first: a bad call changes nothing."""
+        block_ids = [self._checked_id(b) for b in _sequence("block_ids", block_ids)]
+        _check_agent_id(agent_id)
         with self._lock:
             self._drain()
-            self._release_checked(list(block_ids), agent_id, self._loose_refs)
+            self._release_checked(block_ids, agent_id, self._loose_refs)
 
     def reserve(self, n_blocks: int, owner: str) -> Reservation:
         """Promise ``n_blocks`` free blocks to ``owner``; raises ``PoolExhaustedError`` if they are not there."""
+        n_blocks = _count("n_blocks", n_blocks)
+        if not isinstance(owner, str):
+            raise InvalidRequestError(f"owner must be a string (who the blocks are for), got {owner!r}")
         with self._lock:
             self._drain()
             available = len(self._free) - self._reserved
@@ -283,6 +297,14 @@ class BlockPool:
                 raise PoolExhaustedError(n_blocks, available, f"(reserving for {owner})")
             self._reserved += n_blocks
             return Reservation(self, n_blocks, owner)
+
+    def _check_reservation(self, reservation) -> None:
+        if reservation is None:
+            return
+        if not isinstance(reservation, Reservation):
+            raise InvalidRequestError(f"reservation must be a Reservation from reserve(), got {type(reservation).__name__}")
+        if reservation._pool is not self:
+            raise IncompatibleCacheError("that reservation belongs to another pool")
 
     def _cancel_reservation(self, reservation: Reservation) -> None:
         with self._lock:
@@ -293,6 +315,7 @@ class BlockPool:
     def build_handle(self, agent_id: str, reservation: Optional[Reservation] = None) -> _HandleBuilder:
         """``with pool.build_handle(agent) as b: ...; handle = b.finish(tokens, ids)`` (rolled back on error)."""
         _check_agent_id(agent_id)
+        self._check_reservation(reservation)
         return _HandleBuilder(self, agent_id, reservation)
 
     def _adopt(self, agent_id: str, token_ids, layer_block_ids) -> AgentBlocks:
@@ -303,20 +326,29 @@ class BlockPool:
             loose = self._loose_refs[agent_id]
             if any(loose[b] < n for b, n in owned.items()):
                 raise AssertionError("a handle can only own references taken for it")
-            loose.subtract(owned)
-            _drop_zeros(self._loose_refs, agent_id)
+            _subtract(self._loose_refs, agent_id, owned)
             handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids)
             self._handles.add(handle)
         return handle
 
     def share(self, handle: AgentBlocks, agent_id: Optional[str] = None) -> AgentBlocks:
         """A new handle on ``handle``'s blocks, for ``agent_id`` (default: the same agent)."""
-        self.check_handle(handle)
         agent = handle.agent_id if agent_id is None else agent_id
-        with self._lock, self.build_handle(agent) as builder:
+        _check_agent_id(agent)
+        with self._lock:
+            self._drain()
+            self.check_handle(handle)  # under the lock: a release in between would leave the copies dangling
             ids = handle.all_block_ids
-            builder.retain([b for layer in ids for b in layer])
-            return builder.finish(handle.token_ids, ids)
+            flat = [b for layer in ids for b in layer]
+            refcount = self._refcount
+            for b in flat:  # in use, as every block of a live handle is
+                refcount[b] += 1
+            self._agent_refs[agent].update(flat)
+            # The handle's own tuples: nothing to copy or check again (a context of 8K tokens on a
+            # 30-layer model is ~1,000 blocks, and this runs on every resume).
+            shared = AgentBlocks(self, agent, handle.token_ids, ids, normalized=True)
+            self._handles.add(shared)
+            return shared
 
     def release(self, handle: AgentBlocks) -> None:
         """Release a handle's references. A second release raises ``ReleasedHandleError``."""
@@ -327,6 +359,7 @@ class BlockPool:
             self._release_checked(ids, handle.agent_id, None)
             handle._finalizer.detach()
             handle._layer_block_ids = None
+            handle._memo.clear()
             self._handles.discard(handle)
 
     def check_handle(self, handle: AgentBlocks) -> None:
@@ -358,28 +391,48 @@ class BlockPool:
     def _release_checked(self, block_ids: List[int], agent_id: str, loose_refs) -> None:
         """Drop one reference per id held by ``agent_id`` (from ``loose_refs`` too, when given)."""
         wanted = collections.Counter(block_ids)
-        for table in (self._agent_refs, loose_refs):
-            held = table.get(agent_id) if table is not None else None
-            for b, n in wanted.items():
+        if loose_refs is None:  # a handle's references: taken for it, valid by construction
+            tables = [self._agent_refs]
+        else:
+            for b in wanted:
                 self._checked_id(b)
-                if table is not None and (held is None or held[b] < n):
-                    raise BlockOwnershipError(
-                        f"agent {agent_id!r} does not hold {n} reference(s) on block {b} outside a handle; "
-                        "blocks are released once, by the agent that holds them (a handle's with the handle)"
-                    )
-        for table in (self._agent_refs, loose_refs):
-            if table is not None:
-                table[agent_id].subtract(wanted)
-                _drop_zeros(table, agent_id)
+            tables = [self._agent_refs, loose_refs]
+            for table in tables:
+                held = table.get(agent_id, collections.Counter())
+                for b, n in wanted.items():
+                    if held[b] < n:
+                        raise BlockOwnershipError(
+                            f"agent {agent_id!r} does not hold {n} reference(s) on block {b} outside a handle; "
+                            "blocks are released once, by the agent that holds them (a handle's with the handle)"
+                        )
+        for table in tables:
+            _subtract(table, agent_id, wanted)
+        freed = []
         for b, n in wanted.items():
             self._refcount[b] -= n
             if self._refcount[b] == 0:
-                self._free.append(b)
+                freed.append(b)
+        self._free.extend(reversed(freed))  # allocate pops from the end: a released run comes back in order
 
     def _checked_id(self, block_id) -> int:
-        if not isinstance(block_id, int) or not 0 <= block_id < self.total_blocks:
+        if not _is_int(block_id) or not 0 <= block_id < self.total_blocks:
             raise BlockOwnershipError(f"block id {block_id!r} is not in this pool (0..{self.total_blocks - 1})")
-        return block_id
+        return int(block_id)
+
+    def _block_array(self, block_ids, ndim: int) -> np.ndarray:
+        """Block ids as an int32 array, checked in bulk: an id outside the arrays would read or write out of
+        bounds (the storage calls are on the hot path, so this is one NumPy pass, not a Python loop)."""
+        try:
+            ids = np.asarray(block_ids)
+        except (ValueError, TypeError):
+            ids = None
+        if ids is None or ids.ndim != ndim or (ids.size and (
+                ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= self.total_blocks)):
+            raise BlockOwnershipError(
+                f"block ids must be {'a list' if ndim == 1 else 'equal-length lists'} of ids in this pool "
+                f"(0..{self.total_blocks - 1}), got {block_ids!r}"
+            )
+        return ids.astype(np.int32)
 
     # ---- storage ------------------------------------------------------------------------------
     def block_keys(self, block_id: int) -> mx.array:
@@ -404,64 +457,119 @@ class BlockPool:
         self.write_many([(block_ids, first_index, keys, values, first_token)])
 
     def write_many(self, writes: Iterable[Tuple[Sequence[int], int, mx.array, mx.array, int]]) -> None:
-        """Several :meth:`write_blocks` calls, evaluated together."""
+        """Several :meth:`write_blocks` calls, evaluated together.
+
+        Each run of consecutive block ids is written as one slice of rows (a plain strided copy on
+        every backend); :meth:`allocate` hands out consecutive ids whenever the free list has them.
+        """
         writes = list(writes)
+        for write in writes:
+            self._block_array(write[0], 1)
         with self._lock:
             if self._quantized is not None:
                 self._quantized.write_many(writes)
             elif writes_through_host():
-                mx.eval([(w[2], w[3]) for w in writes])
-                arenas = (host_view(self._keys), host_view(self._values))
-                for write in writes:
-                    self._write_host(arenas, *write)
-            else:
-                for write in writes:
-                    self._write_arena(*write)
+                sources = [host_source(a) for w in writes for a in (w[2], w[3])]
+                mx.eval(sources)
+                arenas = self._host_arenas()
+                for k, write in enumerate(writes):
+                    self._write_host(arenas, write[0], write[1], sources[2 * k], sources[2 * k + 1], write[4])
+            elif writes:
+                if not self._write_packed(writes):
+                    for write in writes:
+                        self._write_arena(*write)
                 mx.eval(self._keys, self._values)
+
+    def _write_packed(self, writes) -> bool:
+        """All new blocks cut from their sources by one kernel, then written as whole rows (one slice per
+        run of consecutive ids): two passes over the bytes, but three launches instead of two per layer.
+        Returns False where the backend has no such kernel."""
+        size = self.spec.block_size
+        plan = []
+        for source, (block_ids, first_index, keys, _, first_token) in enumerate(writes):
+            tokens = keys.shape[2]
+            for k in range(len(block_ids)):
+                tok0 = (first_index + k) * size - first_token
+                plan.append((source, tok0, max(0, -tok0), min(size, tokens - tok0)))
+        packed = pack_blocks([(w[2], w[3]) for w in writes], plan, size)
+        if packed is None:
+            return False
+        ids = [b for w in writes for b in w[0]]
+        runs = list(_id_runs(ids, 0, len(ids)))
+        for arena_name, blocks in zip(("_keys", "_values"), packed):
+            arena = getattr(self, arena_name)
+            if len(runs) <= _MAX_SLICE_WRITES:
+                for run_lo, run_hi, first_id in runs:  # in place: the arena is donated
+                    arena[first_id : first_id + run_hi - run_lo] = blocks[run_lo:run_hi]
+            else:
+                arena[mx.array(ids)] = blocks
+        return True
+
+    def _host_arenas(self) -> Tuple[np.ndarray, np.ndarray]:
+        # Made once: the arrays are written only through these views, so their buffers never change,
+        # and making a view costs ~0.15 ms (an evaluation) per call.
+        if self._host_views is None:
+            self._host_views = (host_view(self._keys), host_view(self._values))
+        return self._host_views
 
     def _write_host(self, arenas, block_ids, first_index, keys, values, first_token) -> None:
         size = self.spec.block_size
+        sources = (host_view(keys), host_view(values))
         for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, keys.shape[2], size):
-            ids = np.asarray(block_ids[lo:hi])
-            for arena, data in zip(arenas, (keys, values)):
-                rows = host_view(data)[0, :, a - first_token : b - first_token, :]
+            for arena, data in zip(arenas, sources):
+                rows = data[0, :, a - first_token : b - first_token, :]
                 if b - a == (hi - lo) * size:
-                    arena[ids] = rows.reshape(rows.shape[0], hi - lo, size, -1).transpose(1, 0, 2, 3)
+                    rows = rows.reshape(rows.shape[0], hi - lo, size, -1).transpose(1, 0, 2, 3)
+                    for run_lo, run_hi, first_id in _id_runs(block_ids, lo, hi):
+                        arena[first_id : first_id + run_hi - run_lo] = rows[run_lo - lo : run_hi - lo]
                 else:  # one partly filled block: zero the slots outside the data
-                    arena[ids[0]] = 0
-                    arena[ids[0], :, a - seg_start : b - seg_start, :] = rows
+                    arena[block_ids[lo]] = 0
+                    arena[block_ids[lo], :, a - seg_start : b - seg_start, :] = rows
 
     def _write_arena(self, block_ids, first_index, keys, values, first_token) -> None:
         size = self.spec.block_size
         for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, keys.shape[2], size):
-            ids = mx.array(block_ids[lo:hi])
             pad = [(0, 0), (a - seg_start, seg_start + (hi - lo) * size - b), (0, 0)]
+            runs = list(_id_runs(block_ids, lo, hi))
             for arena_name, data in (("_keys", keys), ("_values", values)):
                 chunk = data[0, :, a - first_token : b - first_token, :]
                 if pad[1] != (0, 0):
                     chunk = mx.pad(chunk, pad)
-                chunk = chunk.reshape(chunk.shape[0], hi - lo, size, chunk.shape[-1])
+                chunk = chunk.reshape(chunk.shape[0], hi - lo, size, chunk.shape[-1]).transpose(1, 0, 2, 3)
                 arena = getattr(self, arena_name)
-                arena[ids[None, :], self._heads[:, None]] = chunk  # in place: the arena is donated
+                if len(runs) <= _MAX_SLICE_WRITES:
+                    for run_lo, run_hi, first_id in runs:  # in place: the arena is donated
+                        arena[first_id : first_id + run_hi - run_lo] = chunk[run_lo - lo : run_hi - lo]
+                else:  # a fragmented free list: one row scatter instead of many small copies
+                    arena[mx.array(block_ids[lo:hi])] = chunk
 
     @property
     def storage_lock(self) -> threading.RLock:
         """Held while the storage arrays are read or written; hold it to evaluate lazy :meth:`gather` results."""
         return self._lock
 
-    def gather(self, layer_block_ids: Sequence[Sequence[int]], *, evaluate: bool = True) -> Tuple[mx.array, mx.array]:
+    def gather_rows(self, layer_block_ids: Sequence[Sequence[int]]) -> mx.array:
+        """The row index :meth:`gather` reads for these blocks (``[layers, heads, n_blocks]``); callers that
+        gather the same blocks again (an immutable handle) make it once and pass it as ``rows``."""
+        heads = self.spec.n_kv_heads
+        ids = self._block_array(layer_block_ids, 2)
+        return mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None])
+
+    def gather(self, layer_block_ids: Sequence[Sequence[int]] = (), *, evaluate: bool = True,
+               rows: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
         """Keys and values of several layers that keep the same number of blocks,
-        ``[layers, heads, n_blocks * block_size, dim]``, one row-gather each. With
-        ``evaluate=False`` the caller evaluates them, under :attr:`storage_lock`.
+        ``[layers, heads, n_blocks * block_size, dim]``, in one row-gather kernel for both. With
+        ``evaluate=False`` the caller evaluates them, under :attr:`storage_lock`. ``rows``, from
+        :meth:`gather_rows`, replaces ``layer_block_ids``.
 
         The arena is viewed as ``[blocks * heads, block_size, dim]`` rows, so a single
         index array ``[layers, heads, n_blocks]`` puts every row straight where the
         cache wants it (see ``adapters.mlx_kernels`` for how each backend copies rows).
         """
         spec = self.spec
-        heads = spec.n_kv_heads
-        rows = self._rows(layer_block_ids)
-        n_layers, _, n_blocks = rows.shape
+        if rows is None:
+            rows = self.gather_rows(layer_block_ids)
+        n_layers, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
         with self._lock:
             if self._quantized is not None:
@@ -469,8 +577,10 @@ class BlockPool:
                 if evaluate:
                     mx.eval(keys, values)
                 return keys, values
-            keys = gather_rows(self._keys.reshape(-1, spec.block_size, spec.k_head_dim), rows)
-            values = gather_rows(self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows)
+            keys, values = gather_row_pairs(
+                self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
+                self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows,
+            )
             keys = keys.reshape(n_layers, heads, tokens, spec.k_head_dim)
             values = values.reshape(n_layers, heads, tokens, spec.v_head_dim)
             if evaluate:
@@ -484,7 +594,7 @@ class BlockPool:
         blocks, the packed parts for quantized ones."""
         if self._quantized is None:
             return list(self.gather(layer_block_ids))
-        rows = self._rows(layer_block_ids)
+        rows = self.gather_rows(layer_block_ids)
         with self._lock:
             parts = self._quantized.gather_stored(rows)
             mx.eval(parts)
@@ -498,6 +608,8 @@ class BlockPool:
             self.write_many([(ids, first_index, parts[0], parts[1], first_token)
                              for ids, first_index, parts, first_token in writes])
             return
+        for write in writes:
+            self._block_array(write[0], 1)
         with self._lock:
             self._quantized.write_stored(writes)
 
@@ -506,14 +618,9 @@ class BlockPool:
         tokens must be quantized only once; dense blocks rebuild bit-exact, so writing them is the same."""
         if self._quantized is None:
             raise AssertionError("copy_token_rows is for quantized blocks")
+        self._block_array([c[0] for c in copies] + [c[1] for c in copies], 1)
         with self._lock:
             self._quantized.copy_rows(copies)
-
-    def _rows(self, layer_block_ids: Sequence[Sequence[int]]) -> mx.array:
-        """Row indices ``[layers, heads, n_blocks]`` into the arrays viewed as ``[blocks * heads]`` rows."""
-        heads = self.spec.n_kv_heads
-        ids = np.asarray(layer_block_ids, dtype=np.int32)
-        return mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None])
 
     def __repr__(self) -> str:
         u = self.usage()
@@ -552,12 +659,59 @@ def _segments(n_blocks: int, first_index: int, first_token: int, n_tokens: int, 
         yield lo, hi, max(seg_start, first_token), min((first_index + hi) * size, end_token), seg_start
 
 
-def _drop_zeros(table: Dict[str, collections.Counter], agent_id: str) -> None:
+_MAX_SLICE_WRITES = 4
+"""Runs of consecutive block ids per segment written as slices; more runs are written by one scatter."""
+
+
+def _id_runs(block_ids: Sequence[int], lo: int, hi: int):
+    """Split ``block_ids[lo:hi]`` into runs of consecutive ids: yields ``(run_lo, run_hi, first id)``."""
+    start = lo
+    for k in range(lo + 1, hi + 1):
+        if k == hi or block_ids[k] != block_ids[k - 1] + 1:
+            yield start, k, block_ids[start]
+            start = k
+
+
+def _subtract(table: Dict[str, collections.Counter], agent_id: str, counts: Dict[int, int]) -> None:
+    """Take ``counts`` references off ``agent_id``'s (which hold at least that many), forgetting blocks
+    at zero and the agent once it holds none. Not ``Counter.subtract``: that and ``Counter``'s deletes
+    run in Python, ~3x slower on the thousand blocks of a long context."""
     counter = table[agent_id]
-    for b in [b for b, n in counter.items() if n <= 0]:
-        del counter[b]
+    get = counter.get
+    for b, n in counts.items():
+        left = get(b, 0) - n
+        if left > 0:
+            counter[b] = left
+        else:
+            counter.pop(b, None)
     if not counter:
         del table[agent_id]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _count(name: str, value) -> int:
+    if not _is_int(value) or value < 0:
+        raise InvalidRequestError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _sequence(name: str, value) -> list:
+    """``value`` as a list, if it is a list, tuple, range or 1-d array (not a str, bytes or an iterator,
+    which would read as characters or be consumed by the first pass)."""
+    if isinstance(value, (list, tuple, range)) or (isinstance(value, np.ndarray) and value.ndim == 1):
+        return list(value)
+    raise InvalidRequestError(f"{name} must be a list or tuple, got {type(value).__name__}")
+
+
+def _int_list(name: str, value) -> List[int]:
+    items = _sequence(name, value)
+    bad = next((v for v in items if not _is_int(v)), None)
+    if bad is not None:
+        raise InvalidRequestError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
+    return [int(v) for v in items]
 
 
 def _check_agent_id(agent_id) -> None:

@@ -4,7 +4,12 @@ Names. An agent id is escaped into a file name that is safe on every file
 system the package runs on: ``[a-z0-9_-]`` stay as they are, every other byte
 of the id's UTF-8 becomes ``%XX`` (upper-case hex). Upper-case letters are
 escaped too, so two ids never collide on a case-insensitive file system (macOS),
-and non-ASCII is escaped, so Unicode normalisation cannot rename a file.
+and non-ASCII is escaped, so Unicode normalisation cannot rename a file. ``/``,
+``\\`` and ``.`` are escaped like any other byte, so ``team/alice``, URLs and
+``..`` name files inside the directory.
+
+No file is opened through a symbolic link (``O_NOFOLLOW``): a link planted in
+the directory cannot make a save or a lock create or read a file elsewhere.
 
 Files, for an agent whose escaped name is ``NAME``:
 
@@ -22,13 +27,16 @@ import fcntl
 import os
 import pathlib
 import secrets
+import stat
 import time
 import unicodedata
 from typing import Callable, Iterator, List, Optional
 
 from semantic.persistence.errors import (
     CacheLockTimeoutError,
+    CacheReadError,
     CacheWriteError,
+    IncompatibleCacheFileError,
     InvalidAgentIdError,
     UnknownAgentError,
 )
@@ -43,11 +51,6 @@ def check_agent_id(agent_id) -> str:
     """``agent_id`` escaped into a file name, or ``InvalidAgentIdError`` for an id that could leave the directory."""
     if not isinstance(agent_id, str) or not agent_id:
         raise InvalidAgentIdError(f"an agent id must be a non-empty string, got {agent_id!r}")
-    if agent_id in (".", "..") or "/" in agent_id or "\\" in agent_id:
-        raise InvalidAgentIdError(
-            f"agent id {agent_id!r} looks like a path; agent ids name files inside the store's directory, "
-            "so they may not be '.', '..' or contain '/' or '\\'"
-        )
     if any(unicodedata.category(c) in ("Cc", "Cs") for c in agent_id):
         raise InvalidAgentIdError(
             f"agent id {agent_id!r} contains a control character (NUL, newline, ...) or a lone surrogate; "
@@ -82,6 +85,12 @@ def agent_id_from_name(name: str) -> Optional[str]:
         return None
 
 
+def _not_a_file(path) -> IncompatibleCacheFileError:
+    return IncompatibleCacheFileError(
+        f"{path} is not a regular file (a directory, a FIFO, ...); the store reads only its own files. Move it away"
+    )
+
+
 class CacheDirectory:
     """A directory of agent cache files; see the module docstring for its layout."""
 
@@ -102,7 +111,8 @@ class CacheDirectory:
         found = []
         with os.scandir(self.path) as entries:
             for entry in entries:
-                if entry.name.endswith(CACHE_SUFFIX) and not entry.name.startswith("."):
+                if (entry.name.endswith(CACHE_SUFFIX) and not entry.name.startswith(".")
+                        and entry.is_file(follow_symlinks=False)):
                     agent_id = agent_id_from_name(entry.name[: -len(CACHE_SUFFIX)])
                     if agent_id is not None:
                         found.append(agent_id)
@@ -112,9 +122,23 @@ class CacheDirectory:
         """The agent's file, opened unbuffered: one open file stays one version even if a save replaces it."""
         path = self.file_for(agent_id)
         try:
-            return open(path, "rb", buffering=0)
+            # O_NONBLOCK: opening a FIFO planted under the name would otherwise wait for a writer forever.
+            file = open(path, "rb", buffering=0,
+                        opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK))
         except FileNotFoundError:
             raise UnknownAgentError(f"no cache file for agent {agent_id!r} in {self.path}") from None
+        except IsADirectoryError:
+            raise _not_a_file(path) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise IncompatibleCacheFileError(
+                    f"{path} is a symbolic link; the store reads only its own files. Remove the link"
+                ) from None
+            raise CacheReadError(f"cannot open {path}: {exc.strerror}") from exc
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            file.close()
+            raise _not_a_file(path)
+        return file
 
     # ---- writing ----------------------------------------------------------------------------------
     def replace(self, agent_id: str, write: Callable[[int], None]) -> None:
@@ -168,7 +192,10 @@ class CacheDirectory:
         return existed
 
     def remove_abandoned_temp_files(self) -> None:
-        """Delete temp files whose writer died mid-save: their agent's lock is free."""
+        """Delete temp files whose writer died mid-save: their agent's lock is free. Nothing to do in a
+        directory this process cannot write (read-only file system or permissions): it can only read."""
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            return
         for temp in self.path.glob(".*.tmp"):
             agent_id = agent_id_from_name(temp.name[1:].split(".", 1)[0])
             if agent_id is None:
@@ -199,8 +226,12 @@ class CacheDirectory:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise CacheWriteError(
+                        f"the lock file {path} is a symbolic link (not made by this store); remove it"
+                    ) from None
                 raise CacheWriteError(f"cannot create the lock file {path}: {exc.strerror}") from exc
             try:
                 if self._acquired(fd, path, deadline, agent_id):

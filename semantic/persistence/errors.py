@@ -30,6 +30,10 @@ class IncompatibleCacheFileError(CachePersistenceError, IncompatibleCacheError):
     """A sound file that this store cannot use: another model, another format version, not an agent cache."""
 
 
+class CacheReadError(CachePersistenceError):
+    """The agent's file exists but could not be opened (permissions, I/O error)."""
+
+
 class CacheWriteError(CachePersistenceError):
     """Saving failed (disk full, permissions, ...); the agent's previous file, if any, is intact."""
 

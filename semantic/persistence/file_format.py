@@ -10,9 +10,10 @@ with one key/value tensor pair per layer that holds blocks, each
 ``[n_kv_heads, blocks * block_size, head_dim]`` (whole blocks, as the pool holds
 them). A pool of quantized blocks writes its blocks packed, six tensors per layer
 (``keys``, ``keys.scales``, ``keys.biases``, then ``values...``; see
-``ModelCacheSpec.stored_parts``), and its geometry records ``block_format``. Metadata values are strings (safetensors requires it), some of them JSON.
+``ModelCacheSpec.stored_parts``), and its geometry records ``block_format``.
+Metadata values are strings (safetensors requires it), some of them JSON.
 ``header_checksum`` is the SHA-256 of the canonical JSON of the header without
-that field, so no part of the header can change unnoticed; ``tensor_sha256``
+that field, so no part of the header can change unnoticed; ``tensorsha256_hex``
 holds one SHA-256 per tensor. ``mx.load`` reads these files like any safetensors
 file; this module writes them itself to control fsync and to hash while writing.
 """
@@ -23,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ _UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 _LENGTH = struct.Struct("<Q")
 _ALIGNMENT = 8  # tensor data starts 8-byte aligned, as other safetensors writers do
 _DIGEST_HEX = 64
+# model_fingerprint() before it hashed every byte of every weight: "<label>:<32 hex>" (no scheme name).
+_SAMPLED_FINGERPRINT = re.compile(r"^[\w.]+(-[\w.]+)*-\d+x\d+x\d+-\w+:[0-9a-f]{32}$")
 
 
 def geometry_of(spec: ModelCacheSpec) -> Dict[str, Any]:
@@ -104,7 +108,7 @@ class AgentCacheHeader:
             "geometry": _compact(self.geometry),
             "token_ids": _compact(list(self.token_ids)),
             "layer_blocks": _compact(list(self.layer_blocks)),
-            "tensor_sha256": _compact(tensor_digests),
+            "tensorsha256_hex": _compact(tensor_digests),
         }
         header = {"__metadata__": metadata, **self.tensor_table()}
         metadata["header_checksum"] = header_checksum(header)
@@ -137,11 +141,11 @@ def write_agent_cache(fd: int, header: AgentCacheHeader, tensors: Sequence[mx.ar
     digests, goes in last.
     """
     table = header.tensor_table()
-    views = _byte_views(tensors)
+    views = byte_views(tensors)
     sizes = [entry["data_offsets"][1] - entry["data_offsets"][0] for entry in table.values()]
     if [v.nbytes for v in views] != sizes:
         raise AssertionError("tensors do not match the header's layer_blocks")
-    digests = [_checksum_pool().submit(_sha256, v) for v in views]
+    digests = [checksum_pool().submit(sha256_hex, v) for v in views]
     offset = len(encode_header(header.to_json({name: "0" * _DIGEST_HEX for name in table})))
     for view in views:
         _write_all(fd, view, offset)
@@ -167,6 +171,11 @@ def read_agent_cache(file, *, agent_id: str, model_fingerprint: str,
     raw_header, data_start = _read_header_bytes(file, size, where)
     header_json = _parse_json(raw_header, where)
     metadata = _check_envelope(header_json, where)
+    if encode_header(header_json) != _LENGTH.pack(len(raw_header)) + raw_header:
+        raise CacheCorruptionError(
+            f"{where} is damaged: its header bytes are not the canonical encoding of its content "
+            "(changed whitespace, key order or padding)"
+        )
     header = _interpret(metadata, where, agent_id=agent_id, model_fingerprint=model_fingerprint, spec=spec)
     table = header.tensor_table()
     if {k: v for k, v in header_json.items() if k != "__metadata__"} != table:
@@ -178,7 +187,7 @@ def read_agent_cache(file, *, agent_id: str, model_fingerprint: str,
             f"{'truncated' if size < expected_size else 'unexpected bytes at the end'}"
         )
     tensors = _load_tensors(file, table, where)
-    _verify_tensors(table, tensors, _field(metadata, "tensor_sha256", where, _digest_map), where)
+    _verify_tensors(table, tensors, _field(metadata, "tensorsha256_hex", where, _digest_map), where)
     return header, tensors
 
 
@@ -256,6 +265,12 @@ def _check_envelope(header: Dict[str, Any], where: str) -> Dict[str, str]:
 def _interpret(metadata: Dict[str, str], where: str, *, agent_id: str, model_fingerprint: str,
                spec: ModelCacheSpec) -> AgentCacheHeader:
     written_for = metadata.get("model_fingerprint")
+    if written_for != model_fingerprint and _SAMPLED_FINGERPRINT.match(str(written_for)):
+        raise IncompatibleCacheFileError(
+            f"{where} was written with an older model fingerprint ({written_for!r}) that sampled the weights "
+            "instead of hashing all of them, so it cannot prove which model computed it. Delete the file "
+            "(the agent's context is prefilled again)"
+        )
     if written_for != model_fingerprint:
         raise IncompatibleCacheFileError(
             f"{where} was written for model {written_for!r}, this store serves {model_fingerprint!r}; "
@@ -322,7 +337,7 @@ def _load_tensors(file, table: Dict[str, Dict[str, Any]], where: str) -> List[mx
 
 
 def _verify_tensors(table, tensors: Sequence[mx.array], expected: Dict[str, str], where: str) -> None:
-    actual = _checksum_pool().map(_sha256, _byte_views(tensors))
+    actual = checksum_pool().map(sha256_hex, byte_views(tensors))
     for name, digest in zip(table, actual):
         if expected.get(name) != digest:
             raise CacheCorruptionError(
@@ -336,17 +351,17 @@ def unsigned_view(array: mx.array) -> mx.array:
     return array.view(_UINT_OF_SIZE[array.itemsize])
 
 
-def _byte_views(arrays: Sequence[mx.array]) -> List[np.ndarray]:
+def byte_views(arrays: Sequence[mx.array]) -> List[np.ndarray]:
     """Each array's bytes, without a copy when it is contiguous."""
     unsigned = [unsigned_view(a) for a in arrays]
     mx.eval(unsigned)  # once for all: np.asarray would evaluate each lazy view on its own
     return [np.asarray(u).reshape(-1).view(np.uint8) for u in unsigned]
 
 
-def _sha256(data) -> str:
+def sha256_hex(data) -> str:
     return hashlib.sha256(data).hexdigest()  # releases the GIL: workers hash in parallel
 
 
 @functools.lru_cache(maxsize=None)
-def _checksum_pool() -> ThreadPoolExecutor:
+def checksum_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="semantic-checksum")

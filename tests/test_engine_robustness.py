@@ -1,0 +1,336 @@
+"""One bad request never harms another: input checks in submit, failure isolation in step, a fuzz test.
+
+Faults are injected by this module only (monkeypatching the model's forward pass,
+the engine's generator, samplers and the store step), never by production code.
+"""
+
+import gc
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.application import batch_engine
+from semantic.domain.errors import (
+    InvalidRequestError,
+    PoolExhaustedError,
+    RequestFailedError,
+    SemanticError,
+)
+from semantic.domain.value_objects import ModelCacheSpec
+
+from conftest import make_engine
+
+STORY = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire " * 6
+COUNTING = "numbers one two three four five six seven eight nine ten " * 5
+VOCAB = 2048  # tiny-llama's
+
+
+@pytest.fixture(scope="module")
+def engine(llama32):
+    return make_engine(llama32, total_blocks=64)
+
+
+def whole(pool) -> bool:
+    gc.collect()
+    pool.check_invariants()
+    usage = pool.usage()
+    return usage.used_blocks == 0 and usage.reserved_blocks == 0
+
+
+# ---- input checks: the issue's findings 1, 2, 4, 5 ---------------------------------------------------
+BAD_SUBMISSIONS = {
+    "id 2**31 (SIGSEGV before)": dict(prompt=[2**31]),
+    "id 2**31-1": dict(prompt=[2**31 - 1]),
+    "id 2**40": dict(prompt=[2**40]),
+    "id 2**64 (bad_cast before)": dict(prompt=[2**64]),
+    "ids past the vocabulary": dict(prompt=[5000, 6000]),
+    "id == vocabulary": dict(prompt=[1, VOCAB]),
+    "negative id": dict(prompt=[3, -1]),
+    "bool ids": dict(prompt=[True, False]),
+    "numpy bool ids": dict(prompt=np.array([True, False])),
+    "float ids": dict(prompt=[1.0, 2.0]),
+    "float array": dict(prompt=np.array([1.5, 2.0])),
+    "2-d array": dict(prompt=np.array([[1, 2]])),
+    "mlx ids past the vocabulary": dict(prompt=mx.array([1, 5000])),
+    "nested ids": dict(prompt=[[1, 2]]),
+    "bytes": dict(prompt=b"abc"),
+    "bytearray": dict(prompt=bytearray(b"abc")),
+    "None": dict(prompt=None),
+    "an int": dict(prompt=5),
+    "lone surrogate": dict(prompt="a\ud800b"),
+    "top_k 1.5": dict(top_k=1.5, temperature=1.0),
+    "top_k past the vocabulary": dict(top_k=5000, temperature=1.0),
+    "top_k bool": dict(top_k=True, temperature=1.0),
+    "top_k negative": dict(top_k=-1),
+    "temperature text": dict(temperature="hot"),
+    "temperature nan": dict(temperature=float("nan")),
+    "temperature inf": dict(temperature=float("inf")),
+    "temperature negative": dict(temperature=-0.5),
+    "top_p above 1": dict(top_p=1.5),
+    "min_p negative": dict(min_p=-0.1),
+    "min_p nan": dict(min_p=float("nan")),
+    "repetition_penalty text": dict(repetition_penalty="x"),
+    "repetition_penalty negative": dict(repetition_penalty=-1.0),
+    "repetition_penalty zero": dict(repetition_penalty=0.0),
+    "repetition_penalty inf": dict(repetition_penalty=float("inf")),
+    "max_tokens True": dict(max_tokens=True),
+    "max_tokens float": dict(max_tokens=2.0),
+    "max_tokens text": dict(max_tokens="3"),
+    "max_tokens huge": dict(max_tokens=2**70),
+    "match_prefix text": dict(match_prefix="yes"),
+    "agent id bytes": dict(agent_id=b"a"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SUBMISSIONS))
+def test_a_bad_submission_raises_a_typed_error_and_reserves_nothing(engine, case):
+    kwargs = {"agent_id": "a", "prompt": "hello", "max_tokens": 2, **BAD_SUBMISSIONS[case]}
+    before = engine.pool.usage()
+    with pytest.raises((InvalidRequestError, PoolExhaustedError)) as info:
+        engine.submit(kwargs.pop("agent_id"), kwargs.pop("prompt"), **kwargs)
+    assert str(info.value)
+    assert engine.pending == 0 and engine.pool.usage() == before
+    engine.pool.check_invariants()
+    assert engine.generate("a", "hello", max_tokens=2).token_ids  # the engine still works
+
+
+def test_integer_ids_of_numpy_and_mlx_work_like_python_ints(engine):
+    ids = engine.tokenizer.encode(STORY)[:40]
+    expected = engine.generate("a", ids, max_tokens=6).token_ids
+    for prompt in (np.array(ids), np.array(ids, dtype=np.uint16), mx.array(ids), [np.int64(t) for t in ids],
+                   [mx.array(t) for t in ids], tuple(ids)):
+        assert engine.generate("a", prompt, max_tokens=np.int32(6)).token_ids == expected, type(prompt)
+
+
+def test_the_edges_of_the_sampling_ranges_are_accepted(engine):
+    greedy = engine.generate("a", STORY, max_tokens=4).token_ids
+    assert engine.generate("a", STORY, max_tokens=4, top_k=VOCAB, top_p=1.0, min_p=0.0).token_ids == greedy
+    assert engine.generate("a", STORY, max_tokens=4, temperature=np.float64(0.0), repetition_penalty=1.0).token_ids \
+        == greedy
+    sampled = engine.generate("a", STORY, max_tokens=4, temperature=1e-30, top_k=1, top_p=1e-9, min_p=1.0,
+                              repetition_penalty=1e-3)
+    assert all(0 <= t < VOCAB for t in sampled.token_ids)
+
+
+# ---- generate never returns None: finding 6 ----------------------------------------------------------
+def test_generate_names_the_agents_holding_the_pool_instead_of_returning_none(llama32):
+    layers = ModelCacheSpec.from_model(llama32[0]).n_layers
+    engine = make_engine(llama32, total_blocks=2 * layers)
+    held = [engine.generate(agent, "keep me", max_tokens=3) for agent in ("alice", "bob")]
+    with pytest.raises(PoolExhaustedError, match=r"agent 'alice' \d+ blocks, agent 'bob' \d+ blocks"):
+        engine.generate("carol", "no room", max_tokens=3)
+    assert engine.pending == 0  # cancelled, not left waiting
+    held[0].blocks.release()
+    assert engine.generate("carol", "no room", max_tokens=3).blocks.num_tokens > 0
+    del held
+    assert whole(engine.pool)
+
+
+# ---- failure isolation -------------------------------------------------------------------------------
+def run_batch(engine, requests):
+    """Submit ``requests`` ({agent: (prompt, kwargs)}) together and step until all are done."""
+    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in requests.items()}
+    done = {}
+    while engine.pending:
+        for completion in engine.step():
+            done[uids[completion.uid]] = completion
+    return done
+
+
+def good_requests(engine):
+    return {
+        "alice": (STORY, dict(max_tokens=10)),
+        "bob": (COUNTING, dict(max_tokens=14)),
+        "carol": (engine.tokenizer.encode("red green blue " * 30), dict(max_tokens=8, repetition_penalty=1.2)),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    """Survivors' tokens from a run without the bad request, and the tokens they see (prompt or output)."""
+    done = run_batch(engine, good_requests(engine))
+    tokens = {agent: c.token_ids for agent, c in done.items()}
+    seen = set().union(*(c.blocks.token_ids for c in done.values()))
+    for completion in done.values():
+        completion.blocks.release()
+    return tokens, seen
+
+
+def poison_forward(monkeypatch, model, when):
+    """The model's forward pass raises for a batch that ``when(inputs)`` picks."""
+    real = type(model).__call__
+
+    def forward(self, inputs, *args, **kwargs):
+        if when(np.array(inputs)):
+            raise RuntimeError("injected forward-pass failure")
+        return real(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "__call__", forward)
+
+
+def inject(stage, monkeypatch, engine, seen):
+    """Make agent "mallory"'s request fail in ``stage``, triggered by a token the others never see (``seen``);
+    returns its prompt and kwargs."""
+    ids = engine.tokenizer.encode("once upon a time there was a tiny village " * 8)
+    poison = min(set(range(4, VOCAB)) - seen)
+    if stage == "admission":
+        real = engine._generator.insert
+
+        def insert(prompt_tokens, *args, **kwargs):
+            if poison in prompt_tokens:
+                raise RuntimeError("injected admission failure")
+            return real(prompt_tokens, *args, **kwargs)
+
+        monkeypatch.setattr(engine._generator, "insert", insert)
+        return ids + [poison], {}
+    if stage == "prefill":  # the shared forward pass: only re-running each request alone can tell
+        poison_forward(monkeypatch, engine.model, lambda x: x.shape[1] > 1 and (x == poison).any())
+        return ids[:20] + [poison] + ids[20:], {}
+    if stage == "decode":  # fed back as the input of a later decoding step: a token it generates
+        alone = engine.generate("alone", ids, max_tokens=12)
+        trigger = next(t for t in alone.token_ids[2:] if t not in seen | set(ids))
+        alone.blocks.release()
+        poison_forward(monkeypatch, engine.model, lambda x: x.shape[1] == 1 and (x == trigger).any())
+        return ids, {}
+    if stage == "decode-sampler":  # the request's own sampler raises on its 3rd token
+        real_sampler_for = adapter.sampler_for
+
+        def sampler_for(sampling, vocab):
+            sampler, calls = real_sampler_for(sampling, vocab), []
+            if sampling.top_k != 7:
+                return sampler
+
+            def failing(logprobs):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise RuntimeError("injected sampler failure")
+                return sampler(logprobs)
+
+            return failing
+
+        monkeypatch.setattr(adapter, "sampler_for", sampler_for)
+        return ids, dict(temperature=0.7, top_k=7)
+    if stage == "store":
+        real_store = batch_engine.cache_to_blocks
+
+        def cache_to_blocks(pool, agent_id, *args, **kwargs):
+            if agent_id == "mallory":
+                raise RuntimeError("injected store failure")
+            return real_store(pool, agent_id, *args, **kwargs)
+
+        monkeypatch.setattr(batch_engine, "cache_to_blocks", cache_to_blocks)
+        return ids, {}
+    raise AssertionError(stage)
+
+
+@pytest.mark.parametrize("stage", ["admission", "prefill", "decode", "decode-sampler", "store"])
+def test_a_request_failing_in_any_stage_ends_alone_and_the_others_get_their_tokens(
+        engine, reference, monkeypatch, stage):
+    expected, seen = reference
+    free_before = engine.pool.free_blocks
+    prompt, kwargs = inject(stage, monkeypatch, engine, seen)
+    requests = good_requests(engine)
+    requests = {"alice": requests.pop("alice"), "mallory": (prompt, dict(max_tokens=12, **kwargs)), **requests}
+
+    done = run_batch(engine, requests)
+
+    failed = done.pop("mallory")
+    assert failed.finish_reason == "error" and isinstance(failed.error, RequestFailedError)
+    assert failed.error.stage == stage.split("-")[0] and failed.error.uid == failed.uid
+    assert "injected" in str(failed.error)
+    with pytest.raises(RequestFailedError):
+        failed.blocks
+    assert {agent: c.token_ids for agent, c in done.items()} == expected
+    for completion in done.values():
+        completion.blocks.release()
+    monkeypatch.undo()
+    assert engine.pool.free_blocks == free_before and whole(engine.pool)
+    assert engine.pending == 0
+
+
+def test_generate_raises_the_failure_of_its_own_request(engine, reference, monkeypatch):
+    prompt, kwargs = inject("prefill", monkeypatch, engine, reference[1])
+    with pytest.raises(RequestFailedError, match="prefill"):
+        engine.generate("mallory", prompt, max_tokens=4, **kwargs)
+    assert whole(engine.pool)
+
+
+def test_a_transient_batch_failure_is_retried_and_costs_nobody_their_tokens(engine, reference, monkeypatch):
+    expected, _ = reference
+    failures = []
+    poison_forward(monkeypatch, engine.model,
+                   lambda x: x.shape[1] == 1 and not failures and not failures.append(1))
+    done = run_batch(engine, good_requests(engine))
+    assert len(failures) == 1
+    assert {agent: c.token_ids for agent, c in done.items()} == expected
+    del done
+    assert whole(engine.pool)
+
+
+def test_a_failure_that_needs_company_ends_after_bounded_retries(engine, monkeypatch):
+    poison_forward(monkeypatch, engine.model, lambda x: x.shape[0] > 1)  # any batch of two or more fails
+    done = run_batch(engine, good_requests(engine))
+    assert all(c.error is not None for c in done.values())  # nobody fails alone: retried, then given up
+    assert engine.pending == 0 and whole(engine.pool)
+
+
+# ---- fuzz --------------------------------------------------------------------------------------------
+TEXTS = st.text(max_size=40)
+IDS = st.lists(st.integers(-5, VOCAB + 5) | st.sampled_from([2**31, 2**64, True]), max_size=30)
+ARRAYS = st.builds(np.array, st.lists(st.integers(0, VOCAB + 3), max_size=20)) | st.builds(
+    mx.array, st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20))
+PROMPTS = TEXTS | IDS | ARRAYS | st.sampled_from([b"abc", None, 3, [1.5], [[1]]])
+NUMBERS = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-3, VOCAB + 3) | st.sampled_from(
+    ["x", None, True, 2**70])
+SUBMIT = st.fixed_dictionaries({}, optional={
+    "max_tokens": st.integers(-1, 5) | st.sampled_from([True, 2.0, "2"]),
+    "temperature": NUMBERS, "top_p": NUMBERS, "top_k": NUMBERS, "min_p": NUMBERS,
+    "repetition_penalty": NUMBERS, "match_prefix": st.booleans(), "use_cache": st.booleans(),
+})
+OPERATIONS = st.lists(
+    st.tuples(st.just("submit"), PROMPTS, SUBMIT)
+    | st.tuples(st.sampled_from(["step_once", "step_once", "cancel", "extract"]), st.integers(-1, 40)
+                | st.sampled_from(["x", None, 1.5, [1]]), st.none()),
+    min_size=1, max_size=12,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(operations=OPERATIONS)
+def test_fuzzing_the_engine_gives_only_typed_errors_and_leaves_the_pool_whole(engine, operations):
+    handles, uids = [], []
+    for op, arg, options in operations:
+        try:
+            if op == "submit":
+                options = dict(options)
+                options.setdefault("max_tokens", 3)
+                cache = handles[-1] if options.pop("use_cache", False) and handles else None
+                uids.append(engine.submit("fuzz", arg, cache=cache, **options))
+            elif op == "step_once":
+                for completion in engine.step_once():
+                    assert completion.error is None or isinstance(completion.error, RequestFailedError)
+                    if completion.error is None:
+                        assert all(0 <= t < VOCAB for t in completion.token_ids)
+                        handles.append(completion.blocks)
+            elif op == "cancel":
+                engine.cancel(uids[arg % len(uids)] if uids and isinstance(arg, int) else arg)
+            else:
+                handles.append(engine._extract_cache(uids[arg % len(uids)] if uids and isinstance(arg, int) else arg))
+        except SemanticError:
+            pass
+        engine.pool.check_invariants()
+    for uid in uids:
+        try:
+            engine.cancel(uid)
+        except SemanticError:
+            pass
+    engine.step_once()  # returns failures queued by the cancelled requests' admission
+    assert engine.pending == 0
+    for handle in handles:
+        handle.release()
+    assert whole(engine.pool)
