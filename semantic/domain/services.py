@@ -333,11 +333,11 @@ class BlockPool:
 
     def share(self, handle: AgentBlocks, agent_id: Optional[str] = None) -> AgentBlocks:
         """A new handle on ``handle``'s blocks, for ``agent_id`` (default: the same agent)."""
-        agent = handle.agent_id if agent_id is None else agent_id
-        _check_agent_id(agent)
         with self._lock:
             self._drain()
             self.check_handle(handle)  # under the lock: a release in between would leave the copies dangling
+            agent = handle.agent_id if agent_id is None else agent_id
+            _check_agent_id(agent)
             ids = handle.all_block_ids
             flat = [b for layer in ids for b in layer]
             refcount = self._refcount
