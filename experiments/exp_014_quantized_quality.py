@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import semantic  # noqa: F401  (before MLX: its CPU matmuls bind to OpenBLAS, see semantic.cpu_blas)
 import mlx.core as mx
 import numpy as np
 
@@ -56,6 +57,8 @@ TURNS = (
     "Summarise everything you have told me so far in a few sentences.",
     "What do you think the town will look like in a hundred years?",
 )
+
+MAX_TURNS = 40
 
 CONFIDENT_MARGIN = 0.5
 """Nats between the dense top-1 and top-2 log-probabilities above which a position counts as confident:
@@ -121,22 +124,38 @@ class Conversation:
         return mx.concatenate(out, axis=0)
 
 
-def reference_trajectory(model, tokenizer, spec: ModelCacheSpec, turns: Sequence[str], tokens_per_turn: int,
-                         pool_blocks: int):
-    """Per turn: (prompt tokens, greedily generated tokens), dense blocks, resumed at every turn."""
+def turn_tokens(tokenizer, context: Sequence[int], message: str) -> List[int]:
+    """A user turn as tokens: the chat template where the model has one (``semantic.models.chat``),
+    else a plain ``User:`` / ``Assistant:`` transcript."""
+    try:
+        from semantic.models import chat
+    except ImportError:
+        return tokenizer.encode(f"\nUser: {message}\nAssistant:", add_special_tokens=not context)
+    return chat.next_turn(tokenizer, context, message) if context else chat.first_turn(tokenizer, message)
+
+
+def reference_trajectory(model, tokenizer, spec: ModelCacheSpec, min_turns: int, tokens_per_turn: int,
+                         min_generated: int, pool_blocks: int):
+    """Per turn: (prompt tokens, greedily generated tokens), dense blocks, resumed at every turn. A reply
+    ends at an end-of-sequence token or after ``tokens_per_turn``; turns go on until there are at least
+    ``min_turns`` and ``min_generated`` generated tokens (at most ``MAX_TURNS``)."""
     conversation = Conversation(model, BlockPool(spec, pool_blocks))
-    trajectory = []
-    for i, turn in enumerate(turns):
-        prompt = tokenizer.encode(f"\nUser: {turn}\nAssistant:", add_special_tokens=i == 0)
+    stop = set(getattr(tokenizer, "eos_token_ids", ()) or ()) | {tokenizer.eos_token_id}
+    trajectory, generated_count = [], 0
+    while len(trajectory) < MAX_TURNS and (len(trajectory) < min_turns or generated_count < min_generated):
+        prompt = turn_tokens(tokenizer, conversation.tokens, TURNS[len(trajectory) % len(TURNS)])
         cache = conversation.resume()
         logprobs = conversation.forward(cache, prompt)
         generated = []
         token = int(mx.argmax(logprobs[-1]))
-        for _ in range(tokens_per_turn):
+        while len(generated) < tokens_per_turn:
             generated.append(token)
+            if token in stop:
+                break
             token = int(mx.argmax(conversation.forward(cache, [token])[-1]))
         conversation.store(cache, conversation.tokens + prompt + generated)
         trajectory.append((prompt, generated))
+        generated_count += len(generated)
     return trajectory
 
 
@@ -178,8 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--formats", default="q8,q4", help="comma-separated block formats to compare with dense")
-    parser.add_argument("--turns", type=int, default=8)
-    parser.add_argument("--tokens-per-turn", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=8, help="at least this many user turns")
+    parser.add_argument("--tokens-per-turn", type=int, default=64, help="longest reply")
+    parser.add_argument("--min-generated", type=int, default=512, help="turns go on until this many replies' tokens")
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--ppl-chunk", type=int, default=300)
     parser.add_argument("--output", type=Path, default=None, help="JSON file for every number (default: print only)")
@@ -189,12 +209,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (model, tokenizer), model_description = load_model(args.model)
     dense = ModelCacheSpec.from_model(model)
     formats = [fitted(f, dense.k_head_dim) for f in args.formats.split(",")]
-    turns = [TURNS[i % len(TURNS)] for i in range(args.turns)]
     text_tokens = tokenizer.encode(PPL_TEXT * (1 + args.ppl_tokens // 100))[: args.ppl_tokens]
-    longest = max(args.ppl_tokens, args.turns * (args.tokens_per_turn + 40) + 64)
+    longest = max(args.ppl_tokens, MAX_TURNS * (args.tokens_per_turn + 64))
     pool_blocks = 2 * dense.blocks_per_agent(longest) + 2 * dense.n_layers
 
-    trajectory = reference_trajectory(model, tokenizer, dense, turns, args.tokens_per_turn, pool_blocks)
+    trajectory = reference_trajectory(model, tokenizer, dense, args.turns, args.tokens_per_turn, args.min_generated,
+                                      pool_blocks)
     reference = teacher_forced(model, dense, trajectory, pool_blocks)
     reference_tokens = mx.concatenate([mx.argmax(r, axis=-1) for r in reference])
     generated = np.concatenate([g for _, g in trajectory])
@@ -224,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     record = {
         "experiment": "EXP-014 quantized block quality",
         "model": args.model, "model_description": model_description, "spec": dense.describe(),
-        "turns": args.turns, "tokens_per_turn": args.tokens_per_turn, "generated_tokens": int(generated.size),
+        "turns": len(trajectory), "tokens_per_turn": args.tokens_per_turn, "generated_tokens": int(generated.size),
         "reference_distinct_tokens": int(len(set(generated.tolist()))),
         "ppl_tokens": len(text_tokens), "ppl_chunk": args.ppl_chunk,
         "command": "python -m experiments.exp_014_quantized_quality " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -239,8 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def markdown_rows(record: dict) -> str:
-    lines = [f"{record['model_description']}: {record['turns']} turns x {record['tokens_per_turn']} generated "
-             f"tokens ({record['generated_tokens']} positions), perplexity over {record['ppl_tokens']} tokens in "
+    lines = [f"{record['model_description']}: {record['turns']} turns, replies of up to {record['tokens_per_turn']} "
+             f"tokens ({record['generated_tokens']} generated positions), perplexity over {record['ppl_tokens']} tokens in "
              f"{record['ppl_chunk']}-token resumed chunks", "",
              "| format | bytes vs dense | greedy agreement | agreement where dense is confident (positions) "
              "| mean KL (nats) | max KL | perplexity |",

@@ -205,11 +205,11 @@ def test_the_quality_experiment_measures_dense_against_itself_as_exact(tmp_path)
     from experiments.exp_014_quantized_quality import main
 
     out = tmp_path / "quality.json"
-    assert main(["--model", "tiny-llama", "--turns", "2", "--tokens-per-turn", "4", "--ppl-tokens", "200",
+    assert main(["--model", "tiny-llama", "--turns", "2", "--tokens-per-turn", "4", "--min-generated", "8", "--ppl-tokens", "200",
                  "--ppl-chunk", "80", "--output", str(out)]) == 0
     record = json.loads(out.read_text())
     dense, q8, q4 = (record["results"][f] for f in ("dense", "q8g32", "q4g32"))
-    assert dense["greedy_agreement"] == 1.0 and dense["mean_kl"] == 0.0 and dense["positions"] == 8
+    assert dense["greedy_agreement"] == 1.0 and dense["mean_kl"] == 0.0 and dense["positions"] >= 8
     assert 0 < q8["mean_kl"] < q4["mean_kl"]  # 8 bits change the distributions less than 4
     assert q8["bytes_per_block_vs_dense"] == 0.5625 and q4["bytes_per_block_vs_dense"] == 0.3125
 
