@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dense.setup("dense", geometry)
             row[f"agents_per_gib {geometry}"] = (1 << 30) // capacity.bytes
             row[f"bytes_vs_dense {geometry}"] = capacity.bytes / dense.bytes
-        copies = bench.QuantizedCopy()
+        copies = bench.QuantizedRebuild()
         copies.setup(fmt)
         row["bytes_at_rest"] = copies.track_bytes_at_rest(fmt)
         rebuild = cases.time_samples(lambda: cases.reconstruct(copies.ctx), args.repeat)
