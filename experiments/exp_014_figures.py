@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import semantic  # noqa: F401  (before MLX: its CPU matmuls bind to OpenBLAS, see semantic.cpu_blas)
 import mlx.core as mx
 
 from benchmarks import bench_quantized as bench
