@@ -355,10 +355,11 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
     """
     import copy
 
+    from semantic.domain.request_checks import SamplingParams
+
     new_tokens = prompt_tokens(engine, RESUME_NEW_TOKENS, seed=2)
     live = blocks_to_cache(engine.pool, ctx)
     generator = adapter.Generator(engine.model, stop_token_ids=[])
-    sampler = adapter.sampler_for(0.0, 0.0, 0, 0.0)
     sync = on_gpu()
 
     def resume_engine() -> float:
@@ -373,7 +374,7 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
 
     def resume_hot_path() -> float:
         start = time.perf_counter()
-        uid = generator.insert(new_tokens, copy.deepcopy(live), ctx.token_ids, 1, sampler, [])
+        uid = generator.insert(new_tokens, copy.deepcopy(live), list(ctx.token_ids), 1, SamplingParams(), "hot")
         while not any(event.uid == uid and event.finish_reason for event in generator.next()):
             pass
         if sync:
