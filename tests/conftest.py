@@ -38,11 +38,11 @@ def qwen3():
     return load_local_model("tiny-qwen3", dtype="float32")
 
 
-def make_engine(model_and_tokenizer, total_blocks=400, **kwargs):
+def make_engine(model_and_tokenizer, total_blocks=400, pool_format=None, **kwargs):
     from semantic.application.batch_engine import BlockPoolBatchEngine
 
     model, tokenizer = model_and_tokenizer
-    spec = ModelCacheSpec.from_model(model)
+    spec = ModelCacheSpec.from_model(model).with_format(pool_format)
     pool = BlockPool(spec=spec, total_blocks=total_blocks)
     return BlockPoolBatchEngine(model, tokenizer, pool, spec, **kwargs)
 

@@ -141,6 +141,11 @@ class BlockPoolBatchEngine:
                     f"{name} ({other.describe()}) does not match the model ({model_spec.describe()}); "
                     "build both from ModelCacheSpec.from_model(model)"
                 )
+        if spec.block_format != pool.spec.block_format:
+            raise IncompatibleCacheError(
+                f"spec keeps {spec.block_format.name} blocks, the pool {pool.spec.block_format.name} blocks; "
+                "pass the pool's spec (or none)"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.pool = pool

@@ -124,6 +124,22 @@ def reusable_blocks(spec: ModelCacheSpec, source: Optional[AgentBlocks], reused_
     return shared
 
 
+def carried_rows(spec: ModelCacheSpec, source: Optional[AgentBlocks], reused_tokens: int, layer: int,
+                 n_tokens: int, index: int) -> Optional[Tuple[int, int, int]]:
+    """``(source block id, first slot, end slot)``: the slots of block ``index`` (the first one a new
+    context writes for ``layer``) whose tokens came unchanged from ``source``, or ``None``."""
+    if source is None or reused_tokens == 0:
+        return None
+    size = spec.block_size
+    src_first, _ = spec.layer_block_range(layer, source.num_tokens)
+    src_ids = source.layer_block_ids(layer)
+    lo = max(spec.visible_range(layer, n_tokens)[0], index * size)
+    hi = min(n_tokens, reused_tokens, (index + 1) * size)
+    if lo >= hi or lo < spec.visible_range(layer, source.num_tokens)[0] or not 0 <= index - src_first < len(src_ids):
+        return None
+    return src_ids[index - src_first], lo - index * size, hi - index * size
+
+
 def cache_to_blocks(
     pool: BlockPool,
     agent_id: str,
@@ -138,6 +154,8 @@ def cache_to_blocks(
 
     Blocks whose tokens all lie in the first ``reused_tokens`` tokens, which came
     unchanged from ``source``, are shared with ``source`` instead of written again.
+    In a quantized pool, the reused tokens of the first new block are copied packed
+    from ``source`` (quantizing their dequantized values again would change them).
     """
     spec = pool.spec
     if len(caches) != spec.n_layers:
@@ -162,7 +180,8 @@ def cache_to_blocks(
         # One allocation for every layer: consecutive ids, so each layer's new blocks are one slice.
         new_ids = builder.allocate(sum(layout[5] for layout in layouts))
         layer_ids: List[List[int]] = []
-        plan = []
+        plan, copies = [], []
+        quantized = spec.block_format.quantized
         taken = 0
         for layer, (keys, values, first_token, shared_ids, new_from, n_new) in enumerate(layouts):
             ids = new_ids[taken : taken + n_new]
@@ -172,5 +191,10 @@ def cache_to_blocks(
                 start = max(spec.visible_range(layer, n_tokens)[0], new_from * spec.block_size)
                 lo = start - first_token
                 plan.append((ids, new_from, keys[..., lo:, :], values[..., lo:, :], start))
+                carried = carried_rows(spec, source, reused_tokens, layer, n_tokens, new_from) if quantized else None
+                if carried is not None:
+                    copies.append((ids[0], *carried))
         pool.write_many(plan)
+        if copies:
+            pool.copy_token_rows(copies)
         return builder.finish(token_ids, layer_ids)

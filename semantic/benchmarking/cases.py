@@ -109,23 +109,35 @@ class Context:
 
 
 @functools.lru_cache(maxsize=4)
-def context(geometry: str, blocks: int, layers: int, spare_blocks: int = 0) -> Context:
+def context(geometry: str, blocks: int, layers: int, spare_blocks: int = 0, block_format: str = "dense") -> Context:
     """Memoised: asv calls ``setup`` before every sample, so building must happen once per process.
 
     ``spare_blocks`` extra free blocks per layer let extraction benchmarks store a second copy.
     """
-    return token_context(geometry, blocks * spec_for(geometry, layers).block_size, layers, spare_blocks)
+    return token_context(geometry, blocks * spec_for(geometry, layers).block_size, layers, spare_blocks, block_format)
 
 
-def token_context(geometry: str, n_tokens: int, layers: int, spare_blocks: int = 0) -> Context:
-    """A :class:`Context` of any number of tokens (its last block may be partly filled); not memoised."""
-    spec = spec_for(geometry, layers)
+def token_context(geometry: str, n_tokens: int, layers: int, spare_blocks: int = 0,
+                  block_format: str = "dense") -> Context:
+    """A :class:`Context` of any number of tokens (its last block may be partly filled) in blocks of
+    ``block_format`` ("dense", "q8", "q4"); not memoised."""
+    spec = with_block_format(spec_for(geometry, layers), block_format)
     per_agent = spec.blocks_per_agent(n_tokens)
     pool = BlockPool(spec, total_blocks=per_agent + spare_blocks * layers)
     caches = random_caches(spec, n_tokens)
     tokens = list(range(n_tokens))
     handle = cache_to_blocks(pool, "bench", caches, tokens)
     return Context(spec, pool, handle, caches, tokens)
+
+
+def with_block_format(spec: ModelCacheSpec, block_format: str) -> ModelCacheSpec:
+    """``spec`` keeping blocks in ``block_format``, its group size fitted to the head dim. Dense is
+    ``spec`` itself, so commits without block formats run the dense cases."""
+    if block_format == "dense":
+        return spec
+    from semantic.domain.block_format import fitted
+
+    return spec.with_format(fitted(block_format, spec.k_head_dim))
 
 
 def reconstruct(ctx: Context) -> List[adapter.LayerCache]:
@@ -291,19 +303,33 @@ ENGINE_NEW_TOKENS = 10
 
 
 @functools.lru_cache(maxsize=1)
-def engine(preset: str, dtype: str):
+def engine(preset: str, dtype: str, block_format: str = "dense"):
     """A :class:`BlockPoolBatchEngine` on a ``semantic.testing.local_models`` preset (random weights,
-    no download), warmed up by one short request; its pool has room for four of the longest contexts."""
+    no download) or a real model of ``semantic.models`` (fetched once per machine; it computes in the
+    dtype ``semantic.models.load`` gives it, float32 on a CPU with OpenBLAS, whatever ``dtype`` says),
+    warmed up by one short request; its pool, of ``block_format`` blocks, has room for four of the
+    longest contexts."""
     from semantic.application.batch_engine import BlockPoolBatchEngine
-    from semantic.testing.local_models import load_local_model
 
-    model, tokenizer = load_local_model(preset, dtype=dtype)
-    spec = ModelCacheSpec.from_model(model)
+    model, tokenizer = load_engine_model(preset, dtype)
+    spec = with_block_format(ModelCacheSpec.from_model(model), block_format)
     longest = max(ENGINE_TOKENS) + 1 + ENGINE_NEW_TOKENS
     pool = BlockPool(spec, total_blocks=4 * spec.blocks_per_agent(longest))
     built = BlockPoolBatchEngine(model, tokenizer, pool, spec)
     built.generate("warm-up", prompt_tokens(built, 16), max_tokens=2).blocks.release()
     return built
+
+
+def load_engine_model(name: str, dtype: str):
+    """``(model, tokenizer)``: a real model when ``name`` is one of ``semantic.models.MODELS``, else a
+    local preset (commits before ``semantic.models`` raise ImportError for real names: a skip)."""
+    from semantic.testing.local_models import PRESETS, load_local_model
+
+    if name in PRESETS:
+        return load_local_model(name, dtype=dtype)
+    from semantic.models import load
+
+    return load(name)
 
 
 def prompt_tokens(engine, n_tokens: int, seed: int = 0) -> List[int]:
@@ -314,10 +340,10 @@ def prompt_tokens(engine, n_tokens: int, seed: int = 0) -> List[int]:
 
 
 @functools.lru_cache(maxsize=1)
-def stored_context(preset: str, n_tokens: int, dtype: str) -> AgentBlocks:
+def stored_context(preset: str, n_tokens: int, dtype: str, block_format: str = "dense") -> AgentBlocks:
     """An agent's context of ``n_tokens`` in the engine's pool. Its keys and values are random, not
     the model's: resuming costs the same, and no prefill (minutes on CPU for 2K tokens) is needed."""
-    eng = engine(preset, dtype)
+    eng = engine(preset, dtype, block_format)
     return cache_to_blocks(eng.pool, "stored", random_caches(eng.spec, n_tokens), prompt_tokens(eng, n_tokens))
 
 
@@ -355,7 +381,7 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
     """
     import copy
 
-    from semantic.domain.request_checks import SamplingParams
+    from semantic.domain.request_checks import SamplingParams  # here: older commits have no such module
 
     new_tokens = prompt_tokens(engine, RESUME_NEW_TOKENS, seed=2)
     live = blocks_to_cache(engine.pool, ctx)
@@ -374,7 +400,7 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
 
     def resume_hot_path() -> float:
         start = time.perf_counter()
-        uid = generator.insert(new_tokens, copy.deepcopy(live), list(ctx.token_ids), 1, SamplingParams(), "hot")
+        uid = generator.insert(new_tokens, copy.deepcopy(live), ctx.token_ids, 1, SamplingParams(), None)
         while not any(event.uid == uid and event.finish_reason for event in generator.next()):
             pass
         if sync:

@@ -49,6 +49,8 @@ from semantic.domain.errors import (
     PoolExhaustedError,
     ReleasedHandleError,
 )
+from semantic.domain.request_checks import checked_int, is_int
+from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
 from semantic.domain.value_objects import ModelCacheSpec
 
 __all__ = ["BlockPool", "PoolUsage", "Reservation", "AgentBlocks", "KVBlock"]
@@ -139,9 +141,7 @@ class BlockPool:
     def __init__(self, spec: ModelCacheSpec, total_blocks: int, *, grow_buffer_cache: bool = True):
         if not isinstance(spec, ModelCacheSpec):
             raise InvalidRequestError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
-        if not _is_int(total_blocks) or total_blocks <= 0:
-            raise InvalidRequestError(f"total_blocks must be a positive int, got {total_blocks!r}")
-        total_blocks = int(total_blocks)
+        total_blocks = checked_int("total_blocks", total_blocks, 1)
         self.spec = spec
         self.total_blocks = total_blocks
         self.pool_id = next(_pool_ids)
@@ -156,8 +156,10 @@ class BlockPool:
         self._released_by_gc: collections.deque = collections.deque()
         self._handles: "weakref.WeakSet[AgentBlocks]" = weakref.WeakSet()
 
+        # Quantized blocks live in their own arrays; every storage method dispatches once on this.
+        self._quantized = QuantizedArenas(spec, total_blocks) if spec.block_format.quantized else None
         dtype = getattr(mx, spec.dtype)
-        shape = (total_blocks, spec.n_kv_heads, spec.block_size)
+        shape = (0 if self._quantized else total_blocks, spec.n_kv_heads, spec.block_size)
         self._keys = mx.zeros(shape + (spec.k_head_dim,), dtype=dtype)
         self._values = mx.zeros(shape + (spec.v_head_dim,), dtype=dtype)
         mx.eval(self._keys, self._values)
@@ -173,6 +175,8 @@ class BlockPool:
     @property
     def nbytes(self) -> int:
         """Bytes the pool's storage holds (all blocks, used or not)."""
+        if self._quantized is not None:
+            return self._quantized.nbytes
         return self._keys.nbytes + self._values.nbytes
 
     @property
@@ -234,7 +238,7 @@ class BlockPool:
     # ---- raw references -----------------------------------------------------------------------
     def allocate(self, n_blocks: int, agent_id: str, *, reservation: Optional[Reservation] = None) -> List[int]:
         """Take ``n_blocks`` free blocks (reference count 1, attributed to ``agent_id``). All or nothing."""
-        n_blocks = _count("n_blocks", n_blocks)
+        n_blocks = checked_int("n_blocks", n_blocks, 0)
         _check_agent_id(agent_id)
         self._check_reservation(reservation)
         with self._lock:
@@ -282,7 +286,7 @@ class BlockPool:
 
     def reserve(self, n_blocks: int, owner: str) -> Reservation:
         """Promise ``n_blocks`` free blocks to ``owner``; raises ``PoolExhaustedError`` if they are not there."""
-        n_blocks = _count("n_blocks", n_blocks)
+        n_blocks = checked_int("n_blocks", n_blocks, 0)
         if not isinstance(owner, str):
             raise InvalidRequestError(f"owner must be a string (who the blocks are for), got {owner!r}")
         with self._lock:
@@ -410,7 +414,7 @@ class BlockPool:
         self._free.extend(reversed(freed))  # allocate pops from the end: a released run comes back in order
 
     def _checked_id(self, block_id) -> int:
-        if not _is_int(block_id) or not 0 <= block_id < self.total_blocks:
+        if not is_int(block_id) or not 0 <= block_id < self.total_blocks:
             raise BlockOwnershipError(f"block id {block_id!r} is not in this pool (0..{self.total_blocks - 1})")
         return int(block_id)
 
@@ -431,9 +435,13 @@ class BlockPool:
 
     # ---- storage ------------------------------------------------------------------------------
     def block_keys(self, block_id: int) -> mx.array:
+        if self._quantized is not None:
+            return self._quantized.block(self._checked_id(block_id))[0]
         return self._keys[self._checked_id(block_id)]
 
     def block_values(self, block_id: int) -> mx.array:
+        if self._quantized is not None:
+            return self._quantized.block(self._checked_id(block_id))[1]
         return self._values[self._checked_id(block_id)]
 
     def write_blocks(self, block_ids: Sequence[int], first_index: int, keys: mx.array, values: mx.array,
@@ -457,7 +465,9 @@ class BlockPool:
         for write in writes:
             self._block_array(write[0], 1)
         with self._lock:
-            if writes_through_host():
+            if self._quantized is not None:
+                self._quantized.write_many(writes)
+            elif writes_through_host():
                 sources = [host_source(a) for w in writes for a in (w[2], w[3])]
                 mx.eval(sources)
                 arenas = self._host_arenas()
@@ -561,6 +571,11 @@ class BlockPool:
         n_layers, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
         with self._lock:
+            if self._quantized is not None:
+                keys, values = self._quantized.gather(rows)
+                if evaluate:
+                    mx.eval(keys, values)
+                return keys, values
             keys, values = gather_row_pairs(
                 self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
                 self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows,
@@ -570,6 +585,41 @@ class BlockPool:
             if evaluate:
                 mx.eval(keys, values)
         return keys, values
+
+    # ---- stored form (files hold blocks as the pool stores them) ----------------------------------
+    def gather_stored(self, layer_block_ids: Sequence[Sequence[int]]) -> List[mx.array]:
+        """Like :meth:`gather`, but the blocks as stored, one array per ``spec.stored_parts`` entry,
+        ``[layers, heads, n_blocks * block_size, width]`` (evaluated): keys and values for dense
+        blocks, the packed parts for quantized ones."""
+        if self._quantized is None:
+            return list(self.gather(layer_block_ids))
+        rows = self.gather_rows(layer_block_ids)
+        with self._lock:
+            parts = self._quantized.gather_stored(rows)
+            mx.eval(parts)
+        return parts
+
+    def write_stored(self, writes: Iterable[StoredWrite]) -> None:
+        """Write blocks given in their stored form (what :meth:`gather_stored` returned), without
+        converting them: a quantized block read from a file is the block that was saved."""
+        writes = list(writes)
+        if self._quantized is None:
+            self.write_many([(ids, first_index, parts[0], parts[1], first_token)
+                             for ids, first_index, parts, first_token in writes])
+            return
+        for write in writes:
+            self._block_array(write[0], 1)
+        with self._lock:
+            self._quantized.write_stored(writes)
+
+    def copy_token_rows(self, copies: Sequence[RowCopy]) -> None:
+        """Copy token slots of used blocks into fresh blocks, as stored. For quantized blocks, whose
+        tokens must be quantized only once; dense blocks rebuild bit-exact, so writing them is the same."""
+        if self._quantized is None:
+            raise AssertionError("copy_token_rows is for quantized blocks")
+        self._block_array([c[0] for c in copies] + [c[1] for c in copies], 1)
+        with self._lock:
+            self._quantized.copy_rows(copies)
 
     def __repr__(self) -> str:
         u = self.usage()
@@ -637,16 +687,6 @@ def _subtract(table: Dict[str, collections.Counter], agent_id: str, counts: Dict
         del table[agent_id]
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _count(name: str, value) -> int:
-    if not _is_int(value) or value < 0:
-        raise InvalidRequestError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
 def _sequence(name: str, value) -> list:
     """``value`` as a list, if it is a list, tuple, range or 1-d array (not a str, bytes or an iterator,
     which would read as characters or be consumed by the first pass)."""
@@ -657,7 +697,7 @@ def _sequence(name: str, value) -> list:
 
 def _int_list(name: str, value) -> List[int]:
     items = _sequence(name, value)
-    bad = next((v for v in items if not _is_int(v)), None)
+    bad = next((v for v in items if not is_int(v)), None)
     if bad is not None:
         raise InvalidRequestError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
     return [int(v) for v in items]

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple
 
+from semantic.domain.block_format import DENSE, BlockFormat, StoredPart, part_bytes
 from semantic.domain.errors import InvalidRequestError
 
 BLOCK_SIZE = 256
@@ -23,6 +24,10 @@ class ModelCacheSpec:
     length in tokens for a sliding-window layer (mlx-lm's ``RotatingKVCache``
     with ``keep=0``). Every layer has ``n_kv_heads`` heads of ``k_head_dim`` /
     ``v_head_dim``; models that vary these per layer are not supported.
+
+    ``block_format`` is how a pool keeps blocks at rest (see ``block_format.py``):
+    the model's ``dtype`` (``"dense"``, the default) or quantized (``"q8"``, ``"q4"``).
+    A model's own geometry is always dense; ``with_format`` gives a pool's.
     """
 
     n_layers: int
@@ -33,6 +38,7 @@ class ModelCacheSpec:
     block_size: int = BLOCK_SIZE
     layer_windows: Tuple[Optional[int], ...] = field(default=())
     name: str = ""
+    block_format: BlockFormat = DENSE
 
     def __post_init__(self):
         for attr in ("n_layers", "n_kv_heads", "k_head_dim", "v_head_dim", "block_size"):
@@ -52,6 +58,10 @@ class ModelCacheSpec:
             if w is not None and (not isinstance(w, int) or w <= 0):
                 raise InvalidRequestError(f"a sliding window must be a positive int or None, got {w!r}")
         object.__setattr__(self, "layer_windows", windows)
+        block_format = BlockFormat.parse(self.block_format)
+        for dim in (self.k_head_dim, self.v_head_dim):
+            block_format.check_head_dim(dim)
+        object.__setattr__(self, "block_format", block_format)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -76,6 +86,10 @@ class ModelCacheSpec:
         windows = tuple(self.layer_windows[i % self.n_layers] for i in range(n_layers))
         return replace(self, n_layers=n_layers, layer_windows=windows)
 
+    def with_format(self, block_format) -> "ModelCacheSpec":
+        """The same geometry with blocks kept in ``block_format`` (a ``BlockFormat`` or a name: ``"q4"``, ...)."""
+        return replace(self, block_format=BlockFormat.parse(block_format))
+
     # ---- derived quantities -------------------------------------------------------------------
     @property
     def dtype_bytes(self) -> int:
@@ -87,8 +101,14 @@ class ModelCacheSpec:
         return self.k_head_dim
 
     @property
+    def stored_parts(self) -> Tuple[StoredPart, ...]:
+        """The arrays one block is stored as (keys and values, or their packed words, scales and biases)."""
+        return self.block_format.parts(self.dtype, self.k_head_dim, self.v_head_dim)
+
+    @property
     def bytes_per_token_per_layer(self) -> int:
-        return self.n_kv_heads * (self.k_head_dim + self.v_head_dim) * self.dtype_bytes
+        """At rest, in the block format (quantization groups' scales and biases included)."""
+        return self.n_kv_heads * sum(part_bytes(p) for p in self.stored_parts)
 
     @property
     def bytes_per_block_per_layer(self) -> int:
@@ -132,7 +152,7 @@ class ModelCacheSpec:
         kinds = f"{n_window} sliding-window" if n_window else "all full-attention"
         return (
             f"{self.name or 'model'}: {self.n_layers} layers ({kinds}), {self.n_kv_heads} KV heads, "
-            f"head dim {self.k_head_dim}/{self.v_head_dim}, {self.dtype}, "
+            f"head dim {self.k_head_dim}/{self.v_head_dim}, {self.dtype}, {self.block_format.name} blocks, "
             f"{self.bytes_per_block_per_layer} bytes per block per layer"
         )
 

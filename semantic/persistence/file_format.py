@@ -8,7 +8,10 @@ In short::
 The JSON is ``{"__metadata__": {...}, "layers.<i>.keys": {...}, "layers.<i>.values": {...}, ...}``
 with one key/value tensor pair per layer that holds blocks, each
 ``[n_kv_heads, blocks * block_size, head_dim]`` (whole blocks, as the pool holds
-them). Metadata values are strings (safetensors requires it), some of them JSON.
+them). A pool of quantized blocks writes its blocks packed, six tensors per layer
+(``keys``, ``keys.scales``, ``keys.biases``, then ``values...``; see
+``ModelCacheSpec.stored_parts``), and its geometry records ``block_format``.
+Metadata values are strings (safetensors requires it), some of them JSON.
 ``header_checksum`` is the SHA-256 of the canonical JSON of the header without
 that field, so no part of the header can change unnoticed; ``tensorsha256_hex``
 holds one SHA-256 per tensor. ``mx.load`` reads these files like any safetensors
@@ -30,12 +33,13 @@ from typing import Any, Dict, List, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from semantic.domain.block_format import BlockFormat
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence.errors import CacheCorruptionError, IncompatibleCacheFileError
 
 FORMAT = "semantic.agent_cache"
 FORMAT_VERSION = 1
-_DTYPES = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4)}
+_DTYPES = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4), "uint32": ("U32", 4)}
 _UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 _LENGTH = struct.Struct("<Q")
 _ALIGNMENT = 8  # tensor data starts 8-byte aligned, as other safetensors writers do
@@ -45,12 +49,26 @@ _SAMPLED_FINGERPRINT = re.compile(r"^[\w.]+(-[\w.]+)*-\d+x\d+x\d+-\w+:[0-9a-f]{3
 
 
 def geometry_of(spec: ModelCacheSpec) -> Dict[str, Any]:
-    """What a file records of the pool's geometry (everything but the cosmetic name)."""
-    return {
+    """What a file records of the pool's geometry (everything but the cosmetic name). The block
+    format only when quantized, so dense files read as before."""
+    geometry = {
         "n_layers": spec.n_layers, "n_kv_heads": spec.n_kv_heads, "k_head_dim": spec.k_head_dim,
         "v_head_dim": spec.v_head_dim, "dtype": spec.dtype, "block_size": spec.block_size,
         "layer_windows": list(spec.layer_windows),
     }
+    if spec.block_format.quantized:
+        geometry["block_format"] = spec.block_format.to_json()
+    return geometry
+
+
+def _format_name(geometry: Dict[str, Any]) -> str:
+    recorded = geometry.get("block_format")
+    if recorded is None:
+        return f"{geometry.get('dtype')} (dense)"
+    try:
+        return BlockFormat(**recorded).name
+    except (TypeError, ValueError):
+        return f"unknown-format {recorded!r}"
 
 
 @dataclass(frozen=True)
@@ -64,17 +82,19 @@ class AgentCacheHeader:
     layer_blocks: Tuple[int, ...]
 
     def tensor_table(self) -> Dict[str, Dict[str, Any]]:
-        """The safetensors entries, in file order: layer by layer, keys then values."""
+        """The safetensors entries, in file order: layer by layer, keys then values (their stored parts)."""
         g = self.geometry
-        dtype, itemsize = _DTYPES[g["dtype"]]
+        block_format = BlockFormat(**g["block_format"]) if g.get("block_format") else BlockFormat()
+        parts = block_format.parts(g["dtype"], g["k_head_dim"], g["v_head_dim"])
         table, offset = {}, 0
         for layer, blocks in enumerate(self.layer_blocks):
             if not blocks:
                 continue
-            for part, head_dim in (("keys", g["k_head_dim"]), ("values", g["v_head_dim"])):
-                shape = [g["n_kv_heads"], blocks * g["block_size"], head_dim]
+            for part in parts:
+                dtype, itemsize = _DTYPES[part.dtype]
+                shape = [g["n_kv_heads"], blocks * g["block_size"], part.width]
                 end = offset + int(np.prod(shape)) * itemsize
-                table[f"layers.{layer}.{part}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}
+                table[f"layers.{layer}.{part.name}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}
                 offset = end
         return table
 
@@ -257,9 +277,16 @@ def _interpret(metadata: Dict[str, str], where: str, *, agent_id: str, model_fin
             "a context only continues on the model that computed it. Delete the file or use that model"
         )
     geometry = _field(metadata, "geometry", where, json.loads)
-    if geometry != geometry_of(spec):
+    expected_geometry = geometry_of(spec)
+    if isinstance(geometry, dict) and {**geometry, "block_format": None} == {**expected_geometry, "block_format": None} \
+            and geometry != expected_geometry:
         raise IncompatibleCacheFileError(
-            f"{where} holds blocks of geometry {geometry}, the pool has {geometry_of(spec)}; "
+            f"{where} holds {_format_name(geometry)} blocks, the pool keeps {_format_name(expected_geometry)} "
+            "blocks; load it into a pool of that block format (ModelCacheSpec.with_format), or delete the file"
+        )
+    if geometry != expected_geometry:
+        raise IncompatibleCacheFileError(
+            f"{where} holds blocks of geometry {geometry}, the pool has {expected_geometry}; "
             "build the pool with ModelCacheSpec.from_model(model) of the fingerprinted model"
         )
     if metadata.get("agent_id") != agent_id:

@@ -279,16 +279,17 @@ class AgentCacheStore:
         self._directory.replace(handle.agent_id, lambda fd: write_agent_cache(fd, header, tensors))
 
     def _gather(self, handle: AgentBlocks) -> List["mx.array"]:
-        """Keys and values of every layer that holds blocks, in file order; one gather per block count."""
+        """The stored parts (keys and values, or their packed forms) of every layer that holds blocks,
+        in file order; one gather per block count."""
         layers_by_count: Dict[int, List[int]] = defaultdict(list)
         for layer, ids in enumerate(handle.all_block_ids):
             if ids:
                 layers_by_count[len(ids)].append(layer)
         per_layer = {}
         for layers in layers_by_count.values():
-            keys, values = self.pool.gather([handle.layer_block_ids(layer) for layer in layers])
+            parts = self.pool.gather_stored([handle.layer_block_ids(layer) for layer in layers])
             for i, layer in enumerate(layers):
-                per_layer[layer] = (keys[i], values[i])
+                per_layer[layer] = [part[i] for part in parts]
         return [tensor for layer in sorted(per_layer) for tensor in per_layer[layer]]
 
     def _read_into_pool(self, agent_id: str) -> AgentBlocks:
@@ -305,6 +306,7 @@ class AgentCacheStore:
                 "release handles you hold, or use a larger pool)",
             )
         tensors_in_order = iter(tensors)
+        n_parts = len(spec.stored_parts)
         with self.pool.build_handle(agent_id) as builder:
             layer_ids, plan = [], []
             for layer, n_blocks in enumerate(header.layer_blocks):
@@ -312,7 +314,7 @@ class AgentCacheStore:
                 layer_ids.append(ids)
                 if n_blocks:
                     first = spec.layer_block_range(layer, len(header.token_ids))[0]
-                    keys, values = next(tensors_in_order), next(tensors_in_order)
-                    plan.append((ids, first, keys[None], values[None], first * spec.block_size))
-            self.pool.write_many(plan)
+                    parts = [next(tensors_in_order)[None] for _ in range(n_parts)]
+                    plan.append((ids, first, parts, first * spec.block_size))
+            self.pool.write_stored(plan)
             return builder.finish(header.token_ids, layer_ids)

@@ -1,0 +1,237 @@
+"""Quantized blocks (q8/q4): stored as mx.quantize, rebuilt as mx.dequantize, quantized once, saved packed,
+and kept apart from blocks of other formats."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import make_engine
+from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.application.batch_engine import BlockPoolBatchEngine
+from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
+from semantic.domain.block_format import BlockFormat
+from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
+from semantic.domain.services import BlockPool
+from semantic.domain.value_objects import ModelCacheSpec
+from semantic.persistence import AgentCacheStore, IncompatibleCacheFileError
+from test_block_cache import prefill, prompt_tokens
+from test_persistence_support import FINGERPRINT, nothing_changes, random_handle, run_python
+
+GIB = 1 << 30
+
+
+# Head dim 32 (quantized in groups of 32), 4-token blocks, a 6-token window spanning two or three blocks.
+QSPEC = ModelCacheSpec(3, 2, 32, 32, "bfloat16", block_size=4, layer_windows=(None, 6, None), name="q-small")
+
+
+def packed(handle):
+    """Every layer's stored parts as bytes, ``[heads, tokens, bytes of one token's row]`` each."""
+    return [[np.array(p.view(mx.uint8))[0] for p in handle.pool.gather_stored([ids])] if ids else []
+            for ids in handle.all_block_ids]
+
+
+def quantized(data, fmt):
+    return mx.quantize(data, group_size=fmt.group_size, bits=fmt.bits)
+
+
+def test_formats_parse_and_weigh_what_they_store():
+    assert BlockFormat.parse("q4") == BlockFormat(4, 64) and BlockFormat.parse("q8g32") == BlockFormat(8, 32)
+    assert BlockFormat.parse(None).name == "dense" and BlockFormat.parse(4).name == "q4"
+    for bad in ("q3", "fp8", "q4g48", 16):
+        with pytest.raises(InvalidRequestError):
+            BlockFormat.parse(bad)
+    with pytest.raises(InvalidRequestError, match="divisible by its group size"):
+        ModelCacheSpec(2, 2, 32, 32).with_format("q4")  # group 64 > head dim 32
+
+    dense = ModelCacheSpec.preset("smollm2-135m")
+    ratios = {f: dense.with_format(f).bytes_per_block_per_layer / dense.bytes_per_block_per_layer for f in ("q8", "q4")}
+    assert ratios == {"q8": 68 / 128, "q4": 36 / 128}  # head dim 64: packed bytes + one bf16 scale and bias
+    for fmt in ("q8", "q4"):
+        pool = BlockPool(dense.with_layers(1).with_format(fmt), 8, grow_buffer_cache=False)
+        assert pool.nbytes == 8 * pool.block_bytes
+    agents = {f: GIB // dense.with_format(f).bytes_per_agent(4096) for f in ("dense", "q8", "q4")}
+    assert agents["q4"] >= 3.5 * agents["dense"]
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_store_is_mx_quantize_and_rebuild_is_mx_dequantize_exactly(fmt):
+    spec = ModelCacheSpec(2, 3, 64, 64, "bfloat16", block_size=16, name="q").with_format(fmt)
+    pool = BlockPool(spec, 20, grow_buffer_cache=False)
+    fmt = spec.block_format
+    keys, values = (mx.random.normal((1, 3, 37, 64), key=mx.random.key(s)).astype(mx.bfloat16) for s in (1, 2))
+    ids = pool.allocate(3, "a")  # blocks 1..3 of the sequence, the data from token 21: ragged at both ends
+    pool.write_blocks(ids, 1, keys, values, 21)
+
+    stored = pool.gather_stored([ids])
+    expected = [*quantized(keys, fmt), *quantized(values, fmt)]
+    for part, want in zip(stored, expected):
+        assert mx.array_equal(part[:, :, 5:42], want).item()
+        assert not mx.any(part[:, :, :5]).item() and not mx.any(part[:, :, 42:]).item()  # zeroed slots
+    rebuilt_keys, rebuilt_values = pool.gather([ids])
+    assert mx.array_equal(rebuilt_keys[:, :, 5:42], mx.dequantize(*expected[:3], group_size=fmt.group_size,
+                                                                  bits=fmt.bits)).item()
+    assert mx.array_equal(rebuilt_values[:, :, 5:42], mx.dequantize(*expected[3:], group_size=fmt.group_size,
+                                                                    bits=fmt.bits)).item()
+    assert mx.array_equal(pool.block_keys(ids[1]), rebuilt_keys[0, :, 16:32]).item()
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+def test_a_rebuilt_model_cache_is_the_dequantized_cache(request, model_name):
+    model, _ = request.getfixturevalue(model_name)
+    spec = ModelCacheSpec.from_model(model).with_format("q4g32")
+    pool = BlockPool(spec, spec.blocks_per_agent(602))
+    cache, context, _ = prefill(model, prompt_tokens(600), decode=2)
+    with cache_to_blocks(pool, "a", cache, context) as handle:
+        rebuilt = blocks_to_cache(pool, handle)
+        for original, copy in zip(cache, rebuilt):
+            assert type(copy) is type(original) and copy.offset == original.offset
+            for got, want in zip(adapter.read_layer_cache(copy)[:2], adapter.read_layer_cache(original)[:2]):
+                expected = mx.dequantize(*quantized(want, spec.block_format), group_size=32, bits=4)
+                assert mx.array_equal(got, expected).item()
+
+
+def blocks_by_index(handle, layer):
+    first = handle.spec.layer_block_range(layer, handle.num_tokens)[0]
+    return {first + k: block for k, block in enumerate(handle.layer_block_ids(layer))}
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+def test_a_context_stored_rebuilt_and_continued_is_quantized_once(request, model_name):
+    engine = make_engine(request.getfixturevalue(model_name), pool_format="q4g32")
+    spec, size = engine.spec, engine.spec.block_size
+    first = engine.generate("a", "the old river ran past a quiet town " * 40, max_tokens=6)
+    n = first.blocks.num_tokens
+    assert n % size  # a partly filled tail block
+    second = engine.generate("a", " and then", cache=first.blocks, max_tokens=6)
+
+    before, after = packed(first.blocks), packed(second.blocks)
+    for layer in range(spec.n_layers):
+        old, new = blocks_by_index(first.blocks, layer), blocks_by_index(second.blocks, layer)
+        assert all(new[i] == old[i] for i in new if i < n // size)  # whole blocks: shared, not copied
+        assert new[n // size] != old[n // size]  # the tail block was written anew...
+        start = spec.visible_range(layer, second.blocks.num_tokens)[0]  # ...its old tokens' bytes unchanged
+        old_first, new_first = (min(blocks) * size for blocks in (old, new))
+        for rows_before, rows_after in zip(before[layer], after[layer]):
+            assert np.array_equal(rows_after[:, start - new_first : n - new_first],
+                                  rows_before[:, start - old_first : n - old_first])
+
+
+def test_trimming_inside_a_block_keeps_the_reused_rows_packed(llama32):
+    engine = make_engine(llama32, pool_format="q8g32")
+    first = engine.generate("a", "red green blue " * 120, max_tokens=4)
+    context = list(first.blocks.token_ids)
+    edited = context[:300] + [t + 1 for t in context[300:310]]
+    resent = engine.generate("a", edited, cache=first.blocks, match_prefix=True, max_tokens=5)
+    assert resent.reused_tokens == 300
+    old, new = packed(first.blocks), packed(resent.blocks)
+    for layer in range(engine.spec.n_layers):
+        for rows_old, rows_new in zip(old[layer], new[layer]):
+            assert np.array_equal(rows_new[:, :300], rows_old[:, :300])
+            assert not np.array_equal(rows_new[:, 300:310], rows_old[:, 300:310])  # the edited tokens are new
+
+
+def test_quantized_agents_batch_together_and_each_continues_as_alone(llama32):
+    engine = make_engine(llama32, total_blocks=300, pool_format="q4g32")
+    prompts = {"alice": "the old river ran past a quiet town " * 30, "bob": "one two three four five six " * 40}
+    firsts = {c.agent_id: c for c in [engine.generate(a, p, max_tokens=5) for a, p in prompts.items()]}
+    for agent in prompts:
+        engine.submit(agent, " again", cache=firsts[agent].blocks, max_tokens=12)
+    together = {c.agent_id: c.token_ids for c in engine.step()}
+    alone = {a: engine.generate(a, " again", cache=firsts[a].blocks, max_tokens=12).token_ids for a in prompts}
+    assert together == alone and len(set(map(tuple, alone.values()))) == 2
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_a_saved_quantized_agent_loads_bit_exact_in_a_new_process(tmp_path, fmt):
+    spec = ModelCacheSpec.preset("smollm2-135m").with_layers(4).with_format(fmt)
+    store = AgentCacheStore(tmp_path, BlockPool(spec, 64, grow_buffer_cache=False), FINGERPRINT)
+    dense_bytes = ModelCacheSpec.preset("smollm2-135m").with_layers(4).bytes_per_agent(700)
+    with random_handle(store.pool, "agent", 700, seed=3) as handle:
+        store.save(handle)
+        expected = packed(handle)
+    file_bytes = (tmp_path / "agent.safetensors").stat().st_size
+    assert file_bytes < {"q8": 0.54, "q4": 0.29}[fmt] * dense_bytes  # packed blocks, header included
+
+    child = run_python(
+        "import sys, json, mlx.core as mx, numpy as np\n"
+        "from semantic.domain.services import BlockPool\n"
+        "from semantic.domain.value_objects import ModelCacheSpec\n"
+        "from semantic.persistence import AgentCacheStore\n"
+        "from test_persistence_support import FINGERPRINT\n"
+        "from test_quantized_blocks import packed\n"
+        "spec = ModelCacheSpec.preset('smollm2-135m').with_layers(4).with_format(sys.argv[2])\n"
+        "store = AgentCacheStore(sys.argv[1], BlockPool(spec, 64, grow_buffer_cache=False), FINGERPRINT)\n"
+        "with store.load('agent') as handle:\n"
+        "    print(json.dumps([[p.tobytes().hex() for p in layer] for layer in packed(handle)]))\n",
+        tmp_path, fmt,
+    )
+    assert child == [[p.tobytes().hex() for p in layer] for layer in expected]
+
+
+def test_format_mismatches_are_typed_errors_that_change_nothing(tmp_path, llama32):
+    formats = {"dense": QSPEC, "q4": QSPEC.with_format("q4g32"), "q8": QSPEC.with_format("q8g32")}
+    stores = {}
+    for name, spec in formats.items():
+        (tmp_path / name).mkdir()
+        stores[name] = AgentCacheStore(tmp_path / name, BlockPool(spec, 40, grow_buffer_cache=False), FINGERPRINT)
+        with random_handle(stores[name].pool, "agent", 11, seed=1) as handle:
+            stores[name].save(handle)
+    for file_format, pool_format in (("q4", "dense"), ("dense", "q4"), ("q8", "q4")):
+        (stores[pool_format].directory / "other.safetensors").write_bytes(
+            (stores[file_format].directory / "agent.safetensors").read_bytes())
+        with nothing_changes(stores[pool_format]), pytest.raises(IncompatibleCacheFileError, match="block format"):
+            stores[pool_format].load("other")
+
+    with random_handle(stores["q4"].pool, "x", 11, seed=2) as q4_handle, nothing_changes(stores["dense"]):
+        with pytest.raises(IncompatibleCacheError, match="q4g32 blocks"):
+            stores["dense"].pool.check_handle(q4_handle)
+        with pytest.raises(IncompatibleCacheError):
+            stores["dense"].put(q4_handle)
+
+    engine = make_engine(llama32, total_blocks=40)
+    q4_engine = make_engine(llama32, total_blocks=40, pool_format="q4g32")
+    with q4_engine.generate("a", "the old river", max_tokens=3).blocks as q4_blocks:
+        usage = engine.pool.usage()
+        with pytest.raises(IncompatibleCacheError):
+            engine.submit("a", " more", cache=q4_blocks)
+        assert engine.pool.usage() == usage and engine.pending == 0
+    with pytest.raises(IncompatibleCacheError, match="pool's spec"):
+        BlockPoolBatchEngine(*llama32, engine.pool, q4_engine.spec)
+
+
+def test_the_quality_experiment_measures_dense_against_itself_as_exact(tmp_path):
+    from experiments.exp_014_quantized_quality import main
+
+    out = tmp_path / "quality.json"
+    assert main(["--model", "tiny-llama", "--turns", "2", "--tokens-per-turn", "4", "--min-generated", "8", "--ppl-tokens", "200",
+                 "--ppl-chunk", "80", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    dense, q8, q4 = (record["results"][f] for f in ("dense", "q8g32", "q4g32"))
+    assert dense["greedy_agreement"] == 1.0 and dense["mean_kl"] == 0.0 and dense["positions"] >= 8
+    assert 0 < q8["mean_kl"] < q4["mean_kl"]  # 8 bits change the distributions less than 4
+    assert q8["bytes_per_block_vs_dense"] == 0.5625 and q4["bytes_per_block_vs_dense"] == 0.3125
+
+
+@pytest.mark.skipif(not (mx.default_device() == mx.gpu and mx.cuda.is_available()), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q4g32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_the_cuda_dequantizing_gather_equals_the_portable_path(fmt, dtype):
+    from semantic.adapters.mlx_kernels import gather_dequantized
+
+    fmt = BlockFormat.parse(fmt)
+    spec = ModelCacheSpec(4, 3, 64, 64, dtype, block_size=256).with_format(fmt)
+    pool = BlockPool(spec, 24, grow_buffer_cache=False)
+    data = mx.random.normal((1, 3, 20 * 256, 64), key=mx.random.key(0)).astype(getattr(mx, dtype))
+    ids = pool.allocate(20, "a")
+    pool.write_blocks(ids, 0, data, data * 2, 0)
+    rows = pool._rows([ids[:5], ids[7:12], ids[15:20]])
+    tables = pool._quantized._row_tables()
+    for packed_table, scales, biases in (tables[:3], tables[3:]):
+        portable = gather_dequantized(packed_table, scales, biases, rows, group_size=fmt.group_size, bits=fmt.bits,
+                                      kernel=False)
+        fused = gather_dequantized(packed_table, scales, biases, rows, group_size=fmt.group_size, bits=fmt.bits,
+                                   kernel=True)
+        assert fused.shape == portable.shape and fused.dtype == portable.dtype
+        assert mx.array_equal(fused, portable).item()
