@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import semantic  # noqa: F401  (before MLX: its CPU matmuls bind to OpenBLAS, see semantic.cpu_blas)
 import mlx.core as mx
 
 from benchmarks import bench_quantized as bench
@@ -37,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dense.setup("dense", geometry)
             row[f"agents_per_gib {geometry}"] = (1 << 30) // capacity.bytes
             row[f"bytes_vs_dense {geometry}"] = capacity.bytes / dense.bytes
-        copies = bench.QuantizedCopy()
+        copies = bench.QuantizedRebuild()
         copies.setup(fmt)
         row["bytes_at_rest"] = copies.track_bytes_at_rest(fmt)
         rebuild = cases.time_samples(lambda: cases.reconstruct(copies.ctx), args.repeat)

@@ -35,8 +35,8 @@ import time
 
 CHILD = r"""
 import gc, json, math, os, pathlib, random, struct, sys, tempfile
+from semantic.testing.local_models import load_local_model  # first: semantic loads OpenBLAS before MLX
 import numpy as np, mlx.core as mx
-from semantic.testing.local_models import load_local_model
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.domain.errors import SemanticError

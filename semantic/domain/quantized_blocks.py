@@ -13,7 +13,7 @@ only touches the arrays, always under that lock.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -38,6 +38,16 @@ class QuantizedArenas:
         shape = (total_blocks, spec.n_kv_heads, spec.block_size)
         self.arenas = [mx.zeros(shape + (part.width,), dtype=getattr(mx, part.dtype)) for part in spec.stored_parts]
         mx.eval(self.arenas)
+        self._host_views: Optional[List[np.ndarray]] = None
+
+    def _writable(self) -> Tuple[bool, list]:
+        """Whether writes go through the host, and the arrays to write into. The NumPy views are made once
+        (an evaluation each): the arrays are written only through them, so their buffers never change."""
+        if not writes_through_host():
+            return False, self.arenas
+        if self._host_views is None:
+            self._host_views = [host_view(a) for a in self.arenas]
+        return True, self._host_views
 
     @property
     def nbytes(self) -> int:
@@ -114,8 +124,7 @@ class QuantizedArenas:
                 padded.append(mx.pad(part[0], [(0, 0), (before, after), (0, 0)]) if before or after else part[0])
             planned.append((list(block_ids), padded))
         mx.eval([p for _, padded in planned for p in padded])
-        host = writes_through_host()
-        arenas = [host_view(a) for a in self.arenas] if host else self.arenas
+        host, arenas = self._writable()
         for block_ids, padded in planned:
             for arena, data in zip(arenas, padded):
                 heads, width = data.shape[0], data.shape[-1]
@@ -131,8 +140,7 @@ class QuantizedArenas:
         """Copy token slots between blocks packed, so a token is never quantized twice."""
         if not copies:
             return
-        host = writes_through_host()
-        arenas = [host_view(a) for a in self.arenas] if host else self.arenas
+        host, arenas = self._writable()
         for to_block, from_block, lo, hi in copies:
             for arena in arenas:
                 arena[to_block, :, lo:hi] = arena[from_block, :, lo:hi]
