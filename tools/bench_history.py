@@ -179,6 +179,20 @@ def merge(unit_results: Path, results_dir: Path, machine: str) -> None:
     shutil.copy2(unit_results / "benchmarks.json", results_dir / "benchmarks.json")
 
 
+def job_home(home: Path) -> Dict[str, str]:
+    """A HOME of one job's own, holding a copy of asv's machine file; the caches that live under HOME
+    (built local models, CUDA's compiled kernels, XDG caches) stay where they are."""
+    real = Path.home()
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(real / ".asv-machine.json", home / ".asv-machine.json")
+    return {
+        "HOME": str(home),
+        "SEMANTIC_MODEL_CACHE": os.environ.get("SEMANTIC_MODEL_CACHE") or str(real / ".cache" / "semantic" / "models"),
+        "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or str(real / ".cache"),
+        "CUDA_CACHE_PATH": os.environ.get("CUDA_CACHE_PATH") or str(real / ".nv" / "ComputeCache"),
+    }
+
+
 def run_in_existing(conf: Config, config_json: dict, python: str, range_spec: str, machine: str,
                     steps: Optional[int], jobs: int, asv_args: List[str]) -> int:
     """``asv run -E existing:python`` for each benchmark of the suite on each commit of the range that
@@ -207,6 +221,8 @@ def run_in_existing(conf: Config, config_json: dict, python: str, range_spec: st
         def work(job: int) -> None:
             nonlocal status
             env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(job)} if jobs > 1 else {}))
+            if jobs > 1:  # every `asv run` rewrites ~/.asv-machine.json: concurrent ones read it half-written
+                env.update(job_home(scratch / f"home-{job}"))
             while True:
                 try:
                     commit, source, name = units.get_nowait()
