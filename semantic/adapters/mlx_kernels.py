@@ -70,7 +70,7 @@ _PACK_BLOCKS = """
     const int vecs = is_value ? V_VECS : K_VECS;  // 16-byte vectors per token slot
     const uint4* src = nullptr;
     switch (source) {
-%s
+SOURCE_CASES
     }
     const long long first = ((long long)head * lengths[source] + tok0) * vecs;
     uint4* dst = reinterpret_cast<uint4*>(is_value ? v_out : k_out) + (size_t)row * BLOCK_SIZE * vecs;
@@ -89,7 +89,7 @@ def _pack_kernel(n_sources: int):
     )
     names = [f"k{i}" for i in range(n_sources)] + [f"v{i}" for i in range(n_sources)] + ["lengths", "plan"]
     return mx.fast.cuda_kernel(name=f"semantic_pack_blocks_{n_sources}", input_names=names,
-                               output_names=["k_out", "v_out"], source=_PACK_BLOCKS % cases)
+                               output_names=["k_out", "v_out"], source=_PACK_BLOCKS.replace("SOURCE_CASES", cases))
 
 
 def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: Sequence[Tuple[int, int, int, int]],

@@ -305,18 +305,31 @@ ENGINE_NEW_TOKENS = 10
 @functools.lru_cache(maxsize=1)
 def engine(preset: str, dtype: str, block_format: str = "dense"):
     """A :class:`BlockPoolBatchEngine` on a ``semantic.testing.local_models`` preset (random weights,
-    no download), warmed up by one short request; its pool, of ``block_format`` blocks, has room for
-    four of the longest contexts."""
+    no download) or a real model of ``semantic.models`` (fetched once per machine; it computes in the
+    dtype ``semantic.models.load`` gives it, float32 on a CPU with OpenBLAS, whatever ``dtype`` says),
+    warmed up by one short request; its pool, of ``block_format`` blocks, has room for four of the
+    longest contexts."""
     from semantic.application.batch_engine import BlockPoolBatchEngine
-    from semantic.testing.local_models import load_local_model
 
-    model, tokenizer = load_local_model(preset, dtype=dtype)
+    model, tokenizer = load_engine_model(preset, dtype)
     spec = with_block_format(ModelCacheSpec.from_model(model), block_format)
     longest = max(ENGINE_TOKENS) + 1 + ENGINE_NEW_TOKENS
     pool = BlockPool(spec, total_blocks=4 * spec.blocks_per_agent(longest))
     built = BlockPoolBatchEngine(model, tokenizer, pool, spec)
     built.generate("warm-up", prompt_tokens(built, 16), max_tokens=2).blocks.release()
     return built
+
+
+def load_engine_model(name: str, dtype: str):
+    """``(model, tokenizer)``: a real model when ``name`` is one of ``semantic.models.MODELS``, else a
+    local preset (commits before ``semantic.models`` raise ImportError for real names: a skip)."""
+    from semantic.testing.local_models import PRESETS, load_local_model
+
+    if name in PRESETS:
+        return load_local_model(name, dtype=dtype)
+    from semantic.models import load
+
+    return load(name)
 
 
 def prompt_tokens(engine, n_tokens: int, seed: int = 0) -> List[int]:
@@ -368,10 +381,11 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
     """
     import copy
 
+    from semantic.domain.request_checks import SamplingParams  # here: older commits have no such module
+
     new_tokens = prompt_tokens(engine, RESUME_NEW_TOKENS, seed=2)
     live = blocks_to_cache(engine.pool, ctx)
     generator = adapter.Generator(engine.model, stop_token_ids=[])
-    sampler = adapter.sampler_for(0.0, 0.0, 0, 0.0)
     sync = on_gpu()
 
     def resume_engine() -> float:
@@ -386,7 +400,7 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
 
     def resume_hot_path() -> float:
         start = time.perf_counter()
-        uid = generator.insert(new_tokens, copy.deepcopy(live), ctx.token_ids, 1, sampler, [])
+        uid = generator.insert(new_tokens, copy.deepcopy(live), ctx.token_ids, 1, SamplingParams(), None)
         while not any(event.uid == uid and event.finish_reason for event in generator.next()):
             pass
         if sync:

@@ -21,7 +21,7 @@ from semantic.domain.errors import InvalidRequestError
 _ARRAY_TYPES = ("mlx.core.array", "numpy.ndarray")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """A real integer: Python, NumPy or a 0-d integer MLX/NumPy array; never a bool."""
     if isinstance(value, (bool, np.bool_)):
         return False
@@ -45,7 +45,7 @@ def _is_real(value: Any) -> bool:
 
 def checked_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
     """``value`` as a Python int in ``[low, high]``, or ``InvalidRequestError``."""
-    if not _is_int(value):
+    if not is_int(value):
         raise InvalidRequestError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     number = int(value)
     if number < low or (high is not None and number > high):
@@ -90,12 +90,14 @@ def token_ids(prompt: Any, vocab_size: int) -> List[int]:
             "the prompt is bytes; decode it to str (the tokenizer encodes text), or pass a list of token ids"
         )
     elif isinstance(prompt, (list, tuple, range)):
-        bad = next((t for t in prompt if not _is_int(t)), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"token ids must be ints (Python, NumPy or MLX integers), got {type(bad).__name__} {bad!r}"
-            )
-        ids = [int(t) for t in prompt]
+        ids = list(prompt)
+        if not all(type(t) is int for t in ids):  # the common case in one fast pass; the rest converted
+            bad = next((t for t in ids if not is_int(t)), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"token ids must be ints (Python, NumPy or MLX integers), got {type(bad).__name__} {bad!r}"
+                )
+            ids = [int(t) for t in ids]
     else:
         raise InvalidRequestError(
             f"prompt must be a str, a sequence of token ids or a 1-d integer array, got {type(prompt).__name__}"

@@ -49,6 +49,7 @@ from semantic.domain.errors import (
     PoolExhaustedError,
     ReleasedHandleError,
 )
+from semantic.domain.request_checks import checked_int, is_int
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -140,9 +141,7 @@ class BlockPool:
     def __init__(self, spec: ModelCacheSpec, total_blocks: int, *, grow_buffer_cache: bool = True):
         if not isinstance(spec, ModelCacheSpec):
             raise InvalidRequestError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
-        if not _is_int(total_blocks) or total_blocks <= 0:
-            raise InvalidRequestError(f"total_blocks must be a positive int, got {total_blocks!r}")
-        total_blocks = int(total_blocks)
+        total_blocks = checked_int("total_blocks", total_blocks, 1)
         self.spec = spec
         self.total_blocks = total_blocks
         self.pool_id = next(_pool_ids)
@@ -239,7 +238,7 @@ class BlockPool:
     # ---- raw references -----------------------------------------------------------------------
     def allocate(self, n_blocks: int, agent_id: str, *, reservation: Optional[Reservation] = None) -> List[int]:
         """Take ``n_blocks`` free blocks (reference count 1, attributed to ``agent_id``). All or nothing."""
-        n_blocks = _count("n_blocks", n_blocks)
+        n_blocks = checked_int("n_blocks", n_blocks, 0)
         _check_agent_id(agent_id)
         self._check_reservation(reservation)
         with self._lock:
@@ -287,7 +286,7 @@ class BlockPool:
 
     def reserve(self, n_blocks: int, owner: str) -> Reservation:
         """Promise ``n_blocks`` free blocks to ``owner``; raises ``PoolExhaustedError`` if they are not there."""
-        n_blocks = _count("n_blocks", n_blocks)
+        n_blocks = checked_int("n_blocks", n_blocks, 0)
         if not isinstance(owner, str):
             raise InvalidRequestError(f"owner must be a string (who the blocks are for), got {owner!r}")
         with self._lock:
@@ -415,7 +414,7 @@ class BlockPool:
         self._free.extend(reversed(freed))  # allocate pops from the end: a released run comes back in order
 
     def _checked_id(self, block_id) -> int:
-        if not _is_int(block_id) or not 0 <= block_id < self.total_blocks:
+        if not is_int(block_id) or not 0 <= block_id < self.total_blocks:
             raise BlockOwnershipError(f"block id {block_id!r} is not in this pool (0..{self.total_blocks - 1})")
         return int(block_id)
 
@@ -688,16 +687,6 @@ def _subtract(table: Dict[str, collections.Counter], agent_id: str, counts: Dict
         del table[agent_id]
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _count(name: str, value) -> int:
-    if not _is_int(value) or value < 0:
-        raise InvalidRequestError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
 def _sequence(name: str, value) -> list:
     """``value`` as a list, if it is a list, tuple, range or 1-d array (not a str, bytes or an iterator,
     which would read as characters or be consumed by the first pass)."""
@@ -708,7 +697,7 @@ def _sequence(name: str, value) -> list:
 
 def _int_list(name: str, value) -> List[int]:
     items = _sequence(name, value)
-    bad = next((v for v in items if not _is_int(v)), None)
+    bad = next((v for v in items if not is_int(v)), None)
     if bad is not None:
         raise InvalidRequestError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
     return [int(v) for v in items]

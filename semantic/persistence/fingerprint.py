@@ -12,7 +12,8 @@ silently accept each other's caches. The fingerprint is a SHA-256 over:
 
 SHA-256 runs at memory-read speed where the CPU has SHA instructions (x86 SHA-NI,
 ARMv8 SHA2) and releases the GIL, so the parameters are hashed on worker threads:
-about 0.2 s for a 135M-parameter bfloat16 model on a 2-core x86 CPU.
+0.3-0.4 s for a 111M-parameter bfloat16 model on a 2-core x86 CPU, half of it the probe forward
+pass of ``ModelCacheSpec.from_model`` (``python -m experiments.fingerprint_cost``).
 
 ``SCHEME`` names how the digest is made; fingerprints of an older scheme (which
 sampled weights) are recognised in files and refused with their own message
