@@ -156,6 +156,8 @@ def reference_trajectory(model, tokenizer, spec: ModelCacheSpec, min_turns: int,
         conversation.store(cache, conversation.tokens + prompt + generated)
         trajectory.append((prompt, generated))
         generated_count += len(generated)
+        print(f"reference turn {len(trajectory)}: {len(generated)} tokens ({generated_count} in all)", file=sys.stderr,
+              flush=True)
     return trajectory
 
 
@@ -239,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "max_kl": float(mx.max(kl)),
             "perplexity": perplexity(model, spec, text_tokens, args.ppl_chunk, pool_blocks),
         }
-        print(f"{fmt.name}: {results[fmt.name]}", file=sys.stderr)
+        print(f"{fmt.name}: {results[fmt.name]}", file=sys.stderr, flush=True)
 
     record = {
         "experiment": "EXP-014 quantized block quality",
