@@ -38,7 +38,8 @@ def test_names_and_folders_resolve_and_anything_else_is_refused(tmp_path):
 
 def test_processes_fetching_at_once_convert_once(tmp_path):
     """Two processes fetch into an empty cache together: one downloads and converts while the other waits
-    on the lock, then both return the same complete folder, and no temp folder is left."""
+    on the lock, then both return the same complete folder; no temp folder is left, a killed fetch's neither."""
+    (tmp_path / ".smollm2-135m-instruct.tmp-killed").mkdir()  # what a fetch killed midway leaves
     code = "from semantic.models import fetch; print(fetch('smollm2-135m-instruct'))"
     runs = [python(code, SEMANTIC_MODEL_CACHE=str(tmp_path)) for _ in range(2)]
     results = [finished(run) for run in runs]

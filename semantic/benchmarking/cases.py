@@ -302,13 +302,19 @@ ENGINE_NEW_TOKENS = 10
 """Tokens generated per request in the engine round trip."""
 
 
-@functools.lru_cache(maxsize=1)
 def engine(preset: str, dtype: str, block_format: str = "dense"):
     """A :class:`BlockPoolBatchEngine` on a ``semantic.testing.local_models`` preset (random weights,
     no download) or a real model of ``semantic.models`` (fetched once per machine; it computes in the
     dtype ``semantic.models.load`` gives it, float32 on a CPU with OpenBLAS, whatever ``dtype`` says),
     warmed up by one short request; its pool, of ``block_format`` blocks, has room for four of the
     longest contexts."""
+    # Keyed on all three arguments: lru_cache keys engine(p, d) and engine(p, d, "dense") apart, and
+    # with room for one engine the two spellings would evict each other and rebuild it every setup.
+    return _engine(preset, dtype, block_format)
+
+
+@functools.lru_cache(maxsize=1)
+def _engine(preset: str, dtype: str, block_format: str):
     from semantic.application.batch_engine import BlockPoolBatchEngine
 
     model, tokenizer = load_engine_model(preset, dtype)

@@ -128,6 +128,8 @@ def fetch(name: str, *, quiet: bool = False) -> pathlib.Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent fetch of the same model finishes first
         if _is_complete(folder, recipe):
             return folder
+        for abandoned in root.glob(f".{source.name}.tmp-*"):  # a fetch killed midway; we hold the lock
+            shutil.rmtree(abandoned, ignore_errors=True)
         say = (lambda *_: None) if quiet else (lambda text: print(f"semantic.models: {text}", file=sys.stderr))
         with tempfile.TemporaryDirectory(prefix=f".{source.name}.tmp-", dir=root) as work:
             work = pathlib.Path(work)

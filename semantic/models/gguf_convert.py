@@ -149,11 +149,8 @@ _NORM_OFFSET = {"gemma3": -1.0}
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def read_metadata(path: pathlib.Path) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """``(metadata, {tensor name: GGUF type name})`` of a GGUF file."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+def read_metadata(reader) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """``(metadata, {tensor name: GGUF type name})`` of a ``gguf.GGUFReader``."""
     metadata = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -178,14 +175,13 @@ def _native_tensors(path: pathlib.Path, architecture: str, md: Mapping[str, Any]
     return weights
 
 
-def _requantized_tensors(path: pathlib.Path, architecture: str) -> Dict[str, mx.array]:
+def _requantized_tensors(reader, architecture: str) -> Dict[str, mx.array]:
     """Every tensor dequantized with ``gguf`` (NumPy) and matrices re-quantized to MLX 8-bit, float32 scales."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     offset = _NORM_OFFSET.get(architecture, 0.0)
     weights = {}
-    for tensor in GGUFReader(str(path)).tensors:
+    for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
         value = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
         name = mlx_lm_name(architecture, tensor.name)
@@ -225,8 +221,11 @@ def _quantization_config(architecture: str, types: Mapping[str, str], requantize
 def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> Dict[str, Any]:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``out_dir`` (which must
     exist); returns the config written."""
+    from gguf import GGUFReader
+
     gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
-    metadata, types = read_metadata(gguf_path)
+    reader = GGUFReader(str(gguf_path))  # parsing Gemma's vocabulary takes half a minute: once
+    metadata, types = read_metadata(reader)
     architecture = metadata.get("general.architecture")
     if architecture not in _CONFIGS:
         raise UnsupportedModelError(
@@ -240,7 +239,7 @@ def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> Dict[
     config = _CONFIGS[architecture](metadata, tied)
     config.update(vocab_size=len(metadata["tokenizer.ggml.tokens"]), **tokenizer.config_ids)
     if requantize:
-        weights = _requantized_tensors(gguf_path, architecture)
+        weights = _requantized_tensors(reader, architecture)
     else:
         weights = _native_tensors(gguf_path, architecture, metadata)
     quantization = _quantization_config(architecture, types, requantize)
