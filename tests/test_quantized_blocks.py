@@ -213,25 +213,3 @@ def test_the_quality_experiment_measures_dense_against_itself_as_exact(tmp_path)
     assert 0 < q8["mean_kl"] < q4["mean_kl"]  # 8 bits change the distributions less than 4
     assert q8["bytes_per_block_vs_dense"] == 0.5625 and q4["bytes_per_block_vs_dense"] == 0.3125
 
-
-@pytest.mark.skipif(not (mx.default_device() == mx.gpu and mx.cuda.is_available()), reason="needs a CUDA device")
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q4g32"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_the_cuda_dequantizing_gather_equals_the_portable_path(fmt, dtype):
-    from semantic.adapters.mlx_kernels import gather_dequantized
-
-    fmt = BlockFormat.parse(fmt)
-    spec = ModelCacheSpec(4, 3, 64, 64, dtype, block_size=256).with_format(fmt)
-    pool = BlockPool(spec, 24, grow_buffer_cache=False)
-    data = mx.random.normal((1, 3, 20 * 256, 64), key=mx.random.key(0)).astype(getattr(mx, dtype))
-    ids = pool.allocate(20, "a")
-    pool.write_blocks(ids, 0, data, data * 2, 0)
-    rows = pool._rows([ids[:5], ids[7:12], ids[15:20]])
-    tables = pool._quantized._row_tables()
-    for packed_table, scales, biases in (tables[:3], tables[3:]):
-        portable = gather_dequantized(packed_table, scales, biases, rows, group_size=fmt.group_size, bits=fmt.bits,
-                                      kernel=False)
-        fused = gather_dequantized(packed_table, scales, biases, rows, group_size=fmt.group_size, bits=fmt.bits,
-                                   kernel=True)
-        assert fused.shape == portable.shape and fused.dtype == portable.dtype
-        assert mx.array_equal(fused, portable).item()

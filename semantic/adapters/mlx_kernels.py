@@ -10,8 +10,6 @@ the same launch (a launch costs about as much as copying a 2 MiB context).
 from __future__ import annotations
 
 import functools
-import math
-import os
 from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -139,69 +137,13 @@ def host_view(array: mx.array) -> np.ndarray:
     return np.array(array, copy=False)
 
 
-# One thread per packed uint32 word of the output: it reads the word, its group's scale and bias, and
-# writes 32 / BITS values. Same arithmetic, in T, as MLX's own affine_dequantize (scale * q + bias), so
-# the result is bit-identical to mx.dequantize; a word never spans two groups (GROUP >= 32). The grid
-# is exactly one thread per word (the thread-block size divides a row's words), so no bound check.
-_GATHER_DEQUANTIZE = """
-    const size_t word = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const size_t words_per_row = (size_t)TOKENS * WORDS;
-    const size_t out_row = word / words_per_row;
-    const size_t in_row_word = word % words_per_row;
-    const size_t token = in_row_word / WORDS;
-    const size_t first = (in_row_word % WORDS) * (32 / BITS);
-    const size_t src = (size_t)rows[out_row];
-    const uint32_t bits_word = packed[src * words_per_row + in_row_word];
-    const size_t group = src * TOKENS * (DIM / GROUP) + token * (DIM / GROUP) + first / GROUP;
-    const T scale = scales[group];
-    const T bias = biases[group];
-    T* dst = out + out_row * TOKENS * DIM + token * DIM + first;
-    #pragma unroll
-    for (int i = 0; i < 32 / BITS; i++) {
-        const uint8_t q = (bits_word >> (BITS * i)) & ((1u << BITS) - 1u);
-        dst[i] = scale * static_cast<T>(q) + bias;
-    }
-"""
-DEQUANTIZING_GATHER_FLAG = "SEMANTIC_DEQUANTIZING_GATHER"
-"""Set to 1 to rebuild quantized blocks on CUDA with the one-kernel dequantizing gather. Off by default
-until it is verified on a GPU: ``tests/test_quantized_blocks.py::test_the_cuda_dequantizing_gather_
-equals_the_portable_path`` compares the two bit for bit."""
-
-
-@functools.lru_cache(maxsize=None)
-def _gather_dequantize_kernel():
-    return mx.fast.cuda_kernel(name="semantic_gather_dequantize", input_names=["packed", "scales", "biases", "rows"],
-                               output_names=["out"], source=_GATHER_DEQUANTIZE)
-
-
-def dequantizing_gather_kernel_enabled() -> bool:
-    return _on_cuda() and os.environ.get(DEQUANTIZING_GATHER_FLAG) == "1"
-
-
 def gather_dequantized(packed: mx.array, scales: mx.array, biases: mx.array, rows: mx.array, *, group_size: int,
-                       bits: int, kernel: Optional[bool] = None) -> mx.array:
+                       bits: int) -> mx.array:
     """``mx.dequantize`` of rows ``rows`` of three tables of one quantized array (``[n_rows, tokens, width]``
     each, gathered like ``gather_row_pairs``'s tables); the result is ``rows.shape + (tokens, head_dim)`` in the scales' dtype.
 
-    Portable path (the default everywhere): three row gathers, then one dequantize. On CUDA with
-    ``SEMANTIC_DEQUANTIZING_GATHER=1`` (or ``kernel=True``), one kernel reads each packed row once and writes
-    the dequantized values straight into the cache layout.
+    Three row gathers, then one dequantize, on every backend. A one-kernel CUDA version was tried and
+    gave results different from this path on an H200, so it was taken out until one is verified there.
     """
-    if kernel is None:
-        kernel = dequantizing_gather_kernel_enabled()
-    if not kernel:
-        return mx.dequantize(mx.take(packed, rows, axis=0), mx.take(scales, rows, axis=0),
-                             mx.take(biases, rows, axis=0), group_size=group_size, bits=bits)
-    _, tokens, words = packed.shape
-    dim = words * 32 // bits
-    flat = rows.reshape(-1).astype(mx.int32)
-    (out,) = _gather_dequantize_kernel()(
-        inputs=[packed, scales, biases, flat],
-        template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size), ("TOKENS", tokens), ("WORDS", words),
-                  ("DIM", dim)],
-        grid=(flat.size * tokens * words, 1, 1),
-        threadgroup=(math.gcd(tokens * words, _THREADS), 1, 1),
-        output_shapes=[(flat.size, tokens, dim)],
-        output_dtypes=[scales.dtype],
-    )
-    return out.reshape(rows.shape + (tokens, dim))
+    return mx.dequantize(mx.take(packed, rows, axis=0), mx.take(scales, rows, axis=0),
+                         mx.take(biases, rows, axis=0), group_size=group_size, bits=bits)
