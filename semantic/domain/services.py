@@ -697,6 +697,8 @@ def _sequence(name: str, value) -> list:
 
 def _int_list(name: str, value) -> List[int]:
     items = _sequence(name, value)
+    if all(type(v) is int for v in items):  # one fast pass for the common case: every store checks its tokens
+        return items
     bad = next((v for v in items if not is_int(v)), None)
     if bad is not None:
         raise InvalidRequestError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
