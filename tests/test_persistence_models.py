@@ -114,7 +114,7 @@ def test_agents_answer_correctly_when_more_of_them_than_fit_take_turns(tmp_path,
     else:  # two agents, plus the blocks of the turn in progress
         engine, budget = engine_for("tiny-llama", total_blocks=3 * AGENT_BLOCKS), None
     store = AgentCacheStore.for_engine(tmp_path, engine, memory_budget_bytes=budget)
-    expected, kept = {}, {}
+    kept = {}
     for turn in range(ROUNDS):
         for i in range(N_AGENTS):
             agent = f"agent-{i}"

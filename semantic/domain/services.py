@@ -47,7 +47,6 @@ from semantic.domain.errors import (
     IncompatibleCacheError,
     InvalidRequestError,
     PoolExhaustedError,
-    ReleasedHandleError,
 )
 from semantic.domain.request_checks import checked_int, is_int
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
