@@ -10,17 +10,15 @@ baseline; warm time to first token on tiny-llama (random weights) resuming 1,024
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import semantic  # noqa: F401  (before MLX: its CPU matmuls bind to OpenBLAS, see semantic.cpu_blas)
-import mlx.core as mx
 
 from benchmarks import bench_quantized as bench
+from experiments.records import provenance, write_record
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -52,12 +50,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         row["warm_ttft_ms"] = 1e3 * ttft.track_warm(fmt)
         rows[fmt] = row
         print(fmt, row, file=sys.stderr)
-    record = {"command": "python -m experiments.exp_014_figures " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": platform.platform(), "device": str(mx.default_device()), "mlx": mx.__version__,
-              "results": rows}
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
+    record = {**provenance("experiments.exp_014_figures", argv), "results": rows}
+    write_record(args.output, record)
     print(markdown(record))
     return 0
 

@@ -25,9 +25,7 @@ Writes a JSON with every number and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,8 @@ from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
 from semantic.domain.block_format import BlockFormat, fitted
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
+
+from experiments.records import provenance, write_record
 
 TURNS = (
     "Tell me about the river that runs past the old town, and the people who live along it.",
@@ -249,13 +249,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "turns": len(trajectory), "tokens_per_turn": args.tokens_per_turn, "generated_tokens": int(generated.size),
         "reference_distinct_tokens": int(len(set(generated.tolist()))),
         "ppl_tokens": len(text_tokens), "ppl_chunk": args.ppl_chunk,
-        "command": "python -m experiments.exp_014_quantized_quality " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": platform.platform(), "mlx": mx.__version__, "device": str(mx.default_device()),
+        **provenance("experiments.exp_014_quantized_quality", argv),
         "seconds": round(time.time() - started, 1), "results": results,
     }
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.output, record)
     print(markdown_rows(record))
     return 0
 
