@@ -494,13 +494,8 @@ class BlockPool:
             return False
         ids = [b for w in writes for b in w[0]]
         runs = list(_id_runs(ids, 0, len(ids)))
-        for arena_name, blocks in zip(("_keys", "_values"), packed):
-            arena = getattr(self, arena_name)
-            if len(runs) <= _MAX_SLICE_WRITES:
-                for run_lo, run_hi, first_id in runs:  # in place: the arena is donated
-                    arena[first_id : first_id + run_hi - run_lo] = blocks[run_lo:run_hi]
-            else:
-                arena[mx.array(ids)] = blocks
+        for arena, blocks in zip((self._keys, self._values), packed):
+            _write_rows(arena, ids, 0, runs, blocks)
         return True
 
     def _host_arenas(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -534,12 +529,7 @@ class BlockPool:
                 if pad[1] != (0, 0):
                     chunk = mx.pad(chunk, pad)
                 chunk = chunk.reshape(chunk.shape[0], hi - lo, size, chunk.shape[-1]).transpose(1, 0, 2, 3)
-                arena = getattr(self, arena_name)
-                if len(runs) <= _MAX_SLICE_WRITES:
-                    for run_lo, run_hi, first_id in runs:  # in place: the arena is donated
-                        arena[first_id : first_id + run_hi - run_lo] = chunk[run_lo - lo : run_hi - lo]
-                else:  # a fragmented free list: one row scatter instead of many small copies
-                    arena[mx.array(block_ids[lo:hi])] = chunk
+                _write_rows(getattr(self, arena_name), block_ids, lo, runs, chunk)
 
     @property
     def storage_lock(self) -> threading.RLock:
@@ -668,6 +658,17 @@ def _id_runs(block_ids: Sequence[int], lo: int, hi: int):
         if k == hi or block_ids[k] != block_ids[k - 1] + 1:
             yield start, k, block_ids[start]
             start = k
+
+
+def _write_rows(arena: mx.array, block_ids: Sequence[int], lo: int, runs, rows: mx.array) -> None:
+    """``rows[k]`` into block ``block_ids[lo + k]`` of ``arena``, in place (the arena is donated): one slice
+    per run of consecutive ids (``runs`` from :func:`_id_runs`), or, for a fragmented free list, one row
+    scatter instead of many small copies."""
+    if len(runs) <= _MAX_SLICE_WRITES:
+        for run_lo, run_hi, first_id in runs:
+            arena[first_id : first_id + run_hi - run_lo] = rows[run_lo - lo : run_hi - lo]
+    else:
+        arena[mx.array(block_ids[lo : lo + rows.shape[0]])] = rows
 
 
 def _subtract(table: Dict[str, collections.Counter], agent_id: str, counts: Dict[int, int]) -> None:
