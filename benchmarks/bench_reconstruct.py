@@ -4,7 +4,12 @@ from .common import CopyBenchmark, cases, require_selected
 
 
 class Reconstruct(CopyBenchmark):
-    """``blocks_to_cache``: the whole context, one evaluated cache object per layer."""
+    """``blocks_to_cache``: the whole context, one evaluated cache object per layer.
+
+    A context of one block per layer (the 1-block cases) is rebuilt as views of the pool's arrays: no
+    bytes move, so its ``track_`` ratios against a copy measure fixed costs only. The copy moved to
+    mlx-lm's merge of the cache into its batch, which ``bench_engine.WarmResumeVsHotPath`` includes
+    (as the hot path it is compared with pays the same merge)."""
 
     def operation(self):
         return cases.reconstruct(self.ctx)

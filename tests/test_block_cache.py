@@ -1,11 +1,17 @@
 """Blocks <-> mlx-lm caches on real models: bit-exact round trips and identical generation."""
 
+import copy
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from semantic.adapters import mlx_lm_adapter as adapter
-from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
+from semantic.adapters.mlx_kernels import host_view
+from semantic.application import block_cache
+from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
+from semantic.benchmarking.cases import random_values
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -69,6 +75,7 @@ def test_extract_then_reconstruct_is_bit_exact(request, model_name, n_tokens):
         np.testing.assert_array_equal(v0, v1, err_msg=f"layer {layer} values")
         if type(original).__name__ == "KVCache":  # same buffer length a prefill leaves
             assert copy.keys.shape[2] == spec.blocks_for_tokens(len(context)) * spec.block_size
+    del rebuilt, copy  # caches viewing one block per layer keep their blocks while they live
     handle.release()
     assert pool.usage().used_blocks == 0
     pool.check_invariants()
@@ -159,3 +166,106 @@ def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fra
         for x, y, z in zip(visible(original)[:2], visible(a)[:2], visible(b)[:2]):
             np.testing.assert_array_equal(y, x)
             np.testing.assert_array_equal(z, x)
+
+
+# ---- rebuilds that view the pool's arrays (one dense block per layer) ------------------------------
+VIEW_CASES = [  # (model, tokens stored, tokens rebuilt)
+    ("llama32", 200, 200),  # full attention: the whole block, offset inside it
+    ("llama32", 256, 256),
+    ("llama32", 200, 130),  # a trim inside the block
+    ("gemma32", 200, 200),  # window 128: the visible slots [72, 200) of block 0
+    ("gemma32", 100, 60),  # a trim inside the block, window not yet full
+    ("gemma32", 400, 400),  # sliding layers view block 1's [16, 144), full-attention layers gather 2 blocks
+]
+
+
+def pool_bytes(pool):
+    keys, values = pool._host_arenas()
+    return keys.copy(), values.copy()
+
+
+def views_pool(cache, pool):
+    return np.shares_memory(host_view(cache.keys), pool._host_arenas()[0])
+
+
+@pytest.mark.parametrize("model_name,n_tokens,rebuilt_tokens", VIEW_CASES)
+def test_single_block_layers_are_views_bit_exact_with_the_gather(request, monkeypatch, model_name, n_tokens,
+                                                                 rebuilt_tokens):
+    model, _ = request.getfixturevalue(model_name)
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(n_tokens) + 4)
+    cache, context, _ = prefill(model, prompt_tokens(n_tokens - 3, seed=5))
+    handle = cache_to_blocks(pool, "a", cache, context)
+
+    viewed = blocks_to_cache(pool, handle, rebuilt_tokens)
+    with monkeypatch.context() as patch:
+        patch.setattr(block_cache, "_rebuilds_as_views", lambda spec, blocks_per_layer: False)
+        gathered = blocks_to_cache(pool, handle.share(), rebuilt_tokens)  # a new handle: its plan is made anew
+
+    for layer, (view, copy) in enumerate(zip(viewed, gathered)):
+        single_block = len(layer_ids_for(spec, handle, layer, rebuilt_tokens)) == 1
+        assert views_pool(view, pool) == single_block, f"layer {layer}"
+        assert not views_pool(copy, pool)
+        assert type(view) is type(copy) and view.offset == copy.offset == rebuilt_tokens
+        assert view.keys.shape == copy.keys.shape
+        for a, b in zip(view.state, copy.state):
+            if isinstance(a, mx.array):
+                np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=f"layer {layer}")
+            else:
+                assert a == b
+    assert any(views_pool(c, pool) for c in viewed)
+
+
+@pytest.mark.parametrize("model_name,n_tokens,rebuilt_tokens", VIEW_CASES)
+def test_views_keep_their_blocks_until_the_caches_are_gone(request, model_name, n_tokens, rebuilt_tokens):
+    """The pool rewrites freed blocks in place: caches viewing blocks must keep them referenced, and give
+    them back once they (and their copies) are garbage-collected."""
+    model, _ = request.getfixturevalue(model_name)
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=2 * spec.blocks_per_agent(n_tokens) + 2 * spec.n_layers)
+    cache, context, _ = prefill(model, prompt_tokens(n_tokens - 3, seed=6))
+    handle = cache_to_blocks(pool, "a", cache, context)
+    ids = [b for layer in handle.all_block_ids for b in layer]
+    rebuilt = blocks_to_cache(pool, handle, rebuilt_tokens)
+    copies = copy.deepcopy(rebuilt)  # shares the arrays' memory: must keep the blocks too
+    expected = [[np.array(a) for a in c.state[:2]] for c in rebuilt]
+
+    handle.release()
+    assert all(pool.refcount(b) == 1 for b in ids)  # the caches' reference
+    free = pool.allocate(pool.free_blocks, "filler")  # every free block, written with other data
+    shape = (1, spec.n_kv_heads, len(free) * spec.block_size)
+    pool.write_blocks(free, 0, random_values(shape + (spec.k_head_dim,), spec.dtype, 1),
+                      random_values(shape + (spec.v_head_dim,), spec.dtype, 2), 0)
+    for c, (keys, values) in zip(rebuilt, expected):
+        np.testing.assert_array_equal(np.array(c.keys), keys)
+        np.testing.assert_array_equal(np.array(c.values), values)
+    pool.release_blocks(free, "filler")
+
+    del rebuilt, c
+    gc.collect()
+    assert all(pool.refcount(b) == 1 for b in ids)  # the copies still view them
+    del copies
+    gc.collect()
+    assert pool.free_blocks == pool.total_blocks
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("model_name,n_tokens,rebuilt_tokens", VIEW_CASES)
+def test_mlx_lm_updating_caches_built_from_views_never_writes_the_pool(request, model_name, n_tokens,
+                                                                        rebuilt_tokens):
+    model, _ = request.getfixturevalue(model_name)
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(n_tokens) + 4)
+    cache, context, nxt = prefill(model, prompt_tokens(n_tokens - 3, seed=7))
+    handle = cache_to_blocks(pool, "a", cache, context)
+    before = pool_bytes(pool)
+
+    rebuilt = blocks_to_cache(pool, handle, rebuilt_tokens)
+    assert any(views_pool(c, pool) for c in rebuilt)
+    generated = greedy(model, rebuilt, context[rebuilt_tokens] if rebuilt_tokens < n_tokens else nxt, 40)
+    mx.eval([c.state for c in rebuilt])
+
+    for stored, now in zip(before, pool_bytes(pool)):
+        np.testing.assert_array_equal(now, stored)
+    assert not any(views_pool(c, pool) for c in rebuilt)  # updating copied them out of the pool
+    assert len(set(generated)) > 1

@@ -107,6 +107,26 @@ def test_completion_reports_context_and_shares_unchanged_blocks(llama32):
     )
 
 
+def test_caches_rebuilt_as_views_are_not_kept_once_mlx_lm_merged_them(llama32):
+    """A context of one block per layer is rebuilt as views of the pool's arrays, which keep a reference on
+    its blocks. mlx-lm copies an inserted cache into its batch at the next step and must keep nothing of it
+    afterwards (on a GPU a live view makes each store copy the whole pool array instead of writing in place)."""
+    engine = make_engine(llama32)
+    first = run(engine, "a", list(range(10, 110)), max_tokens=3)
+    block = first.blocks.layer_block_ids(0)[0]
+    assert engine.spec.blocks_for_tokens(first.blocks.num_tokens) == 1
+
+    uid = engine.submit("a", list(range(200, 216)), cache=first.blocks, max_tokens=4)
+    assert engine.pool.refcount(block) == 3  # the caller's handle, the request's source, the rebuilt views
+    engine.step_once()  # the prefill: mlx-lm merges the inserted cache into its batch
+    assert engine.pool.refcount(block) == 2  # freed by reference counting alone, no gc.collect() needed
+    second = {c.uid: c for c in engine.step()}[uid]
+    assert len(second.token_ids) == 4
+    first.blocks.release()
+    second.blocks.release()
+    assert at_start(engine.pool)
+
+
 def test_several_agents_in_one_batch_keep_their_own_context(llama32):
     engine = make_engine(llama32, total_blocks=600)
     prompts = {"alice": STORY, "bob": "numbers one two three four five six " * 20, "carol": "red green blue " * 50}

@@ -87,19 +87,24 @@ def empty_layer_cache(window: Optional[int]) -> LayerCache:
     return KVCache() if window is None else RotatingKVCache(max_size=window, keep=0)
 
 
-def build_layer_cache(window: Optional[int], keys: mx.array, values: mx.array, offset: int) -> LayerCache:
+def build_layer_cache(window: Optional[int], keys: mx.array, values: mx.array, offset: int,
+                      keep_alive: object = None) -> LayerCache:
     """A cache object holding ``keys``/``values`` ``[1, heads, T, dim]`` after ``offset`` tokens.
 
     Full attention: ``T`` may exceed ``offset`` (the unused tail of the last
     block), exactly like ``KVCache`` after a prefill. Sliding window: ``T`` is
-    ``min(offset, window)`` tokens in temporal order.
+    ``min(offset, window)`` tokens in temporal order. ``keep_alive``, if given, is
+    kept by the cache object (and by its copies) for as long as it lives: what its
+    arrays' memory depends on.
     """
     if window is None:
         cache = KVCache()
         cache.state = (keys, values, offset)
-        return cache
-    cache = RotatingKVCache(max_size=window, keep=0)
-    cache.state = (keys, values, offset, 0, window, keys.shape[2])
+    else:
+        cache = RotatingKVCache(max_size=window, keep=0)
+        cache.state = (keys, values, offset, 0, window, keys.shape[2])
+    if keep_alive is not None:
+        cache.semantic_keep_alive = keep_alive  # mlx-lm's cache classes keep their state in __dict__
     return cache
 
 

@@ -46,14 +46,23 @@ def can_trim(spec: ModelCacheSpec, handle: AgentBlocks, n_tokens: int) -> bool:
 
 @dataclass(frozen=True)
 class _GatherGroup:
-    """Layers that keep the same blocks count, rebuilt by one gather: their row index (made once per
-    handle and length, since handles are immutable) and the slots the caches keep of the gathered tokens."""
+    """Layers that keep the same blocks count, rebuilt together, and the slots ``[lo, hi)`` the caches keep of
+    their blocks' tokens. ``rows``: the row index of one gather (made once per handle and length, since
+    handles are immutable). ``view_ids``: instead, when each layer needs exactly one block of a dense pool,
+    that block per layer, whose arrays the caches view without a copy."""
 
     window: Optional[int]
     layers: Tuple[int, ...]
-    rows: mx.array
+    rows: Optional[mx.array]
+    view_ids: Optional[Tuple[int, ...]]
     lo: int
     hi: int
+
+
+def _rebuilds_as_views(spec: ModelCacheSpec, blocks_per_layer: int) -> bool:
+    """Whether a group's caches can view the pool's arrays: one dense block per layer is already the
+    contiguous ``[heads, block_size, dim]`` a cache holds (more blocks need a gather to be contiguous)."""
+    return blocks_per_layer == 1 and not spec.block_format.quantized
 
 
 def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int) -> Tuple[_GatherGroup, ...]:
@@ -70,26 +79,72 @@ def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int) -> Tuple[_
             lo, hi = 0, (last_block - first_block) * spec.block_size
         else:  # the rotating cache holds exactly the visible tokens
             lo, hi = start - first_block * spec.block_size, end - first_block * spec.block_size
-        plan.append(_GatherGroup(window, tuple(layers), pool.gather_rows(ids), lo, hi))
+        if _rebuilds_as_views(spec, last_block - first_block):
+            plan.append(_GatherGroup(window, tuple(layers), None, tuple(b for (b,) in ids), lo, hi))
+        else:
+            plan.append(_GatherGroup(window, tuple(layers), pool.gather_rows(ids), None, lo, hi))
     return tuple(plan)
+
+
+class _BlocksPin:
+    """A reference on a handle's blocks, held by every cache object that views them (see
+    :func:`blocks_to_cache`). The blocks go back to the pool when the last such cache is garbage-collected
+    (the shared handle's finalizer). A copy of a cache still views the same memory (``copy.deepcopy`` of an
+    ``mx.array`` shares its buffer), so copies of the pin are the pin itself."""
+
+    __slots__ = ("_blocks",)
+
+    def __init__(self, blocks: AgentBlocks):
+        self._blocks = blocks
+
+    def __copy__(self) -> "_BlocksPin":
+        return self
+
+    def __deepcopy__(self, memo) -> "_BlocksPin":
+        return self
 
 
 def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None) -> List[adapter.LayerCache]:
     """Rebuild one evaluated cache object per layer from ``handle``'s first ``n_tokens`` tokens (default all).
 
-    Layers that keep the same blocks count are gathered together: one gather kernel for
-    keys and values per group (all full-attention layers form one group, the
-    sliding-window layers of one window another), whatever the block count.
+    Layers that keep the same blocks count are rebuilt together: one gather kernel for keys and values
+    per group (all full-attention layers form one group, the sliding-window layers of one window
+    another), whatever the block count.
+
+    Views. A group whose layers each need exactly one block of a dense pool copies nothing: each cache
+    holds slices of the pool's arrays (``[block : block + 1]``, cut to the visible slots of a sliding
+    window), which share the pool's memory, so such a rebuild launches no kernel. mlx-lm copies every
+    inserted cache into its batch at the next prefill (``BatchKVCache.merge``), which is the one copy
+    the hot path pays too. Why it is safe:
+
+    * The pool writes only blocks nobody references, in place (on CPU through NumPy views of its
+      arrays). Every cache holding views therefore holds a reference on the handle's blocks (a shared
+      handle, also kept by copies of the cache), released when the last of these caches is
+      garbage-collected; until then none of its blocks is freed, so none is written.
+    * mlx-lm never writes into a cache's arrays: ``update_and_fetch`` and its batch merge make new
+      arrays (an MLX slice update of an array whose buffer another array shares copies it first).
+    * Cost, not correctness: on a GPU a live view keeps MLX from updating the pool's arrays in place,
+      so a store while it lives copies the whole pool array. Drop rebuilt caches once used (the engine
+      hands them to mlx-lm, which keeps none after merging them into its batch).
+
+    Quantized pools always dequantize (a copy); so do groups needing more than one block per layer.
     """
     pool.check_handle(handle)
     n_tokens = handle.num_tokens if n_tokens is None else n_tokens
     if n_tokens == 0:
         return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]
     plan = handle.memo(("gather", n_tokens), lambda: _gather_plan(pool, handle, n_tokens))
+    pin = _BlocksPin(handle.share()) if any(group.view_ids is not None for group in plan) else None
 
     caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
     with pool.storage_lock:  # one evaluation for the gathers and every per-layer view
         for group in plan:
+            if group.view_ids is not None:
+                views = pool.block_views(group.view_ids, group.lo, group.hi)
+                for layer, (layer_keys, layer_values) in zip(group.layers, views):
+                    caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens,
+                                                              keep_alive=pin)
+                continue
             keys, values = pool.gather(evaluate=False, rows=group.rows)
             if group.hi - group.lo != keys.shape[2]:
                 keys, values = keys[:, :, group.lo : group.hi, :], values[:, :, group.lo : group.hi, :]

@@ -390,7 +390,10 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
     from semantic.domain.request_checks import SamplingParams  # here: older commits have no such module
 
     new_tokens = prompt_tokens(engine, RESUME_NEW_TOKENS, seed=2)
-    live = blocks_to_cache(engine.pool, ctx)
+    # mlx-lm's live cache owns its memory. A rebuild of one block per layer views the pool's instead (and
+    # held for the whole run, on a GPU, would keep the engine's stores from writing the pool in place).
+    live = [adapter.build_layer_cache(window, mx.array(c.keys), mx.array(c.values), c.offset)  # mx.array copies
+            for window, c in zip(engine.spec.layer_windows, blocks_to_cache(engine.pool, ctx))]
     generator = adapter.Generator(engine.model, stop_token_ids=[])
     sync = on_gpu()
 

@@ -443,6 +443,30 @@ class BlockPool:
             return self._quantized.block(self._checked_id(block_id))[1]
         return self._values[self._checked_id(block_id)]
 
+    def block_views(self, block_ids: Sequence[int], lo: int, hi: int) -> List[Tuple[mx.array, mx.array]]:
+        """Per block, its keys and values of slots ``[lo, hi)`` as ``[1, heads, hi - lo, dim]`` slices of the
+        pool's arrays: evaluated, they share the pool's memory (no copy, no kernel). Dense pools only.
+
+        A view is valid only while its block stays referenced: the pool rewrites freed blocks in place.
+        Evaluate the views under :attr:`storage_lock`, and keep a reference on the blocks (a handle)
+        for as long as they live.
+        """
+        if self._quantized is not None:
+            raise AssertionError("quantized blocks have no dense view; gather them")
+        if not 0 <= lo < hi <= self.spec.block_size:
+            raise InvalidRequestError(f"slots [{lo}, {hi}) are not inside a block of {self.spec.block_size}")
+        ids = self._block_array(block_ids, 1).tolist()
+        keys, values = self._keys, self._values
+        whole = hi - lo == self.spec.block_size
+        if ids and ids == list(range(ids[0], ids[0] + len(ids))):  # the usual case: a store allocates a run
+            keys, values = keys[ids[0] : ids[0] + len(ids)], values[ids[0] : ids[0] + len(ids)]
+            if not whole:
+                keys, values = keys[:, :, lo:hi], values[:, :, lo:hi]
+            return list(zip(mx.split(keys, len(ids), axis=0), mx.split(values, len(ids), axis=0)))
+        if whole:
+            return [(keys[b : b + 1], values[b : b + 1]) for b in ids]
+        return [(keys[b : b + 1, :, lo:hi], values[b : b + 1, :, lo:hi]) for b in ids]
+
     def write_blocks(self, block_ids: Sequence[int], first_index: int, keys: mx.array, values: mx.array,
                      first_token: int) -> None:
         """Write tokens into fresh blocks (evaluated on return).
