@@ -10,7 +10,7 @@ the same launch (a launch costs about as much as copying a 2 MiB context).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -126,6 +126,27 @@ def host_source(array: mx.array) -> mx.array:
     """``array`` reinterpreted as same-size unsigned ints, for :func:`host_view`; evaluate many of
     these in one ``mx.eval`` (an evaluation per array costs ~20 us)."""
     return array.view(_SAME_SIZE_UINT[array.itemsize])
+
+
+def host_views(arrays: Sequence[mx.array]) -> List[np.ndarray]:
+    """:func:`host_view` of each of ``arrays``, evaluated together. A row-contiguous array is read through
+    Python's buffer protocol, which needs no MLX operation: every operation, a view included, is a
+    hand-off to MLX's CPU thread (~15 us each, milliseconds for a store's 60 arrays on a loaded machine).
+    Strided arrays (slices of a longer buffer) still go through an MLX view, all in one evaluation."""
+    mx.eval(arrays)  # nothing to do for the evaluated arrays a store usually gets
+    views: List[Optional[np.ndarray]] = [None] * len(arrays)
+    strided = []
+    for i, array in enumerate(arrays):
+        buffer = memoryview(array)
+        if buffer.c_contiguous:
+            views[i] = np.frombuffer(buffer.cast("B"), dtype=f"u{array.itemsize}").reshape(array.shape)
+        else:
+            strided.append(i)
+    sources = [host_source(arrays[i]) for i in strided]
+    mx.eval(sources)
+    for i, source in zip(strided, sources):
+        views[i] = np.array(source, copy=False)
+    return views
 
 
 def host_view(array: mx.array) -> np.ndarray:

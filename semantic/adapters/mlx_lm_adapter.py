@@ -110,18 +110,23 @@ def build_layer_cache(window: Optional[int], keys: mx.array, values: mx.array, o
 
 def read_layer_cache(cache: LayerCache) -> Tuple[mx.array, mx.array, int, int]:
     """``(keys, values, first_token, offset)``: the tokens a cache still sees, in temporal order,
-    ``[1, heads, offset - first_token, dim]`` (lazy views; evaluate or copy them)."""
+    ``[1, heads, offset - first_token, dim]`` (lazy views; evaluate or copy them). A buffer that holds
+    exactly those tokens is returned as it is: slicing it would add an operation and, on some paths,
+    a strided copy."""
     offset = int(cache.offset)
     if type(cache) is KVCache:
         if cache.keys is None:
             return None, None, 0, 0
+        if cache.keys.shape[2] == offset:
+            return cache.keys, cache.values, 0, offset
         return cache.keys[..., :offset, :], cache.values[..., :offset, :], 0, offset
     if type(cache) is RotatingKVCache:
         if cache.keys is None:
             return None, None, 0, 0
         visible = min(offset, cache.max_size)
-        keys = cache._temporal_order(cache.keys)[..., -visible:, :]
-        values = cache._temporal_order(cache.values)[..., -visible:, :]
+        keys, values = cache._temporal_order(cache.keys), cache._temporal_order(cache.values)
+        if keys.shape[2] != visible:
+            keys, values = keys[..., -visible:, :], values[..., -visible:, :]
         return keys, values, offset - visible, offset
     raise UnsupportedModelError(f"cannot read a {type(cache).__name__}")
 

@@ -242,10 +242,9 @@ def cache_to_blocks(
             ids = new_ids[taken : taken + n_new]
             taken += n_new
             layer_ids.append(shared_ids + ids)
-            if ids:  # only the new blocks' tokens: a kernel that needs contiguous input copies no more
-                start = max(spec.visible_range(layer, n_tokens)[0], new_from * spec.block_size)
-                lo = start - first_token
-                plan.append((ids, new_from, keys[..., lo:, :], values[..., lo:, :], start))
+            if ids:  # the whole buffer, unsliced: the writes read only the new blocks' tokens of it, and a
+                # slice would be strided (an extra operation, and a copy before a kernel needing contiguous input)
+                plan.append((ids, new_from, keys, values, first_token))
                 carried = carried_rows(spec, source, reused_tokens, layer, n_tokens, new_from) if quantized else None
                 if carried is not None:
                     copies.append((ids[0], *carried))

@@ -40,7 +40,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import gather_row_pairs, host_source, host_view, pack_blocks, writes_through_host
+from semantic.adapters.mlx_kernels import gather_row_pairs, host_view, host_views, pack_blocks, writes_through_host
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -491,8 +491,7 @@ class BlockPool:
             if self._quantized is not None:
                 self._quantized.write_many(writes)
             elif writes_through_host():
-                sources = [host_source(a) for w in writes for a in (w[2], w[3])]
-                mx.eval(sources)
+                sources = host_views([a for w in writes for a in (w[2], w[3])])
                 arenas = self._host_arenas()
                 for k, write in enumerate(writes):
                     self._write_host(arenas, write[0], write[1], sources[2 * k], sources[2 * k + 1], write[4])
@@ -529,9 +528,9 @@ class BlockPool:
             self._host_views = (host_view(self._keys), host_view(self._values))
         return self._host_views
 
-    def _write_host(self, arenas, block_ids, first_index, keys, values, first_token) -> None:
+    def _write_host(self, arenas, block_ids, first_index, keys: np.ndarray, values: np.ndarray, first_token) -> None:
         size = self.spec.block_size
-        sources = (host_view(keys), host_view(values))
+        sources = (keys, values)
         for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, keys.shape[2], size):
             for arena, data in zip(arenas, sources):
                 rows = data[0, :, a - first_token : b - first_token, :]
