@@ -70,9 +70,10 @@ class AgentBlocks:
         # Called by BlockPool with the references already taken on this handle's behalf.
         self._pool = pool
         self.agent_id = agent_id
-        # ``normalized``: the ids are another handle's tuples, shared as they are (a long context has
-        # thousands of tokens and ~1,000 blocks, and every resume shares its source handle).
-        if normalized:  # another handle's tuples
+        # ``normalized``: tuples of plain ints (another handle's, or a builder's checked lists), kept as
+        # they are (a long context has thousands of tokens and ~1,000 blocks, and every resume shares
+        # its source handle).
+        if normalized:
             self.token_ids: Tuple[int, ...] = token_ids
             self._layer_block_ids: Optional[Tuple[Tuple[int, ...], ...]] = layer_block_ids
         else:

@@ -111,7 +111,7 @@ class _HandleBuilder:
 
     def finish(self, token_ids: Sequence[int], layer_block_ids: Sequence[Sequence[int]]) -> AgentBlocks:
         tokens = _int_list("token_ids", token_ids)
-        if any(t < 0 for t in tokens):
+        if tokens and min(tokens) < 0:
             raise InvalidRequestError("token_ids must be non-negative")
         layers = _sequence("layer_block_ids", layer_block_ids)
         if len(layers) != self._pool.spec.n_layers:
@@ -121,7 +121,8 @@ class _HandleBuilder:
             raise BlockOwnershipError(
                 "a handle must own exactly the references taken for it (allocate / retain on this builder)"
             )
-        handle = self._pool._adopt(self._agent_id, tokens, layers)
+        # Checked plain ints: the handle takes them as tuples, without converting each again.
+        handle = self._pool._adopt(self._agent_id, tuple(tokens), tuple(map(tuple, layers)))
         self._held = []
         return handle
 
@@ -319,13 +320,13 @@ class BlockPool:
     def _adopt(self, agent_id: str, token_ids, layer_block_ids) -> AgentBlocks:
         if len(layer_block_ids) != self.spec.n_layers:
             raise AssertionError("one block list per layer")
-        owned = collections.Counter(b for ids in layer_block_ids for b in ids)
+        owned = collections.Counter(itertools.chain.from_iterable(layer_block_ids))
         with self._lock:
             loose = self._loose_refs[agent_id]
             if any(loose[b] < n for b, n in owned.items()):
                 raise AssertionError("a handle can only own references taken for it")
             _subtract(self._loose_refs, agent_id, owned)
-            handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids)
+            handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids, normalized=True)
             self._handles.add(handle)
         return handle
 
@@ -485,8 +486,11 @@ class BlockPool:
         every backend); :meth:`allocate` hands out consecutive ids whenever the free list has them.
         """
         writes = list(writes)
-        for write in writes:
-            self._block_array(write[0], 1)
+        if all(type(write[0]) is list for write in writes):  # a store's own lists: one NumPy pass for all
+            self._block_array(list(itertools.chain.from_iterable(write[0] for write in writes)), 1)
+        else:
+            for write in writes:
+                self._block_array(write[0], 1)
         with self._lock:
             if self._quantized is not None:
                 self._quantized.write_many(writes)
@@ -720,7 +724,7 @@ def _sequence(name: str, value) -> list:
 
 def _int_list(name: str, value) -> List[int]:
     items = _sequence(name, value)
-    if all(type(v) is int for v in items):  # one fast pass for the common case: every store checks its tokens
+    if set(map(type, items)) <= {int}:  # one fast pass (in C) for the common case: every store checks its tokens
         return items
     bad = next((v for v in items if not is_int(v)), None)
     if bad is not None:
