@@ -99,7 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.hot_path", description=__doc__)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--repeat", type=int, default=100)
-    parser.add_argument("--resume-tokens", default="1024,4096,8192")
+    parser.add_argument("--resume-tokens", default="256,1024,4096,8192",
+                        help="contexts of the warm resume; 256 is one block per layer, rebuilt as views")
     parser.add_argument("--resume-repeat", type=int, default=10)
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--max-mib", type=float, default=4096, help="leave out copy cases larger than this")

@@ -123,6 +123,9 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
       garbage-collected; until then none of its blocks is freed, so none is written.
     * mlx-lm never writes into a cache's arrays: ``update_and_fetch`` and its batch merge make new
       arrays (an MLX slice update of an array whose buffer another array shares copies it first).
+    * The reference goes with the cache objects, not with lazy computations on their arrays: evaluate
+      what reads them (mlx-lm's merge is evaluated at the prefill that follows it) before dropping
+      the caches *and* the handle. The engine holds each request's source handle until it completes.
     * Cost, not correctness: on a GPU a live view keeps MLX from updating the pool's arrays in place,
       so a store while it lives copies the whole pool array. Drop rebuilt caches once used (the engine
       hands them to mlx-lm, which keeps none after merging them into its batch).

@@ -5,7 +5,9 @@ n_kv_heads, block_size, k_head_dim]`` and values likewise. Rebuilding a cache is
 then one gather per group of layers that keep the same number of blocks, and
 the gather writes straight into ``[layers, heads, tokens, head_dim]`` order, so
 every byte is copied once and the number of kernels does not grow with
-blocks x layers (per-block arrays concatenated per layer would).
+blocks x layers (per-block arrays concatenated per layer would). A layer that
+needs a single block needs no gather at all: the block is already the
+contiguous ``[heads, block_size, dim]`` a cache holds (:meth:`BlockPool.block_views`).
 
 Invariants (checked by :meth:`BlockPool.check_invariants`):
 
