@@ -362,13 +362,16 @@ def real_model(results: dict) -> bool:
 
 
 def model_label(results: dict) -> str:
-    """``smollm2-135m-instruct (real weights, float32)`` or ``smollm2-135m preset (random weights, bfloat16)``."""
+    """``smollm2-135m-instruct (real weights, float32)``, ``smollm2-135m preset (random weights, bfloat16)``
+    or ``/a/folder (mlx-lm folder, bfloat16)``."""
     model = results["model"]
     dtype = re.search(r"\b(b?float\d+)\b", model["spec"])
     suffix = f", {dtype.group(1)}" if dtype else ""
-    if real_model(results):
-        return f"{model['name'].split(' (')[0]} (real weights{suffix})"  # "gemma3-270m (semantic.models, /path)"
-    return f"{model['name']} preset (random weights{suffix})"
+    if not real_model(results):
+        return f"{model['name']} preset (random weights{suffix})"
+    if " (semantic.models, " in model["name"]:  # "gemma3-270m (semantic.models, /its/folder)"
+        return f"{model['name'].split(' (')[0]} (real weights{suffix})"
+    return f"{model['name']} (mlx-lm folder{suffix})"
 
 
 def ttft_by_model_section(runs: Sequence[dict]) -> str:
@@ -384,11 +387,13 @@ def ttft_by_model_section(runs: Sequence[dict]) -> str:
              "from blocks (random keys and values: the cost does not depend on them), the 16 new ones "
              "prefilled. TTFT is `Completion.time_to_first_token` (submit to first token). The dtype is the "
              "model's KV cache's: a real model (`--model`, from `semantic.models`) computes in float32 on a CPU "
-             "with OpenBLAS, and keeps its quantized weights (4-bit SmolLM2, 8-bit Gemma) on a GPU.")
+             "with OpenBLAS, and keeps its quantized weights (4-bit SmolLM2, 8-bit Gemma) on a GPU; "
+             "`tools/gpu_real_models.sh` measures a model that fails so again with its weights dequantized to "
+             "bfloat16, named by that folder.")
     if not any(real_model(r) and r["environment"]["device"] == "gpu" for r in runs):
         text += ("\n\n**GPU, real models: not run yet.** On the GPU machine, from the repository root, with the "
                  f"models' wheels in pieces (`tools/split_for_device.py`): `{GPU_REAL_MODELS_COMMAND}`. It writes "
-                 "`OUT/real-<model>-gpu/exp_006_results.json`; put each in "
+                 "`OUT/real-<model>-gpu/exp_006_results.json` (`real-<model>-bf16-gpu/` for such a model); put each in "
                  "`experiments/results/real-<model>-<gpu name>/` and regenerate this document with the command "
                  "above plus those files.")
     runs_list = "\n".join(

