@@ -31,6 +31,8 @@ export PYTHONPATH=$(pwd):$WORK/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=
 # Pieces may sit in subfolders (call01/, call02/, ... as split_for_device.py deals them); the names of
 # a file's pieces sort in their order.
 shopt -s nullglob
+twice=$(find "$PIECES" -type f -name '*.part[0-9][0-9]' -printf '%f\n' | sort | uniq -d)
+[ -z "$twice" ] || { echo "pieces found twice under $PIECES (two splits in one folder?): $twice" >&2; exit 1; }
 for name in $(find "$PIECES" -type f -name '*.part[0-9][0-9]' -printf '%f\n' | sed 's/\.part[0-9][0-9]$//' | sort -u); do
     pieces=$(find "$PIECES" -type f -name "$name.part[0-9][0-9]" -printf '%f\t%p\n' | sort | cut -f2)
     # shellcheck disable=SC2086
