@@ -9,6 +9,7 @@ import pytest
 
 from conftest import make_engine
 from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.adapters.mlx_kernels import gather_dequantized_pairs
 from semantic.application.batch_engine import BlockPoolBatchEngine
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
 from semantic.domain.block_format import BlockFormat
@@ -75,6 +76,21 @@ def test_store_is_mx_quantize_and_rebuild_is_mx_dequantize_exactly(fmt):
     assert mx.array_equal(rebuilt_values[:, :, 5:42], mx.dequantize(*expected[3:], group_size=fmt.group_size,
                                                                     bits=fmt.bits)).item()
     assert mx.array_equal(pool.block_keys(ids[1]), rebuilt_keys[0, :, 16:32]).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (8, 32), (4, 64), (4, 32), (2, 32)])
+def test_the_dequantizing_gather_equals_mx_dequantize_bit_for_bit(dtype, bits, group_size):
+    # On CUDA this is the one-kernel path (its arithmetic must be MLX's own, bit for bit); elsewhere the
+    # portable gather-then-dequantize. Expected: dequantize everything, then gather (another order).
+    tables = [mx.quantize((mx.random.normal((9, 16, dim), key=mx.random.key(dim)) * 4).astype(dtype),
+                          group_size=group_size, bits=bits) for dim in (64, 128)]  # keys and values of other widths
+    rows = mx.array([[[3, 0, 8], [3, 5, 1]]], dtype=mx.int32)
+    got = gather_dequantized_pairs(tuple(tables[0]), tuple(tables[1]), rows, group_size=group_size, bits=bits)
+    for table, result in zip(tables, got):
+        want = mx.take(mx.dequantize(*table, group_size=group_size, bits=bits), rows, axis=0)
+        assert result.dtype == dtype and result.shape == want.shape
+        assert np.array_equal(np.array(result.view(mx.uint8)), np.array(want.view(mx.uint8)))
 
 
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
