@@ -62,14 +62,19 @@ def test_store_is_mx_quantize_and_rebuild_is_mx_dequantize_exactly(fmt):
     pool = BlockPool(spec, 20, grow_buffer_cache=False)
     fmt = spec.block_format
     keys, values = (mx.random.normal((1, 3, 37, 64), key=mx.random.key(s)).astype(mx.bfloat16) for s in (1, 2))
+    earlier = pool.allocate(3, "earlier owner")
+    pool.write_blocks(earlier, 0, keys + 5, values + 5, 0)
+    pool.release_blocks(earlier, "earlier owner")
     ids = pool.allocate(3, "a")  # blocks 1..3 of the sequence, the data from token 21: ragged at both ends
+    assert ids == earlier
     pool.write_blocks(ids, 1, keys, values, 21)
 
     stored = pool.gather_stored([ids])
     expected = [*quantized(keys, fmt), *quantized(values, fmt)]
     for part, want in zip(stored, expected):
         assert mx.array_equal(part[:, :, 5:42], want).item()
-        assert not mx.any(part[:, :, :5]).item() and not mx.any(part[:, :, 42:]).item()  # zeroed slots
+    for dense in (mx.dequantize(*stored[i:i + 3], group_size=fmt.group_size, bits=fmt.bits) for i in (0, 3)):
+        assert not mx.any(dense[:, :, :5]).item() and not mx.any(dense[:, :, 42:]).item()  # nothing earlier survives
     rebuilt_keys, rebuilt_values = pool.gather([ids])
     assert mx.array_equal(rebuilt_keys[:, :, 5:42], mx.dequantize(*expected[:3], group_size=fmt.group_size,
                                                                   bits=fmt.bits)).item()

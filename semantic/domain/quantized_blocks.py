@@ -4,8 +4,9 @@ Six arrays of ``[total_blocks, n_kv_heads, block_size, width]``: keys' packed
 words, scales and biases, then values' (``ModelCacheSpec.stored_parts``).
 Rebuilding gathers the packed rows with the same row index the dense pool uses
 and dequantizes them into the cache layout (``mlx_kernels.gather_dequantized_pairs``: one kernel on CUDA);
-storing quantizes each write's tokens once (one ``mx.quantize`` per keys/values
-of a write, all evaluated together) and writes whole packed blocks.
+storing quantizes each token once and writes whole packed blocks. On CUDA the pool cuts every new block
+out of its sources in one kernel and quantizes them all at once (``BlockPool._write_packed``); elsewhere
+:meth:`write_many` quantizes each write's tokens (one ``mx.quantize`` per keys/values, evaluated together).
 
 The pool (``services.BlockPool``) keeps the bookkeeping and its lock; this class
 only touches the arrays, always under that lock.
