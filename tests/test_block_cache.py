@@ -9,7 +9,6 @@ import pytest
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters.mlx_kernels import host_view
-from semantic.application import block_cache
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
 from semantic.benchmarking.cases import random_values
 from semantic.domain.services import BlockPool
@@ -189,8 +188,7 @@ def views_pool(cache, pool):
 
 
 @pytest.mark.parametrize("model_name,n_tokens,rebuilt_tokens", VIEW_CASES)
-def test_single_block_layers_are_views_bit_exact_with_the_gather(request, monkeypatch, model_name, n_tokens,
-                                                                 rebuilt_tokens):
+def test_single_block_layers_are_views_bit_exact_with_the_gather(request, model_name, n_tokens, rebuilt_tokens):
     model, _ = request.getfixturevalue(model_name)
     spec = ModelCacheSpec.from_model(model)
     pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(n_tokens) + 4)
@@ -198,9 +196,7 @@ def test_single_block_layers_are_views_bit_exact_with_the_gather(request, monkey
     handle = cache_to_blocks(pool, "a", cache, context)
 
     viewed = blocks_to_cache(pool, handle, rebuilt_tokens)
-    with monkeypatch.context() as patch:
-        patch.setattr(block_cache, "_rebuilds_as_views", lambda spec, blocks_per_layer: False)
-        gathered = blocks_to_cache(pool, handle.share(), rebuilt_tokens)  # a new handle: its plan is made anew
+    gathered = blocks_to_cache(pool, handle, rebuilt_tokens, views=False)
 
     for layer, (view, copy) in enumerate(zip(viewed, gathered)):
         single_block = len(layer_ids_for(spec, handle, layer, rebuilt_tokens)) == 1

@@ -127,6 +127,27 @@ def test_caches_rebuilt_as_views_are_not_kept_once_mlx_lm_merged_them(llama32):
     assert at_start(engine.pool)
 
 
+def test_off_cpu_views_are_used_only_for_caches_mlx_lm_merges_at_its_next_step(llama32, monkeypatch):
+    """Off the CPU a live view makes each store copy the whole pool array, so the engine rebuilds as views
+    only a cache that mlx-lm merges before the stores of its next step; one queued behind a full prompt
+    batch is gathered (a copy that holds no reference on the pool)."""
+    from semantic.application import batch_engine
+
+    engine = make_engine(llama32, prefill_batch_size=1)
+    firsts = [run(engine, agent, list(range(10 + k, 110 + k)), max_tokens=3) for k, agent in enumerate("ab")]
+    blocks = [first.blocks.layer_block_ids(0)[0] for first in firsts]
+    monkeypatch.setattr(batch_engine, "writes_through_host", lambda: False)
+
+    uids = [engine.submit(first.agent_id, list(range(200, 216)), cache=first.blocks, max_tokens=2) for first in firsts]
+    # a: merged at the next step (room for one prompt), rebuilt as views; b: queued behind it, gathered
+    assert [engine.pool.refcount(b) for b in blocks] == [3, 2]
+    done = {c.uid: c for c in engine.step()}
+    assert all(len(done[uid].token_ids) == 2 for uid in uids)
+    for completion in [*firsts, *done.values()]:
+        completion.blocks.release()
+    assert at_start(engine.pool)
+
+
 def test_several_agents_in_one_batch_keep_their_own_context(llama32):
     engine = make_engine(llama32, total_blocks=600)
     prompts = {"alice": STORY, "bob": "numbers one two three four five six " * 20, "carol": "red green blue " * 50}

@@ -239,6 +239,16 @@ class Generator:
         self._tags[uid] = tag
         return uid
 
+    def merges_next_insert(self) -> bool:
+        """Whether a sequence inserted now is merged into mlx-lm's batch at the next :meth:`next` (where
+        mlx-lm copies inserted caches and keeps nothing of them): its queue is shorter than the room
+        its prompt and generation batches leave (``BatchGenerator._next``; a step that finishes
+        sequences may leave more room, never less)."""
+        gen = self._gen
+        room = min(gen.prefill_batch_size - len(gen._prompt_batch),
+                   gen.completion_batch_size - len(gen._generation_batch))
+        return len(gen._unprocessed_sequences) < room
+
     def next(self) -> List[GenerationEvent]:
         """Advance every active sequence by one step (prefill chunk or decoded token)."""
         try:

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.adapters.mlx_kernels import writes_through_host
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, can_trim, layer_ids_for
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import (
@@ -402,7 +403,7 @@ class BlockPoolBatchEngine:
         """Whether the request's next step fails with no other request in the batch."""
         probe = self._generator.empty_copy()
         try:
-            cache = self._reconstruct_cache(request.source, request.reused_tokens) if request.source else None
+            cache = self._reconstruct_cache(request.source, request.reused_tokens, probe) if request.source else None
             probe.insert(request.prompt_tokens + request.generated, cache, request.context_tokens,
                          request.max_tokens - len(request.generated), request.sampling, request.uid)
             probe.next()
@@ -473,10 +474,18 @@ class BlockPoolBatchEngine:
             self._generator.close()
 
     # ---- cache conversions ------------------------------------------------------------------------
-    def _reconstruct_cache(self, agent_blocks: AgentBlocks, n_tokens: Optional[int] = None):
+    def _reconstruct_cache(self, agent_blocks: AgentBlocks, n_tokens: Optional[int] = None,
+                           generator: Optional[adapter.Generator] = None):
         """``agent_blocks`` (its first ``n_tokens`` tokens, default all) -> one evaluated mlx-lm cache
-        per layer, as the model's own ``make_cache`` would hold them."""
-        return blocks_to_cache(self.pool, agent_blocks, n_tokens)
+        per layer, as the model's own ``make_cache`` would hold them, for insertion into ``generator``
+        (default: the engine's).
+
+        Layers of one block are rebuilt as views of the pool (see ``blocks_to_cache``) where that costs
+        nothing: always on CPU, where the pool writes through NumPy whatever MLX arrays share its memory.
+        Elsewhere a live view makes MLX copy the whole pool array at the next store, so views are used
+        only when mlx-lm merges (copies) the inserted cache at its next step, before that step's stores."""
+        views = writes_through_host() or (generator or self._generator).merges_next_insert()
+        return blocks_to_cache(self.pool, agent_blocks, n_tokens, views=views)
 
     def _extract_cache(self, uid: int) -> AgentBlocks:
         """The request's current context as a new handle, at any stage: waiting, prefilling, generating,

@@ -65,7 +65,7 @@ def _rebuilds_as_views(spec: ModelCacheSpec, blocks_per_layer: int) -> bool:
     return blocks_per_layer == 1 and not spec.block_format.quantized
 
 
-def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int) -> Tuple[_GatherGroup, ...]:
+def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: bool) -> Tuple[_GatherGroup, ...]:
     spec = pool.spec
     groups: Dict[Optional[int], List[int]] = defaultdict(list)
     for layer, window in enumerate(spec.layer_windows):
@@ -79,7 +79,7 @@ def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int) -> Tuple[_
             lo, hi = 0, (last_block - first_block) * spec.block_size
         else:  # the rotating cache holds exactly the visible tokens
             lo, hi = start - first_block * spec.block_size, end - first_block * spec.block_size
-        if _rebuilds_as_views(spec, last_block - first_block):
+        if views and _rebuilds_as_views(spec, last_block - first_block):
             plan.append(_GatherGroup(window, tuple(layers), None, tuple(b for (b,) in ids), lo, hi))
         else:
             plan.append(_GatherGroup(window, tuple(layers), pool.gather_rows(ids), None, lo, hi))
@@ -104,7 +104,8 @@ class _BlocksPin:
         return self
 
 
-def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None) -> List[adapter.LayerCache]:
+def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None, *,
+                    views: bool = True) -> List[adapter.LayerCache]:
     """Rebuild one evaluated cache object per layer from ``handle``'s first ``n_tokens`` tokens (default all).
 
     Layers that keep the same blocks count are rebuilt together: one gather kernel for keys and values
@@ -128,15 +129,17 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
       the caches *and* the handle. The engine holds each request's source handle until it completes.
     * Cost, not correctness: on a GPU a live view keeps MLX from updating the pool's arrays in place,
       so a store while it lives copies the whole pool array. Drop rebuilt caches once used (the engine
-      hands them to mlx-lm, which keeps none after merging them into its batch).
+      hands them to mlx-lm, which keeps none after merging them into its batch, and off the CPU asks
+      for views only when that merge comes before its next stores), or pass ``views=False``.
 
-    Quantized pools always dequantize (a copy); so do groups needing more than one block per layer.
+    Quantized pools always dequantize (a copy); so do groups needing more than one block per layer,
+    and every group with ``views=False``.
     """
     pool.check_handle(handle)
     n_tokens = handle.num_tokens if n_tokens is None else n_tokens
     if n_tokens == 0:
         return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]
-    plan = handle.memo(("gather", n_tokens), lambda: _gather_plan(pool, handle, n_tokens))
+    plan = handle.memo(("gather", n_tokens, views), lambda: _gather_plan(pool, handle, n_tokens, views))
     pin = _BlocksPin(handle.share()) if any(group.view_ids is not None for group in plan) else None
 
     caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
