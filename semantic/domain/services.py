@@ -493,12 +493,14 @@ class BlockPool:
         else:
             for write in writes:
                 self._block_array(write[0], 1)
+        host = writes_through_host()
         with self._lock:
-            if not writes or self._write_packed(writes):
+            # No pack kernel on the host: its plan (a row per new block) would be built for nothing.
+            if not writes or (not host and self._write_packed(writes)):
                 return
             if self._quantized is not None:
                 self._quantized.write_many(writes)
-            elif writes_through_host():
+            elif host:
                 sources = host_views([a for w in writes for a in (w[2], w[3])])
                 arenas = self._host_arenas()
                 for k, write in enumerate(writes):
