@@ -265,13 +265,14 @@ class BlockPool:
 
     def retain(self, block_ids: Sequence[int], agent_id: str) -> None:
         """One more reference on each of ``block_ids`` (which must be in use), attributed to ``agent_id``."""
-        block_ids = [self._checked_id(b) for b in _sequence("block_ids", block_ids)]
+        block_ids = self._checked_ids(block_ids)
         _check_agent_id(agent_id)
         with self._lock:
             self._drain()
-            for b in block_ids:
-                if self._refcount[self._checked_id(b)] == 0:
-                    raise BlockOwnershipError(f"block {b} is free; only blocks in use can be shared")
+            refcount = self._refcount
+            free = next((b for b in block_ids if refcount[b] == 0), None)
+            if free is not None:
+                raise BlockOwnershipError(f"block {free} is free; only blocks in use can be shared")
             for b in block_ids:
                 self._refcount[b] += 1
             self._agent_refs[agent_id].update(block_ids)
@@ -280,7 +281,7 @@ class BlockPool:
     def release_blocks(self, block_ids: Sequence[int], agent_id: str) -> None:
         """Give back one reference per id taken by :meth:`allocate` / :meth:`retain` (a handle's
         references go back with the handle). Checks everything first: a bad call changes nothing."""
-        block_ids = [self._checked_id(b) for b in _sequence("block_ids", block_ids)]
+        block_ids = self._checked_ids(block_ids)
         _check_agent_id(agent_id)
         with self._lock:
             self._drain()
@@ -394,9 +395,7 @@ class BlockPool:
         wanted = collections.Counter(block_ids)
         if loose_refs is None:  # a handle's references: taken for it, valid by construction
             tables = [self._agent_refs]
-        else:
-            for b in wanted:
-                self._checked_id(b)
+        else:  # ids checked by the caller (release_blocks); what the agent holds is checked here
             tables = [self._agent_refs, loose_refs]
             for table in tables:
                 held = table.get(agent_id, collections.Counter())
@@ -419,6 +418,14 @@ class BlockPool:
         if not is_int(block_id) or not 0 <= block_id < self.total_blocks:
             raise BlockOwnershipError(f"block id {block_id!r} is not in this pool (0..{self.total_blocks - 1})")
         return int(block_id)
+
+    def _checked_ids(self, block_ids) -> List[int]:
+        """``block_ids`` as a list of ids of this pool. Sharing a long context retains ~1,000 ids per store,
+        so plain ints are checked in one pass of C-level builtins rather than one Python call per id."""
+        ids = _sequence("block_ids", block_ids)
+        if not all(type(b) is int for b in ids) or (ids and (min(ids) < 0 or max(ids) >= self.total_blocks)):
+            ids = [self._checked_id(b) for b in ids]  # names the offending id
+        return ids
 
     def _block_array(self, block_ids, ndim: int) -> np.ndarray:
         """Block ids as an int32 array, checked in bulk: an id outside the arrays would read or write out of
