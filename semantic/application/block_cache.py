@@ -146,8 +146,8 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     with pool.storage_lock:  # one evaluation for the gathers and every per-layer view
         for group in plan:
             if group.view_ids is not None:
-                views = pool.block_views(group.view_ids, group.lo, group.hi)
-                for layer, (layer_keys, layer_values) in zip(group.layers, views):
+                pairs = pool.block_views(group.view_ids, group.lo, group.hi)
+                for layer, (layer_keys, layer_values) in zip(group.layers, pairs):
                     caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens,
                                                               keep_alive=pin)
                 continue

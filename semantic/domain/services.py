@@ -274,7 +274,7 @@ class BlockPool:
             if free is not None:
                 raise BlockOwnershipError(f"block {free} is free; only blocks in use can be shared")
             for b in block_ids:
-                self._refcount[b] += 1
+                refcount[b] += 1
             self._agent_refs[agent_id].update(block_ids)
             self._loose_refs[agent_id].update(block_ids)
 
@@ -423,7 +423,7 @@ class BlockPool:
         """``block_ids`` as a list of ids of this pool. Sharing a long context retains ~1,000 ids per store,
         so plain ints are checked in one pass of C-level builtins rather than one Python call per id."""
         ids = _sequence("block_ids", block_ids)
-        if not all(type(b) is int for b in ids) or (ids and (min(ids) < 0 or max(ids) >= self.total_blocks)):
+        if not _plain_ints(ids) or (ids and (min(ids) < 0 or max(ids) >= self.total_blocks)):
             ids = [self._checked_id(b) for b in ids]  # names the offending id
         return ids
 
@@ -740,9 +740,15 @@ def _sequence(name: str, value) -> list:
     raise InvalidRequestError(f"{name} must be a list or tuple, got {type(value).__name__}")
 
 
+def _plain_ints(items: list) -> bool:
+    """Whether every item is a plain ``int`` (not a bool or NumPy integer): one pass in C, for the lists of
+    tokens and block ids every store checks."""
+    return set(map(type, items)) <= {int}
+
+
 def _int_list(name: str, value) -> List[int]:
     items = _sequence(name, value)
-    if set(map(type, items)) <= {int}:  # one fast pass (in C) for the common case: every store checks its tokens
+    if _plain_ints(items):
         return items
     bad = next((v for v in items if not is_int(v)), None)
     if bad is not None:
