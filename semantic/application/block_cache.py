@@ -7,6 +7,7 @@ blocks a source context already holds instead of copying them.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -165,40 +166,41 @@ def _split_layers(stacked: mx.array) -> List[mx.array]:
     return mx.split(stacked, stacked.shape[0], axis=0) if stacked.shape[0] > 1 else [stacked]
 
 
-def reusable_blocks(spec: ModelCacheSpec, source: Optional[AgentBlocks], reused_tokens: int, layer: int,
-                    n_tokens: int) -> Dict[int, int]:
-    """Block index -> block id of ``source`` that a context of ``n_tokens`` tokens, whose first
-    ``reused_tokens`` came unchanged from ``source``, can share for ``layer``."""
-    if source is None or reused_tokens == 0:
-        return {}
+def _reuse_plan(spec: ModelCacheSpec, source_tokens: int, n_source_ids: int, reused_tokens: int, layer: int,
+                n_tokens: int, quantized: bool) -> Tuple[int, int, int, int, Optional[Tuple[int, int, int]]]:
+    """How ``layer`` of a context of ``n_tokens`` tokens, whose first ``reused_tokens`` came unchanged from a
+    source context of ``source_tokens`` tokens holding ``n_source_ids`` blocks for the layer (0: no source),
+    is stored: ``(first, new_from, last, source_offset, carried)``. Blocks ``[first, new_from)`` (those whose
+    tokens all lie in the reused ones) are the source's, its layer list from ``source_offset`` on; blocks
+    ``[new_from, last)`` are written. ``carried``, quantized pools only: ``(source offset, first slot, end
+    slot)``, the slots of block ``new_from`` whose tokens came unchanged from the source, or ``None``.
+
+    It depends on the layer only through its window, so a store computes it once per window and source
+    list length, not once per layer."""
+    first, last = spec.layer_block_range(layer, n_tokens)
+    if n_source_ids == 0 or reused_tokens == 0:
+        return first, first, last, 0, None
     size = spec.block_size
-    src_first, _ = spec.layer_block_range(layer, source.num_tokens)
-    src_start = spec.visible_range(layer, source.num_tokens)[0]
-    src_ids = source.layer_block_ids(layer)
+    src_first, _ = spec.layer_block_range(layer, source_tokens)
+    src_start = spec.visible_range(layer, source_tokens)[0]
     start, end = spec.visible_range(layer, n_tokens)
-    shared = {}
-    for offset, block_id in enumerate(src_ids):
-        index = src_first + offset
+    shared = set()
+    for index in range(src_first, src_first + n_source_ids):
         lo, hi = max(start, index * size), min(end, (index + 1) * size)
         if lo < hi and src_start <= lo and hi <= reused_tokens:
-            shared[index] = block_id
-    return shared
-
-
-def carried_rows(spec: ModelCacheSpec, source: Optional[AgentBlocks], reused_tokens: int, layer: int,
-                 n_tokens: int, index: int) -> Optional[Tuple[int, int, int]]:
-    """``(source block id, first slot, end slot)``: the slots of block ``index`` (the first one a new
-    context writes for ``layer``) whose tokens came unchanged from ``source``, or ``None``."""
-    if source is None or reused_tokens == 0:
-        return None
-    size = spec.block_size
-    src_first, _ = spec.layer_block_range(layer, source.num_tokens)
-    src_ids = source.layer_block_ids(layer)
-    lo = max(spec.visible_range(layer, n_tokens)[0], index * size)
-    hi = min(n_tokens, reused_tokens, (index + 1) * size)
-    if lo >= hi or lo < spec.visible_range(layer, source.num_tokens)[0] or not 0 <= index - src_first < len(src_ids):
-        return None
-    return src_ids[index - src_first], lo - index * size, hi - index * size
+            shared.add(index)
+    new_from = first
+    while new_from in shared:
+        new_from += 1
+    if any(index >= new_from for index in shared):
+        raise AssertionError("shared blocks must be a prefix of the layer's blocks")
+    carried = None
+    if quantized:
+        lo = max(start, new_from * size)
+        hi = min(n_tokens, reused_tokens, (new_from + 1) * size)
+        if src_start <= lo < hi and 0 <= new_from - src_first < n_source_ids:
+            carried = (new_from - src_first, lo - new_from * size, hi - new_from * size)
+    return first, new_from, last, first - src_first, carried
 
 
 def cache_to_blocks(
@@ -222,39 +224,42 @@ def cache_to_blocks(
     if len(caches) != spec.n_layers:
         raise IncompatibleCacheError(f"{len(caches)} layer caches for a {spec.n_layers}-layer pool")
     n_tokens = len(token_ids)
-    layouts = []  # per layer: (keys, values, first_token, shared ids, first new block index, new blocks)
-    for layer, cache in enumerate(caches):
+    quantized = spec.block_format.quantized
+    reuse = source is not None and reused_tokens != 0
+    source_tokens = source.num_tokens if reuse else 0
+    plans: Dict[Tuple[Optional[int], int], tuple] = {}  # (window, source ids) -> _reuse_plan, the same for its layers
+    layouts = []  # per layer: (keys, values, first_token, shared ids, first new block index, new blocks, carried)
+    for layer, (cache, window) in enumerate(zip(caches, spec.layer_windows)):
         keys, values, first_token, offset = adapter.read_layer_cache(cache)
         if offset != n_tokens:
             raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
-        first, last = spec.layer_block_range(layer, n_tokens)
-        shared = reusable_blocks(spec, source, reused_tokens, layer, n_tokens)
-        new_from = first
-        while new_from in shared:
-            new_from += 1
-        if any(index >= new_from for index in shared):
-            raise AssertionError("shared blocks must be a prefix of the layer's blocks")
-        shared_ids = [shared[i] for i in range(first, new_from)]
-        layouts.append((keys, values, first_token, shared_ids, new_from, last - new_from))
+        source_ids = source.layer_block_ids(layer) if reuse else ()
+        plan = plans.get((window, len(source_ids)))
+        if plan is None:
+            plan = plans[window, len(source_ids)] = _reuse_plan(
+                spec, source_tokens, len(source_ids), reused_tokens, layer, n_tokens, quantized)
+        first, new_from, last, source_offset, carried = plan
+        shared_ids = source_ids[source_offset : source_offset + new_from - first]
+        if carried is not None:
+            carried = (source_ids[carried[0]], carried[1], carried[2])
+        layouts.append((keys, values, first_token, shared_ids, new_from, last - new_from, carried))
     with pool.build_handle(agent_id, reservation) as builder:
-        builder.retain([b for layout in layouts for b in layout[3]])
+        builder.retain(list(itertools.chain.from_iterable(layout[3] for layout in layouts)))
         # One allocation for every layer: consecutive ids, so each layer's new blocks are one slice.
         new_ids = builder.allocate(sum(layout[5] for layout in layouts))
         layer_ids: List[List[int]] = []
-        plan, copies = [], []
-        quantized = spec.block_format.quantized
+        writes, copies = [], []
         taken = 0
-        for layer, (keys, values, first_token, shared_ids, new_from, n_new) in enumerate(layouts):
+        for keys, values, first_token, shared_ids, new_from, n_new, carried in layouts:
             ids = new_ids[taken : taken + n_new]
             taken += n_new
-            layer_ids.append(shared_ids + ids)
+            layer_ids.append([*shared_ids, *ids])
             if ids:  # the whole buffer, unsliced: the writes read only the new blocks' tokens of it, and a
                 # slice would be strided (an extra operation, and a copy before a kernel needing contiguous input)
-                plan.append((ids, new_from, keys, values, first_token))
-                carried = carried_rows(spec, source, reused_tokens, layer, n_tokens, new_from) if quantized else None
+                writes.append((ids, new_from, keys, values, first_token))
                 if carried is not None:
                     copies.append((ids[0], *carried))
-        pool.write_many(plan)
+        pool.write_many(writes)
         if copies:
             pool.copy_token_rows(copies)
         return builder.finish(token_ids, layer_ids)
