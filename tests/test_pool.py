@@ -253,6 +253,41 @@ def test_misuse_raises_typed_errors_and_changes_nothing():
     assert pool.usage().used_blocks == 0
 
 
+def test_a_builders_references_are_its_own_until_finish():
+    """release_blocks gives back an agent's raw references only: not those a builder took for its handle."""
+    pool = BlockPool(SPEC, total_blocks=6)
+    raw = pool.allocate(1, "a")
+    with pool.build_handle("a") as b:
+        ids = b.allocate(2)
+        b.retain(raw)
+        assert pool.usage().per_agent["a"] == (3, 3 * SPEC.bytes_per_block_per_layer)
+        pool.check_invariants()
+        before = pool.usage()
+        with pytest.raises(BlockOwnershipError):
+            pool.release_blocks(ids, "a")
+        assert pool.usage() == before
+        handle = b.finish([1], [ids, raw])
+    pool.check_invariants()
+    pool.release_blocks(raw, "a")  # the agent's own reference, not the handle's
+    assert pool.refcount(raw[0]) == 1
+    with pytest.raises(BlockOwnershipError):
+        pool.release_blocks(raw, "a")
+    handle.release()
+    assert pool.usage().used_blocks == 0 and pool.usage().per_agent == {}
+
+
+def test_finish_converts_lists_that_are_not_plain_ints():
+    pool = BlockPool(SPEC, total_blocks=6)
+    with pool.build_handle("a") as b:
+        ids = b.allocate(3)
+        handle = b.finish(np.array([5, 6]), [np.array(ids[:2]), range(ids[2], ids[2] + 1)])
+    assert handle.token_ids == (5, 6) and handle.all_block_ids == (tuple(ids[:2]), (ids[2],))
+    assert {type(v) for v in handle.token_ids + handle.all_block_ids[0] + handle.all_block_ids[1]} == {int}
+    pool.check_invariants()
+    handle.release()
+    assert pool.usage().used_blocks == 0
+
+
 @pytest.mark.parametrize("total", [True, False, 0, -3, 1.5, "8", None, 2**70 * 1.0])
 def test_a_pool_of_a_bad_size_is_refused(total):
     with pytest.raises(InvalidRequestError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
@@ -56,7 +57,8 @@ class AgentBlocks:
     Create handles through the pool or the engine, never directly.
     """
 
-    __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_finalizer", "_memo", "__weakref__")
+    __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_flat_ids", "_finalizer", "_memo",
+                 "__weakref__")
 
     def __init__(
         self,
@@ -79,8 +81,9 @@ class AgentBlocks:
         else:
             self.token_ids = tuple(map(int, token_ids))
             self._layer_block_ids = tuple(map(tuple, layer_block_ids))
-        flat = [b for ids in self._layer_block_ids for b in ids]
-        self._finalizer = weakref.finalize(self, pool._release_later, flat, agent_id)
+        # Every reference, one list: what the pool attributes to the agent and what it gives back on release.
+        self._flat_ids: Optional[List[int]] = list(itertools.chain.from_iterable(self._layer_block_ids))
+        self._finalizer = weakref.finalize(self, pool._release_later, self._flat_ids, agent_id)
         self._memo: Dict[object, object] = {}
 
     # ---- identity -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ Invariants (checked by :meth:`BlockPool.check_invariants`):
 * ``free + used == total_blocks``; a block is *used* iff its reference count is >= 1.
 * A block's reference count equals the number of references held on it: one per
   live :class:`AgentBlocks` handle that lists it, plus one per raw
-  :meth:`allocate` / :meth:`retain` not yet given back.
+  :meth:`allocate` / :meth:`retain` (of the pool, or of a handle builder not yet
+  finished) not yet given back.
 * ``reserved <= free``: a reservation promises free blocks to a request that will
   need them later; only that reservation may take them.
 * A block with reference count >= 1 is never written again (blocks are immutable
@@ -94,21 +95,36 @@ class Reservation:
 
 
 class _HandleBuilder:
-    """Collects the references a new handle will own; rolls them back if building fails."""
+    """Collects the references a new handle will own; rolls them back if building fails. Until
+    :meth:`finish` gives them to the handle they are the builder's, attributed to its agent but not raw
+    references of the agent: ``release_blocks`` cannot give them back from under the builder."""
 
     def __init__(self, pool: "BlockPool", agent_id: str, reservation: Optional[Reservation]):
         self._pool = pool
         self._agent_id = agent_id
         self._reservation = reservation
-        self._held: List[int] = []
+        self._held: List[int] = []  # in the pool's _owned table from its first id on
 
     def allocate(self, n: int) -> List[int]:
-        ids = self._pool.allocate(n, self._agent_id, reservation=self._reservation)
-        self._held.extend(ids)
+        n = checked_int("n_blocks", n, 0)
+        pool = self._pool
+        with pool._lock:
+            pool._drain()
+            ids = pool._take(n, self._reservation)
+            self._hold(ids)
         return ids
 
     def retain(self, block_ids: Sequence[int]) -> None:
-        self._pool.retain(block_ids, self._agent_id)
+        pool = self._pool
+        block_ids = pool._checked_ids(block_ids)
+        with pool._lock:
+            pool._drain()
+            pool._ref_used(block_ids)
+            self._hold(block_ids)
+
+    def _hold(self, block_ids: List[int]) -> None:
+        if block_ids and not self._held:
+            self._pool._owned[self._agent_id][id(self._held)] = self._held
         self._held.extend(block_ids)
 
     def finish(self, token_ids: Sequence[int], layer_block_ids: Sequence[Sequence[int]]) -> AgentBlocks:
@@ -118,13 +134,13 @@ class _HandleBuilder:
         layers = _sequence("layer_block_ids", layer_block_ids)
         if len(layers) != self._pool.spec.n_layers:
             raise InvalidRequestError(f"layer_block_ids needs one list per layer ({self._pool.spec.n_layers}), got {len(layers)}")
-        layers = [_int_list(f"layer_block_ids[{i}]", ids) for i, ids in enumerate(layers)]
-        if sorted(b for ids in layers for b in ids) != sorted(self._held):
+        layers = _int_tuples("layer_block_ids", layers)
+        # Equal to the references taken, which are checked ids of this pool, so these are too.
+        if sorted(itertools.chain.from_iterable(layers)) != sorted(self._held):
             raise BlockOwnershipError(
                 "a handle must own exactly the references taken for it (allocate / retain on this builder)"
             )
-        # Checked plain ints: the handle takes them as tuples, without converting each again.
-        handle = self._pool._adopt(self._agent_id, tuple(tokens), tuple(map(tuple, layers)))
+        handle = self._pool._adopt(self._agent_id, tuple(tokens), tuple(layers), self._held)
         self._held = []
         return handle
 
@@ -133,7 +149,8 @@ class _HandleBuilder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._held:
-            self._pool.release_blocks(self._held, self._agent_id)
+            with self._pool._lock:
+                self._pool._drop(self._held, self._agent_id)
             self._held = []
 
 
@@ -150,10 +167,12 @@ class BlockPool:
         self._lock = threading.RLock()
         self._free: List[int] = list(range(total_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refcount = [0] * total_blocks
-        self._agent_refs: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        # The part of _agent_refs taken by allocate/retain and not (yet) owned by a handle:
-        # release_blocks may give back only these, never a handle's references.
+        # Who holds the references, per agent: the raw ones of allocate / retain not given back (release_blocks
+        # may give back only these) ...
         self._loose_refs: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        # ... and the ids each live handle and each builder in progress holds, keyed by the list's id(): a
+        # handle's references change hands in one dict operation, not one per block (~1,000 in a long context).
+        self._owned: Dict[str, Dict[int, List[int]]] = collections.defaultdict(dict)
         self._reserved = 0
         self._released_by_gc: collections.deque = collections.deque()
         self._handles: "weakref.WeakSet[AgentBlocks]" = weakref.WeakSet()
@@ -206,9 +225,13 @@ class BlockPool:
     def usage(self) -> PoolUsage:
         with self._lock:
             self._drain()
-            per_agent = {
-                agent: (len(refs), len(refs) * self.block_bytes) for agent, refs in self._agent_refs.items() if refs
-            }
+            per_agent = {}
+            for agent in dict.fromkeys(itertools.chain(self._loose_refs, self._owned)):
+                blocks = set(self._loose_refs.get(agent, ()))
+                for ids in self._owned.get(agent, {}).values():
+                    blocks.update(ids)
+                if blocks:
+                    per_agent[agent] = (len(blocks), len(blocks) * self.block_bytes)
             return PoolUsage(
                 self.total_blocks, len(self._free), self.total_blocks - len(self._free), self._reserved,
                 self.block_bytes, per_agent,
@@ -226,14 +249,19 @@ class BlockPool:
             assert all(c >= 0 for c in self._refcount), "negative reference count"
             assert 0 <= self._reserved <= len(self._free), "reservations exceed free blocks"
             from_agents = collections.Counter()
-            for refs in self._agent_refs.values():
+            for refs in self._loose_refs.values():
                 from_agents.update(refs)
+            for owned in self._owned.values():
+                for ids in owned.values():
+                    from_agents.update(ids)
             counted = {b: c for b, c in from_agents.items() if c}
             assert counted == {b: c for b, c in enumerate(self._refcount) if c}, "refcounts != references held"
             from_handles = collections.Counter()
             for handle in list(self._handles):
                 if not handle.released:
                     from_handles.update(b for ids in handle.all_block_ids for b in ids)
+                    assert self._owned.get(handle.agent_id, {}).get(id(handle._flat_ids)) is handle._flat_ids, \
+                        "a live handle's references are not attributed to its agent"
             for block, count in from_handles.items():
                 assert self._refcount[block] >= count, f"block {block}: fewer references than handles listing it"
 
@@ -245,23 +273,28 @@ class BlockPool:
         self._check_reservation(reservation)
         with self._lock:
             self._drain()
-            if reservation is not None:
-                from_reservation = min(n_blocks, reservation.remaining)
-            else:
-                from_reservation = 0
-            available = len(self._free) - self._reserved
-            if n_blocks - from_reservation > available:
-                raise PoolExhaustedError(n_blocks, available + from_reservation)
-            if from_reservation:
-                reservation.remaining -= from_reservation
-                self._reserved -= from_reservation
-            ids = self._free[: -n_blocks - 1 : -1] if n_blocks else []
-            del self._free[len(self._free) - n_blocks :]
-            for b in ids:
-                self._refcount[b] = 1
-            self._agent_refs[agent_id].update(ids)
+            ids = self._take(n_blocks, reservation)
             self._loose_refs[agent_id].update(ids)
             return ids
+
+    def _take(self, n_blocks: int, reservation: Optional[Reservation]) -> List[int]:
+        """``n_blocks`` free blocks at reference count 1, or ``PoolExhaustedError`` (the lock held)."""
+        if reservation is not None:
+            from_reservation = min(n_blocks, reservation.remaining)
+        else:
+            from_reservation = 0
+        available = len(self._free) - self._reserved
+        if n_blocks - from_reservation > available:
+            raise PoolExhaustedError(n_blocks, available + from_reservation)
+        if from_reservation:
+            reservation.remaining -= from_reservation
+            self._reserved -= from_reservation
+        ids = self._free[: -n_blocks - 1 : -1] if n_blocks else []
+        del self._free[len(self._free) - n_blocks :]
+        refcount = self._refcount
+        for b in ids:
+            refcount[b] = 1
+        return ids
 
     def retain(self, block_ids: Sequence[int], agent_id: str) -> None:
         """One more reference on each of ``block_ids`` (which must be in use), attributed to ``agent_id``."""
@@ -269,14 +302,17 @@ class BlockPool:
         _check_agent_id(agent_id)
         with self._lock:
             self._drain()
-            refcount = self._refcount
-            free = next((b for b in block_ids if refcount[b] == 0), None)
-            if free is not None:
-                raise BlockOwnershipError(f"block {free} is free; only blocks in use can be shared")
-            for b in block_ids:
-                refcount[b] += 1
-            self._agent_refs[agent_id].update(block_ids)
+            self._ref_used(block_ids)
             self._loose_refs[agent_id].update(block_ids)
+
+    def _ref_used(self, block_ids: List[int]) -> None:
+        """One more reference on each of ``block_ids`` (checked ids), all in use, or none (the lock held)."""
+        refcount = self._refcount
+        if 0 in map(refcount.__getitem__, block_ids):
+            free = next(b for b in block_ids if refcount[b] == 0)
+            raise BlockOwnershipError(f"block {free} is free; only blocks in use can be shared")
+        for b in block_ids:
+            refcount[b] += 1
 
     def release_blocks(self, block_ids: Sequence[int], agent_id: str) -> None:
         """Give back one reference per id taken by :meth:`allocate` / :meth:`retain` (a handle's
@@ -285,7 +321,16 @@ class BlockPool:
         _check_agent_id(agent_id)
         with self._lock:
             self._drain()
-            self._release_checked(block_ids, agent_id, self._loose_refs)
+            wanted = collections.Counter(block_ids)
+            held = self._loose_refs.get(agent_id, {})
+            for b, n in wanted.items():
+                if held.get(b, 0) < n:
+                    raise BlockOwnershipError(
+                        f"agent {agent_id!r} does not hold {n} reference(s) on block {b} outside a handle; "
+                        "blocks are released once, by the agent that holds them (a handle's with the handle)"
+                    )
+            _subtract(self._loose_refs, agent_id, wanted)
+            self._unref(block_ids)
 
     def reserve(self, n_blocks: int, owner: str) -> Reservation:
         """Promise ``n_blocks`` free blocks to ``owner``; raises ``PoolExhaustedError`` if they are not there."""
@@ -320,16 +365,15 @@ class BlockPool:
         self._check_reservation(reservation)
         return _HandleBuilder(self, agent_id, reservation)
 
-    def _adopt(self, agent_id: str, token_ids, layer_block_ids) -> AgentBlocks:
+    def _adopt(self, agent_id: str, token_ids, layer_block_ids, held: List[int]) -> AgentBlocks:
+        """A handle owning the references a builder took (``held``: exactly its ids, checked by the builder)."""
         if len(layer_block_ids) != self.spec.n_layers:
             raise AssertionError("one block list per layer")
-        owned = collections.Counter(itertools.chain.from_iterable(layer_block_ids))
         with self._lock:
-            loose = self._loose_refs[agent_id]
-            if any(loose[b] < n for b, n in owned.items()):
-                raise AssertionError("a handle can only own references taken for it")
-            _subtract(self._loose_refs, agent_id, owned)
             handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids, normalized=True)
+            owned = self._owned[agent_id]
+            owned.pop(id(held), None)  # absent for a handle of no blocks
+            owned[id(handle._flat_ids)] = handle._flat_ids
             self._handles.add(handle)
         return handle
 
@@ -340,27 +384,24 @@ class BlockPool:
             self.check_handle(handle)  # under the lock: a release in between would leave the copies dangling
             agent = handle.agent_id if agent_id is None else agent_id
             _check_agent_id(agent)
-            ids = handle.all_block_ids
-            flat = [b for layer in ids for b in layer]
             refcount = self._refcount
-            for b in flat:  # in use, as every block of a live handle is
+            for b in handle._flat_ids:  # in use, as every block of a live handle is
                 refcount[b] += 1
-            self._agent_refs[agent].update(flat)
             # The handle's own tuples: nothing to copy or check again (a context of 8K tokens on a
             # 30-layer model is ~1,000 blocks, and this runs on every resume).
-            shared = AgentBlocks(self, agent, handle.token_ids, ids, normalized=True)
+            shared = AgentBlocks(self, agent, handle.token_ids, handle.all_block_ids, normalized=True)
+            self._owned[agent][id(shared._flat_ids)] = shared._flat_ids
             self._handles.add(shared)
             return shared
 
     def release(self, handle: AgentBlocks) -> None:
         """Release a handle's references. A second release raises ``ReleasedHandleError``."""
-        self.check_handle(handle)
         with self._lock:
             self._drain()
-            ids = [b for layer in handle.all_block_ids for b in layer]
-            self._release_checked(ids, handle.agent_id, None)
+            self.check_handle(handle)  # under the lock: of two threads releasing one handle, one raises
+            self._drop(handle._flat_ids, handle.agent_id)
             handle._finalizer.detach()
-            handle._layer_block_ids = None
+            handle._layer_block_ids = handle._flat_ids = None
             handle._memo.clear()
             self._handles.discard(handle)
 
@@ -388,29 +429,24 @@ class BlockPool:
     def _drain(self) -> None:
         while self._released_by_gc:
             ids, agent = self._released_by_gc.popleft()
-            self._release_checked(ids, agent, None)
+            self._drop(ids, agent)
 
-    def _release_checked(self, block_ids: List[int], agent_id: str, loose_refs) -> None:
-        """Drop one reference per id held by ``agent_id`` (from ``loose_refs`` too, when given)."""
-        wanted = collections.Counter(block_ids)
-        if loose_refs is None:  # a handle's references: taken for it, valid by construction
-            tables = [self._agent_refs]
-        else:  # ids checked by the caller (release_blocks); what the agent holds is checked here
-            tables = [self._agent_refs, loose_refs]
-            for table in tables:
-                held = table.get(agent_id, collections.Counter())
-                for b, n in wanted.items():
-                    if held[b] < n:
-                        raise BlockOwnershipError(
-                            f"agent {agent_id!r} does not hold {n} reference(s) on block {b} outside a handle; "
-                            "blocks are released once, by the agent that holds them (a handle's with the handle)"
-                        )
-        for table in tables:
-            _subtract(table, agent_id, wanted)
+    def _drop(self, held: List[int], agent_id: str) -> None:
+        """Give back the references of a handle or builder (``held``, its list in ``_owned``)."""
+        owned = self._owned[agent_id]
+        del owned[id(held)]
+        if not owned:
+            del self._owned[agent_id]
+        self._unref(held)
+
+    def _unref(self, block_ids: List[int]) -> None:
+        """One reference fewer per id (held, so counted >= 1); blocks left with none go back on the free list."""
+        refcount = self._refcount
         freed = []
-        for b, n in wanted.items():
-            self._refcount[b] -= n
-            if self._refcount[b] == 0:
+        for b in block_ids:
+            left = refcount[b] - 1
+            refcount[b] = left
+            if not left:
                 freed.append(b)
         self._free.extend(reversed(freed))  # allocate pops from the end: a released run comes back in order
 
@@ -740,7 +776,7 @@ def _sequence(name: str, value) -> list:
     raise InvalidRequestError(f"{name} must be a list or tuple, got {type(value).__name__}")
 
 
-def _plain_ints(items: list) -> bool:
+def _plain_ints(items: Iterable) -> bool:
     """Whether every item is a plain ``int`` (not a bool or NumPy integer): one pass in C, for the lists of
     tokens and block ids every store checks."""
     return set(map(type, items)) <= {int}
@@ -754,6 +790,15 @@ def _int_list(name: str, value) -> List[int]:
     if bad is not None:
         raise InvalidRequestError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
     return [int(v) for v in items]
+
+
+def _int_tuples(name: str, lists: list) -> List[Tuple[int, ...]]:
+    """Each of ``lists`` as :func:`_int_list` checks it, as a tuple. Lists and tuples of plain ints (a store's
+    one per layer) are checked in one pass over all of them; anything else, one by one, naming the culprit."""
+    tuples = [tuple(ids) if type(ids) in (list, tuple) else None for ids in lists]
+    if None in tuples or not _plain_ints(itertools.chain.from_iterable(tuples)):
+        tuples = [tuple(_int_list(f"{name}[{i}]", ids)) for i, ids in enumerate(lists)]
+    return tuples
 
 
 def _check_agent_id(agent_id) -> None:
