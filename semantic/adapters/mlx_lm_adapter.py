@@ -117,16 +117,19 @@ def read_layer_cache(cache: LayerCache) -> Tuple[mx.array, mx.array, int, int]:
     if type(cache) is KVCache:
         if cache.keys is None:
             return None, None, 0, 0
-        if cache.keys.shape[2] == offset:
-            return cache.keys, cache.values, 0, offset
-        return cache.keys[..., :offset, :], cache.values[..., :offset, :], 0, offset
+        keys = cache.keys
+        if keys.shape[2] == offset:
+            return keys, cache.values, 0, offset
+        # Plain slices of the token axis: MLX builds them in half the time of ``[..., :offset, :]`` (per layer
+        # of every store).
+        return keys[:, :, :offset], cache.values[:, :, :offset], 0, offset
     if type(cache) is RotatingKVCache:
         if cache.keys is None:
             return None, None, 0, 0
         visible = min(offset, cache.max_size)
         keys, values = cache._temporal_order(cache.keys), cache._temporal_order(cache.values)
         if keys.shape[2] != visible:
-            keys, values = keys[..., -visible:, :], values[..., -visible:, :]
+            keys, values = keys[:, :, -visible:], values[:, :, -visible:]
         return keys, values, offset - visible, offset
     raise UnsupportedModelError(f"cannot read a {type(cache).__name__}")
 
