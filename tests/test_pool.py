@@ -276,6 +276,18 @@ def test_a_builders_references_are_its_own_until_finish():
     assert pool.usage().used_blocks == 0 and pool.usage().per_agent == {}
 
 
+def test_a_builder_dropped_unfinished_gives_its_references_back():
+    pool = BlockPool(SPEC, total_blocks=6)
+    held = pool.allocate(1, "a")
+    builder = pool.build_handle("a")
+    builder.allocate(2)
+    builder.retain(held)
+    del builder
+    gc.collect()
+    assert pool.usage().used_blocks == 1 and pool.refcount(held[0]) == 1
+    pool.check_invariants()
+
+
 def test_finish_converts_lists_that_are_not_plain_ints():
     pool = BlockPool(SPEC, total_blocks=6)
     with pool.build_handle("a") as b:

@@ -153,6 +153,11 @@ class _HandleBuilder:
                 self._pool._drop(self._held, self._agent_id)
             self._held = []
 
+    def __del__(self) -> None:
+        # A builder dropped unfinished outside a ``with``: its references go back as a dropped handle's do.
+        if self._held:
+            self._pool._release_later(self._held, self._agent_id)
+
 
 class BlockPool:
     """A fixed number of KV blocks of one model geometry. See the module docstring for the invariants."""
