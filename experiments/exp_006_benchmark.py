@@ -352,18 +352,21 @@ def load_results(path: Path) -> dict:
 
 
 def combine(paths: Sequence[Path], doc: Path, output_dir: Path, command: str) -> List[Path]:
-    """The results document from runs' JSON, CPU first; a scaling plot per preset run where matplotlib is
-    installed. Runs of a real model (``--model``) give their time to first token only."""
+    """The results document from runs' JSON, CPU first, the runs of one machine oldest first (old left of
+    new); a scaling plot per preset run where matplotlib is installed. Runs of a real model (``--model``)
+    give their time to first token only."""
     from experiments import exp_006_report as report
 
     runs = sorted((load_results(p) for p in paths),
-                  key=lambda r: (r["environment"]["device"], report.model_label(r)))
+                  key=lambda r: (r["environment"]["device"], r["environment"]["device_name"], r["created_utc"]))
     doc.parent.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     written, plotted = [], []
-    for results in (r for r in runs if not report.real_model(r)):
-        plot = output_dir / f"exp_006_scaling_{run_slug(results)}.png"
-        if report.plot_scaling(results, plot):
+    presets = [r for r in runs if not report.real_model(r)]
+    # tagged by file name, not label: two CPUs of different names would share "cpu"
+    for results, tag, label in zip(presets, report.run_tags(presets, same=run_slug), report.run_labels(presets)):
+        plot = output_dir / f"exp_006_scaling_{run_slug(results, tag)}.png"
+        if report.plot_scaling(results, plot, label):
             written.append(plot)
             plotted.append((results, os.path.relpath(plot, doc.parent)))
         else:
@@ -380,10 +383,13 @@ def hand_written(doc: Path) -> str:
     return "\n" + text[text.index(HAND_WRITTEN):] if HAND_WRITTEN in text else ""
 
 
-def run_slug(results: dict) -> str:
-    """``cpu``, or ``gpu-nvidia-h100-80gb-hbm3``: one file name per machine when several GPUs ran."""
+def run_slug(results: dict, tag: Optional[str] = None) -> str:
+    """``cpu``, or ``gpu-nvidia-h100-80gb-hbm3``: one file name per machine when several GPUs ran; with the
+    ``tag`` (``report.run_tags``) of a machine's several runs, ``cpu-c210285``, so the new does not overwrite
+    the old."""
     env = results["environment"]
-    name = env["device"] if env["device"] == "cpu" else f"{env['device']} {env['device_name']}"
+    name = (env["device"] if env["device"] == "cpu" else f"{env['device']} {env['device_name']}") + (
+        f" {tag}" if tag else "")
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 

@@ -226,6 +226,43 @@ def test_combine_names_the_model_of_every_time_to_first_token_row(quick_run, tmp
     assert {p.name for p in tmp_path.glob("*.png")} <= {"exp_006_scaling_cpu.png"}  # the preset run's plot alone
 
 
+def test_combine_sets_runs_of_one_machine_side_by_side_old_first(quick_run, tmp_path):
+    """Issue 10: a re-run next to the old run of the same machine. Each is told apart by its commit wherever
+    the document names it (Summary column, section, time to first token row, plot file), the older first
+    whatever the order given; a machine with one run keeps its plain label and plot name."""
+    out, results = quick_run
+    runs = {}
+    for name, device, commit, created in (("new", "cpu", "bbbbbbb0123", "2026-12-02T10:00:00Z"),
+                                          ("old", "cpu", "aaaaaaa4567", "2026-11-28T10:00:00Z"),
+                                          ("gpu", "gpu", "ccccccc8901", "2026-11-30T10:00:00Z")):
+        run = json.loads(json.dumps(results))
+        run["environment"].update(git_commit=commit, **({"device": "gpu", "device_name": "Test GPU"}
+                                                        if device == "gpu" else {}))
+        run["created_utc"] = created
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+        runs[name] = run
+    doc = tmp_path / "exp-006.md"
+    assert runner.main(["--combine", *(str(tmp_path / f"{name}.json") for name in runs), "--doc", str(doc),
+                        "--output-dir", str(tmp_path)]) == 0
+    text = doc.read_text()
+    cpu = report.device_label(results)
+    old, new = f"{cpu} at aaaaaaa", f"{cpu} at bbbbbbb"
+    assert f"| Case | Target p95 | {old} | {new} | GPU (Test GPU) |" in text
+    assert 0 < text.index(f"\n## {old}\n") < text.index(f"\n## {new}\n") < text.index("\n## GPU (Test GPU)\n")
+    ttft = [line.split(" | ")[0] for line in text.split("## Time to first token, by model")[1].split("\n## ")[0]
+            .splitlines() if "| tiny-llama preset" in line]
+    assert ttft == [f"| {old}", f"| {new}", "| GPU (Test GPU)"]
+    assert [runner.run_slug(runs[name], tag) for name, tag in zip(("old", "new", "gpu"), report.run_tags(
+        [runs["old"], runs["new"], runs["gpu"]]))] == ["cpu-aaaaaaa", "cpu-bbbbbbb", "gpu-test-gpu"]
+    if report.plot_scaling(results, tmp_path / "probe.png"):  # matplotlib is installed
+        assert {f"exp_006_scaling_{slug}.png" for slug in ("cpu-aaaaaaa", "cpu-bbbbbbb", "gpu-test-gpu")} <= {
+            p.name for p in tmp_path.glob("*.png")}
+        assert "](exp_006_scaling_cpu-aaaaaaa.png)" in text and "](exp_006_scaling_gpu-test-gpu.png)" in text
+    # re-runs of one commit: their times tell them apart
+    again = {**runs["old"], "created_utc": "2026-11-29T10:00:00Z"}
+    assert report.run_labels([runs["old"], again]) == [f"{old} 2026-11-28T10:00:00Z", f"{old} 2026-11-29T10:00:00Z"]
+
+
 def test_plot_draws_one_series_per_geometry(quick_run, tmp_path):
     pytest.importorskip("matplotlib")
     _, results = quick_run

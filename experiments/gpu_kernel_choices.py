@@ -1,0 +1,232 @@
+"""The CUDA write and dequantize paths against the alternatives they were chosen over, in one process:
+
+    python -m experiments.gpu_kernel_choices --output DIR/choices.json [--parts store,dequantize,floor]
+
+- ``store``, per EXP-006 case: what the pool does on CUDA (one kernel cutting every layer's new blocks,
+  then one slice write per run of ids) against a slice write per layer straight from its source
+  (one pass over the bytes, but two launches per layer); both leave the same bytes (checked).
+- ``dequantize``, 32 blocks x 48 layers of gemma3-12b-full in q4: the shipped kernel
+  (``mlx_kernels._DEQUANTIZE_ROWS``, one packed word per thread and loop step) at 128/256/512 threads
+  against unrolled variants (several words loaded before their stores) and 16-byte packed loads
+  (four words per thread); each checked bit for bit against ``mx.dequantize``. The dense row gather
+  and rebuild of the same context are the baseline.
+- ``floor``: what a timed call costs when it does nothing but synchronize, and when it evaluates one
+  slice of an evaluated array (no kernel): the floor under the 1 x 12 rebuild.
+
+Timings: p50 / p95 in ms (``cases.time_samples``, synchronized); CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from experiments.records import provenance, write_record
+from semantic.adapters import mlx_kernels
+from semantic.benchmarking import cases
+from semantic.domain import services
+
+
+def percentiles(fn: Callable[[], object], repeat: int, warmup: int = 5) -> List[float]:
+    samples = cases.time_samples(fn, repeat, warmup=warmup, sync=True)
+    return [round(float(np.percentile(samples, q)) * 1e3, 4) for q in (50, 95)]
+
+
+# ---- store: pack kernel + slice write, or one slice write per layer ---------------------------------
+def store_paths(repeat: int) -> Dict[str, dict]:
+    out = {}
+    for case in cases.TARGET_CASES:
+        ctx = cases.context(case.geometry, case.blocks, case.layers, case.blocks)
+        pool, heads, n = ctx.pool, ctx.spec.n_kv_heads, case.blocks
+        sources = [(c.keys, c.values) for c in ctx.caches]
+        plan = [(layer, k * ctx.spec.block_size, 0, ctx.spec.block_size)
+                for layer in range(case.layers) for k in range(n)]
+        ids = pool.allocate(n * case.layers, "choices")
+        runs = list(services._id_runs(ids, 0, len(ids)))
+
+        def packed() -> None:
+            blocks = mlx_kernels.pack_blocks(sources, plan, ctx.spec.block_size)
+            for arena, rows in zip((pool._keys, pool._values), blocks):
+                services._write_rows(arena, ids, 0, runs, rows)
+            mx.eval(pool._keys, pool._values)
+
+        def per_layer() -> None:
+            for layer, (keys, values) in enumerate(sources):
+                first = ids[0] + layer * n
+                for arena, data in ((pool._keys, keys), (pool._values, values)):
+                    arena[first:first + n] = data.reshape(heads, n, -1, data.shape[-1]).transpose(1, 0, 2, 3)
+            mx.eval(pool._keys, pool._values)
+
+        row = {"MiB": ctx.nbytes / 2**20, "device_copy": percentiles(cases.plain_copy(ctx.nbytes), repeat),
+               "pack_kernel_alone": percentiles(lambda: mx.eval(mlx_kernels.pack_blocks(sources, plan, ctx.spec.block_size)), repeat),
+               "pack_and_write": [], "per_layer_writes": []}
+        for _ in range(2):  # alternated
+            row["pack_and_write"].append(percentiles(packed, repeat))
+            row["per_layer_writes"].append(percentiles(per_layer, repeat))
+        index = mx.array(ids)
+        per_layer()
+        written = mx.take(pool._keys, index, axis=0)
+        packed()
+        row["same_bytes"] = bool(mx.array_equal(written, mx.take(pool._keys, index, axis=0)).item())
+        out[case.name] = row
+        print(case.name, row, file=sys.stderr, flush=True)
+        del written, sources
+        pool.release_blocks(ids, "choices")
+        cases.context.cache_clear()
+        del ctx, pool
+        mx.clear_cache()
+    return out
+
+
+# ---- dequantize: the shipped kernel against unrolled and wide-load variants -------------------------
+_POINTERS = """
+    constexpr int PACK = 32 / BITS;
+    const bool is_value = blockIdx.y == 1;
+    const int words = is_value ? V_WORDS : K_WORDS;
+    const int groups = is_value ? V_GROUPS : K_GROUPS;
+    const size_t row = rows[blockIdx.x];
+    const uint32_t* __restrict__ packed = (is_value ? v_packed : k_packed) + row * BLOCK_SIZE * words;
+    const T* __restrict__ scales = (is_value ? v_scales : k_scales) + row * BLOCK_SIZE * groups;
+    const T* __restrict__ biases = (is_value ? v_biases : k_biases) + row * BLOCK_SIZE * groups;
+    T* __restrict__ out = (is_value ? v_out : k_out) + (size_t)blockIdx.x * BLOCK_SIZE * words * PACK;
+    struct alignas(sizeof(T) * PACK >= 16 ? 16 : sizeof(T) * PACK) Values { T v[PACK]; };
+    const int total = BLOCK_SIZE * words;
+"""
+# UNROLL words per thread, all loaded before any is stored (coalesced: word i by thread i % blockDim).
+_UNROLLED = _POINTERS + """
+    for (int base = threadIdx.x; base < total; base += UNROLL * blockDim.x) {
+        uint32_t bits[UNROLL]; T scale[UNROLL], bias[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = base + u * blockDim.x;
+            if (i < total) {
+                const int group = (i / words) * groups + (i % words) * PACK / GROUP_SIZE;
+                bits[u] = packed[i]; scale[u] = scales[group]; bias[u] = biases[group];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = base + u * blockDim.x;
+            if (i < total) {
+                Values values;
+#pragma unroll
+                for (int j = 0; j < PACK; j++) {
+                    values.v[j] = scale[u] * static_cast<T>((bits[u] >> (BITS * j)) & ((1u << BITS) - 1)) + bias[u];
+                }
+                *reinterpret_cast<Values*>(out + (size_t)i * PACK) = values;
+            }
+        }
+    }
+"""
+# Four words per thread through one 16-byte load (needs words % 4 == 0 and 4 * PACK values in one group).
+_WIDE_LOADS = _POINTERS + """
+    const uint4* __restrict__ wide = reinterpret_cast<const uint4*>(packed);
+    for (int i = threadIdx.x; i < total / 4; i += blockDim.x) {
+        const int group = ((4 * i) / words) * groups + ((4 * i) % words) * PACK / GROUP_SIZE;
+        const T scale = scales[group], bias = biases[group];
+        const uint4 w = wide[i];
+        const uint32_t bits[4] = {w.x, w.y, w.z, w.w};
+        Values* dst = reinterpret_cast<Values*>(out + (size_t)i * 4 * PACK);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            Values values;
+#pragma unroll
+            for (int j = 0; j < PACK; j++) {
+                values.v[j] = scale * static_cast<T>((bits[k] >> (BITS * j)) & ((1u << BITS) - 1)) + bias;
+            }
+            dst[k] = values;
+        }
+    }
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, source: str):
+    return mx.fast.cuda_kernel(name=name, output_names=["k_out", "v_out"], source=source,
+                               input_names=["k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases",
+                                            "rows"])
+
+
+def _variant(name: str, source: str, threads: int):
+    def run(keys, values, rows, group_size: int, bits: int):
+        flat, tokens, dtype = rows.reshape(-1), keys[0].shape[1], keys[1].dtype
+        dims = [t[0].shape[-1] * 32 // bits for t in (keys, values)]
+        return _kernel(name, source)(
+            inputs=[*keys, *values, flat],
+            template=[("T", dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("BLOCK_SIZE", tokens),
+                      ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
+                      ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1])],
+            grid=(flat.size * threads, 2, 1), threadgroup=(threads, 1, 1),
+            output_shapes=[(flat.size, tokens, d) for d in dims], output_dtypes=[dtype, dtype])
+    return run
+
+
+def _variants() -> Dict[str, Callable]:
+    shipped = {f"shipped_{t}": _variant(f"choices_shipped_{t}", mlx_kernels._DEQUANTIZE_ROWS, t) for t in (128, 256, 512)}
+    unrolled = {f"unrolled{u}_{t}": _variant(f"choices_unrolled{u}_{t}", f"constexpr int UNROLL = {u};" + _UNROLLED, t)
+                for u, t in ((2, 256), (4, 256), (2, 512), (4, 128), (8, 128), (4, 512))}
+    wide = {f"wide_loads_{t}": _variant(f"choices_wide_{t}", _WIDE_LOADS, t) for t in (128, 256, 512)}
+    return {**shipped, **unrolled, **wide}
+
+
+def dequantize_variants(repeat: int, geometry: str = "gemma3-12b-full", blocks: int = 32, layers: int = 48) -> dict:
+    dense = cases.context(geometry, blocks, layers, 0, "dense")
+    rows = dense.pool.gather_rows(dense.handle.all_block_ids)
+    out = {"case": f"{geometry} {blocks}x{layers}", "dense_rebuild": percentiles(lambda: cases.reconstruct(dense), repeat),
+           "dense_gather_kernel": percentiles(lambda: mx.eval(dense.pool.gather(rows=rows)), repeat),
+           "device_copy": percentiles(cases.plain_copy(dense.nbytes), repeat)}
+    cases.context.cache_clear()
+    del dense
+    mx.clear_cache()
+    ctx = cases.context(geometry, blocks, layers, 0, "q4")
+    arenas = ctx.pool._quantized
+    tables, fmt = arenas._row_tables(), arenas.format
+    rows = ctx.pool.gather_rows(ctx.handle.all_block_ids)
+    keys, values = tuple(tables[:3]), tuple(tables[3:])
+    reference = [mx.dequantize(*(mx.take(t, rows.reshape(-1), axis=0) for t in part), group_size=fmt.group_size,
+                               bits=fmt.bits) for part in (keys, values)]
+    mx.eval(reference)
+    out["q4_rebuild"] = percentiles(lambda: cases.reconstruct(ctx), repeat)
+    for name, fn in _variants().items():
+        result = fn(keys, values, rows, fmt.group_size, fmt.bits)
+        exact = all(bool(mx.array_equal(a.view(mx.uint16), b.view(mx.uint16)).item()) for a, b in zip(result, reference))
+        del result
+        out[name] = {"bit_exact": exact,
+                     "p50_p95": percentiles(lambda: mx.eval(fn(keys, values, rows, fmt.group_size, fmt.bits)), repeat)}
+        print(name, out[name], file=sys.stderr, flush=True)
+    cases.context.cache_clear()
+    return out
+
+
+def floor(repeat: int) -> dict:
+    ctx = cases.context("smollm2-135m", 1, 12, 0)
+    keys = ctx.pool._keys
+    return {"synchronize_only": percentiles(lambda: None, repeat, 20),
+            "eval_one_slice": percentiles(lambda: mx.eval(keys[0:1]), repeat, 20),
+            "rebuild_1x12": percentiles(lambda: cases.reconstruct(ctx), repeat, 20)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--parts", default="store,dequantize,floor")
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args(argv)
+    if not mlx_kernels._on_cuda():
+        parser.error("these are the CUDA paths: run it on an NVIDIA GPU")
+    parts = {"store": store_paths, "dequantize": dequantize_variants, "floor": floor}
+    record = {**provenance("experiments.gpu_kernel_choices", argv)}
+    for part in args.parts.split(","):
+        record[part] = parts[part](args.repeat)
+        write_record(args.output, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
