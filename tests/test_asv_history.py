@@ -228,7 +228,8 @@ def test_dashboard_draws_three_points_and_compare_shows_the_step(history, asv_ho
     assert float(rows[REBUILD][-2]) > 1.5, compare.stdout  # the ratio column
     # The unchanged store is compared too (both commits have it). Whether asv marks it is left to the
     # machine: a ~0.1 ms benchmark swung 1.4x between two identical commits on a loaded 2-core CI host.
-    assert float(rows[STORE][-2]) > 0, compare.stdout
+    # asv writes "~0.72" for a ratio whose difference it finds insignificant.
+    assert float(rows[STORE][-2].lstrip("~")) > 0, compare.stdout
 
 
 def test_backfill_passes_over_a_commit_that_does_not_build(history, asv_home):
