@@ -6,9 +6,11 @@ import pathlib
 import mlx.core as mx
 import mlx_lm
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from semantic.domain.errors import InvalidRequestError
+from semantic.domain.value_objects import ModelCacheSpec
 from semantic.testing import local_models
 from semantic.testing.local_models import PRESETS, build_local_model, load_local_model
 
@@ -40,13 +42,14 @@ def greedy_tokens(model, tokenizer, prompt, max_tokens):
 
 
 def test_presets_cover_the_promised_architectures():
-    assert {"smollm2-135m", "tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-gemma3",
-            "tiny-gemma3-w512"} <= set(PRESETS)
+    assert {"smollm2-135m", "smollm2-135m-narrow", "tiny-llama", "tiny-qwen3", "tiny-qwen2",
+            "tiny-gemma3", "tiny-gemma3-w512"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize(
     "preset, max_tokens, min_distinct",
     [*((name, 40, 8) for name in TINY_PRESETS),
+     ("smollm2-135m-narrow", 40, 8),
      # 30 layers at hidden 576 decode slowly on CPU: a few tokens show it varies.
      ("smollm2-135m", 6, 4)],
 )
@@ -77,6 +80,23 @@ def test_smollm2_preset_has_smollm2_geometry(loaded):
     assert (args.num_attention_heads, args.num_key_value_heads, args.head_dim) == (9, 3, 64)
     assert (args.rope_theta, args.rms_norm_eps, args.tie_word_embeddings) == (100000, 1e-5, True)
     assert args.vocab_size == len(tokenizer.vocab) == 8192
+
+
+def test_narrow_smollm2_keeps_its_cache_geometry_and_tokenizer(loaded, models_dir):
+    full, full_tokenizer = loaded("smollm2-135m")
+    narrow, narrow_tokenizer = loaded("smollm2-135m-narrow")
+    spec = ModelCacheSpec.from_model(narrow)
+    assert spec == ModelCacheSpec.from_model(full)
+    assert (spec.n_layers, spec.n_kv_heads, spec.k_head_dim, spec.v_head_dim) == (30, 3, 64, 64)
+    assert narrow_tokenizer.vocab == full_tokenizer.vocab
+    tokenizer_json = models_dir / "smollm2-135m-narrow" / "tokenizer.json"
+    assert tokenizer_json.read_bytes() == (models_dir / "smollm2-135m" / "tokenizer.json").read_bytes()
+
+    def parameters(model):
+        return sum(array.size for _, array in tree_flatten(model.parameters()))
+
+    assert (narrow.args.hidden_size, narrow.args.intermediate_size) == (144, 384)
+    assert parameters(narrow) * 8 < parameters(full)
 
 
 def test_gemma3_presets_mix_sliding_window_and_global_layers(loaded):

@@ -118,6 +118,25 @@ def _tiny_gemma3(sliding_window: int) -> Dict[str, Any]:
     }
 
 
+_SMOLLM2_135M: Dict[str, Any] = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    # Explicit, so a preset that changes hidden_size keeps this KV geometry
+    # (mlx-lm's llama otherwise derives it as hidden_size // num_attention_heads).
+    "head_dim": 64,
+    "intermediate_size": 1536,
+    "hidden_act": "silu",
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
+
+
 PRESETS: Dict[str, LocalModelPreset] = {
     preset.name: preset
     for preset in (
@@ -129,21 +148,17 @@ PRESETS: Dict[str, LocalModelPreset] = {
                 "tokenizer, not SmolLM2's 49152, so it has ~111M parameters rather than 135M"
             ),
             vocab_size=8192,
-            config={
-                "model_type": "llama",
-                "architectures": ["LlamaForCausalLM"],
-                "hidden_size": 576,
-                "num_hidden_layers": 30,
-                "num_attention_heads": 9,
-                "num_key_value_heads": 3,
-                "head_dim": 64,
-                "intermediate_size": 1536,
-                "hidden_act": "silu",
-                "rope_theta": 100000.0,
-                "rms_norm_eps": 1e-5,
-                "max_position_embeddings": 8192,
-                "tie_word_embeddings": True,
-            },
+            config=_SMOLLM2_135M,
+        ),
+        LocalModelPreset(
+            name="smollm2-135m-narrow",
+            description=(
+                "smollm2-135m's KV cache (30 layers, 3 KV heads, head_dim 64) and tokenizer with "
+                "hidden 144 and MLP 384 (~13M parameters): the same blocks at a fraction of the "
+                "compute, for tests that exercise the cache rather than the model"
+            ),
+            vocab_size=8192,
+            config={**_SMOLLM2_135M, "hidden_size": 144, "intermediate_size": 384},
         ),
         LocalModelPreset(
             name="tiny-llama",
