@@ -265,3 +265,26 @@ def test_mlx_lm_updating_caches_built_from_views_never_writes_the_pool(request, 
         np.testing.assert_array_equal(now, stored)
     assert not any(views_pool(c, pool) for c in rebuilt)  # updating copied them out of the pool
     assert len(set(generated)) > 1
+
+
+def test_views_of_a_rewritten_block_show_its_new_contents(llama32):
+    """The pool keeps each block's views once made (on CPU, where it writes blocks in place): a block freed
+    and written again must rebuild with its new tokens, never the old ones."""
+    model, _ = llama32
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=spec.n_layers)  # exactly one context of one block per layer
+    contexts = [prefill(model, prompt_tokens(200, seed=seed)) for seed in (11, 12)]
+    rebuilt = []
+    for cache, context, _ in contexts:
+        handle = cache_to_blocks(pool, "a", cache, context)
+        viewed = blocks_to_cache(pool, handle)
+        assert all(views_pool(c, pool) for c in viewed)
+        rebuilt.append([[np.array(a) for a in c.state[:2]] for c in viewed])
+        for view, copied in zip(viewed, blocks_to_cache(pool, handle, views=False)):
+            np.testing.assert_array_equal(np.array(view.keys), np.array(copied.keys))
+            np.testing.assert_array_equal(np.array(view.values), np.array(copied.values))
+        del viewed, view
+        handle.release()
+        gc.collect()
+        assert pool.free_blocks == pool.total_blocks
+    assert not np.array_equal(rebuilt[0][0][0], rebuilt[1][0][0])  # the same blocks held other tokens

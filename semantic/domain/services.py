@@ -190,6 +190,11 @@ class BlockPool:
         self._values = mx.zeros(shape + (spec.v_head_dim,), dtype=dtype)
         mx.eval(self._keys, self._values)
         self._host_views: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        # While the pool writes through the host (CPU), each block's evaluated whole-block views, made once:
+        # the arrays' buffers never change there, and a view held by the pool costs nothing. Other writes
+        # replace the arrays, so they drop these (on a GPU a held view would also stop every store from
+        # updating the arrays in place).
+        self._whole_views: Dict[int, Tuple[mx.array, mx.array]] = {}
         if grow_buffer_cache:
             _ensure_buffer_cache(max(4 * self.nbytes, 1 << 30))  # room for rebuilds alive at once and temporaries
 
@@ -500,7 +505,8 @@ class BlockPool:
 
         A view is valid only while its block stays referenced: the pool rewrites freed blocks in place.
         Evaluate the views under :attr:`storage_lock`, and keep a reference on the blocks (a handle)
-        for as long as they live.
+        for as long as they live. On CPU a whole block's views are made once and kept by the pool
+        (1x12 rebuild, views made per call 0.10 ms -> 0.027 ms kept, against a 0.05 ms memcpy).
         """
         if self._quantized is not None:
             raise AssertionError("quantized blocks have no dense view; gather them")
@@ -509,6 +515,8 @@ class BlockPool:
         ids = self._block_array(block_ids, 1).tolist()
         keys, values = self._keys, self._values
         whole = hi - lo == self.spec.block_size
+        if whole and writes_through_host():
+            return self._cached_whole_views(ids)
         if ids and ids == list(range(ids[0], ids[0] + len(ids))):  # the usual case: a store allocates a run
             keys, values = keys[ids[0] : ids[0] + len(ids)], values[ids[0] : ids[0] + len(ids)]
             if not whole:
@@ -517,6 +525,15 @@ class BlockPool:
         if whole:
             return [(keys[b : b + 1], values[b : b + 1]) for b in ids]
         return [(keys[b : b + 1, :, lo:hi], values[b : b + 1, :, lo:hi]) for b in ids]
+
+    def _cached_whole_views(self, ids: List[int]) -> List[Tuple[mx.array, mx.array]]:
+        cached = self._whole_views
+        missing = [b for b in dict.fromkeys(ids) if b not in cached]
+        if missing:
+            made = {b: (self._keys[b : b + 1], self._values[b : b + 1]) for b in missing}
+            mx.eval(list(made.values()))
+            cached.update(made)
+        return [cached[b] for b in ids]
 
     def write_blocks(self, block_ids: Sequence[int], first_index: int, keys: mx.array, values: mx.array,
                      first_token: int) -> None:
@@ -543,6 +560,8 @@ class BlockPool:
                 self._block_array(write[0], 1)
         host = writes_through_host()
         with self._lock:
+            if not host:
+                self._whole_views.clear()
             # No pack kernel on the host: its plan (a row per new block) would be built for nothing.
             if not writes or (not host and self._write_packed(writes)):
                 return
