@@ -2,9 +2,11 @@
 
     python -m experiments.gpu_kernel_choices --output DIR/choices.json [--parts store,dequantize,floor]
 
-- ``store``, per EXP-006 case: what the pool does on CUDA (one kernel cutting every layer's new blocks,
-  then one slice write per run of ids) against a slice write per layer straight from its source
-  (one pass over the bytes, but two launches per layer); both leave the same bytes (checked).
+- ``store``, per EXP-006 case: what the pool does on CUDA (``pool_write``: one kernel cutting every
+  layer's new blocks, then one slice write per run of ids, as 8-byte words; a layer's whole blocks
+  straight from its source instead from ``services._DIRECT_WRITE_BYTES`` per layer) against the same
+  in the cache's dtype, and against a slice write per layer straight from its source (one pass over the
+  bytes, but two launches per layer) in either width; all leave the cache's bytes (checked).
 - ``dequantize``, 32 blocks x 48 layers of gemma3-12b-full in q4: the shipped kernel
   (``mlx_kernels._DEQUANTIZE_ROWS``, one packed word per thread and loop step) at 128/256/512 threads
   against unrolled variants (several words loaded before their stores) and 16-byte packed loads
@@ -39,7 +41,7 @@ def percentiles(fn: Callable[[], object], repeat: int, warmup: int = 5) -> List[
 
 
 # ---- store: pack kernel + slice write, or one slice write per layer ---------------------------------
-def store_paths(repeat: int) -> Dict[str, dict]:
+def store_paths(repeat: int, rounds: int = 2) -> Dict[str, dict]:
     out = {}
     for case in cases.TARGET_CASES:
         ctx = cases.context(case.geometry, case.blocks, case.layers, case.blocks)
@@ -48,35 +50,49 @@ def store_paths(repeat: int) -> Dict[str, dict]:
         plan = [(layer, k * ctx.spec.block_size, 0, ctx.spec.block_size)
                 for layer in range(case.layers) for k in range(n)]
         ids = pool.allocate(n * case.layers, "choices")
-        runs = list(services._id_runs(ids, 0, len(ids)))
+        writes = [(ids[layer * n:(layer + 1) * n], 0, keys, values, 0) for layer, (keys, values) in enumerate(sources)]
 
-        def packed() -> None:
-            blocks = mlx_kernels.pack_blocks(sources, plan, ctx.spec.block_size)
-            for arena, rows in zip((pool._keys, pool._values), blocks):
-                services._write_rows(arena, ids, 0, runs, rows)
-            mx.eval(pool._keys, pool._values)
+        def packed() -> None:  # the pool's path (pack kernel, or each layer from its source when large; wide words)
+            pool._write_packed(writes)
 
-        def per_layer() -> None:
+        def packed_same_dtype() -> None:  # the same, written in the cache's dtype
+            shipped, services.word_view = services.word_view, lambda array: array
+            try:
+                pool._write_packed(writes)
+            finally:
+                services.word_view = shipped
+
+        def per_layer(words: bool) -> None:
+            view = mlx_kernels.word_view if words else (lambda array: array)
+            dtype = pool._keys.dtype
+            arenas = [view(pool._keys), view(pool._values)]
+            pool._keys = pool._values = None  # no reference to the old arrays may remain: written in place
             for layer, (keys, values) in enumerate(sources):
                 first = ids[0] + layer * n
-                for arena, data in ((pool._keys, keys), (pool._values, values)):
+                for arena, data in zip(arenas, (keys, values)):
+                    data = view(data)  # the sources hold whole blocks: contiguous, so the view is free
                     arena[first:first + n] = data.reshape(heads, n, -1, data.shape[-1]).transpose(1, 0, 2, 3)
+            pool._keys, pool._values = (arena.view(dtype) for arena in arenas)
             mx.eval(pool._keys, pool._values)
 
+        sides = {"pool_write": packed, "pool_write_same_dtype": packed_same_dtype,
+                 "per_layer_writes": lambda: per_layer(False), "per_layer_word_writes": lambda: per_layer(True)}
         row = {"MiB": ctx.nbytes / 2**20, "device_copy": percentiles(cases.plain_copy(ctx.nbytes), repeat),
-               "pack_kernel_alone": percentiles(lambda: mx.eval(mlx_kernels.pack_blocks(sources, plan, ctx.spec.block_size)), repeat),
-               "pack_and_write": [], "per_layer_writes": []}
-        for _ in range(2):  # alternated
-            row["pack_and_write"].append(percentiles(packed, repeat))
-            row["per_layer_writes"].append(percentiles(per_layer, repeat))
+               "pack_kernel_alone": percentiles(lambda: mx.eval(mlx_kernels.pack_blocks(sources, plan, ctx.spec.block_size)), repeat)}
+        for _ in range(rounds):  # alternated
+            for name, side in sides.items():
+                row.setdefault(name, []).append(percentiles(side, repeat))
         index = mx.array(ids)
-        per_layer()
-        written = mx.take(pool._keys, index, axis=0)
-        packed()
-        row["same_bytes"] = bool(mx.array_equal(written, mx.take(pool._keys, index, axis=0)).item())
+        row["same_bytes"] = []
+        for side in sides.values():
+            pool._keys = mx.zeros_like(pool._keys)
+            side()
+            written = mx.take(pool._keys, index, axis=0)
+            row["same_bytes"].append(bool(mx.array_equal(written, mx.concatenate([k for k, _ in sources], axis=0).reshape(
+                case.layers, heads, n, -1, written.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(written.shape)).item()))
         out[case.name] = row
         print(case.name, row, file=sys.stderr, flush=True)
-        del written, sources
+        del written, sources, writes
         pool.release_blocks(ids, "choices")
         cases.context.cache_clear()
         del ctx, pool

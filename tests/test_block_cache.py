@@ -141,10 +141,11 @@ def test_random_geometry_round_trip_without_a_model():
         np.testing.assert_array_equal(visible(copy)[1], visible(original)[1])
 
 
-@pytest.mark.parametrize("fragmented", [False, True])
-def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fragmented):
+@pytest.mark.parametrize("fragmented, direct", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fragmented, direct):
     """On CPU blocks are written through NumPy views; other backends write with MLX ops (slices of rows,
-    or one scatter when the free list is fragmented). Both must store the same bytes."""
+    or one scatter when the free list is fragmented; on CUDA a pack kernel, and, with ``direct``, every
+    layer's whole blocks straight from the source as well). All must store the same bytes."""
     from semantic.benchmarking.cases import random_caches
     from semantic.domain import services
 
@@ -157,6 +158,8 @@ def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fra
     tokens = list(range(1100))
     with monkeypatch.context() as patch:
         patch.setattr(services, "writes_through_host", lambda: False)
+        if direct:
+            patch.setattr(services, "_DIRECT_WRITE_BYTES", 1)
         on_device = cache_to_blocks(pool, "device", caches, tokens)
     on_host = cache_to_blocks(pool, "host", caches, tokens)
     runs = len(list(services._id_runs([b for ids in on_device.all_block_ids for b in ids], 0, on_device.num_blocks)))

@@ -90,6 +90,11 @@ def _pack_kernel(n_sources: int):
                                output_names=["k_out", "v_out"], source=_PACK_BLOCKS.replace("SOURCE_CASES", cases))
 
 
+def packs_blocks(keys: mx.array, values: mx.array) -> bool:
+    """Whether :func:`pack_blocks` runs here for sources like ``keys`` and ``values``."""
+    return _on_cuda() and (keys.shape[-1] * keys.itemsize) % 16 == 0 and (values.shape[-1] * values.itemsize) % 16 == 0
+
+
 def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: Sequence[Tuple[int, int, int, int]],
                 block_size: int) -> Optional[Tuple[mx.array, mx.array]]:
     """New blocks ``[n, heads, block_size, dim]`` (keys, values) cut from ``sources`` (per source ``[1, heads,
@@ -97,9 +102,9 @@ def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: Sequence[Tup
     then writes each source's blocks itself). ``plan`` has one row per new block: (source, the source token
     in its slot 0, the first and end slot holding data); other slots are zeroed."""
     keys, values = sources[0]
-    k_vec, v_vec = keys.shape[-1] * keys.itemsize, values.shape[-1] * values.itemsize
-    if not _on_cuda() or k_vec % 16 or v_vec % 16:
+    if not packs_blocks(keys, values):
         return None
+    k_vec, v_vec = keys.shape[-1] * keys.itemsize, values.shape[-1] * values.itemsize
     heads, n = keys.shape[1], len(plan)
     (k_out, v_out) = _pack_kernel(len(sources))(
         inputs=[k for k, _ in sources] + [v for _, v in sources]
@@ -114,6 +119,15 @@ def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: Sequence[Tup
 
 
 _SAME_SIZE_UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+
+
+def word_view(array: mx.array) -> mx.array:
+    """``array`` viewed as the widest unsigned integers (at most 8 bytes) that tile its last axis. MLX
+    copies a slice update a few elements per thread, so 8-byte words move four times the bytes per
+    thread of bfloat16 ones. Free for a row-contiguous array; a strided one would be copied first."""
+    row_bytes = array.shape[-1] * array.itemsize
+    size = next(size for size in (8, 4, 2, 1) if row_bytes % size == 0)
+    return array if size <= array.itemsize else array.view(_SAME_SIZE_UINT[size])
 
 
 def writes_through_host() -> bool:

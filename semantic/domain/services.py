@@ -43,7 +43,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import gather_row_pairs, host_view, host_views, pack_blocks, writes_through_host
+from semantic.adapters.mlx_kernels import (gather_row_pairs, host_view, host_views, pack_blocks, packs_blocks,
+                                           word_view, writes_through_host)
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -581,25 +582,53 @@ class BlockPool:
         """All new blocks cut from their sources by one kernel (quantized by one ``mx.quantize`` per keys and
         values in a quantized pool), then written as whole rows (one slice per run of consecutive ids):
         a handful of launches instead of several per layer. Returns False where the backend has no such
-        kernel. Slots outside the data hold zeros (quantized zeros in a quantized pool: they dequantize to 0)."""
+        kernel. Slots outside the data hold zeros (quantized zeros in a quantized pool: they dequantize to 0).
+
+        A dense layer's whole blocks of at least :data:`_DIRECT_WRITE_BYTES` are instead written straight
+        from its source, one slice per layer: one pass over their bytes instead of two."""
+        if not writes or not packs_blocks(writes[0][2], writes[0][3]):
+            return False
         size = self.spec.block_size
-        plan = []
+        direct_blocks = 0 if self._quantized is not None else -(-_DIRECT_WRITE_BYTES // self.block_bytes)
+        plan, packed_ids, direct = [], [], []
         for source, (block_ids, first_index, keys, _, first_token) in enumerate(writes):
             tokens = keys.shape[2]
-            for k in range(len(block_ids)):
+            lo, hi = _whole_blocks(len(block_ids), first_index, first_token, tokens, size)
+            if (not direct_blocks or hi - lo < direct_blocks
+                    or list(block_ids[lo:hi]) != list(range(block_ids[lo], block_ids[lo] + hi - lo))):
+                lo = hi = 0  # small, or not one run of ids: through the kernel
+            else:
+                direct.append((source, block_ids[lo], (first_index + lo) * size - first_token, hi - lo))
+            for k in itertools.chain(range(lo), range(hi, len(block_ids))):
                 tok0 = (first_index + k) * size - first_token
                 plan.append((source, tok0, max(0, -tok0), min(size, tokens - tok0)))
-        packed = pack_blocks([(w[2], w[3]) for w in writes], plan, size)
-        if packed is None:
-            return False
-        ids = [b for w in writes for b in w[0]]
-        runs = list(_id_runs(ids, 0, len(ids)))
+                packed_ids.append(block_ids[k])
+        parts = pack_blocks([(w[2], w[3]) for w in writes], plan, size) if plan else None
         if self._quantized is not None:
-            arenas, parts = self._quantized.arenas, self._quantized.quantize(*packed)
+            arenas = self._quantized.arenas
+            parts = None if parts is None else self._quantized.quantize(*parts)
         else:
-            arenas, parts = [self._keys, self._values], packed
-        for arena, blocks in zip(arenas, parts):
-            _write_rows(arena, ids, 0, runs, blocks)
+            arenas = [self._keys, self._values]
+        runs = list(_id_runs(packed_ids, 0, len(packed_ids)))
+        # Slices are written as wide words (new blocks and whole sources are contiguous: viewing them costs
+        # nothing); MLX's CUDA scatter, for a fragmented free list, takes the arena's own dtype. The arrays are
+        # replaced by their written views before the evaluation: a reference to an old one left then would
+        # make MLX copy the whole arena instead of writing it in place.
+        for k, arena in enumerate(arenas):
+            dtype = arena.dtype
+            scatter = parts is not None and len(runs) > _MAX_SLICE_WRITES
+            if scatter:
+                arena = _write_rows(arena, packed_ids, 0, runs, parts[k])
+            arena = word_view(arena)
+            if parts is not None and not scatter:
+                arena = _write_rows(arena, packed_ids, 0, runs, word_view(parts[k]))
+            for source, first_id, tok0, n in direct:
+                data = word_view(writes[source][2 + k])[0, :, tok0 : tok0 + n * size]
+                arena[first_id : first_id + n] = data.reshape(data.shape[0], n, size, -1).transpose(1, 0, 2, 3)
+            arenas[k] = arena.view(dtype)
+        del arena
+        if self._quantized is None:
+            self._keys, self._values = arenas
         mx.eval(arenas)
         return True
 
@@ -752,6 +781,21 @@ def _segments(n_blocks: int, first_index: int, first_token: int, n_tokens: int, 
         yield lo, hi, max(seg_start, first_token), min((first_index + hi) * size, end_token), seg_start
 
 
+_DIRECT_WRITE_BYTES = 4 << 20
+"""A dense layer's whole new blocks of at least this many bytes (keys and values) are written straight from the
+source. On an H200 one slice update per layer from the source took 2.44 ms for 64 MiB per layer (3 GiB in
+all) against 4.5 for the pack kernel plus a slice write; at 3 MiB per layer (90 MiB) 0.88 against 0.99, and
+below that the kernel was faster (``experiments.gpu_kernel_choices``, part ``store``)."""
+
+
+def _whole_blocks(n_blocks: int, first_index: int, first_token: int, n_tokens: int, size: int) -> Tuple[int, int]:
+    """``(lo, hi)``: blocks ``[lo, hi)`` of ``n_blocks`` (from block index ``first_index``) hold only data
+    tokens, which are ``[first_token, first_token + n_tokens)``; ``lo == hi`` if none."""
+    lo = max(0, -(-(first_token - first_index * size) // size))
+    hi = min(n_blocks, (first_token + n_tokens) // size - first_index)
+    return lo, max(lo, hi)
+
+
 _MAX_SLICE_WRITES = 4
 """Runs of consecutive block ids per segment written as slices; more runs are written by one scatter."""
 
@@ -765,15 +809,16 @@ def _id_runs(block_ids: Sequence[int], lo: int, hi: int):
             start = k
 
 
-def _write_rows(arena: mx.array, block_ids: Sequence[int], lo: int, runs, rows: mx.array) -> None:
+def _write_rows(arena: mx.array, block_ids: Sequence[int], lo: int, runs, rows: mx.array) -> mx.array:
     """``rows[k]`` into block ``block_ids[lo + k]`` of ``arena``, in place (the arena is donated): one slice
     per run of consecutive ids (``runs`` from :func:`_id_runs`), or, for a fragmented free list, one row
-    scatter instead of many small copies."""
+    scatter instead of many small copies. Returns ``arena``, written."""
     if len(runs) <= _MAX_SLICE_WRITES:
         for run_lo, run_hi, first_id in runs:
             arena[first_id : first_id + run_hi - run_lo] = rows[run_lo - lo : run_hi - lo]
     else:
         arena[mx.array(block_ids[lo : lo + rows.shape[0]])] = rows
+    return arena
 
 
 def _subtract(table: Dict[str, collections.Counter], agent_id: str, counts: Dict[int, int]) -> None:
