@@ -141,11 +141,34 @@ def test_random_geometry_round_trip_without_a_model():
         np.testing.assert_array_equal(visible(copy)[1], visible(original)[1])
 
 
-@pytest.mark.parametrize("fragmented, direct", [(False, False), (True, False), (False, True), (True, True)])
-def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fragmented, direct):
+def strided_like(caches, layout):
+    """``caches`` with their arrays as views: ``"batch"``, row 1 of a 3-row buffer after 5 slots of left
+    padding (how a batch's sequence is extracted); ``"transposed"``, a buffer stored dim-major, so the
+    last axis is strided too."""
+    def view(array):
+        batch, heads, tokens, dim = array.shape
+        if layout == "batch":
+            buffer = mx.zeros((3, heads, tokens + 9, dim), array.dtype)
+            buffer[1:2, :, 5 : 5 + tokens] = array
+            return buffer[1:2, :, 5 : 5 + tokens]
+        return mx.contiguous(array.swapaxes(2, 3)).swapaxes(2, 3)
+    views = []
+    for cache in caches:
+        views.append(copy.copy(cache))
+        views[-1].keys, views[-1].values = view(cache.keys), view(cache.values)
+    mx.eval([(c.keys, c.values) for c in views])
+    return views
+
+
+@pytest.mark.parametrize("fragmented, direct, layout", [
+    (False, False, "contiguous"), (True, False, "contiguous"), (False, True, "contiguous"), (True, True, "contiguous"),
+    (False, False, "batch"), (False, True, "batch"), (False, False, "transposed"), (False, True, "transposed"),
+])
+def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fragmented, direct, layout):
     """On CPU blocks are written through NumPy views; other backends write with MLX ops (slices of rows,
     or one scatter when the free list is fragmented; on CUDA a pack kernel, and, with ``direct``, every
-    layer's whole blocks straight from the source as well). All must store the same bytes."""
+    layer's whole blocks straight from the source as well). All must store the same bytes, from sources
+    of any layout (``strided_like``)."""
     from semantic.benchmarking.cases import random_caches
     from semantic.domain import services
 
@@ -155,13 +178,14 @@ def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fra
         held = pool.allocate(pool.total_blocks // 2, "x")
         pool.release_blocks(held[::2], "x")
     caches = random_caches(spec, 1100, seed=3)
+    sources = caches if layout == "contiguous" else strided_like(caches, layout)
     tokens = list(range(1100))
     with monkeypatch.context() as patch:
         patch.setattr(services, "writes_through_host", lambda: False)
         if direct:
             patch.setattr(services, "_DIRECT_WRITE_BYTES", 1)
-        on_device = cache_to_blocks(pool, "device", caches, tokens)
-    on_host = cache_to_blocks(pool, "host", caches, tokens)
+        on_device = cache_to_blocks(pool, "device", sources, tokens)
+    on_host = cache_to_blocks(pool, "host", sources, tokens)
     runs = len(list(services._id_runs([b for ids in on_device.all_block_ids for b in ids], 0, on_device.num_blocks)))
     assert (runs > services._MAX_SLICE_WRITES) == fragmented
     for original, a, b in zip(caches, blocks_to_cache(pool, on_host), blocks_to_cache(pool, on_device)):

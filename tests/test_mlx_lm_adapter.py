@@ -9,7 +9,7 @@ import inspect
 import mlx.core as mx
 import mlx_lm
 import pytest
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import BatchGenerator, GenerationBatch, generation_stream
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from semantic.adapters import mlx_lm_adapter as adapter
@@ -53,6 +53,7 @@ def test_generator_round_trip_returns_cache_and_context(llama32):
     generator = adapter.Generator(model, stop_token_ids=[])
     prompt = tokenizer.encode("one two three four five")
     uid = generator.insert(prompt, None, [], 4, SamplingParams(), tag="t")
+    assert generator._gen._stream is generation_stream  # the stream adapter.synchronize waits for
     assert generator.extract(uid)[1] == []  # queued: nothing processed yet
     events = []
     while not any(e.finish_reason for e in events):
@@ -62,6 +63,34 @@ def test_generator_round_trip_returns_cache_and_context(llama32):
     assert last.context_tokens == prompt + [e.token for e in events]  # every reported token is in the cache
     assert all(type(c) is KVCache and c.offset == len(last.context_tokens) for c in last.cache)
     assert generator.extract(uid) is None
+    generator.close()
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+def test_sequences_are_extracted_as_views_equal_to_mlx_lm_extract(model_name, request):
+    """Two sequences of different lengths (left padding), gemma's sliding layers past their 128-token window
+    (a rotated buffer): every layer extracted as a view holds what mlx-lm's own ``extract`` copies out."""
+    model, tokenizer = request.getfixturevalue(model_name)
+    generator = adapter.Generator(model, stop_token_ids=[])
+    prompts = [tokenizer.encode("one two three " * 40)[:120], tokenizer.encode("four five")]
+    for prompt in prompts:
+        generator.insert(prompt, None, [], 30, SamplingParams(), tag=len(prompt))
+    for _ in range(20):  # decoding writes the window's buffer in place: past 128 tokens it wraps around
+        generator.next()
+    batch = generator._gen._generation_batch
+    assert len(batch.uids) == 2
+    kinds = set()
+    for cache in batch.prompt_cache:
+        kinds.add((type(cache).__name__, getattr(cache, "rotated", False)))
+        for idx in range(2):
+            view, copy = adapter.extract_view(cache, idx), cache.extract(idx)
+            assert type(view) is type(copy) and view.offset == copy.offset
+            assert getattr(view, "_idx", None) == getattr(copy, "_idx", None)
+            assert mx.array_equal(view.keys, copy.keys) and mx.array_equal(view.values, copy.values)
+    assert kinds == ({("BatchKVCache", False)} if model_name == "llama32"
+                     else {("BatchKVCache", False), ("BatchRotatingKVCache", True)})
+    extracted = batch.extract_cache(1)  # the generator's batches extract this way
+    assert [c.offset for c in extracted] == [cache.extract(1).offset for cache in batch.prompt_cache]
     generator.close()
 
 

@@ -58,58 +58,80 @@ def gather_row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array) -> Tu
 
 
 # One thread block per (new block, head) row, keys and values in one launch: copies each slot of the
-# row from its layer's source (token ``tok0 + slot``), zeroes the slots outside ``[lo, hi)``.
+# row from its layer's source (token ``tok0 + slot``), zeroes the slots outside ``[lo, hi)``. Sources are
+# read through their strides (views of a batch's buffers need no copy first): 16 bytes at a time where the
+# last axis is contiguous and every row starts 16-byte aligned, else one element at a time. ``T`` is the
+# same-size unsigned integer: only bits are moved.
 _PACK_BLOCKS = """
     const int row = blockIdx.x;
     const int block = row / HEADS, head = row % HEADS;
     const int source = plan[4 * block], tok0 = plan[4 * block + 1];
     const int lo = plan[4 * block + 2], hi = plan[4 * block + 3];
     const bool is_value = blockIdx.y == 1;
-    const int vecs = is_value ? V_VECS : K_VECS;  // 16-byte vectors per token slot
-    const uint4* src = nullptr;
+    const int dim = is_value ? V_DIM : K_DIM;
+    const T* src = nullptr;
+    int64_t head_stride = 0, token_stride = 0, dim_stride = 0;
     switch (source) {
 SOURCE_CASES
     }
-    const long long first = ((long long)head * lengths[source] + tok0) * vecs;
-    uint4* dst = reinterpret_cast<uint4*>(is_value ? v_out : k_out) + (size_t)row * BLOCK_SIZE * vecs;
-    for (int i = threadIdx.x; i < BLOCK_SIZE * vecs; i += blockDim.x) {
-        const int slot = i / vecs;
-        dst[i] = (slot >= lo && slot < hi) ? src[first + i] : make_uint4(0, 0, 0, 0);
+    src += head * head_stride;
+    T* out = reinterpret_cast<T*>(is_value ? v_out : k_out) + (size_t)row * BLOCK_SIZE * dim;
+    constexpr int PER_VEC = 16 / sizeof(T);
+    const bool vectors = dim_stride == 1
+        && ((reinterpret_cast<uintptr_t>(src) | (uintptr_t)(token_stride * sizeof(T))) % 16) == 0;
+    if (vectors) {
+        const int vecs = dim / PER_VEC;
+        uint4* dst = reinterpret_cast<uint4*>(out);
+        for (int i = threadIdx.x; i < BLOCK_SIZE * vecs; i += blockDim.x) {
+            const int slot = i / vecs;
+            dst[i] = (slot >= lo && slot < hi)
+                ? reinterpret_cast<const uint4*>(src + (int64_t)(tok0 + slot) * token_stride)[i % vecs]
+                : make_uint4(0, 0, 0, 0);
+        }
+    } else {
+        for (int i = threadIdx.x; i < BLOCK_SIZE * dim; i += blockDim.x) {
+            const int slot = i / dim;
+            out[i] = (slot >= lo && slot < hi) ? src[(int64_t)(tok0 + slot) * token_stride + (i % dim) * dim_stride]
+                                               : T(0);
+        }
     }
 """
 
 
 @functools.lru_cache(maxsize=None)
 def _pack_kernel(n_sources: int):
-    cases = "\n".join(
-        f"        case {i}: src = reinterpret_cast<const uint4*>(is_value ? v{i} : k{i}); break;"
-        for i in range(n_sources)
-    )
-    names = [f"k{i}" for i in range(n_sources)] + [f"v{i}" for i in range(n_sources)] + ["lengths", "plan"]
+    def case(i, name):
+        return (f"src = reinterpret_cast<const T*>({name}); head_stride = {name}_strides[1]; "
+                f"token_stride = {name}_strides[2]; dim_stride = {name}_strides[3];")
+    cases = "\n".join(f"        case {i}: if (is_value) {{ {case(i, f'v{i}')} }} else {{ {case(i, f'k{i}')} }} break;"
+                      for i in range(n_sources))
+    names = [f"k{i}" for i in range(n_sources)] + [f"v{i}" for i in range(n_sources)] + ["plan"]
+    # Not ensure_row_contiguous: MLX would copy every strided source whole before the kernel reads a block of it.
     return mx.fast.cuda_kernel(name=f"semantic_pack_blocks_{n_sources}", input_names=names,
-                               output_names=["k_out", "v_out"], source=_PACK_BLOCKS.replace("SOURCE_CASES", cases))
+                               output_names=["k_out", "v_out"], source=_PACK_BLOCKS.replace("SOURCE_CASES", cases),
+                               ensure_row_contiguous=False)
 
 
 def packs_blocks(keys: mx.array, values: mx.array) -> bool:
     """Whether :func:`pack_blocks` runs here for sources like ``keys`` and ``values``."""
-    return _on_cuda() and (keys.shape[-1] * keys.itemsize) % 16 == 0 and (values.shape[-1] * values.itemsize) % 16 == 0
+    return (_on_cuda() and keys.dtype == values.dtype and keys.itemsize in (1, 2, 4, 8)
+            and (keys.shape[-1] * keys.itemsize) % 16 == 0 and (values.shape[-1] * values.itemsize) % 16 == 0)
 
 
 def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: Sequence[Tuple[int, int, int, int]],
                 block_size: int) -> Optional[Tuple[mx.array, mx.array]]:
     """New blocks ``[n, heads, block_size, dim]`` (keys, values) cut from ``sources`` (per source ``[1, heads,
-    T, dim]`` keys and values) in one kernel, or ``None`` where this backend has no such kernel (the caller
-    then writes each source's blocks itself). ``plan`` has one row per new block: (source, the source token
-    in its slot 0, the first and end slot holding data); other slots are zeroed."""
+    T, dim]`` keys and values, any strides) in one kernel, or ``None`` where this backend has no such kernel
+    (the caller then writes each source's blocks itself). ``plan`` has one row per new block: (source, the
+    source token in its slot 0, the first and end slot holding data); other slots are zeroed."""
     keys, values = sources[0]
     if not packs_blocks(keys, values):
         return None
-    k_vec, v_vec = keys.shape[-1] * keys.itemsize, values.shape[-1] * values.itemsize
     heads, n = keys.shape[1], len(plan)
     (k_out, v_out) = _pack_kernel(len(sources))(
-        inputs=[k for k, _ in sources] + [v for _, v in sources]
-        + [mx.array([k.shape[2] for k, _ in sources], dtype=mx.int32), mx.array(plan, dtype=mx.int32)],
-        template=[("HEADS", heads), ("BLOCK_SIZE", block_size), ("K_VECS", k_vec // 16), ("V_VECS", v_vec // 16)],
+        inputs=[k for k, _ in sources] + [v for _, v in sources] + [mx.array(plan, dtype=mx.int32)],
+        template=[("T", _SAME_SIZE_UINT[keys.itemsize]), ("HEADS", heads), ("BLOCK_SIZE", block_size),
+                  ("K_DIM", keys.shape[-1]), ("V_DIM", values.shape[-1])],
         grid=(n * heads * _THREADS, 2, 1),
         threadgroup=(_THREADS, 1, 1),
         output_shapes=[(n, heads, block_size, keys.shape[-1]), (n, heads, block_size, values.shape[-1])],

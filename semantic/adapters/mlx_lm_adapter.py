@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
-from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.generate import BatchGenerator, generation_stream
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from semantic.domain.errors import UnsupportedModelError
@@ -38,6 +38,14 @@ def check_mlx_lm_version() -> None:
             f"semantic supports mlx-lm {' '.join(SUPPORTED_MLX_LM)}, found {mlx_lm.__version__}; "
             "install a supported version (pip install 'mlx-lm>=0.32.2,<0.33')"
         )
+
+
+def synchronize() -> None:
+    """Wait for everything MLX queued on the default stream and on mlx-lm's generation stream, where
+    ``BatchGenerator`` runs: it queues a sequence's next step before returning its token, and
+    ``mx.synchronize()`` alone waits for the default stream only."""
+    mx.synchronize()
+    mx.synchronize(generation_stream)
 
 
 def make_cache(model) -> List[LayerCache]:
@@ -201,6 +209,44 @@ def _attributed(function, tag):
     return call
 
 
+def extract_view(cache: LayerCache, idx: int) -> LayerCache:
+    """Sequence ``idx`` of a batch layer cache, as mlx-lm's own ``extract`` gives it but without that
+    method's final ``mx.contiguous``: its arrays are views of the batch's buffers. Every cache the engine
+    takes out of a batch is stored at once (the store reads only its new blocks' tokens), so the copy of
+    the whole context per layer that ``extract`` makes was pure cost (a store's main cost on a GPU).
+    A view keeps the batch's buffer alive: drop it before the batch's next step, or that step copies the
+    buffer instead of updating it in place. Other cache types: their own ``extract``."""
+    if type(cache) is BatchKVCache:
+        mx.eval(cache.left_padding)
+        padding = cache.left_padding.tolist()[idx]
+        view = KVCache()
+        view.keys = cache.keys[idx : idx + 1, :, padding : cache._idx]
+        view.values = cache.values[idx : idx + 1, :, padding : cache._idx]
+        view.offset = view.keys.shape[2]
+        return view
+    if type(cache) is BatchRotatingKVCache:
+        mx.eval(cache.left_padding, cache.offset)
+        padding = max(0, cache.left_padding.tolist()[idx])
+        view = RotatingKVCache(cache.max_size)
+        keys, values, end = cache.keys[idx : idx + 1], cache.values[idx : idx + 1], cache._idx
+        if cache.rotated:  # a copy in temporal order, as mlx-lm makes it
+            keys, values, end = mx.roll(keys, -end, axis=2), mx.roll(values, -end, axis=2), cache.max_size
+        view.keys, view.values = keys[:, :, padding:end], values[:, :, padding:end]
+        view.offset = cache.offset.tolist()[idx]
+        view._idx = view.keys.shape[2]
+        return view
+    return cache.extract(idx)
+
+
+def _extracting_views(generator: BatchGenerator) -> BatchGenerator:
+    """``generator`` with its prompt and generation batches extracting sequences as :func:`extract_view`s.
+    Both batches live as long as the generator (mlx-lm extends them, never replaces them); the override
+    is on these two objects only, not on mlx-lm's classes."""
+    for batch in (generator._prompt_batch, generator._generation_batch):
+        batch.extract_cache = lambda idx, batch=batch: [extract_view(c, idx) for c in batch.prompt_cache]
+    return generator
+
+
 class Generator:
     """mlx-lm's ``BatchGenerator`` behind the few calls the engine needs.
 
@@ -213,13 +259,13 @@ class Generator:
     def __init__(self, model, *, stop_token_ids: Sequence[int], prefill_step_size: int = 2048,
                  prefill_batch_size: int = 8, completion_batch_size: int = 32):
         check_mlx_lm_version()
-        self._make = lambda: BatchGenerator(
+        self._make = lambda: _extracting_views(BatchGenerator(
             model,
             stop_tokens=[[t] for t in stop_token_ids] or None,
             prefill_step_size=prefill_step_size,
             prefill_batch_size=prefill_batch_size,
             completion_batch_size=completion_batch_size,
-        )
+        ))
         self._gen = self._make()
         self._vocab = vocab_size(model)
         self._tags: Dict[int, Any] = {}

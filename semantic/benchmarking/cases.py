@@ -397,13 +397,13 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
     generator = adapter.Generator(engine.model, stop_token_ids=[])
 
     # Each side ends by waiting for all it queued (mlx-lm queues its next step before returning a token),
-    # on every device: MLX's CPU stream is asynchronous too, and work left queued by one side would be
-    # timed in the other's next call.
+    # on every device and on mlx-lm's generation stream as well as the default one: MLX's CPU stream is
+    # asynchronous too, and work left queued by one side would be timed in the other's next call.
     def resume_engine() -> float:
         start = time.perf_counter()
         engine.submit("warm-resume", new_tokens, cache=ctx, max_tokens=1)
         (completion,) = engine.step()
-        mx.synchronize()
+        adapter.synchronize()
         took = time.perf_counter() - start
         completion.blocks.release()
         return took
@@ -413,7 +413,7 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
         uid = generator.insert(new_tokens, copy.deepcopy(live), ctx.token_ids, 1, SamplingParams(), None)
         while not any(event.uid == uid and event.finish_reason for event in generator.next()):
             pass
-        mx.synchronize()
+        adapter.synchronize()
         return time.perf_counter() - start
 
     try:
