@@ -785,7 +785,8 @@ _DIRECT_WRITE_BYTES = 4 << 20
 """A dense layer's whole new blocks of at least this many bytes (keys and values) are written straight from the
 source. On an H200 one slice update per layer from the source took 2.44 ms for 64 MiB per layer (3 GiB in
 all) against 4.5 for the pack kernel plus a slice write; at 3 MiB per layer (90 MiB) 0.88 against 0.99, and
-below that the kernel was faster (``experiments.gpu_kernel_choices``, part ``store``)."""
+below that the kernel was faster (``experiments.gpu_kernel_choices``, part ``store``:
+``experiments/results/h200/session-2026-12-03b/choices_call1.json``)."""
 
 
 def _whole_blocks(n_blocks: int, first_index: int, first_token: int, n_tokens: int, size: int) -> Tuple[int, int]:
