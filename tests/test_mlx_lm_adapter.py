@@ -67,30 +67,33 @@ def test_generator_round_trip_returns_cache_and_context(llama32):
 
 
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
-def test_sequences_are_extracted_as_views_equal_to_mlx_lm_extract(model_name, request):
-    """Two sequences of different lengths (left padding), gemma's sliding layers past their 128-token window
-    (a rotated buffer): every layer extracted as a view holds what mlx-lm's own ``extract`` copies out."""
+@pytest.mark.parametrize("sequences", [1, 2])
+def test_sequences_are_extracted_as_views_equal_to_mlx_lm_extract(model_name, sequences, request):
+    """Every layer of a batch extracted as a view holds what mlx-lm's own ``extract`` copies out: one
+    sequence alone (the batch's buffers themselves, longer than its tokens), or two of different lengths
+    (left padding); gemma's sliding layers past their 128-token window (a rotated buffer)."""
     model, tokenizer = request.getfixturevalue(model_name)
     generator = adapter.Generator(model, stop_token_ids=[])
-    prompts = [tokenizer.encode("one two three " * 40)[:120], tokenizer.encode("four five")]
+    prompts = [tokenizer.encode("one two three " * 40)[:120], tokenizer.encode("four five")][:sequences]
     for prompt in prompts:
         generator.insert(prompt, None, [], 30, SamplingParams(), tag=len(prompt))
     for _ in range(20):  # decoding writes the window's buffer in place: past 128 tokens it wraps around
         generator.next()
     batch = generator._gen._generation_batch
-    assert len(batch.uids) == 2
+    assert len(batch.uids) == sequences
     kinds = set()
     for cache in batch.prompt_cache:
         kinds.add((type(cache).__name__, getattr(cache, "rotated", False)))
-        for idx in range(2):
+        for idx in range(sequences):
             view, copy = adapter.extract_view(cache, idx), cache.extract(idx)
             assert type(view) is type(copy) and view.offset == copy.offset
             assert getattr(view, "_idx", None) == getattr(copy, "_idx", None)
-            assert mx.array_equal(view.keys, copy.keys) and mx.array_equal(view.values, copy.values)
+            for got, want in zip(adapter.read_layer_cache(view)[:2], adapter.read_layer_cache(copy)[:2]):
+                assert mx.array_equal(got, want)
     assert kinds == ({("BatchKVCache", False)} if model_name == "llama32"
                      else {("BatchKVCache", False), ("BatchRotatingKVCache", True)})
-    extracted = batch.extract_cache(1)  # the generator's batches extract this way
-    assert [c.offset for c in extracted] == [cache.extract(1).offset for cache in batch.prompt_cache]
+    extracted = batch.extract_cache(0)  # the generator's batches extract this way
+    assert [c.offset for c in extracted] == [cache.extract(0).offset for cache in batch.prompt_cache]
     generator.close()
 
 

@@ -116,17 +116,19 @@ def build_layer_cache(window: Optional[int], keys: mx.array, values: mx.array, o
     return cache
 
 
-def read_layer_cache(cache: LayerCache) -> Tuple[mx.array, mx.array, int, int]:
+def read_layer_cache(cache: LayerCache, *, whole_buffer: bool = False) -> Tuple[mx.array, mx.array, int, int]:
     """``(keys, values, first_token, offset)``: the tokens a cache still sees, in temporal order,
     ``[1, heads, offset - first_token, dim]`` (lazy views; evaluate or copy them). A buffer that holds
     exactly those tokens is returned as it is: slicing it would add an operation and, on some paths,
-    a strided copy."""
+    a strided copy. ``whole_buffer``: a full-attention cache's buffer is returned as it is even when it
+    holds more (its unused tail, after the ``offset - first_token`` tokens), for a caller that reads
+    only those tokens."""
     offset = int(cache.offset)
     if type(cache) is KVCache:
         if cache.keys is None:
             return None, None, 0, 0
         keys = cache.keys
-        if keys.shape[2] == offset:
+        if keys.shape[2] == offset or whole_buffer:
             return keys, cache.values, 0, offset
         # Plain slices of the token axis: MLX builds them in half the time of ``[..., :offset, :]`` (per layer
         # of every store).
@@ -220,9 +222,12 @@ def extract_view(cache: LayerCache, idx: int) -> LayerCache:
         mx.eval(cache.left_padding)
         padding = cache.left_padding.tolist()[idx]
         view = KVCache()
-        view.keys = cache.keys[idx : idx + 1, :, padding : cache._idx]
-        view.values = cache.values[idx : idx + 1, :, padding : cache._idx]
-        view.offset = view.keys.shape[2]
+        if cache.keys.shape[0] == 1 and padding == 0:  # the buffers themselves, a KVCache's usual unused tail
+            view.keys, view.values = cache.keys, cache.values  # included: no operation at all
+        else:
+            view.keys = cache.keys[idx : idx + 1, :, padding : cache._idx]
+            view.values = cache.values[idx : idx + 1, :, padding : cache._idx]
+        view.offset = cache._idx - padding
         return view
     if type(cache) is BatchRotatingKVCache:
         mx.eval(cache.left_padding, cache.offset)

@@ -233,9 +233,11 @@ def cache_to_blocks(
     reuse = source is not None and reused_tokens != 0
     source_tokens = source.num_tokens if reuse else 0
     plans: Dict[Tuple[Optional[int], int], tuple] = {}  # (window, source ids) -> _reuse_plan, the same for its layers
-    layouts = []  # per layer: (keys, values, first_token, shared ids, first new block index, new blocks, carried)
+    # Per layer: (keys, values, first_token, shared ids, first new block index, new blocks, carried, offset).
+    # Keys and values may hold more than the layer's tokens (a buffer's unused tail): the writes say how many.
+    layouts = []
     for layer, (cache, window) in enumerate(zip(caches, spec.layer_windows)):
-        keys, values, first_token, offset = adapter.read_layer_cache(cache)
+        keys, values, first_token, offset = adapter.read_layer_cache(cache, whole_buffer=True)
         if offset != n_tokens:
             raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
         source_ids = source.layer_block_ids(layer) if reuse else ()
@@ -247,7 +249,7 @@ def cache_to_blocks(
         shared_ids = source_ids[source_offset : source_offset + new_from - first]
         if carried is not None:
             carried = (source_ids[carried[0]], carried[1], carried[2])
-        layouts.append((keys, values, first_token, shared_ids, new_from, last - new_from, carried))
+        layouts.append((keys, values, first_token, shared_ids, new_from, last - new_from, carried, offset))
     with pool.build_handle(agent_id, reservation) as builder:
         builder.retain(list(itertools.chain.from_iterable(layout[3] for layout in layouts)))
         # One allocation for every layer: consecutive ids, so each layer's new blocks are one slice.
@@ -255,13 +257,13 @@ def cache_to_blocks(
         layer_ids: List[List[int]] = []
         writes, copies = [], []
         taken = 0
-        for keys, values, first_token, shared_ids, new_from, n_new, carried in layouts:
+        for keys, values, first_token, shared_ids, new_from, n_new, carried, offset in layouts:
             ids = new_ids[taken : taken + n_new]
             taken += n_new
             layer_ids.append([*shared_ids, *ids])
             if ids:  # the whole buffer, unsliced: the writes read only the new blocks' tokens of it, and a
                 # slice would be strided (an extra operation, and a copy before a kernel needing contiguous input)
-                writes.append((ids, new_from, keys, values, first_token))
+                writes.append((ids, new_from, keys, values, first_token, offset - first_token))
                 if carried is not None:
                     copies.append((ids[0], *carried))
         pool.write_many(writes)

@@ -92,21 +92,21 @@ class QuantizedArenas:
                 for table in self._row_tables()]
 
     # ---- writes -------------------------------------------------------------------------------
-    def write_many(self, writes: Iterable[Tuple[Sequence[int], int, mx.array, mx.array, int]]) -> None:
+    def write_many(self, writes: Iterable[Tuple[Sequence[int], int, mx.array, mx.array, int, int]]) -> None:
         """``BlockPool.write_many`` for this format: quantize the tokens each write's blocks hold, then store them."""
         stored = []
-        for ids, first_index, keys, values, first_token in writes:
-            (keys, values), start = self._clip((keys, values), first_index, len(ids), first_token)
+        for ids, first_index, keys, values, first_token, n_tokens in writes:
+            (keys, values), start = self._clip((keys, values), first_index, len(ids), first_token, n_tokens)
             stored.append((ids, first_index, self.quantize(keys, values), start))
         self.write_stored(stored)
 
-    def _clip(self, parts: Sequence[mx.array], first_index: int, n_blocks: int,
-              first_token: int) -> Tuple[List[mx.array], int]:
-        """The tokens of ``parts`` (from position ``first_token``) that blocks ``first_index`` ..
-        ``first_index + n_blocks - 1`` cover, and the first one's position."""
+    def _clip(self, parts: Sequence[mx.array], first_index: int, n_blocks: int, first_token: int,
+              n_tokens: int) -> Tuple[List[mx.array], int]:
+        """The tokens of ``parts`` (``n_tokens`` of them from position ``first_token``) that blocks
+        ``first_index`` .. ``first_index + n_blocks - 1`` cover, and the first one's position."""
         size = self.spec.block_size
         start = max(first_token, first_index * size)
-        end = min(first_token + parts[0].shape[2], (first_index + n_blocks) * size)
+        end = min(first_token + n_tokens, (first_index + n_blocks) * size)
         return [p[:, :, start - first_token:end - first_token] for p in parts], start
 
     def write_stored(self, writes: Iterable[StoredWrite]) -> None:
@@ -116,7 +116,7 @@ class QuantizedArenas:
         planned = []
         for block_ids, first_index, parts, first_token in writes:
             n_blocks = len(block_ids)
-            parts, first_token = self._clip(parts, first_index, n_blocks, first_token)
+            parts, first_token = self._clip(parts, first_index, n_blocks, first_token, parts[0].shape[2])
             before = first_token - first_index * size
             padded = []
             for part in parts:

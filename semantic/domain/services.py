@@ -547,13 +547,16 @@ class BlockPool:
         """
         self.write_many([(block_ids, first_index, keys, values, first_token)])
 
-    def write_many(self, writes: Iterable[Tuple[Sequence[int], int, mx.array, mx.array, int]]) -> None:
-        """Several :meth:`write_blocks` calls, evaluated together.
+    def write_many(self, writes: Iterable[tuple]) -> None:
+        """Several :meth:`write_blocks` calls, evaluated together. Each write is ``(block_ids, first_index,
+        keys, values, first_token[, n_tokens])``: with ``n_tokens``, only the first ``n_tokens`` tokens of
+        ``keys``/``values`` are data (a buffer longer than its tokens is passed as it is: slicing it would
+        cost an operation per array).
 
         Each run of consecutive block ids is written as one slice of rows (a plain strided copy on
         every backend); :meth:`allocate` hands out consecutive ids whenever the free list has them.
         """
-        writes = list(writes)
+        writes = [write if len(write) == 6 else (*write, write[2].shape[2]) for write in writes]
         if all(type(write[0]) is list for write in writes):  # a store's own lists: one NumPy pass for all
             self._block_array(list(itertools.chain.from_iterable(write[0] for write in writes)), 1)
         else:
@@ -572,7 +575,8 @@ class BlockPool:
                 sources = host_views([a for w in writes for a in (w[2], w[3])])
                 arenas = self._host_arenas()
                 for k, write in enumerate(writes):
-                    self._write_host(arenas, write[0], write[1], sources[2 * k], sources[2 * k + 1], write[4])
+                    self._write_host(arenas, write[0], write[1], sources[2 * k], sources[2 * k + 1], write[4],
+                                     write[5])
             else:
                 for write in writes:
                     self._write_arena(*write)
@@ -591,8 +595,7 @@ class BlockPool:
         size = self.spec.block_size
         direct_blocks = 0 if self._quantized is not None else -(-_DIRECT_WRITE_BYTES // self.block_bytes)
         plan, packed_ids, direct = [], [], []
-        for source, (block_ids, first_index, keys, _, first_token) in enumerate(writes):
-            tokens = keys.shape[2]
+        for source, (block_ids, first_index, _, _, first_token, tokens) in enumerate(writes):
             lo, hi = _whole_blocks(len(block_ids), first_index, first_token, tokens, size)
             if (not direct_blocks or hi - lo < direct_blocks
                     or list(block_ids[lo:hi]) != list(range(block_ids[lo], block_ids[lo] + hi - lo))):
@@ -639,10 +642,11 @@ class BlockPool:
             self._host_views = (host_view(self._keys), host_view(self._values))
         return self._host_views
 
-    def _write_host(self, arenas, block_ids, first_index, keys: np.ndarray, values: np.ndarray, first_token) -> None:
+    def _write_host(self, arenas, block_ids, first_index, keys: np.ndarray, values: np.ndarray, first_token,
+                    n_tokens) -> None:
         size = self.spec.block_size
         sources = (keys, values)
-        for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, keys.shape[2], size):
+        for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, n_tokens, size):
             for arena, data in zip(arenas, sources):
                 rows = data[0, :, a - first_token : b - first_token, :]
                 if b - a == (hi - lo) * size:
@@ -653,9 +657,9 @@ class BlockPool:
                     arena[block_ids[lo]] = 0
                     arena[block_ids[lo], :, a - seg_start : b - seg_start, :] = rows
 
-    def _write_arena(self, block_ids, first_index, keys, values, first_token) -> None:
+    def _write_arena(self, block_ids, first_index, keys, values, first_token, n_tokens) -> None:
         size = self.spec.block_size
-        for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, keys.shape[2], size):
+        for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, n_tokens, size):
             pad = [(0, 0), (a - seg_start, seg_start + (hi - lo) * size - b), (0, 0)]
             runs = list(_id_runs(block_ids, lo, hi))
             for arena_name, data in (("_keys", keys), ("_values", values)):
