@@ -144,18 +144,24 @@ def test_random_geometry_round_trip_without_a_model():
 def strided_like(caches, layout):
     """``caches`` with their arrays as views: ``"batch"``, row 1 of a 3-row buffer after 5 slots of left
     padding (how a batch's sequence is extracted); ``"transposed"``, a buffer stored dim-major, so the
-    last axis is strided too."""
-    def view(array):
+    last axis is strided too; ``"tail"``, full-attention layers as buffers longer than their tokens (how a
+    lone sequence leaves its batch), the unused tail not zero."""
+    def view(array, cache):
         batch, heads, tokens, dim = array.shape
         if layout == "batch":
             buffer = mx.zeros((3, heads, tokens + 9, dim), array.dtype)
             buffer[1:2, :, 5 : 5 + tokens] = array
             return buffer[1:2, :, 5 : 5 + tokens]
+        if layout == "tail":
+            if type(cache).__name__ != "KVCache":
+                return array
+            garbage = mx.full((batch, heads, tokens + 100 - cache.offset, dim), 7, array.dtype)
+            return mx.concatenate([array[:, :, : cache.offset], garbage], axis=2)
         return mx.contiguous(array.swapaxes(2, 3)).swapaxes(2, 3)
     views = []
     for cache in caches:
         views.append(copy.copy(cache))
-        views[-1].keys, views[-1].values = view(cache.keys), view(cache.values)
+        views[-1].keys, views[-1].values = view(cache.keys, cache), view(cache.values, cache)
     mx.eval([(c.keys, c.values) for c in views])
     return views
 
@@ -163,6 +169,7 @@ def strided_like(caches, layout):
 @pytest.mark.parametrize("fragmented, direct, layout", [
     (False, False, "contiguous"), (True, False, "contiguous"), (False, True, "contiguous"), (True, True, "contiguous"),
     (False, False, "batch"), (False, True, "batch"), (False, False, "transposed"), (False, True, "transposed"),
+    (False, False, "tail"), (True, False, "tail"), (False, True, "tail"),
 ])
 def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fragmented, direct, layout):
     """On CPU blocks are written through NumPy views; other backends write with MLX ops (slices of rows,
@@ -192,6 +199,12 @@ def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fra
         for x, y, z in zip(visible(original)[:2], visible(a)[:2], visible(b)[:2]):
             np.testing.assert_array_equal(y, x)
             np.testing.assert_array_equal(z, x)
+    used = 1100 % spec.block_size
+    for handle in (on_host, on_device):  # a last block's rows past the context stay zero, whatever the source held
+        for layer in range(len(spec.layer_windows)):
+            last = handle.layer_block_ids(layer)[-1]
+            assert not mx.any(pool.block_keys(last)[:, used:]).item()
+            assert not mx.any(pool.block_values(last)[:, used:]).item()
 
 
 # ---- rebuilds that view the pool's arrays (one dense block per layer) ------------------------------

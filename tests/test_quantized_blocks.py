@@ -57,7 +57,9 @@ def test_formats_parse_and_weigh_what_they_store():
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
-def test_store_is_mx_quantize_and_rebuild_is_mx_dequantize_exactly(fmt):
+@pytest.mark.parametrize("tail", [0, 11])
+def test_store_is_mx_quantize_and_rebuild_is_mx_dequantize_exactly(fmt, tail):
+    """``tail``: the data passed as buffers longer than its 37 tokens, the rest not zero, with its token count."""
     spec = ModelCacheSpec(2, 3, 64, 64, "bfloat16", block_size=16, name="q").with_format(fmt)
     pool = BlockPool(spec, 20, grow_buffer_cache=False)
     fmt = spec.block_format
@@ -67,7 +69,11 @@ def test_store_is_mx_quantize_and_rebuild_is_mx_dequantize_exactly(fmt):
     pool.release_blocks(earlier, "earlier owner")
     ids = pool.allocate(3, "a")  # blocks 1..3 of the sequence, the data from token 21: ragged at both ends
     assert ids == earlier
-    pool.write_blocks(ids, 1, keys, values, 21)
+    if tail:
+        garbage = mx.full((1, 3, tail, 64), 9, mx.bfloat16)
+        pool.write_many([(ids, 1, mx.concatenate([keys, garbage], 2), mx.concatenate([values, garbage], 2), 21, 37)])
+    else:
+        pool.write_blocks(ids, 1, keys, values, 21)
 
     stored = pool.gather_stored([ids])
     expected = [*quantized(keys, fmt), *quantized(values, fmt)]
