@@ -67,6 +67,50 @@ def test_generator_round_trip_returns_cache_and_context(llama32):
 
 
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+@pytest.mark.parametrize("sequences", [
+    [(0, 150)], [(0, 140), (0, 3)],
+    [(100, 10), (50, 60)],  # cached contexts: left padding common to both after the prompt
+    [(0, 140), (0, 150), (0, 3)],  # two finish their prompts first: mlx-lm's own split
+])
+def test_prompts_move_to_generation_without_copies_and_decode_as_mlx_lm_does(model_name, sequences, request):
+    """Sequences that all finish their prompts at once move to the generation batch with their caches as
+    they are (mlx-lm's split copies them); the generation then holds what mlx-lm's own generator holds,
+    token for token and array for array. ``sequences``: (cached context, prompt) lengths."""
+    model, tokenizer = request.getfixturevalue(model_name)
+    words = tokenizer.encode("one two three " * 60)
+    prompts = [words[context : context + n] for context, n in sequences]
+    step = 145  # a prompt of more than 146 tokens needs two prefill steps
+
+    def caches():
+        made = []
+        for context, _ in sequences:
+            made.append(adapter.make_cache(model))
+            if context:
+                model(mx.array([words[:context]]), cache=made[-1])
+        mx.eval([c.state for cache in made for c in cache if c.keys is not None])
+        return made if any(context for context, _ in sequences) else None
+
+    ours = adapter.Generator(model, stop_token_ids=[], prefill_step_size=step)._gen
+    stock = BatchGenerator(model, stop_tokens=None, prefill_step_size=step)
+    for generator in (ours, stock):
+        generator.insert(prompts, max_tokens=[20] * len(prompts), caches=caches())
+    moved = None
+    for _ in range(8):
+        if len(ours._generation_batch) == 0:
+            moved = list(ours._prompt_batch.prompt_cache)
+        ours.next(), stock.next()
+        for a, b in zip(ours._generation_batch.prompt_cache, stock._generation_batch.prompt_cache):
+            assert a is not b
+            for name in ("keys", "values", "offset", "left_padding"):
+                assert mx.array_equal(getattr(a, name), getattr(b, name)), name
+            assert a._idx == b._idx
+        assert ours._generation_batch.tokens == stock._generation_batch.tokens
+    assert len(ours._generation_batch) == len(sequences)  # all of them decoding, none finished yet
+    moves_whole = len(sequences) == 1 or max(n for _, n in sequences) - 1 <= step
+    assert all(a is b for a, b in zip(moved, ours._generation_batch.prompt_cache)) == moves_whole
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
 @pytest.mark.parametrize("sequences", [1, 2])
 def test_sequences_are_extracted_as_views_equal_to_mlx_lm_extract(model_name, sequences, request):
     """Every layer of a batch extracted as a view holds what mlx-lm's own ``extract`` copies out: one

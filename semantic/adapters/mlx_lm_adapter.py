@@ -243,12 +243,34 @@ def extract_view(cache: LayerCache, idx: int) -> LayerCache:
     return cache.extract(idx)
 
 
-def _extracting_views(generator: BatchGenerator) -> BatchGenerator:
-    """``generator`` with its prompt and generation batches extracting sequences as :func:`extract_view`s.
-    Both batches live as long as the generator (mlx-lm extends them, never replaces them); the override
-    is on these two objects only, not on mlx-lm's classes."""
+def split_moving_all(batch, indices: List[int]):
+    """mlx-lm's ``PromptProcessingBatch.split(indices)``, without its copies when every sequence moves (a
+    lone request, or requests that finish their prompts together): the caches themselves go to the new
+    batch. mlx-lm's split deep-copies the whole batch cache, then keeps all rows of the copy with a take
+    (copies of every layer's buffers, and a host sync per layer), and empties the original. Only a
+    ``BatchKVCache`` of several sequences is still filtered: its filter also drops left padding common to
+    all of them (a take)."""
+    if sorted(indices) != list(range(len(batch.uids))):
+        return type(batch).split(batch, indices)
+    caches, batch.prompt_cache = batch.prompt_cache, []
+    moved = batch._copy()  # the lists, with no caches to deep-copy
+    batch.filter([])
+    moved.prompt_cache = caches
+    if len(indices) > 1:
+        for cache in caches:
+            if type(cache) is BatchKVCache:
+                cache.filter(indices)
+    return moved
+
+
+def _without_batch_copies(generator: BatchGenerator) -> BatchGenerator:
+    """``generator`` with its prompt and generation batches extracting sequences as :func:`extract_view`s,
+    and its prompt batch splitting as :func:`split_moving_all`. Both batches live as long as the generator
+    (mlx-lm extends them, never replaces them); the overrides are on these two objects only, not on
+    mlx-lm's classes."""
     for batch in (generator._prompt_batch, generator._generation_batch):
         batch.extract_cache = lambda idx, batch=batch: [extract_view(c, idx) for c in batch.prompt_cache]
+    generator._prompt_batch.split = lambda indices, batch=generator._prompt_batch: split_moving_all(batch, indices)
     return generator
 
 
@@ -264,7 +286,7 @@ class Generator:
     def __init__(self, model, *, stop_token_ids: Sequence[int], prefill_step_size: int = 2048,
                  prefill_batch_size: int = 8, completion_batch_size: int = 32):
         check_mlx_lm_version()
-        self._make = lambda: _extracting_views(BatchGenerator(
+        self._make = lambda: _without_batch_copies(BatchGenerator(
             model,
             stop_tokens=[[t] for t in stop_token_ids] or None,
             prefill_step_size=prefill_step_size,
