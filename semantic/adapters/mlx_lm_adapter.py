@@ -130,8 +130,7 @@ def read_layer_cache(cache: LayerCache, *, whole_buffer: bool = False) -> Tuple[
         keys = cache.keys
         if keys.shape[2] == offset or whole_buffer:
             return keys, cache.values, 0, offset
-        # Plain slices of the token axis: MLX builds them in half the time of ``[..., :offset, :]`` (per layer
-        # of every store).
+        # Plain slices of the token axis: MLX builds them in half the time of ``[..., :offset, :]``.
         return keys[:, :, :offset], cache.values[:, :, :offset], 0, offset
     if type(cache) is RotatingKVCache:
         if cache.keys is None:
