@@ -47,10 +47,11 @@ def store_paths(repeat: int, rounds: int = 2) -> Dict[str, dict]:
         ctx = cases.context(case.geometry, case.blocks, case.layers, case.blocks)
         pool, heads, n = ctx.pool, ctx.spec.n_kv_heads, case.blocks
         sources = [(c.keys, c.values) for c in ctx.caches]
-        plan = [(layer, k * ctx.spec.block_size, 0, ctx.spec.block_size)
-                for layer in range(case.layers) for k in range(n)]
+        plan = np.array([(layer, k * ctx.spec.block_size, 0, ctx.spec.block_size)
+                         for layer in range(case.layers) for k in range(n)], np.int32)
         ids = pool.allocate(n * case.layers, "choices")
-        writes = [(ids[layer * n:(layer + 1) * n], 0, keys, values, 0) for layer, (keys, values) in enumerate(sources)]
+        writes = [(ids[layer * n:(layer + 1) * n], 0, keys, values, 0, n * ctx.spec.block_size)
+                  for layer, (keys, values) in enumerate(sources)]
 
         def packed() -> None:  # the pool's path (pack kernel, or each layer from its source when large; wide words)
             pool._write_packed(writes)

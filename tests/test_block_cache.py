@@ -207,6 +207,35 @@ def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fra
             assert not mx.any(pool.block_values(last)[:, used:]).item()
 
 
+@pytest.mark.parametrize("direct_ranges", [[(0, 0), (0, 0)], [(0, 0), (1, 3)], [(0, 2), (0, 4)]])
+def test_the_pack_plan_puts_every_token_in_its_block_and_nothing_else(direct_ranges):
+    """The CUDA pack kernel's plan (built for all blocks at once), carried out here in NumPy: every block
+    it cuts holds exactly its tokens of its write (the first and last partly), zeros elsewhere, and the
+    blocks written straight from their source (``direct_ranges``) are left out."""
+    from semantic.domain import services
+
+    size = 8
+    writes = [  # (ids, first block index, keys, values, first token, tokens); sources hold their token numbers
+        ([5, 6, 7], 0, np.arange(20), None, 0, 20),  # full attention: last block partly filled
+        ([1, 2, 3, 4], 2, np.arange(19, 40), None, 19, 21),  # a window: tokens 19..39 in blocks 2..5
+    ]
+    plan, ids = services._pack_plan(writes, direct_ranges, size)
+    assert plan.dtype == np.int32 and plan.shape == (len(ids), 4)
+    expected_ids = []
+    for k, (source, tok0, lo, hi) in enumerate(plan.tolist()):
+        block_ids, first_index, tokens_held, _, first_token, n_tokens = writes[source]
+        slots = np.arange(size)
+        copied, read = (slots >= lo) & (slots < hi), tok0 + slots  # the kernel copies source[read] or writes 0
+        assert np.all((read[copied] >= 0) & (read[copied] < len(tokens_held)))
+        cut = np.where(copied, tokens_held[np.clip(read, 0, len(tokens_held) - 1)], -1)
+        first = (first_index + block_ids.index(ids[k])) * size  # the block's first token
+        held = (first + slots >= first_token) & (first + slots < first_token + n_tokens)
+        np.testing.assert_array_equal(cut, np.where(held, first + slots, -1))
+    for (block_ids, *_), (lo, hi) in zip(writes, direct_ranges):
+        expected_ids += block_ids[:lo] + block_ids[hi:]
+    assert ids == expected_ids
+
+
 # ---- rebuilds that view the pool's arrays (one dense block per layer) ------------------------------
 VIEW_CASES = [  # (model, tokens stored, tokens rebuilt)
     ("llama32", 200, 200),  # full attention: the whole block, offset inside it

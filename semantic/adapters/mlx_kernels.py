@@ -118,12 +118,12 @@ def packs_blocks(keys: mx.array, values: mx.array) -> bool:
             and (keys.shape[-1] * keys.itemsize) % 16 == 0 and (values.shape[-1] * values.itemsize) % 16 == 0)
 
 
-def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: Sequence[Tuple[int, int, int, int]],
+def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: np.ndarray,
                 block_size: int) -> Optional[Tuple[mx.array, mx.array]]:
     """New blocks ``[n, heads, block_size, dim]`` (keys, values) cut from ``sources`` (per source ``[1, heads,
     T, dim]`` keys and values, any strides) in one kernel, or ``None`` where this backend has no such kernel
-    (the caller then writes each source's blocks itself). ``plan`` has one row per new block: (source, the
-    source token in its slot 0, the first and end slot holding data); other slots are zeroed."""
+    (the caller then writes each source's blocks itself). ``plan``, int32 ``[n, 4]``, has one row per new
+    block: (source, the source token in its slot 0, the first and end slot holding data); other slots are zeroed."""
     keys, values = sources[0]
     if not packs_blocks(keys, values):
         return None

@@ -23,6 +23,8 @@ _ARRAY_TYPES = ("mlx.core.array", "numpy.ndarray")
 
 def is_int(value: Any) -> bool:
     """A real integer: Python, NumPy or a 0-d integer MLX/NumPy array; never a bool."""
+    if type(value) is int:  # the usual case first: the ABC check below costs microseconds on every store
+        return True
     if isinstance(value, (bool, np.bool_)):
         return False
     if isinstance(value, numbers.Integral):
