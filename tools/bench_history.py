@@ -194,19 +194,20 @@ def job_home(home: Path) -> Dict[str, str]:
 
 
 def run_in_existing(conf: Config, config_json: dict, python: str, range_spec: str, machine: str,
-                    steps: Optional[int], jobs: int, asv_args: List[str]) -> int:
+                    steps: Optional[int], jobs: int, asv_args: List[str], bench: Optional[str] = None) -> int:
     """``asv run -E existing:python`` for each benchmark of the suite on each commit of the range that
     ``machine`` has no result of it for, each commit's package exported to a scratch folder first.
     ``jobs`` run at once, job i on GPU i (``CUDA_VISIBLE_DEVICES``); each into a scratch results dir,
     merged into the machine's as it ends, so a run stopped by a time limit resumes where it was.
-    Returns asv's worst exit status."""
+    ``bench``: only the benchmarks whose name it matches (``re.search``). Returns asv's worst exit status."""
     commits = commits_in(conf, range_spec)
     if commits is None:
         raise SystemExit(f"--existing needs a git range, not {range_spec}")
     status = 0
     with tempfile.TemporaryDirectory(prefix="bench-existing-") as scratch_dir:
         scratch = Path(scratch_dir)
-        names = suite(conf, python, export(conf, commits[0], scratch))
+        names = [name for name in suite(conf, python, export(conf, commits[0], scratch))
+                 if bench is None or re.search(bench, name)]
         done = measured_names(conf, machine)
         todo = [commit for commit in commits if set(names) - done.get(commit, set())]
         units = queue.SimpleQueue()
@@ -284,6 +285,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="measure in this interpreter (asv -E existing), each commit exported")
     parser.add_argument("--jobs", type=int, default=1,
                         help="with --existing: benchmarks run at once, job i on GPU i (default 1)")
+    parser.add_argument("--bench", metavar="REGEX",
+                        help="only the benchmarks whose name matches REGEX (asv's -b; with --existing, "
+                             "where each benchmark is its own asv run, a -b after -- would not narrow the run)")
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args, asv_args = parser.parse_args(argv[:split]), argv[split + 1:]
@@ -305,11 +309,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         range_spec = absolute_range(args.range)
         if args.existing:
             status = run_in_existing(conf, conf_json, args.existing, range_spec, machine, args.steps, args.jobs,
-                                     asv_args)
+                                     asv_args, args.bench)
         else:
             steps = ["--steps", str(args.steps)] if args.steps else []
+            bench = ["-b", args.bench] if args.bench else []
             status = subprocess.run(asv_command(config, "run", "--skip-existing-commits", "--machine", machine,
-                                                *steps, *asv_args, range_spec)).returncode
+                                                *steps, *bench, *asv_args, range_spec)).returncode
         # 2: something failed, which the report below sorts out; but asv's usage errors exit 2 too, and
         # then there is nothing to report on.
         if status not in (0, 2) or not os.path.exists(os.path.join(conf.results_dir, "benchmarks.json")):
