@@ -601,7 +601,8 @@ class BlockPool:
             lo = hi = 0  # the blocks [lo, hi) written straight from the source; the others through the kernel
             if direct_blocks and len(block_ids) >= direct_blocks:
                 lo, hi = _whole_blocks(len(block_ids), first_index, first_token, tokens, size)
-                if hi - lo < direct_blocks or list(block_ids[lo:hi]) != list(range(block_ids[lo], block_ids[lo] + hi - lo)):
+                if (hi - lo < direct_blocks
+                        or list(block_ids[lo:hi]) != list(range(block_ids[lo], block_ids[lo] + hi - lo))):
                     lo = hi = 0  # too few whole blocks, or not one run of ids
                 else:
                     direct.append((source, block_ids[lo], (first_index + lo) * size - first_token, hi - lo))
@@ -808,14 +809,12 @@ def _pack_plan(writes, direct_ranges: Sequence[Tuple[int, int]], size: int) -> T
     in its slot 0, first data slot, end data slot)`` of an int32 ``[n, 4]`` plan, and the blocks' ids. Computed
     for all blocks at once: a store of 240 blocks spent ~0.2 ms building these rows one by one."""
     counts = [len(write[0]) for write in writes]
-    # Per write: its index, the source token in its first block's slot 0, its tokens, its direct range, and
-    # minus its first block's position in the plan (the cumulative count is added below).
+    # Per write: its index, the source token in its first block's slot 0, its tokens, its direct range.
     per_write = np.fromiter(itertools.chain.from_iterable(
-        (source, write[1] * size - write[4], write[5], lo, hi, -count)
-        for source, (write, (lo, hi), count) in enumerate(zip(writes, direct_ranges, counts))), np.int64, 6 * len(writes))
-    per_write[5::6] += np.cumsum(counts)
-    source, base, tokens, lo, hi, start = np.repeat(per_write.reshape(-1, 6), counts, axis=0).T
-    index = np.arange(len(source)) - start  # each block's index within its write
+        (source, write[1] * size - write[4], write[5], *direct)
+        for source, (write, direct) in enumerate(zip(writes, direct_ranges))), np.int64, 5 * len(writes))
+    source, base, tokens, direct_lo, direct_hi = np.repeat(per_write.reshape(-1, 5), counts, axis=0).T
+    index = np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts)  # each block's, in its write
     plan = np.empty((len(index), 4), np.int32)
     plan[:, 0] = source
     plan[:, 1] = first = base + index * size
@@ -823,7 +822,7 @@ def _pack_plan(writes, direct_ranges: Sequence[Tuple[int, int]], size: int) -> T
     np.minimum(tokens - first, size, out=plan[:, 3])
     ids = list(itertools.chain.from_iterable(write[0] for write in writes))
     if any(lo != hi for lo, hi in direct_ranges):
-        kept = (index < lo) | (index >= hi)
+        kept = (index < direct_lo) | (index >= direct_hi)
         plan, ids = plan[kept], list(itertools.compress(ids, kept.tolist()))
     return plan, ids
 
