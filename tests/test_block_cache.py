@@ -11,6 +11,7 @@ from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters.mlx_kernels import host_view
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
 from semantic.benchmarking.cases import random_values
+from semantic.domain.errors import InvalidRequestError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -358,3 +359,33 @@ def test_views_of_a_rewritten_block_show_its_new_contents(llama32):
         gc.collect()
         assert pool.free_blocks == pool.total_blocks
     assert not np.array_equal(rebuilt[0][0][0], rebuilt[1][0][0])  # the same blocks held other tokens
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+@pytest.mark.parametrize("n_tokens,room", [(200, 40), (256, 1), (600, 300), (600, 0)])
+def test_room_for_a_prompt_lengthens_only_full_attention_buffers(request, model_name, n_tokens, room):
+    """``room``: full-attention layers hold whole blocks for the context and the prompt, as a prefill of both
+    would leave them; the tokens, and every sliding-window layer, are those of a rebuild without room.
+    Gathered caches hold arrays of their own (a lone one goes into mlx-lm's batch uncopied); views do not."""
+    model, _ = request.getfixturevalue(model_name)
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(n_tokens) + spec.n_layers)
+    cache, context, _ = prefill(model, prompt_tokens(n_tokens - 3, seed=8))
+    handle = cache_to_blocks(pool, "a", cache, context)
+
+    plain = blocks_to_cache(pool, handle, views=False)
+    roomy = blocks_to_cache(pool, handle, room=room)
+
+    for layer, (window, a, b) in enumerate(zip(spec.layer_windows, plain, roomy)):
+        assert type(a) is type(b) and a.offset == b.offset == n_tokens
+        held = spec.blocks_for_tokens(n_tokens + room) * spec.block_size if window is None else a.keys.shape[2]
+        assert b.keys.shape[2] == b.values.shape[2] == held, f"layer {layer}"
+        for x, y in zip(visible(a), visible(b)):
+            np.testing.assert_array_equal(x, y, err_msg=f"layer {layer}")
+        assert (b.__dict__.get("merge") is adapter.merge_keeping_arrays) == (not views_pool(b, pool))
+    with pytest.raises(InvalidRequestError, match="room"):
+        blocks_to_cache(pool, handle, room=-1)
+    del plain, roomy, a, b
+    gc.collect()
+    handle.release()
+    assert pool.free_blocks == pool.total_blocks

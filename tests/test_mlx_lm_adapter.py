@@ -4,15 +4,18 @@ An mlx-lm upgrade that changes a cache's ``state`` layout, ``BatchGenerator``'s
 calls or its responses fails here first, naming what moved.
 """
 
+import copy
 import inspect
 
 import mlx.core as mx
+import numpy as np
 import mlx_lm
 import pytest
 from mlx_lm.generate import BatchGenerator, GenerationBatch, generation_stream
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.adapters.mlx_kernels import host_view
 from semantic.domain.errors import UnsupportedModelError
 from semantic.domain.request_checks import SamplingParams
 from semantic.domain.value_objects import ModelCacheSpec
@@ -108,6 +111,66 @@ def test_prompts_move_to_generation_without_copies_and_decode_as_mlx_lm_does(mod
     assert len(ours._generation_batch) == len(sequences)  # all of them decoding, none finished yet
     moves_whole = len(sequences) == 1 or max(n for _, n in sequences) - 1 <= step
     assert all(a is b for a, b in zip(moved, ours._generation_batch.prompt_cache)) == moves_whole
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+@pytest.mark.parametrize("room", [0, 40])
+def test_a_lone_cache_of_its_own_arrays_goes_into_the_batch_uncopied_and_decodes_as_mlx_lm_does(
+        model_name, room, request):
+    """A cache built with ``own_arrays`` (as a rebuild's gathered layers are) is merged alone into a batch as
+    it is: the batch's buffers are its arrays (handles of its own on them), with whatever room they have
+    after the tokens. Decoding from it gives mlx-lm's own tokens and batch contents, and the cache given
+    still holds what it held, its room included. Merged with others, mlx-lm's merge copies them as usual.
+    gemma: sliding layers (window 128) past their window."""
+    model, tokenizer = request.getfixturevalue(model_name)
+    words = tokenizer.encode("one two three four " * 80)
+    context, prompt = words[:300], words[300:330]
+    live = adapter.make_cache(model)
+    model(mx.array([context]), cache=live)
+    mx.eval([c.state for c in live])
+    windows = [adapter.layer_window(c, i) for i, c in enumerate(live)]
+
+    def own_copy():
+        made = []
+        for window, cache in zip(windows, live):
+            keys, values, _, offset = adapter.read_layer_cache(cache)
+            if window is None and room:
+                keys, values = (mx.concatenate([a, mx.zeros(a.shape[:2] + (room,) + a.shape[3:], a.dtype)], axis=2)
+                                for a in (keys, values))
+            made.append(adapter.build_layer_cache(window, mx.array(keys), mx.array(values), offset, own_arrays=True))
+        mx.eval([c.state for c in made])
+        return made
+
+    mine = own_copy()
+    for cache in mine:
+        alone = cache.merge([cache])
+        for got, given in ((alone.keys, cache.keys), (alone.values, cache.values)):
+            assert got is not given and got.shape == given.shape
+            assert np.shares_memory(host_view(got), host_view(given))  # no copy
+        together = cache.merge([cache, live[mine.index(cache)]])
+        stock_merge = type(cache).merge([cache, live[mine.index(cache)]])
+        for name in ("keys", "values", "offset", "left_padding"):
+            assert mx.array_equal(getattr(together, name), getattr(stock_merge, name)), name
+    given = [[np.array(a) for a in (c.keys, c.values)] for c in mine]
+
+    ours = adapter.Generator(model, stop_token_ids=[])._gen
+    stock = BatchGenerator(model, stop_tokens=None)
+    ours.insert([prompt], max_tokens=[24], caches=[mine], all_tokens=[context])
+    stock.insert([prompt], max_tokens=[24], caches=[copy.deepcopy(live)], all_tokens=[context])
+    tokens = {id(ours): [], id(stock): []}
+    for _ in range(25):
+        for generator in (ours, stock):
+            tokens[id(generator)] += [r.token for r in generator.next_generated()]
+        for a, b in zip(ours._generation_batch.prompt_cache, stock._generation_batch.prompt_cache):
+            assert a._idx == b._idx
+            for got, want in zip(a.keys_and_values() if hasattr(a, "keys_and_values") else (a.keys, a.values),
+                                 b.keys_and_values() if hasattr(b, "keys_and_values") else (b.keys, b.values)):
+                assert mx.array_equal(got, want)
+    assert tokens[id(ours)] == tokens[id(stock)] and len(tokens[id(ours)]) == 24
+    assert len(set(tokens[id(ours)])) > 1, "the test model must not emit a constant token"
+    for cache, (keys, values) in zip(mine, given):
+        np.testing.assert_array_equal(np.array(cache.keys), keys)
+        np.testing.assert_array_equal(np.array(cache.values), values)
 
 
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])

@@ -96,7 +96,7 @@ def empty_layer_cache(window: Optional[int]) -> LayerCache:
 
 
 def build_layer_cache(window: Optional[int], keys: mx.array, values: mx.array, offset: int,
-                      keep_alive: object = None) -> LayerCache:
+                      keep_alive: object = None, *, own_arrays: bool = False) -> LayerCache:
     """A cache object holding ``keys``/``values`` ``[1, heads, T, dim]`` after ``offset`` tokens.
 
     Full attention: ``T`` may exceed ``offset`` (the unused tail of the last
@@ -104,6 +104,10 @@ def build_layer_cache(window: Optional[int], keys: mx.array, values: mx.array, o
     ``min(offset, window)`` tokens in temporal order. ``keep_alive``, if given, is
     kept by the cache object (and by its copies) for as long as it lives: what its
     arrays' memory depends on.
+
+    ``own_arrays``: the arrays were made for this cache (not views of memory that is written in
+    place elsewhere, such as the pool's), so a batch that merges the cache alone takes them as its
+    own buffers instead of copying them (:func:`merge_keeping_arrays`).
     """
     if window is None:
         cache = KVCache()
@@ -111,9 +115,43 @@ def build_layer_cache(window: Optional[int], keys: mx.array, values: mx.array, o
     else:
         cache = RotatingKVCache(max_size=window, keep=0)
         cache.state = (keys, values, offset, 0, window, keys.shape[2])
+    # mlx-lm's cache classes keep their state in __dict__; an instance's ``merge`` is found before the
+    # class's (a classmethod), and ``copy.deepcopy`` keeps functions as they are.
     if keep_alive is not None:
-        cache.semantic_keep_alive = keep_alive  # mlx-lm's cache classes keep their state in __dict__
+        cache.semantic_keep_alive = keep_alive
+    if own_arrays:
+        cache.merge = merge_keeping_arrays
     return cache
+
+
+def merge_keeping_arrays(caches: List[LayerCache]):
+    """mlx-lm's batch merge (``BatchKVCache.merge``, ``BatchRotatingKVCache.merge``) of one layer's caches,
+    when a cache is merged alone and already holds what the batch would: the batch takes its arrays as
+    they are, room after the tokens included. mlx-lm's merge makes the batch's buffer exactly as long as
+    the cached tokens (a copy, unless the cache's buffer is exactly that long), so the first prompt token
+    overflows it and mlx-lm grows it with a copy of the whole context; a rebuilt cache whose
+    full-attention buffer has room for the prompt (see ``blocks_to_cache``) goes into the batch with no
+    copy at all. mlx-lm's own batch buffers are longer than their tokens after any update: its methods
+    read ``[..., :_idx]``.
+
+    The batch gets its own handles on the arrays: mlx-lm updates a batch with ``keys[...] = ...``, which
+    rebinds the handle it is applied to, so the cache given never sees the batch's tokens. MLX updates a
+    buffer in place only once nothing else holds it (until then it copies it first)."""
+    cache = caches[0]
+    if len(caches) == 1 and cache.keys is not None:
+        keys, values = cache.keys.reshape(cache.keys.shape), cache.values.reshape(cache.values.shape)
+        if type(cache) is KVCache:
+            batch = BatchKVCache([0])
+            batch.keys, batch.values, batch._idx = keys, values, cache.offset
+            batch.offset = mx.array([cache.offset])
+            return batch
+        held = keys.shape[2]
+        if type(cache) is RotatingKVCache and cache._idx == held == cache.size():  # in temporal order already
+            batch = BatchRotatingKVCache(cache.max_size, [0])
+            batch.keys, batch.values, batch._idx, batch._offset = keys, values, held, held
+            batch.offset = mx.array([cache.offset])
+            return batch
+    return type(cache).merge(caches)  # the class's own
 
 
 def read_layer_cache(cache: LayerCache, *, whole_buffer: bool = False) -> Tuple[mx.array, mx.array, int, int]:

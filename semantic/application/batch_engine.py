@@ -268,16 +268,22 @@ class BlockPoolBatchEngine:
         """Put a request with its reservation into the generator: from its source context, fed its prompt
         and whatever it generated before (a restart after a failed step), to generate the rest."""
         try:
-            cache = self._reconstruct_cache(request.source, request.reused_tokens) if request.source else None
-            request.generator_uid = self._generator.insert(
-                request.prompt_tokens + request.generated, cache, request.context_tokens,
-                request.max_tokens - len(request.generated), request.sampling, request.uid,
-            )
+            request.generator_uid = self._insert(request, self._generator)
         except Exception as exc:
             request.generator_uid = None
             self._fail(request, "admission", exc)
             return
         self._running[request.generator_uid] = request
+
+    def _insert(self, request: _Request, generator: adapter.Generator) -> int:
+        """Queue the request in ``generator`` with its cache rebuilt from its source (if any), fed its prompt
+        and whatever it generated before (a restart after a failed step); its uid there."""
+        prompt = request.prompt_tokens + request.generated
+        cache = None
+        if request.source is not None:
+            cache = self._reconstruct_cache(request.source, request.reused_tokens, len(prompt), generator)
+        return generator.insert(prompt, cache, request.context_tokens, request.max_tokens - len(request.generated),
+                                request.sampling, request.uid)
 
     def _fail(self, request: _Request, stage: str, cause: BaseException) -> None:
         """End a request with an error completion (returned by the next ``step_once``), giving back what it held."""
@@ -403,9 +409,7 @@ class BlockPoolBatchEngine:
         """Whether the request's next step fails with no other request in the batch."""
         probe = self._generator.empty_copy()
         try:
-            cache = self._reconstruct_cache(request.source, request.reused_tokens, probe) if request.source else None
-            probe.insert(request.prompt_tokens + request.generated, cache, request.context_tokens,
-                         request.max_tokens - len(request.generated), request.sampling, request.uid)
+            self._insert(request, probe)
             probe.next()
         except Exception:
             return True
@@ -474,18 +478,18 @@ class BlockPoolBatchEngine:
             self._generator.close()
 
     # ---- cache conversions ------------------------------------------------------------------------
-    def _reconstruct_cache(self, agent_blocks: AgentBlocks, n_tokens: Optional[int] = None,
+    def _reconstruct_cache(self, agent_blocks: AgentBlocks, n_tokens: Optional[int] = None, prompt_tokens: int = 0,
                            generator: Optional[adapter.Generator] = None):
         """``agent_blocks`` (its first ``n_tokens`` tokens, default all) -> one evaluated mlx-lm cache
-        per layer, as the model's own ``make_cache`` would hold them, for insertion into ``generator``
-        (default: the engine's).
+        per layer, as the model's own ``make_cache`` would hold them, with room for the ``prompt_tokens``
+        that follow (see ``blocks_to_cache``), for insertion into ``generator`` (default: the engine's).
 
         Layers of one block are rebuilt as views of the pool (see ``blocks_to_cache``) where that costs
         nothing: always on CPU, where the pool writes through NumPy whatever MLX arrays share its memory.
         Elsewhere a live view makes MLX copy the whole pool array at the next store, so views are used
         only when mlx-lm merges (copies) the inserted cache at its next step, before that step's stores."""
         views = writes_through_host() or (generator or self._generator).merges_next_insert()
-        return blocks_to_cache(self.pool, agent_blocks, n_tokens, views=views)
+        return blocks_to_cache(self.pool, agent_blocks, n_tokens, views=views, room=prompt_tokens)
 
     def _extract_cache(self, uid: int) -> AgentBlocks:
         """The request's current context as a new handle, at any stage: waiting, prefilling, generating,

@@ -17,6 +17,7 @@ import mlx.core as mx
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import IncompatibleCacheError
+from semantic.domain.request_checks import checked_int
 from semantic.domain.services import BlockPool, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -66,7 +67,8 @@ def _rebuilds_as_views(spec: ModelCacheSpec, blocks_per_layer: int) -> bool:
     return blocks_per_layer == 1 and not spec.block_format.quantized
 
 
-def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: bool) -> Tuple[_GatherGroup, ...]:
+def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: bool,
+                 room: int) -> Tuple[_GatherGroup, ...]:
     spec = pool.spec
     groups: Dict[Optional[int], List[int]] = defaultdict(list)
     for layer, window in enumerate(spec.layer_windows):
@@ -76,11 +78,13 @@ def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: boo
         ids = [layer_ids_for(spec, handle, layer, n_tokens) for layer in layers]
         first_block, last_block = spec.layer_block_range(layers[0], n_tokens)
         start, end = spec.visible_range(layers[0], n_tokens)
-        if window is None:  # a KVCache keeps whole blocks, like one after a prefill
-            lo, hi = 0, (last_block - first_block) * spec.block_size
+        if window is None:  # a KVCache keeps whole blocks, like one after a prefill, and room for ``room`` more
+            spare = spec.blocks_for_tokens(n_tokens + room) - last_block
+            ids = [(*layer_ids, *(layer_ids[-1:] * spare)) for layer_ids in ids]  # slots past its tokens: unread
+            lo, hi = 0, (last_block + spare) * spec.block_size
         else:  # the rotating cache holds exactly the visible tokens
             lo, hi = start - first_block * spec.block_size, end - first_block * spec.block_size
-        if views and _rebuilds_as_views(spec, last_block - first_block):
+        if views and _rebuilds_as_views(spec, len(ids[0])):
             plan.append(_GatherGroup(window, tuple(layers), None, tuple(b for (b,) in ids), lo, hi))
         else:
             plan.append(_GatherGroup(window, tuple(layers), pool.gather_rows(ids), None, lo, hi))
@@ -106,8 +110,13 @@ class _BlocksPin:
 
 
 def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None, *,
-                    views: bool = True) -> List[adapter.LayerCache]:
+                    views: bool = True, room: int = 0) -> List[adapter.LayerCache]:
     """Rebuild one evaluated cache object per layer from ``handle``'s first ``n_tokens`` tokens (default all).
+
+    ``room``: tokens the caller will add before generating (its prompt). Full-attention layers get whole
+    blocks with space for them, as a prefill of the same tokens would leave the buffer, so mlx-lm's
+    batch, which takes a lone rebuilt cache's arrays as they are (``adapter.merge_keeping_arrays``),
+    need not grow it with a copy of the context at the first prompt token.
 
     Layers that keep the same blocks count are rebuilt together: one gather kernel for keys and values
     per group (all full-attention layers form one group, the sliding-window layers of one window
@@ -138,10 +147,11 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     and every group with ``views=False``.
     """
     pool.check_handle(handle)
+    room = checked_int("room", room, 0)
     n_tokens = handle.num_tokens if n_tokens is None else n_tokens
     if n_tokens == 0:
         return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]
-    plan = handle.memo(("gather", n_tokens, views), lambda: _gather_plan(pool, handle, n_tokens, views))
+    plan = handle.memo(("gather", n_tokens, views, room), lambda: _gather_plan(pool, handle, n_tokens, views, room))
     pin = _BlocksPin(handle.share()) if any(group.view_ids is not None for group in plan) else None
 
     caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
@@ -161,7 +171,8 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
             if group.hi - group.lo != keys.shape[2]:
                 keys, values = keys[:, :, group.lo : group.hi, :], values[:, :, group.lo : group.hi, :]
             for layer, layer_keys, layer_values in zip(group.layers, _split_layers(keys), _split_layers(values)):
-                caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens)
+                caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens,
+                                                          own_arrays=True)
         mx.eval([(c.keys, c.values) for c in caches])  # one evaluation for the split outputs and the views
     return caches
 
