@@ -72,8 +72,9 @@ class WarmResumeVsHotPath:
     one process (``cases.warm_resume_against_hot_path``): the engine rebuilds the cache from blocks and
     stores the finished context again; mlx-lm continues a ``copy.deepcopy`` of its live cache. Lower is
     better; 1.0 means keeping the context as blocks costs nothing against keeping the live cache.
-    At 256 tokens (one block per layer) the rebuild copies nothing (views of the pool): the one copy is
-    mlx-lm's merge into its batch, which both sides pay and this ratio includes."""
+    The engine rebuilds with room for its prompt, so mlx-lm's batch takes the rebuilt arrays as they are
+    (``adapter.merge_keeping_arrays``), where the hot path's merge and first prompt token copy its
+    context; at 256 tokens that room is a second block per layer, gathered."""
 
     version = 1
     params = (list(ENGINE_MODELS), [256, 1024, 2048])
