@@ -74,7 +74,8 @@ class WarmResumeVsHotPath:
     better; 1.0 means keeping the context as blocks costs nothing against keeping the live cache.
     The engine rebuilds with room for its prompt, so mlx-lm's batch takes the rebuilt arrays as they are
     (``adapter.merge_keeping_arrays``), where the hot path's merge and first prompt token copy its
-    context; at 256 tokens that room is a second block per layer, gathered."""
+    context; at 256 tokens that room is a second block per layer, gathered (on the CPU device the one block
+    stays a view: there a view copies nothing and the gathered block would be copied again)."""
 
     version = 1
     params = (list(ENGINE_MODELS), [256, 1024, 2048])

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.adapters.mlx_kernels import writes_through_host
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import IncompatibleCacheError
 from semantic.domain.request_checks import checked_int
@@ -80,6 +81,8 @@ def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: boo
         start, end = spec.visible_range(layers[0], n_tokens)
         if window is None:  # a KVCache keeps whole blocks, like one after a prefill, and room for ``room`` more
             spare = spec.blocks_for_tokens(n_tokens + room) - last_block
+            if views and writes_through_host() and _rebuilds_as_views(spec, last_block - first_block):
+                spare = 0  # views cost nothing there; gathering a second block would be a copy they avoid
             ids = [(*layer_ids, *(layer_ids[-1:] * spare)) for layer_ids in ids]  # slots past its tokens: unread
             lo, hi = 0, (last_block + spare) * spec.block_size
         else:  # the rotating cache holds exactly the visible tokens
@@ -116,7 +119,11 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     ``room``: tokens the caller will add before generating (its prompt). Full-attention layers get whole
     blocks with space for them, as a prefill of the same tokens would leave the buffer, so mlx-lm's
     batch, which takes a lone rebuilt cache's arrays as they are (``adapter.merge_keeping_arrays``),
-    need not grow it with a copy of the context at the first prompt token.
+    need not grow it (zeros and a concatenate per layer) at the first prompt token. Except on the CPU
+    device, where layers that would be views stay views without room: there bytes, not operations, are
+    the cost, and the views copy nothing where a gathered second block would be copied once more when
+    the batch first writes it (the gather's per-layer arrays share one buffer, so MLX cannot update
+    them in place).
 
     Layers that keep the same blocks count are rebuilt together: one gather kernel for keys and values
     per group (all full-attention layers form one group, the sliding-window layers of one window
