@@ -388,6 +388,10 @@ def test_room_for_a_prompt_lengthens_only_full_attention_buffers(request, model_
         for x, y in zip(visible(a), visible(b)):
             np.testing.assert_array_equal(x, y, err_msg=f"layer {layer}")
         assert (b.__dict__.get("merge") is adapter.merge_keeping_arrays) == (not views_pool(b, pool))
+    plans = set(handle._memo)
+    blocks_to_cache(pool, handle, views=views, room=room + 1)  # a prompt one longer: the same plan if ...
+    grew = spec.blocks_for_tokens(n_tokens + room + 1) != spec.blocks_for_tokens(n_tokens + room)
+    assert (set(handle._memo) != plans) == grew  # ... it needs no more blocks
     with pytest.raises(InvalidRequestError, match="room"):
         blocks_to_cache(pool, handle, room=-1)
     del plain, roomy, a, b

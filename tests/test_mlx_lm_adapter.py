@@ -113,6 +113,29 @@ def test_prompts_move_to_generation_without_copies_and_decode_as_mlx_lm_does(mod
     assert all(a is b for a, b in zip(moved, ours._generation_batch.prompt_cache)) == moves_whole
 
 
+def prefilled(model, tokens):
+    """The model's own cache after ``tokens``, evaluated."""
+    live = adapter.make_cache(model)
+    model(mx.array([tokens]), cache=live)
+    mx.eval([c.state for c in live])
+    return live
+
+
+def own_arrays_copy(live, room):
+    """``live``'s contents in arrays made for the copy (``own_arrays``), full-attention buffers with ``room``
+    slots after their tokens."""
+    made = []
+    for layer, cache in enumerate(live):
+        window = adapter.layer_window(cache, layer)
+        keys, values, _, offset = adapter.read_layer_cache(cache)
+        if window is None and room:
+            keys, values = (mx.concatenate([a, mx.zeros(a.shape[:2] + (room,) + a.shape[3:], a.dtype)], axis=2)
+                            for a in (keys, values))
+        made.append(adapter.build_layer_cache(window, mx.array(keys), mx.array(values), offset, own_arrays=True))
+    mx.eval([c.state for c in made])
+    return made
+
+
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
 @pytest.mark.parametrize("room", [0, 40])
 def test_a_lone_cache_of_its_own_arrays_goes_into_the_batch_uncopied_and_decodes_as_mlx_lm_does(
@@ -125,23 +148,9 @@ def test_a_lone_cache_of_its_own_arrays_goes_into_the_batch_uncopied_and_decodes
     model, tokenizer = request.getfixturevalue(model_name)
     words = tokenizer.encode("one two three four " * 80)
     context, prompt = words[:300], words[300:330]
-    live = adapter.make_cache(model)
-    model(mx.array([context]), cache=live)
-    mx.eval([c.state for c in live])
-    windows = [adapter.layer_window(c, i) for i, c in enumerate(live)]
+    live = prefilled(model, context)
 
-    def own_copy():
-        made = []
-        for window, cache in zip(windows, live):
-            keys, values, _, offset = adapter.read_layer_cache(cache)
-            if window is None and room:
-                keys, values = (mx.concatenate([a, mx.zeros(a.shape[:2] + (room,) + a.shape[3:], a.dtype)], axis=2)
-                                for a in (keys, values))
-            made.append(adapter.build_layer_cache(window, mx.array(keys), mx.array(values), offset, own_arrays=True))
-        mx.eval([c.state for c in made])
-        return made
-
-    mine = own_copy()
+    mine = own_arrays_copy(live, room)
     for cache in mine:
         alone = cache.merge([cache])
         for got, given in ((alone.keys, cache.keys), (alone.values, cache.values)):
@@ -171,6 +180,33 @@ def test_a_lone_cache_of_its_own_arrays_goes_into_the_batch_uncopied_and_decodes
     for cache, (keys, values) in zip(mine, given):
         np.testing.assert_array_equal(np.array(cache.keys), keys)
         np.testing.assert_array_equal(np.array(cache.values), values)
+
+
+def test_merges_next_insert_alone_says_when_the_batch_will_keep_a_caches_arrays(llama32):
+    """True only while nothing is queued or prefilling: then a cache with room goes into the batch as it is
+    (its buffer's length survives the prefill); a cache inserted behind another is merged with it."""
+    model, tokenizer = llama32
+    words = tokenizer.encode("one two three four " * 80)
+    live = prefilled(model, words[:300])
+    generator = adapter.Generator(model, stop_token_ids=[], prefill_step_size=64)
+
+    assert generator.merges_next_insert_alone()
+    generator.insert(words[300:320], own_arrays_copy(live, 40), words[:300], 30, SamplingParams(), "alone")
+    assert not generator.merges_next_insert_alone()  # a second insert now would be merged with the first
+    generator.next()
+    assert [c.keys.shape[2] for c in generator._gen._generation_batch.prompt_cache] == [340] * len(live)
+
+    generator.insert(words[:200], None, [], 5, SamplingParams(), "long prompt")  # prefilled in 64-token steps
+    generator.next()
+    assert len(generator._gen._prompt_batch) == 1 and not generator.merges_next_insert_alone()
+    generator.close()
+
+    together = adapter.Generator(model, stop_token_ids=[])
+    for tag in ("a", "b"):
+        together.insert(words[300:320], own_arrays_copy(live, 40), words[:300], 30, SamplingParams(), tag)
+    together.next()
+    assert all(c.keys.shape[2] != 340 for c in together._gen._generation_batch.prompt_cache)
+    together.close()
 
 
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])

@@ -362,6 +362,14 @@ class Generator:
                    gen.completion_batch_size - len(gen._generation_batch))
         return len(gen._unprocessed_sequences) < room
 
+    def merges_next_insert_alone(self) -> bool:
+        """Whether a sequence inserted now is merged into mlx-lm's batch at the next :meth:`next` by itself
+        (its cache alone, then no other prompt to join: :func:`merge_keeping_arrays` keeps its arrays),
+        unless more sequences are inserted before that step: nothing is queued or prefilling, and the
+        batches have room for it."""
+        gen = self._gen
+        return not gen._unprocessed_sequences and len(gen._prompt_batch) == 0 and self.merges_next_insert()
+
     def next(self) -> List[GenerationEvent]:
         """Advance every active sequence by one step (prefill chunk or decoded token)."""
         try:

@@ -482,14 +482,18 @@ class BlockPoolBatchEngine:
                            generator: Optional[adapter.Generator] = None):
         """``agent_blocks`` (its first ``n_tokens`` tokens, default all) -> one evaluated mlx-lm cache
         per layer, as the model's own ``make_cache`` would hold them, with room for the ``prompt_tokens``
-        that follow (see ``blocks_to_cache``), for insertion into ``generator`` (default: the engine's).
+        that follow (see ``blocks_to_cache``) when mlx-lm will merge it alone, for insertion into
+        ``generator`` (default: the engine's).
 
         Layers of one block are rebuilt as views of the pool (see ``blocks_to_cache``) where that costs
         nothing: always on CPU, where the pool writes through NumPy whatever MLX arrays share its memory.
         Elsewhere a live view makes MLX copy the whole pool array at the next store, so views are used
         only when mlx-lm merges (copies) the inserted cache at its next step, before that step's stores."""
-        views = writes_through_host() or (generator or self._generator).merges_next_insert()
-        return blocks_to_cache(self.pool, agent_blocks, n_tokens, views=views, room=prompt_tokens)
+        generator = generator or self._generator
+        views = writes_through_host() or generator.merges_next_insert()
+        # Room only for a cache mlx-lm will merge alone: merged with others, it is copied without its room.
+        room = prompt_tokens if generator.merges_next_insert_alone() else 0
+        return blocks_to_cache(self.pool, agent_blocks, n_tokens, views=views, room=room)
 
     def _extract_cache(self, uid: int) -> AgentBlocks:
         """The request's current context as a new handle, at any stage: waiting, prefilling, generating,

@@ -69,7 +69,7 @@ def _rebuilds_as_views(spec: ModelCacheSpec, blocks_per_layer: int) -> bool:
 
 
 def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: bool,
-                 room: int) -> Tuple[_GatherGroup, ...]:
+                 held_blocks: int) -> Tuple[_GatherGroup, ...]:
     spec = pool.spec
     groups: Dict[Optional[int], List[int]] = defaultdict(list)
     for layer, window in enumerate(spec.layer_windows):
@@ -79,8 +79,8 @@ def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: boo
         ids = [layer_ids_for(spec, handle, layer, n_tokens) for layer in layers]
         first_block, last_block = spec.layer_block_range(layers[0], n_tokens)
         start, end = spec.visible_range(layers[0], n_tokens)
-        if window is None:  # a KVCache keeps whole blocks, like one after a prefill, and room for ``room`` more
-            spare = spec.blocks_for_tokens(n_tokens + room) - last_block
+        if window is None:  # a KVCache keeps whole blocks, like one after a prefill, ``held_blocks`` with room
+            spare = held_blocks - last_block
             if views and writes_through_host() and _rebuilds_as_views(spec, last_block - first_block):
                 spare = 0  # views cost nothing there; gathering a second block would be a copy they avoid
             ids = [(*layer_ids, *(layer_ids[-1:] * spare)) for layer_ids in ids]  # slots past its tokens: unread
@@ -156,9 +156,11 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     pool.check_handle(handle)
     room = checked_int("room", room, 0)
     n_tokens = handle.num_tokens if n_tokens is None else n_tokens
+    held_blocks = pool.spec.blocks_for_tokens(n_tokens + room)  # prompts of any length within: one plan
     if n_tokens == 0:
         return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]
-    plan = handle.memo(("gather", n_tokens, views, room), lambda: _gather_plan(pool, handle, n_tokens, views, room))
+    plan = handle.memo(("gather", n_tokens, views, held_blocks),
+                       lambda: _gather_plan(pool, handle, n_tokens, views, held_blocks))
     pin = _BlocksPin(handle.share()) if any(group.view_ids is not None for group in plan) else None
 
     caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
