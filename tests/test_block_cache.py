@@ -398,3 +398,40 @@ def test_room_for_a_prompt_lengthens_only_full_attention_buffers(request, model_
     gc.collect()
     handle.release()
     assert pool.free_blocks == pool.total_blocks
+
+
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+def test_with_room_the_batch_writes_the_prompt_into_the_rebuilt_buffers_in_place(request, model_name):
+    """A lone rebuilt cache with room goes into mlx-lm's batch as it is, and the batch's first update (the
+    prompt's tokens) writes every full-attention layer's buffer in place: the rebuild is the context's only
+    copy. Without room several layers are views of one gather, sharing its buffer, which MLX copies whole
+    at that update. Sliding-window layers are not checked: mlx-lm concatenates a prompt onto them anyway."""
+    model, _ = request.getfixturevalue(model_name)
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(600) + spec.n_layers)
+    cache, context, _ = prefill(model, prompt_tokens(597, seed=9))
+    handle = cache_to_blocks(pool, "a", cache, context)
+    full_attention = [layer for layer, window in enumerate(spec.layer_windows) if window is None]
+    address = lambda array: host_view(array).ctypes.data  # noqa: E731
+
+    for room in (0, 3):
+        rebuilt = blocks_to_cache(pool, handle, views=False, room=room)
+        batch = [rebuilt[layer].merge([rebuilt[layer]]) for layer in full_attention]
+        before = [(address(b.keys), address(b.values)) for b in batch]
+        want = [np.array(b.keys[..., :600, :]) for b in batch]
+        del rebuilt
+        gc.collect()
+        new = mx.ones((1, spec.n_kv_heads, 3, spec.k_head_dim), batch[0].keys.dtype)
+        for b in batch:
+            b.update_and_fetch(new, new[..., : spec.v_head_dim])
+        mx.eval([(b.keys, b.values) for b in batch])
+        in_place = [(address(b.keys), address(b.values)) == was for b, was in zip(batch, before)]
+        alone = len(full_attention) == 1  # one layer's gather is its own buffer, room or not
+        assert in_place == [room > 0 or alone] * len(batch), f"room {room}"
+        for b, keys in zip(batch, want):
+            np.testing.assert_array_equal(np.array(b.keys[..., :600, :]), keys)
+            np.testing.assert_array_equal(np.array(b.keys[..., 600:603, :]), np.ones_like(keys[..., :3, :]))
+    del batch, b
+    gc.collect()
+    handle.release()
+    assert pool.free_blocks == pool.total_blocks

@@ -10,17 +10,24 @@ the same launch (a launch costs about as much as copying a 2 MiB context).
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 
+# One thread block per gathered row, keys and values in the same launch; rows ``[l * ROWS_PER_OUTPUT,
+# (l + 1) * ROWS_PER_OUTPUT)`` go to output pair ``l`` (several pairs: layers in buffers of their own).
 _ROW_PAIR_COPY = """
     const bool is_value = blockIdx.y == 1;
     const int vecs = is_value ? V_VECS : K_VECS;
     const uint4* src = reinterpret_cast<const uint4*>(is_value ? v_table : k_table)
         + (size_t)rows[blockIdx.x] * vecs;
-    uint4* dst = reinterpret_cast<uint4*>(is_value ? v_out : k_out) + (size_t)blockIdx.x * vecs;
+    void* out = nullptr;
+    switch (blockIdx.x / ROWS_PER_OUTPUT) {
+OUTPUT_CASES
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out) + (size_t)(blockIdx.x % ROWS_PER_OUTPUT) * vecs;
     for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
         dst[i] = src[i];
     }
@@ -29,32 +36,65 @@ _THREADS = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _row_pair_kernel():
-    return mx.fast.cuda_kernel(name="semantic_row_pair_gather", input_names=["k_table", "v_table", "rows"],
-                               output_names=["k_out", "v_out"], source=_ROW_PAIR_COPY)
+def _row_pair_kernel(n_outputs: int):
+    cases = "\n".join(f"        case {i}: out = is_value ? (void*)v_out{i} : (void*)k_out{i}; break;"
+                      for i in range(n_outputs))
+    return mx.fast.cuda_kernel(
+        name=f"semantic_row_pair_gather_{n_outputs}", input_names=["k_table", "v_table", "rows"],
+        output_names=[f"k_out{i}" for i in range(n_outputs)] + [f"v_out{i}" for i in range(n_outputs)],
+        source=_ROW_PAIR_COPY.replace("OUTPUT_CASES", cases))
 
 
 def _on_cuda() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
+def _row_words(table: mx.array) -> int:
+    """16-byte words per row of ``table``, or 0 if its rows are not whole words."""
+    row_bytes = table.itemsize * math.prod(table.shape[1:])
+    return 0 if row_bytes % 16 else row_bytes // 16
+
+
+def _copies_rows(k_table: mx.array, v_table: mx.array) -> bool:
+    """Whether the row kernel runs here: on CUDA, for rows of whole 16-byte words."""
+    return _on_cuda() and _row_words(k_table) > 0 and _row_words(v_table) > 0
+
+
+def _row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array, n_outputs: int,
+               output_rows: Tuple[int, ...]) -> List[Tuple[mx.array, mx.array]]:
+    """The row kernel: ``rows``, flattened, split evenly into ``n_outputs`` output pairs, each of
+    ``output_rows`` rows."""
+    flat = rows.reshape(-1)
+    per_output = flat.size // n_outputs
+    outputs = _row_pair_kernel(n_outputs)(
+        inputs=[k_table, v_table, flat],
+        template=[("K_VECS", _row_words(k_table)), ("V_VECS", _row_words(v_table)), ("ROWS_PER_OUTPUT", per_output)],
+        grid=(flat.size * _THREADS, 2, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(*output_rows, *table.shape[1:]) for table in (k_table, v_table) for _ in range(n_outputs)],
+        output_dtypes=[table.dtype for table in (k_table, v_table) for _ in range(n_outputs)],
+    )
+    return list(zip(outputs[:n_outputs], outputs[n_outputs:]))
+
+
 def gather_row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array) -> Tuple[mx.array, mx.array]:
     """``(k_table[rows], v_table[rows])`` for contiguous tables ``[n_rows, *row_shape]`` and int32 ``rows``
     of any shape; each result is ``rows.shape + row_shape``."""
-    k_bytes = k_table.itemsize * k_table[0].size
-    v_bytes = v_table.itemsize * v_table[0].size
-    if not _on_cuda() or k_bytes % 16 or v_bytes % 16:
+    if not _copies_rows(k_table, v_table):
         return mx.take(k_table, rows, axis=0), mx.take(v_table, rows, axis=0)
-    flat = rows.reshape(-1)
-    k_out, v_out = _row_pair_kernel()(
-        inputs=[k_table, v_table, flat],
-        template=[("K_VECS", k_bytes // 16), ("V_VECS", v_bytes // 16)],
-        grid=(flat.size * _THREADS, 2, 1),
-        threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(flat.size,) + k_table.shape[1:], (flat.size,) + v_table.shape[1:]],
-        output_dtypes=[k_table.dtype, v_table.dtype],
-    )
-    return k_out.reshape(rows.shape + k_table.shape[1:]), v_out.reshape(rows.shape + v_table.shape[1:])
+    ((keys, values),) = _row_pairs(k_table, v_table, rows, 1, rows.shape)
+    return keys, values
+
+
+def gather_row_pairs_apart(k_table: mx.array, v_table: mx.array,
+                           rows: mx.array) -> List[Tuple[mx.array, mx.array]]:
+    """Per index ``i`` of ``rows``' first axis, ``(k_table[rows[i]], v_table[rows[i]])``, each array in a
+    buffer of its own: MLX updates an array in place only if no other array shares its buffer (else it
+    copies the whole buffer first), and the per-layer parts of one gather, split, share one. One kernel
+    on CUDA; elsewhere a take per array."""
+    if not _copies_rows(k_table, v_table):
+        return [(mx.take(k_table, r, axis=0), mx.take(v_table, r, axis=0)) for r in rows]
+    return _row_pairs(k_table, v_table, rows, rows.shape[0], rows.shape[1:])
 
 
 # One thread block per (new block, head) row, keys and values in one launch: copies each slot of the

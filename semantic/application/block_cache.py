@@ -119,15 +119,15 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     ``room``: tokens the caller will add before generating (its prompt). Full-attention layers get whole
     blocks with space for them, as a prefill of the same tokens would leave the buffer, so mlx-lm's
     batch, which takes a lone rebuilt cache's arrays as they are (``adapter.merge_keeping_arrays``),
-    need not grow it (zeros and a concatenate per layer) at the first prompt token. Except on the CPU
-    device, where layers that would be views stay views without room: there bytes, not operations, are
-    the cost, and the views copy nothing where a gathered second block would be copied once more when
-    the batch first writes it (the gather's per-layer arrays share one buffer, so MLX cannot update
-    them in place).
+    need not grow it (zeros and a concatenate per layer) at the first prompt token; and each such layer's
+    keys and values get a buffer of their own (``BlockPool.gather_apart``), which the batch then writes
+    in place: the rebuild is the only copy. Without room, a group's layers are views of one gather,
+    which MLX would copy whole at the first update. Except on the CPU device, where layers that would
+    be views stay views without room: there bytes, not operations, are the cost, and views copy nothing.
 
     Layers that keep the same blocks count are rebuilt together: one gather kernel for keys and values
     per group (all full-attention layers form one group, the sliding-window layers of one window
-    another), whatever the block count. The kernels are queued (``mx.async_eval``) before the per-layer
+    another), whatever the block count (on CUDA also with room; elsewhere a take per array then). The kernels are queued (``mx.async_eval``) before the per-layer
     cache objects are built: the device copies while Python builds them (H200, 8x30: p50 0.33 -> 0.24 ms).
 
     Views. A group whose layers each need exactly one block of a dense pool copies nothing: each cache
@@ -165,7 +165,8 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
 
     caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
     with pool.storage_lock:
-        gathered = [pool.gather(evaluate=False, rows=group.rows) for group in plan if group.view_ids is None]
+        gathered = [_gathered_layers(pool, group, apart=room > 0 and group.window is None)
+                    for group in plan if group.view_ids is None]
         if gathered:
             mx.async_eval(gathered)
         gathered = iter(gathered)
@@ -176,14 +177,22 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
                     caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens,
                                                               keep_alive=pin)
                 continue
-            keys, values = next(gathered)
-            if group.hi - group.lo != keys.shape[2]:
-                keys, values = keys[:, :, group.lo : group.hi, :], values[:, :, group.lo : group.hi, :]
-            for layer, layer_keys, layer_values in zip(group.layers, _split_layers(keys), _split_layers(values)):
+            for layer, (layer_keys, layer_values) in zip(group.layers, next(gathered)):
                 caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens,
                                                           own_arrays=True)
         mx.eval([(c.keys, c.values) for c in caches])  # one evaluation for the split outputs and the views
     return caches
+
+
+def _gathered_layers(pool: BlockPool, group: _GatherGroup, apart: bool) -> List[Tuple[mx.array, mx.array]]:
+    """A gathered group's keys and values per layer (lazy): each in a buffer of its own if ``apart``, else
+    views of one gather (one op for the group, cheaper when nothing will update them in place)."""
+    if apart:
+        return pool.gather_apart(group.rows)
+    keys, values = pool.gather(evaluate=False, rows=group.rows)
+    if group.hi - group.lo != keys.shape[2]:
+        keys, values = keys[:, :, group.lo : group.hi, :], values[:, :, group.lo : group.hi, :]
+    return list(zip(_split_layers(keys), _split_layers(values)))
 
 
 def _split_layers(stacked: mx.array) -> List[mx.array]:

@@ -43,8 +43,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import (gather_row_pairs, host_view, host_views, pack_blocks, packs_blocks,
-                                           word_view, writes_through_host)
+from semantic.adapters.mlx_kernels import (gather_row_pairs, gather_row_pairs_apart, host_view, host_views,
+                                           pack_blocks, packs_blocks, word_view, writes_through_host)
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -714,6 +714,24 @@ class BlockPool:
             if evaluate:
                 mx.eval(keys, values)
         return keys, values
+
+    def gather_apart(self, rows: mx.array) -> List[Tuple[mx.array, mx.array]]:
+        """:meth:`gather` of ``rows`` per layer, lazy (evaluate under :attr:`storage_lock`): keys and values
+        ``[1, heads, n_blocks * block_size, dim]``, each array in a buffer of its own. MLX updates an array
+        in place only while no other array shares its buffer, and :meth:`gather`'s layers, split, share
+        one: mlx-lm's batch, writing a prompt after a lone rebuilt context, would copy each layer whole.
+        Quantized pools: layers of one dequantize (sharing its buffer)."""
+        spec = self.spec
+        n_layers, heads, n_blocks = rows.shape
+        tokens = n_blocks * spec.block_size
+        with self._lock:
+            if self._quantized is not None:
+                keys, values = self._quantized.gather(rows)
+                return [(keys[i : i + 1], values[i : i + 1]) for i in range(n_layers)]
+            pairs = gather_row_pairs_apart(self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
+                                           self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows)
+        return [(keys.reshape(1, heads, tokens, spec.k_head_dim), values.reshape(1, heads, tokens, spec.v_head_dim))
+                for keys, values in pairs]
 
     # ---- stored form (files hold blocks as the pool stores them) ----------------------------------
     def gather_stored(self, layer_block_ids: Sequence[Sequence[int]]) -> List[mx.array]:
