@@ -61,17 +61,16 @@ def _copies_rows(k_table: mx.array, v_table: mx.array) -> bool:
 
 
 def _row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array, n_outputs: int,
-               output_rows: Tuple[int, ...]) -> List[Tuple[mx.array, mx.array]]:
-    """The row kernel: ``rows``, flattened, split evenly into ``n_outputs`` output pairs, each of
-    ``output_rows`` rows."""
+               shapes: Tuple[Sequence[int], Sequence[int]]) -> List[Tuple[mx.array, mx.array]]:
+    """The row kernel: ``rows``, flattened, split evenly into ``n_outputs`` output pairs of ``shapes``."""
     flat = rows.reshape(-1)
-    per_output = flat.size // n_outputs
     outputs = _row_pair_kernel(n_outputs)(
         inputs=[k_table, v_table, flat],
-        template=[("K_VECS", _row_words(k_table)), ("V_VECS", _row_words(v_table)), ("ROWS_PER_OUTPUT", per_output)],
+        template=[("K_VECS", _row_words(k_table)), ("V_VECS", _row_words(v_table)),
+                  ("ROWS_PER_OUTPUT", flat.size // n_outputs)],
         grid=(flat.size * _THREADS, 2, 1),
         threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(*output_rows, *table.shape[1:]) for table in (k_table, v_table) for _ in range(n_outputs)],
+        output_shapes=[tuple(shape) for shape in shapes for _ in range(n_outputs)],
         output_dtypes=[table.dtype for table in (k_table, v_table) for _ in range(n_outputs)],
     )
     return list(zip(outputs[:n_outputs], outputs[n_outputs:]))
@@ -82,19 +81,22 @@ def gather_row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array) -> Tu
     of any shape; each result is ``rows.shape + row_shape``."""
     if not _copies_rows(k_table, v_table):
         return mx.take(k_table, rows, axis=0), mx.take(v_table, rows, axis=0)
-    ((keys, values),) = _row_pairs(k_table, v_table, rows, 1, rows.shape)
+    ((keys, values),) = _row_pairs(k_table, v_table, rows, 1, (rows.shape + k_table.shape[1:],
+                                                               rows.shape + v_table.shape[1:]))
     return keys, values
 
 
-def gather_row_pairs_apart(k_table: mx.array, v_table: mx.array,
-                           rows: mx.array) -> List[Tuple[mx.array, mx.array]]:
-    """Per index ``i`` of ``rows``' first axis, ``(k_table[rows[i]], v_table[rows[i]])``, each array in a
-    buffer of its own: MLX updates an array in place only if no other array shares its buffer (else it
-    copies the whole buffer first), and the per-layer parts of one gather, split, share one. One kernel
-    on CUDA; elsewhere a take per array."""
+def gather_row_pairs_apart(k_table: mx.array, v_table: mx.array, rows: mx.array, k_shape: Sequence[int],
+                           v_shape: Sequence[int]) -> List[Tuple[mx.array, mx.array]]:
+    """Per index ``i`` of ``rows``' first axis, ``(k_table[rows[i]], v_table[rows[i]])`` reshaped to
+    ``k_shape`` and ``v_shape``, each array in a buffer of its own: MLX updates an array in place only if
+    no other array shares its buffer (else it copies the whole buffer first), and the per-layer parts of
+    one gather, split, share one. One kernel on CUDA, its outputs of those shapes already (no reshape
+    per array); elsewhere a take per array."""
     if not _copies_rows(k_table, v_table):
-        return [(mx.take(k_table, r, axis=0), mx.take(v_table, r, axis=0)) for r in rows]
-    return _row_pairs(k_table, v_table, rows, rows.shape[0], rows.shape[1:])
+        return [(mx.take(k_table, r, axis=0).reshape(k_shape), mx.take(v_table, r, axis=0).reshape(v_shape))
+                for r in rows]
+    return _row_pairs(k_table, v_table, rows, rows.shape[0], (k_shape, v_shape))
 
 
 # One thread block per (new block, head) row, keys and values in one launch: copies each slot of the

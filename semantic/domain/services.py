@@ -727,11 +727,10 @@ class BlockPool:
         with self._lock:
             if self._quantized is not None:
                 keys, values = self._quantized.gather(rows)
-                return [(keys[i : i + 1], values[i : i + 1]) for i in range(n_layers)]
-            pairs = gather_row_pairs_apart(self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
-                                           self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows)
-        return [(keys.reshape(1, heads, tokens, spec.k_head_dim), values.reshape(1, heads, tokens, spec.v_head_dim))
-                for keys, values in pairs]
+                return list(zip(mx.split(keys, n_layers, axis=0), mx.split(values, n_layers, axis=0)))
+            return gather_row_pairs_apart(self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
+                                          self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows,
+                                          (1, heads, tokens, spec.k_head_dim), (1, heads, tokens, spec.v_head_dim))
 
     # ---- stored form (files hold blocks as the pool stores them) ----------------------------------
     def gather_stored(self, layer_block_ids: Sequence[Sequence[int]]) -> List[mx.array]:
