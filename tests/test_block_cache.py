@@ -400,14 +400,15 @@ def test_room_for_a_prompt_lengthens_only_full_attention_buffers(request, model_
     assert pool.free_blocks == pool.total_blocks
 
 
-@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
-def test_with_room_the_batch_writes_the_prompt_into_the_rebuilt_buffers_in_place(request, model_name):
+@pytest.mark.parametrize("model_name,block_format", [("llama32", "dense"), ("gemma32", "dense"), ("llama32", "q4g32")])
+def test_with_room_the_batch_writes_the_prompt_into_the_rebuilt_buffers_in_place(request, model_name, block_format):
     """A lone rebuilt cache with room goes into mlx-lm's batch as it is, and the batch's first update (the
     prompt's tokens) writes every full-attention layer's buffer in place: the rebuild is the context's only
     copy. Without room several layers are views of one gather, sharing its buffer, which MLX copies whole
-    at that update. Sliding-window layers are not checked: mlx-lm concatenates a prompt onto them anyway."""
+    at that update. Sliding-window layers are not checked: mlx-lm concatenates a prompt onto them anyway.
+    Quantized blocks are dequantized into buffers of their own the same way."""
     model, _ = request.getfixturevalue(model_name)
-    spec = ModelCacheSpec.from_model(model)
+    spec = ModelCacheSpec.from_model(model).with_format(block_format)
     pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(600) + spec.n_layers)
     cache, context, _ = prefill(model, prompt_tokens(597, seed=9))
     handle = cache_to_blocks(pool, "a", cache, context)

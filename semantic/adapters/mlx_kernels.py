@@ -24,9 +24,7 @@ _ROW_PAIR_COPY = """
     const uint4* src = reinterpret_cast<const uint4*>(is_value ? v_table : k_table)
         + (size_t)rows[blockIdx.x] * vecs;
     void* out = nullptr;
-    switch (blockIdx.x / ROWS_PER_OUTPUT) {
-OUTPUT_CASES
-    }
+OUTPUT_SWITCH
     uint4* dst = reinterpret_cast<uint4*>(out) + (size_t)(blockIdx.x % ROWS_PER_OUTPUT) * vecs;
     for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
         dst[i] = src[i];
@@ -35,14 +33,23 @@ OUTPUT_CASES
 _THREADS = 256
 
 
+def _output_switch(n_outputs: int, pointer: str) -> str:
+    """Kernel source setting ``out`` to output pair ``blockIdx.x / ROWS_PER_OUTPUT``'s key or value array."""
+    cases = "\n".join(f"        case {i}: out = is_value ? ({pointer})v_out{i} : ({pointer})k_out{i}; break;"
+                      for i in range(n_outputs))
+    return f"    switch (blockIdx.x / ROWS_PER_OUTPUT) {{\n{cases}\n    }}"
+
+
+def _output_names(n_outputs: int) -> List[str]:
+    return [f"k_out{i}" for i in range(n_outputs)] + [f"v_out{i}" for i in range(n_outputs)]
+
+
 @functools.lru_cache(maxsize=None)
 def _row_pair_kernel(n_outputs: int):
-    cases = "\n".join(f"        case {i}: out = is_value ? (void*)v_out{i} : (void*)k_out{i}; break;"
-                      for i in range(n_outputs))
     return mx.fast.cuda_kernel(
         name=f"semantic_row_pair_gather_{n_outputs}", input_names=["k_table", "v_table", "rows"],
-        output_names=[f"k_out{i}" for i in range(n_outputs)] + [f"v_out{i}" for i in range(n_outputs)],
-        source=_ROW_PAIR_COPY.replace("OUTPUT_CASES", cases))
+        output_names=_output_names(n_outputs),
+        source=_ROW_PAIR_COPY.replace("OUTPUT_SWITCH", _output_switch(n_outputs, "void*")))
 
 
 def _on_cuda() -> bool:
@@ -248,7 +255,9 @@ _DEQUANTIZE_ROWS = """
     const uint32_t* packed = (is_value ? v_packed : k_packed) + row * BLOCK_SIZE * words;
     const T* scales = (is_value ? v_scales : k_scales) + row * BLOCK_SIZE * groups;
     const T* biases = (is_value ? v_biases : k_biases) + row * BLOCK_SIZE * groups;
-    T* out = (is_value ? v_out : k_out) + (size_t)blockIdx.x * BLOCK_SIZE * words * PACK;
+    T* out = nullptr;
+OUTPUT_SWITCH
+    out += (size_t)(blockIdx.x % ROWS_PER_OUTPUT) * BLOCK_SIZE * words * PACK;
     struct alignas(sizeof(T) * PACK >= 16 ? 16 : sizeof(T) * PACK) Values { T v[PACK]; };
     for (int i = threadIdx.x; i < BLOCK_SIZE * words; i += blockDim.x) {
         const int slot = i / words, word = i % words;
@@ -268,15 +277,45 @@ _DEQUANTIZE_ROWS = """
 
 
 @functools.lru_cache(maxsize=None)
-def _dequantize_rows_kernel():
+def _dequantize_rows_kernel(n_outputs: int):
     return mx.fast.cuda_kernel(
-        name="semantic_dequantize_rows",
+        name=f"semantic_dequantize_rows_{n_outputs}",
         input_names=["k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases", "rows"],
-        output_names=["k_out", "v_out"], source=_DEQUANTIZE_ROWS)
+        output_names=_output_names(n_outputs), source=_DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH",
+                                                                               _output_switch(n_outputs, "T*")))
 
 
 QuantizedTables = Tuple[mx.array, mx.array, mx.array]
 """``(packed, scales, biases)`` of one quantized array, each ``[n_rows, tokens, width]``."""
+
+
+def _dequantizes_rows(bits: int) -> bool:
+    return _on_cuda() and bits in (2, 4, 8)
+
+
+def _dequantized_dims(keys: QuantizedTables, values: QuantizedTables, bits: int) -> Tuple[int, int]:
+    return keys[0].shape[-1] * 32 // bits, values[0].shape[-1] * 32 // bits
+
+
+def _dequantized_rows(keys: QuantizedTables, values: QuantizedTables, rows: mx.array, n_outputs: int,
+                      shapes: Tuple[Sequence[int], Sequence[int]], group_size: int,
+                      bits: int) -> List[Tuple[mx.array, mx.array]]:
+    """The dequantizing row kernel: ``rows``, flattened, split evenly into ``n_outputs`` output pairs of
+    ``shapes``."""
+    flat = rows.reshape(-1)
+    dtype = keys[1].dtype
+    outputs = _dequantize_rows_kernel(n_outputs)(
+        inputs=[*keys, *values, flat],
+        template=[("T", dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("BLOCK_SIZE", keys[0].shape[1]),
+                  ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
+                  ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1]),
+                  ("ROWS_PER_OUTPUT", flat.size // n_outputs)],
+        grid=(flat.size * _THREADS, 2, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[tuple(shape) for shape in shapes for _ in range(n_outputs)],
+        output_dtypes=[dtype] * (2 * n_outputs),
+    )
+    return list(zip(outputs[:n_outputs], outputs[n_outputs:]))
 
 
 def gather_dequantized_pairs(keys: QuantizedTables, values: QuantizedTables, rows: mx.array, *, group_size: int,
@@ -287,21 +326,25 @@ def gather_dequantized_pairs(keys: QuantizedTables, values: QuantizedTables, row
     On CUDA one kernel reads the packed rows and writes the dense cache (one pass, keys and values in
     the same launch); elsewhere three row gathers and one dequantize per table.
     """
-    if not _on_cuda() or bits not in (2, 4, 8):
-        return tuple(mx.dequantize(*(mx.take(table, rows, axis=0) for table in tables), group_size=group_size,
-                                   bits=bits) for tables in (keys, values))
-    flat = rows.reshape(-1)
+    if not _dequantizes_rows(bits):
+        return tuple(_dequantized_take(tables, rows, group_size, bits) for tables in (keys, values))
     tokens = keys[0].shape[1]
-    k_dim, v_dim = keys[0].shape[-1] * 32 // bits, values[0].shape[-1] * 32 // bits
-    dtype = keys[1].dtype
-    k_out, v_out = _dequantize_rows_kernel()(
-        inputs=[*keys, *values, flat],
-        template=[("T", dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("BLOCK_SIZE", tokens),
-                  ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
-                  ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1])],
-        grid=(flat.size * _THREADS, 2, 1),
-        threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(flat.size, tokens, k_dim), (flat.size, tokens, v_dim)],
-        output_dtypes=[dtype, dtype],
-    )
-    return (k_out.reshape(rows.shape + (tokens, k_dim)), v_out.reshape(rows.shape + (tokens, v_dim)))
+    shapes = tuple(rows.shape + (tokens, dim) for dim in _dequantized_dims(keys, values, bits))
+    ((k_out, v_out),) = _dequantized_rows(keys, values, rows, 1, shapes, group_size, bits)
+    return k_out, v_out
+
+
+def gather_dequantized_pairs_apart(keys: QuantizedTables, values: QuantizedTables, rows: mx.array,
+                                   k_shape: Sequence[int], v_shape: Sequence[int], *, group_size: int,
+                                   bits: int) -> List[Tuple[mx.array, mx.array]]:
+    """:func:`gather_dequantized_pairs` of each ``rows[i]``, reshaped to ``k_shape`` and ``v_shape``, each
+    array in a buffer of its own (see :func:`gather_row_pairs_apart`): one kernel on CUDA, elsewhere a
+    dequantize per array."""
+    if not _dequantizes_rows(bits):
+        return [(_dequantized_take(keys, r, group_size, bits).reshape(k_shape),
+                 _dequantized_take(values, r, group_size, bits).reshape(v_shape)) for r in rows]
+    return _dequantized_rows(keys, values, rows, rows.shape[0], (k_shape, v_shape), group_size, bits)
+
+
+def _dequantized_take(tables: QuantizedTables, rows: mx.array, group_size: int, bits: int) -> mx.array:
+    return mx.dequantize(*(mx.take(table, rows, axis=0) for table in tables), group_size=group_size, bits=bits)

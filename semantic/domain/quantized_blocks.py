@@ -19,7 +19,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import gather_dequantized_pairs, host_view, writes_through_host
+from semantic.adapters.mlx_kernels import (gather_dequantized_pairs, gather_dequantized_pairs_apart, host_view,
+                                           writes_through_host)
 from semantic.domain.value_objects import ModelCacheSpec
 
 StoredWrite = Tuple[Sequence[int], int, Sequence[mx.array], int]
@@ -84,6 +85,16 @@ class QuantizedArenas:
         tokens = n_blocks * self.spec.block_size
         return (keys.reshape(n_layers, heads, tokens, keys.shape[-1]),
                 values.reshape(n_layers, heads, tokens, values.shape[-1]))
+
+    def gather_apart(self, rows: mx.array) -> List[Tuple[mx.array, mx.array]]:
+        """:meth:`gather` per layer, ``[1, heads, n_blocks * block_size, dim]`` keys and values, each
+        array in a buffer of its own (``BlockPool.gather_apart``)."""
+        tables = self._row_tables()
+        _, heads, n_blocks = rows.shape
+        tokens = n_blocks * self.spec.block_size
+        return gather_dequantized_pairs_apart(
+            tuple(tables[:3]), tuple(tables[3:]), rows, (1, heads, tokens, self.spec.k_head_dim),
+            (1, heads, tokens, self.spec.v_head_dim), group_size=self.format.group_size, bits=self.format.bits)
 
     def gather_stored(self, rows: mx.array) -> List[mx.array]:
         """The packed parts of ``rows`` as stored, each ``[layers, heads, n_blocks * block_size, width]`` (lazy)."""

@@ -720,14 +720,13 @@ class BlockPool:
         ``[1, heads, n_blocks * block_size, dim]``, each array in a buffer of its own. MLX updates an array
         in place only while no other array shares its buffer, and :meth:`gather`'s layers, split, share
         one: mlx-lm's batch, writing a prompt after a lone rebuilt context, would copy each layer whole.
-        Quantized pools: layers of one dequantize (sharing its buffer)."""
+        One kernel on CUDA (dequantizing, for quantized pools); elsewhere an operation per array."""
         spec = self.spec
-        n_layers, heads, n_blocks = rows.shape
+        _, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
         with self._lock:
             if self._quantized is not None:
-                keys, values = self._quantized.gather(rows)
-                return list(zip(mx.split(keys, n_layers, axis=0), mx.split(values, n_layers, axis=0)))
+                return self._quantized.gather_apart(rows)
             return gather_row_pairs_apart(self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
                                           self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows,
                                           (1, heads, tokens, spec.k_head_dim), (1, heads, tokens, spec.v_head_dim))
