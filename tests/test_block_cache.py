@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from semantic.adapters import mlx_lm_adapter as adapter
-from semantic.adapters.mlx_kernels import host_view, writes_through_host
+from semantic.adapters.mlx_kernels import host_view
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
 from semantic.benchmarking.cases import random_values
 from semantic.domain.errors import InvalidRequestError
@@ -367,7 +367,6 @@ def test_views_of_a_rewritten_block_show_its_new_contents(llama32):
 def test_room_for_a_prompt_lengthens_only_full_attention_buffers(request, model_name, n_tokens, room, views):
     """``room``: full-attention layers hold whole blocks for the context and the prompt, as a prefill of both
     would leave them; the tokens, and every sliding-window layer, are those of a rebuild without room.
-    Layers that fit one block stay views without room on the CPU device (views copy nothing there).
     Gathered caches hold arrays of their own (a lone one goes into mlx-lm's batch uncopied); views do not."""
     model, _ = request.getfixturevalue(model_name)
     spec = ModelCacheSpec.from_model(model)
@@ -378,11 +377,10 @@ def test_room_for_a_prompt_lengthens_only_full_attention_buffers(request, model_
     plain = blocks_to_cache(pool, handle, views=False)
     roomy = blocks_to_cache(pool, handle, views=views, room=room)
 
-    stays_a_view = views and writes_through_host() and spec.blocks_for_tokens(n_tokens) == 1
     for layer, (window, a, b) in enumerate(zip(spec.layer_windows, plain, roomy)):
         assert type(a) is type(b) and a.offset == b.offset == n_tokens
         held = a.keys.shape[2]
-        if window is None and not stays_a_view:
+        if window is None:
             held = spec.blocks_for_tokens(n_tokens + room) * spec.block_size
         assert b.keys.shape[2] == b.values.shape[2] == held, f"layer {layer}"
         for x, y in zip(visible(a), visible(b)):

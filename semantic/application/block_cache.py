@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from semantic.adapters import mlx_lm_adapter as adapter
-from semantic.adapters.mlx_kernels import writes_through_host
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import IncompatibleCacheError
 from semantic.domain.request_checks import checked_int
@@ -81,8 +80,6 @@ def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: boo
         start, end = spec.visible_range(layers[0], n_tokens)
         if window is None:  # a KVCache keeps whole blocks, like one after a prefill, ``held_blocks`` with room
             spare = held_blocks - last_block
-            if views and writes_through_host() and _rebuilds_as_views(spec, last_block - first_block):
-                spare = 0  # views cost nothing there; gathering a second block would be a copy they avoid
             ids = [(*layer_ids, *(layer_ids[-1:] * spare)) for layer_ids in ids]  # slots past its tokens: unread
             lo, hi = 0, (last_block + spare) * spec.block_size
         else:  # the rotating cache holds exactly the visible tokens
@@ -122,8 +119,7 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     need not grow it (zeros and a concatenate per layer) at the first prompt token; and each such layer's
     keys and values get a buffer of their own (``BlockPool.gather_apart``), which the batch then writes
     in place: the rebuild is the only copy. Without room, a group's layers are views of one gather,
-    which MLX would copy whole at the first update. Except on the CPU device, where layers that would
-    be views stay views without room: there bytes, not operations, are the cost, and views copy nothing.
+    which MLX would copy whole at the first update.
 
     Layers that keep the same blocks count are rebuilt together: one gather kernel for keys and values
     per group (all full-attention layers form one group, the sliding-window layers of one window
