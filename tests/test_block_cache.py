@@ -10,7 +10,7 @@ import pytest
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters.mlx_kernels import host_view
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
-from semantic.benchmarking.cases import random_values
+from semantic.benchmarking.cases import random_caches, random_values
 from semantic.domain.errors import InvalidRequestError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
@@ -131,8 +131,6 @@ def test_rebuild_of_a_prefix_trims_inside_a_block(llama32):
 
 def test_random_geometry_round_trip_without_a_model():
     spec = ModelCacheSpec.preset("gemma-3-12b").with_layers(12)
-    from semantic.benchmarking.cases import random_caches
-
     pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(2000))
     caches = random_caches(spec, 1900, seed=1)
     handle = cache_to_blocks(pool, "a", caches, list(range(1900)))
@@ -140,6 +138,28 @@ def test_random_geometry_round_trip_without_a_model():
     for original, copy in zip(caches, blocks_to_cache(pool, handle)):
         np.testing.assert_array_equal(visible(copy)[0], visible(original)[0])
         np.testing.assert_array_equal(visible(copy)[1], visible(original)[1])
+
+
+@pytest.mark.parametrize("block_format,dims,block_size", [("dense", (64, 32), 16), ("dense", (5, 3), 4),
+                                                          ("q8g32", (64, 32), 16), ("q4g32", (32, 64), 16)])
+def test_a_gather_apart_holds_the_gather_of_each_layer(block_format, dims, block_size):
+    """``BlockPool.gather_apart``: per layer, what ``gather`` holds for it, bit for bit, in the cache's shape.
+    Blocks of 4 x 5 float16 values are not whole 16-byte words: the portable path on every backend."""
+    spec = ModelCacheSpec(n_layers=3, n_kv_heads=2, k_head_dim=dims[0], v_head_dim=dims[1], dtype="float16",
+                          block_size=block_size, block_format=block_format)
+    pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(70) + 3)
+    handle = cache_to_blocks(pool, "a", random_caches(spec, 70, seed=3), list(range(70)))
+    rows = pool.gather_rows([handle.layer_block_ids(layer) for layer in range(3)])
+    keys, values = pool.gather(rows=rows)
+    with pool.storage_lock:
+        apart = pool.gather_apart(rows)
+        mx.eval(apart)
+    assert len(apart) == 3
+    for layer, (layer_keys, layer_values) in enumerate(apart):
+        for got, want in ((layer_keys, keys[layer : layer + 1]), (layer_values, values[layer : layer + 1])):
+            tokens = spec.blocks_for_tokens(70) * block_size
+            assert got.shape == want.shape == (1, 2, tokens, got.shape[-1]) and got.dtype == want.dtype
+            np.testing.assert_array_equal(np.array(got.view(mx.uint16)), np.array(want.view(mx.uint16)))
 
 
 def strided_like(caches, layout):
@@ -177,7 +197,6 @@ def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fra
     or one scatter when the free list is fragmented; on CUDA a pack kernel, and, with ``direct``, every
     layer's whole blocks straight from the source as well). All must store the same bytes, from sources
     of any layout (``strided_like``)."""
-    from semantic.benchmarking.cases import random_caches
     from semantic.domain import services
 
     spec = ModelCacheSpec(6, 2, 16, 16, "bfloat16", layer_windows=(None, 300) * 3, name="small")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_engine
 from semantic.adapters import mlx_lm_adapter as adapter
-from semantic.adapters.mlx_kernels import gather_dequantized_pairs
+from semantic.adapters.mlx_kernels import gather_dequantized_pairs, gather_dequantized_pairs_apart
 from semantic.application.batch_engine import BlockPoolBatchEngine
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
 from semantic.domain.block_format import BlockFormat
@@ -102,6 +102,18 @@ def test_the_dequantizing_gather_equals_mx_dequantize_bit_for_bit(dtype, bits, g
         want = mx.take(mx.dequantize(*table, group_size=group_size, bits=bits), rows, axis=0)
         assert result.dtype == dtype and result.shape == want.shape
         assert np.array_equal(np.array(result.view(mx.uint8)), np.array(want.view(mx.uint8)))
+
+    # Apart: one output pair per index of the first axis (a layer), in the shape asked for.
+    layers = mx.array([[[3, 0, 8], [3, 5, 1]], [[7, 2, 2], [6, 4, 0]]], dtype=mx.int32)
+    shapes = [(1, 2, 3 * 16, dim) for dim in (64, 128)]
+    apart = gather_dequantized_pairs_apart(tuple(tables[0]), tuple(tables[1]), layers, *shapes,
+                                           group_size=group_size, bits=bits)
+    assert len(apart) == 2
+    for layer, pair in enumerate(apart):
+        for table, shape, result in zip(tables, shapes, pair):
+            want = mx.take(mx.dequantize(*table, group_size=group_size, bits=bits), layers[layer], axis=0)
+            assert result.dtype == dtype and result.shape == shape
+            assert np.array_equal(np.array(result.view(mx.uint8)), np.array(want.reshape(shape).view(mx.uint8)))
 
 
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
