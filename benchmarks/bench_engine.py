@@ -72,10 +72,10 @@ class WarmResumeVsHotPath:
     one process (``cases.warm_resume_against_hot_path``): the engine rebuilds the cache from blocks and
     stores the finished context again; mlx-lm continues a ``copy.deepcopy`` of its live cache. Lower is
     better; 1.0 means keeping the context as blocks costs nothing against keeping the live cache.
-    The engine rebuilds with room for its prompt, so mlx-lm's batch takes the rebuilt arrays as they are
-    (``adapter.merge_keeping_arrays``), where the hot path's merge and first prompt token copy its
-    context; at 256 tokens that room is a second block per layer, gathered (on the CPU device the one block
-    stays a view: there a view copies nothing and the gathered block would be copied again)."""
+    The engine rebuilds with room for its prompt, each layer into buffers of its own, so mlx-lm's batch
+    takes the rebuilt arrays as they are (``adapter.merge_keeping_arrays``) and writes the prompt into them
+    in place, where the hot path's merge and first prompt token copy its context; at 256 tokens that room
+    is a second block per layer, gathered."""
 
     version = 1
     params = (list(ENGINE_MODELS), [256, 1024, 2048])

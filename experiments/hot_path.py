@@ -100,8 +100,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--repeat", type=int, default=100)
     parser.add_argument("--resume-tokens", default="256,1024,4096,8192",
-                        help="contexts of the warm resume; 256 fills one block per layer (on a GPU rebuilt with a"
-                        " second for the prompt)")
+                        help="contexts of the warm resume; 256 fills one block per layer (rebuilt with a second"
+                        " for the prompt)")
     parser.add_argument("--resume-repeat", type=int, default=10)
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--max-mib", type=float, default=4096, help="leave out copy cases larger than this")
