@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-# One thread block per gathered row, keys and values in the same launch; rows ``[l * ROWS_PER_OUTPUT,
-# (l + 1) * ROWS_PER_OUTPUT)`` go to output pair ``l`` (several pairs: layers in buffers of their own).
+# One thread block per gathered row, keys and values in the same launch; the rows split evenly between the
+# output pairs, in order (several pairs: layers in buffers of their own).
 _ROW_PAIR_COPY = """
     const bool is_value = blockIdx.y == 1;
     const int vecs = is_value ? V_VECS : K_VECS;
@@ -25,7 +25,7 @@ _ROW_PAIR_COPY = """
         + (size_t)rows[blockIdx.x] * vecs;
     void* out = nullptr;
 OUTPUT_SWITCH
-    uint4* dst = reinterpret_cast<uint4*>(out) + (size_t)(blockIdx.x % ROWS_PER_OUTPUT) * vecs;
+    uint4* dst = reinterpret_cast<uint4*>(out) + (size_t)(blockIdx.x % rows_per_output) * vecs;
     for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
         dst[i] = src[i];
     }
@@ -34,10 +34,14 @@ _THREADS = 256
 
 
 def _output_switch(n_outputs: int, pointer: str) -> str:
-    """Kernel source setting ``out`` to output pair ``blockIdx.x / ROWS_PER_OUTPUT``'s key or value array."""
+    """Kernel source setting ``rows_per_output`` (one thread block per row, the rows split evenly between
+    the output pairs) and ``out`` to this block's pair's key or value array. From the grid, not a template
+    argument: MLX compiles a kernel per set of template arguments, and the row count changes with every
+    context length."""
     cases = "\n".join(f"        case {i}: out = is_value ? ({pointer})v_out{i} : ({pointer})k_out{i}; break;"
                       for i in range(n_outputs))
-    return f"    switch (blockIdx.x / ROWS_PER_OUTPUT) {{\n{cases}\n    }}"
+    return (f"    const unsigned int rows_per_output = gridDim.x / {n_outputs};\n"
+            f"    switch (blockIdx.x / rows_per_output) {{\n{cases}\n    }}")
 
 
 def _output_names(n_outputs: int) -> List[str]:
@@ -73,8 +77,7 @@ def _row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array, n_outputs: 
     flat = rows.reshape(-1)
     outputs = _row_pair_kernel(n_outputs)(
         inputs=[k_table, v_table, flat],
-        template=[("K_VECS", _row_words(k_table)), ("V_VECS", _row_words(v_table)),
-                  ("ROWS_PER_OUTPUT", flat.size // n_outputs)],
+        template=[("K_VECS", _row_words(k_table)), ("V_VECS", _row_words(v_table))],
         grid=(flat.size * _THREADS, 2, 1),
         threadgroup=(_THREADS, 1, 1),
         output_shapes=[tuple(shape) for shape in shapes for _ in range(n_outputs)],
@@ -257,7 +260,7 @@ _DEQUANTIZE_ROWS = """
     const T* biases = (is_value ? v_biases : k_biases) + row * BLOCK_SIZE * groups;
     T* out = nullptr;
 OUTPUT_SWITCH
-    out += (size_t)(blockIdx.x % ROWS_PER_OUTPUT) * BLOCK_SIZE * words * PACK;
+    out += (size_t)(blockIdx.x % rows_per_output) * BLOCK_SIZE * words * PACK;
     struct alignas(sizeof(T) * PACK >= 16 ? 16 : sizeof(T) * PACK) Values { T v[PACK]; };
     for (int i = threadIdx.x; i < BLOCK_SIZE * words; i += blockDim.x) {
         const int slot = i / words, word = i % words;
@@ -308,8 +311,7 @@ def _dequantized_rows(keys: QuantizedTables, values: QuantizedTables, rows: mx.a
         inputs=[*keys, *values, flat],
         template=[("T", dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("BLOCK_SIZE", keys[0].shape[1]),
                   ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
-                  ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1]),
-                  ("ROWS_PER_OUTPUT", flat.size // n_outputs)],
+                  ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1])],
         grid=(flat.size * _THREADS, 2, 1),
         threadgroup=(_THREADS, 1, 1),
         output_shapes=[tuple(shape) for shape in shapes for _ in range(n_outputs)],
