@@ -71,19 +71,27 @@ def _copies_rows(k_table: mx.array, v_table: mx.array) -> bool:
     return _on_cuda() and _row_words(k_table) > 0 and _row_words(v_table) > 0
 
 
-def _row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array, n_outputs: int,
-               shapes: Tuple[Sequence[int], Sequence[int]]) -> List[Tuple[mx.array, mx.array]]:
-    """The row kernel: ``rows``, flattened, split evenly into ``n_outputs`` output pairs of ``shapes``."""
+def _launch_pairs(kernel, inputs: List[mx.array], template, rows: mx.array, n_outputs: int,
+                  shapes: Tuple[Sequence[int], Sequence[int]], dtypes) -> List[Tuple[mx.array, mx.array]]:
+    """One launch of a row kernel (one thread block per row of ``rows``, keys and values as ``blockIdx.y``),
+    the rows split evenly into ``n_outputs`` output pairs of ``shapes`` and ``dtypes``."""
     flat = rows.reshape(-1)
-    outputs = _row_pair_kernel(n_outputs)(
-        inputs=[k_table, v_table, flat],
-        template=[("K_VECS", _row_words(k_table)), ("V_VECS", _row_words(v_table))],
+    outputs = kernel(
+        inputs=[*inputs, flat],
+        template=template,
         grid=(flat.size * _THREADS, 2, 1),
         threadgroup=(_THREADS, 1, 1),
         output_shapes=[tuple(shape) for shape in shapes for _ in range(n_outputs)],
-        output_dtypes=[table.dtype for table in (k_table, v_table) for _ in range(n_outputs)],
+        output_dtypes=[dtype for dtype in dtypes for _ in range(n_outputs)],
     )
     return list(zip(outputs[:n_outputs], outputs[n_outputs:]))
+
+
+def _row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array, n_outputs: int,
+               shapes: Tuple[Sequence[int], Sequence[int]]) -> List[Tuple[mx.array, mx.array]]:
+    return _launch_pairs(_row_pair_kernel(n_outputs), [k_table, v_table],
+                         [("K_VECS", _row_words(k_table)), ("V_VECS", _row_words(v_table))], rows, n_outputs,
+                         shapes, (k_table.dtype, v_table.dtype))
 
 
 def gather_row_pairs(k_table: mx.array, v_table: mx.array, rows: mx.array) -> Tuple[mx.array, mx.array]:
@@ -303,21 +311,12 @@ def _dequantized_dims(keys: QuantizedTables, values: QuantizedTables, bits: int)
 def _dequantized_rows(keys: QuantizedTables, values: QuantizedTables, rows: mx.array, n_outputs: int,
                       shapes: Tuple[Sequence[int], Sequence[int]], group_size: int,
                       bits: int) -> List[Tuple[mx.array, mx.array]]:
-    """The dequantizing row kernel: ``rows``, flattened, split evenly into ``n_outputs`` output pairs of
-    ``shapes``."""
-    flat = rows.reshape(-1)
     dtype = keys[1].dtype
-    outputs = _dequantize_rows_kernel(n_outputs)(
-        inputs=[*keys, *values, flat],
-        template=[("T", dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("BLOCK_SIZE", keys[0].shape[1]),
-                  ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
-                  ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1])],
-        grid=(flat.size * _THREADS, 2, 1),
-        threadgroup=(_THREADS, 1, 1),
-        output_shapes=[tuple(shape) for shape in shapes for _ in range(n_outputs)],
-        output_dtypes=[dtype] * (2 * n_outputs),
-    )
-    return list(zip(outputs[:n_outputs], outputs[n_outputs:]))
+    template = [("T", dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("BLOCK_SIZE", keys[0].shape[1]),
+                ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
+                ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1])]
+    return _launch_pairs(_dequantize_rows_kernel(n_outputs), [*keys, *values], template, rows, n_outputs, shapes,
+                         (dtype, dtype))
 
 
 def gather_dequantized_pairs(keys: QuantizedTables, values: QuantizedTables, rows: mx.array, *, group_size: int,

@@ -86,15 +86,13 @@ class QuantizedArenas:
         return (keys.reshape(n_layers, heads, tokens, keys.shape[-1]),
                 values.reshape(n_layers, heads, tokens, values.shape[-1]))
 
-    def gather_apart(self, rows: mx.array) -> List[Tuple[mx.array, mx.array]]:
-        """:meth:`gather` per layer, ``[1, heads, n_blocks * block_size, dim]`` keys and values, each
-        array in a buffer of its own (``BlockPool.gather_apart``)."""
+    def gather_apart(self, rows: mx.array, k_shape: Sequence[int],
+                     v_shape: Sequence[int]) -> List[Tuple[mx.array, mx.array]]:
+        """:meth:`gather` per layer, reshaped to ``k_shape`` and ``v_shape``, each array in a buffer of its
+        own (``BlockPool.gather_apart``)."""
         tables = self._row_tables()
-        _, heads, n_blocks = rows.shape
-        tokens = n_blocks * self.spec.block_size
-        return gather_dequantized_pairs_apart(
-            tuple(tables[:3]), tuple(tables[3:]), rows, (1, heads, tokens, self.spec.k_head_dim),
-            (1, heads, tokens, self.spec.v_head_dim), group_size=self.format.group_size, bits=self.format.bits)
+        return gather_dequantized_pairs_apart(tuple(tables[:3]), tuple(tables[3:]), rows, k_shape, v_shape,
+                                              group_size=self.format.group_size, bits=self.format.bits)
 
     def gather_stored(self, rows: mx.array) -> List[mx.array]:
         """The packed parts of ``rows`` as stored, each ``[layers, heads, n_blocks * block_size, width]`` (lazy)."""

@@ -724,12 +724,12 @@ class BlockPool:
         spec = self.spec
         _, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
+        shapes = (1, heads, tokens, spec.k_head_dim), (1, heads, tokens, spec.v_head_dim)
         with self._lock:
             if self._quantized is not None:
-                return self._quantized.gather_apart(rows)
+                return self._quantized.gather_apart(rows, *shapes)
             return gather_row_pairs_apart(self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
-                                          self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows,
-                                          (1, heads, tokens, spec.k_head_dim), (1, heads, tokens, spec.v_head_dim))
+                                          self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows, *shapes)
 
     # ---- stored form (files hold blocks as the pool stores them) ----------------------------------
     def gather_stored(self, layer_block_ids: Sequence[Sequence[int]]) -> List[mx.array]:
