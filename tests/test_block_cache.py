@@ -11,7 +11,7 @@ from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters.mlx_kernels import host_view
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
 from semantic.benchmarking.cases import random_caches, random_values
-from semantic.domain.errors import InvalidRequestError
+from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -453,3 +453,80 @@ def test_with_room_the_batch_writes_the_prompt_into_the_rebuilt_buffers_in_place
     gc.collect()
     handle.release()
     assert pool.free_blocks == pool.total_blocks
+
+
+# ---- bad arguments: a typed error, and the pool as it was -----------------------------------------------
+def small_pool_with_context(n_tokens=300, blocks=20, seed=1):
+    spec = ModelCacheSpec.preset("smollm2-135m").with_layers(2)
+    pool = BlockPool(spec, total_blocks=blocks)
+    return pool, cache_to_blocks(pool, "a", random_caches(spec, n_tokens, seed=seed), list(range(n_tokens)))
+
+
+def unchanged(pool, usage):
+    gc.collect()
+    pool.check_invariants()
+    return pool.usage() == usage
+
+
+@pytest.mark.parametrize("n_tokens", [301, -5, 1.5, True, "10", 10**9])
+def test_a_rebuild_of_tokens_the_handle_does_not_hold_is_refused(n_tokens):
+    """301 of 300 tokens rebuilt a cache whose last key and value were never computed."""
+    pool, handle = small_pool_with_context()
+    usage = pool.usage()
+    with pytest.raises(InvalidRequestError, match="n_tokens"):
+        blocks_to_cache(pool, handle, n_tokens)
+    assert unchanged(pool, usage)
+
+
+@pytest.mark.parametrize("room", [10**9, 20 * 256])
+def test_room_for_a_context_the_pool_could_never_store_is_refused(room):
+    """room=10**9 made MLX allocate ~768 GB for the caches, and crash."""
+    pool, handle = small_pool_with_context()
+    usage = pool.usage()
+    with pytest.raises(InvalidRequestError, match="room"):
+        blocks_to_cache(pool, handle, room=room, views=False)
+    assert unchanged(pool, usage)
+    assert len(blocks_to_cache(pool, handle, room=256 * 7)) == 2  # 9 blocks per layer, 18 of the pool's 20
+
+
+def test_a_store_reuses_only_tokens_its_source_holds():
+    pool, source = small_pool_with_context()
+    other_pool, foreign = small_pool_with_context()
+    spec = pool.spec
+    caches = random_caches(spec, 600, seed=2)
+    tokens = list(range(600))
+    usage = pool.usage()
+    for error, kwargs in [
+        (IncompatibleCacheError, dict(source=foreign, reused_tokens=300)),  # another pool's ids: a stranger's blocks
+        (InvalidRequestError, dict(source=source, reused_tokens=301)),  # more than the source holds
+        (InvalidRequestError, dict(source=source, reused_tokens=-1)),
+        (InvalidRequestError, dict(source=source, reused_tokens=2.0)),
+        (InvalidRequestError, dict(reused_tokens=300)),  # no source to reuse from
+    ]:
+        with pytest.raises(error):
+            cache_to_blocks(pool, "b", caches, tokens, **kwargs)
+        assert unchanged(pool, usage)
+    with pytest.raises(IncompatibleCacheError, match="differ"):
+        cache_to_blocks(pool, "b", caches, [7] + tokens[1:], source=source, reused_tokens=300)
+    assert unchanged(pool, usage)
+    stored = cache_to_blocks(pool, "b", caches, tokens, source=source, reused_tokens=300)
+    assert stored.layer_block_ids(0)[0] == source.layer_block_ids(0)[0]  # the whole first block is shared
+
+
+def test_caches_of_another_dtype_are_refused_not_stored_as_other_bits():
+    pool, _ = small_pool_with_context()  # bfloat16
+    usage = pool.usage()
+    for dtype in ("float16", "float32"):
+        caches = random_caches(ModelCacheSpec(**{**pool.spec.__dict__, "dtype": dtype}), 300, seed=3)
+        with pytest.raises(IncompatibleCacheError, match=dtype):
+            cache_to_blocks(pool, "b", caches, list(range(300)))
+        assert unchanged(pool, usage)
+
+
+def test_a_failed_store_leaves_its_reservation_whole():
+    pool, _ = small_pool_with_context()
+    reservation = pool.reserve(4, "b")
+    usage = pool.usage()
+    with pytest.raises(InvalidRequestError):
+        cache_to_blocks(pool, "b", random_caches(pool.spec, 300), [-1] * 300, reservation=reservation)
+    assert unchanged(pool, usage) and reservation.remaining == 4

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.application import batch_engine
+from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
 from semantic.domain.errors import (
     InvalidRequestError,
     PoolExhaustedError,
@@ -57,6 +58,7 @@ BAD_SUBMISSIONS = {
     "2-d array": dict(prompt=np.array([[1, 2]])),
     "mlx ids past the vocabulary": dict(prompt=mx.array([1, 5000])),
     "nested ids": dict(prompt=[[1, 2]]),
+    "a None id (bare TypeError before)": dict(prompt=[1, None]),
     "bytes": dict(prompt=b"abc"),
     "bytearray": dict(prompt=bytearray(b"abc")),
     "None": dict(prompt=None),
@@ -114,6 +116,33 @@ def test_the_edges_of_the_sampling_ranges_are_accepted(engine):
     sampled = engine.generate("a", STORY, max_tokens=4, temperature=1e-30, top_k=1, top_p=1e-9, min_p=1.0,
                               repetition_penalty=1e-3)
     assert all(0 <= t < VOCAB for t in sampled.token_ids)
+
+
+def test_a_cached_context_of_ids_past_the_vocabulary_is_refused_before_mlx_lm_reads_them(engine):
+    """mlx-lm's repetition penalty indexes the logits with the context's ids: one past the vocabulary
+    crashed the process (SIGSEGV). The pool knows no vocabulary, so any store may hold such ids."""
+    good = engine.generate("a", STORY, max_tokens=2)
+    caches = blocks_to_cache(engine.pool, good.blocks)
+    for bad in (VOCAB, 5000, 2**31):
+        tokens = list(good.blocks.token_ids[:-1]) + [bad]
+        stranger = cache_to_blocks(engine.pool, "stranger", caches, tokens)
+        usage = engine.pool.usage()
+        with pytest.raises(InvalidRequestError, match=f"the cache's token id {bad} "):
+            engine.submit("a", [5], cache=stranger, max_tokens=3, repetition_penalty=1.5)
+        assert engine.pending == 0 and engine.pool.usage() == usage
+        stranger.release()
+    del caches
+    assert engine.generate("a", [5], cache=good.blocks, max_tokens=3, repetition_penalty=1.5).token_ids
+    good.blocks.release()
+    assert whole(engine.pool)
+
+
+@pytest.mark.parametrize("option", ["prefill_step_size", "prefill_batch_size", "completion_batch_size"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "8"])
+def test_batch_sizes_that_would_stall_mlx_lm_are_refused(llama32, option, value):
+    """prefill_batch_size=0 admitted nothing and prefill_step_size=0 prefilled nothing: step() never returned."""
+    with pytest.raises(InvalidRequestError, match=option):
+        make_engine(llama32, total_blocks=8, **{option: value})
 
 
 # ---- generate never returns None: finding 6 ----------------------------------------------------------

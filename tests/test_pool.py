@@ -4,6 +4,7 @@ import collections
 import gc
 import threading
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -300,6 +301,16 @@ def test_finish_converts_lists_that_are_not_plain_ints():
     assert pool.usage().used_blocks == 0
 
 
+@pytest.mark.parametrize("tokens,layers", [([1, None], None), ([1], [[None], []]), ([1], [[0, None], []])])
+def test_a_none_among_the_ids_is_a_typed_error(tokens, layers):
+    """The first bad item was looked up as ``next(..., None)``: a None item read as "none bad", then int(None)."""
+    pool = BlockPool(SPEC, total_blocks=6)
+    with pytest.raises(InvalidRequestError, match="None"):
+        with pool.build_handle("a") as b:
+            b.finish(tokens, layers or [b.allocate(1), []])
+    assert pool.usage().used_blocks == 0
+
+
 @pytest.mark.parametrize("total", [True, False, 0, -3, 1.5, "8", None, 2**70 * 1.0])
 def test_a_pool_of_a_bad_size_is_refused(total):
     with pytest.raises(InvalidRequestError):
@@ -378,3 +389,82 @@ def test_spec_presets_and_derived_sizes():
         ModelCacheSpec(2, 1, 4, 4, layer_windows=(None,))
     with pytest.raises(InvalidRequestError):
         ModelCacheSpec(2, 1, 4, 4, dtype="int8")
+
+
+# ---- what only the pool can check: sizes, who may be written, reservations after a failure ----------------
+def test_a_pool_larger_than_mlx_may_allocate_is_refused_before_allocating():
+    """MLX crashed the process (SIGSEGV) on a pool it could not allocate; it must be a typed error."""
+    huge_heads = ModelCacheSpec(n_layers=2, n_kv_heads=2**20, k_head_dim=2**20, v_head_dim=2**20, dtype="float32",
+                                name="huge")
+    for spec, blocks in ((ModelCacheSpec.preset("llama-3.1-8b"), 1_000_000), (huge_heads, 1), (SPEC, 2**70)):
+        with pytest.raises(InvalidRequestError, match="mx.get_memory_limit"):
+            BlockPool(spec, total_blocks=blocks)
+    limit = mx.get_memory_limit() // SPEC.bytes_per_block_per_layer
+    with pytest.raises(InvalidRequestError, match=f"at most {limit} blocks"):
+        BlockPool(SPEC, total_blocks=limit + 1)
+
+
+def written(pool, block):
+    keys, values = pool.gather([[block]])
+    return np.array(keys), np.array(values)
+
+
+def test_only_a_block_held_once_is_written():
+    """A block with several references is shared, so immutable; a free one belongs to nobody."""
+    pool = BlockPool(SPEC, total_blocks=6)
+    fresh, shared = pool.allocate(2, "a")
+    pool.retain([shared], "b")
+    data = mx.ones((1, 1, 8, 4), dtype=mx.float32)
+    pool.write_blocks([fresh], 0, data, data, 0)
+    before = {b: written(pool, b) for b in range(6)}
+    usage = pool.usage()
+    for block in (shared, 5):  # held twice; free
+        with pytest.raises(BlockOwnershipError, match="shared" if block == shared else "free"):
+            pool.write_blocks([block], 0, data * 2, data * 2, 0)
+        with pytest.raises(BlockOwnershipError):
+            pool.write_many([([fresh], 0, data * 3, data * 3, 0), ([block], 0, data * 3, data * 3, 0)])
+    after = {b: written(pool, b) for b in range(6)}
+    assert all(np.array_equal(before[b][k], after[b][k]) for b in range(6) for k in (0, 1))
+    assert pool.usage() == usage
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("keys,values,extra", [
+    (mx.ones((1, 1, 8, 4), dtype=mx.float16), None, ()),  # another dtype: stored as reinterpreted bits before
+    (mx.ones((1, 1, 8, 4), dtype=mx.bfloat16), None, ()),
+    (mx.ones((1, 2, 8, 4)), None, ()),  # heads
+    (mx.ones((1, 1, 8, 5)), None, ()),  # head dim
+    (mx.ones((2, 1, 8, 4)), None, ()),  # a batch
+    (mx.ones((1, 8, 4)), None, ()),
+    (mx.ones((1, 1, 8, 4)), mx.ones((1, 1, 7, 4)), ()),  # keys and values of different lengths
+    (np.ones((1, 1, 8, 4), dtype=np.float32), None, ()),
+    (mx.ones((1, 1, 8, 4)), None, (9,)),  # more tokens than the arrays hold
+    (mx.ones((1, 1, 8, 4)), None, (-1,)),
+])
+def test_a_write_of_another_dtype_or_shape_is_refused_and_writes_nothing(keys, values, extra):
+    pool = BlockPool(SPEC, total_blocks=4)
+    (block,) = pool.allocate(1, "a")
+    before = written(pool, block)
+    with pytest.raises((IncompatibleCacheError, InvalidRequestError)):
+        pool.write_many([([block], 0, keys, keys if values is None else values, 0, *extra)])
+    assert all(np.array_equal(b, a) for b, a in zip(before, written(pool, block)))
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_a_failed_build_gives_back_what_it_drew_from_a_reservation_unless_that_was_cancelled(cancelled):
+    pool = BlockPool(SPEC, total_blocks=8)
+    reservation = pool.reserve(4, "me")
+    with pytest.raises(InvalidRequestError):
+        with pool.build_handle("me", reservation) as builder:
+            ids = builder.allocate(3)
+            if cancelled:
+                reservation.cancel()  # the request was given up while its handle was being built
+            builder.finish([-1], [ids, []])  # a bad token id: the build fails after allocating
+    promised = 0 if cancelled else 4
+    assert reservation.remaining == promised and pool.usage().reserved_blocks == promised
+    assert pool.used_blocks == 0
+    pool.check_invariants()
+    if not cancelled:
+        pool.allocate(4, "other")
+        assert len(pool.allocate(4, "me", reservation=reservation)) == 4  # the promise still holds

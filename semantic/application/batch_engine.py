@@ -147,6 +147,10 @@ class BlockPoolBatchEngine:
                 f"spec keeps {spec.block_format.name} blocks, the pool {pool.spec.block_format.name} blocks; "
                 "pass the pool's spec (or none)"
             )
+        # mlx-lm loops forever on a prefill of 0 tokens or a batch admitting none, so these are checked here.
+        prefill_step_size = checked_int("prefill_step_size", prefill_step_size, 1)
+        prefill_batch_size = checked_int("prefill_batch_size", prefill_batch_size, 1)
+        completion_batch_size = checked_int("completion_batch_size", completion_batch_size, 1)
         self.model = model
         self.tokenizer = tokenizer
         self.pool = pool
@@ -188,6 +192,10 @@ class BlockPoolBatchEngine:
         )
         if cache is not None:
             self.pool.check_handle(cache)
+            # Any pool's handle may hold any ids (the pool knows no vocabulary), and mlx-lm indexes its
+            # logits with the context's ids (repetition penalty): out of range, that reads outside memory.
+            cache.memo(("vocabulary", self._generator.vocab_size),
+                       lambda: check_vocabulary(cache.token_ids, self._generator.vocab_size, "the cache's "))
         elif match_prefix:
             raise InvalidRequestError("match_prefix=True needs cache= (the blocks to match the prompt against)")
         tokens = self._tokenize(prompt, continuation=cache is not None and not match_prefix)

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.domain.entities import AgentBlocks
-from semantic.domain.errors import IncompatibleCacheError
+from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
 from semantic.domain.request_checks import checked_int
 from semantic.domain.services import BlockPool, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
@@ -152,7 +152,12 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     """
     pool.check_handle(handle)
     room = checked_int("room", room, 0)
-    n_tokens = handle.num_tokens if n_tokens is None else n_tokens
+    n_tokens = handle.num_tokens if n_tokens is None else checked_int("n_tokens", n_tokens, 0, handle.num_tokens)
+    if pool.spec.blocks_per_agent(n_tokens + room) > pool.total_blocks:  # sizes the caches: bound it before MLX
+        raise InvalidRequestError(
+            f"room={room}: a context of {n_tokens + room} tokens needs "
+            f"{pool.spec.blocks_per_agent(n_tokens + room)} blocks, more than this pool's {pool.total_blocks}; "
+            "it could never be stored (pass the prompt's length)")
     held_blocks = pool.spec.blocks_for_tokens(n_tokens + room)  # prompts of any length within: one plan
     if n_tokens == 0:
         return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]
@@ -234,6 +239,23 @@ def _reuse_plan(spec: ModelCacheSpec, source_tokens: int, n_source_ids: int, reu
     return first, new_from, last, first - src_first, carried
 
 
+def _check_reuse(pool: BlockPool, token_ids: Sequence[int], source: Optional[AgentBlocks], reused_tokens) -> None:
+    """The source's blocks are shared as holding ``token_ids``' first ``reused_tokens`` tokens: they must."""
+    reused_tokens = checked_int("reused_tokens", reused_tokens, 0)
+    if source is None:
+        if reused_tokens:
+            raise InvalidRequestError("reused_tokens > 0 needs source= (the handle they came from)")
+        return
+    pool.check_handle(source)
+    if reused_tokens > min(source.num_tokens, len(token_ids)):
+        raise InvalidRequestError(
+            f"reused_tokens={reused_tokens}, but the source holds {source.num_tokens} tokens and the context "
+            f"{len(token_ids)}")
+    if source.token_ids[:reused_tokens] != tuple(token_ids[:reused_tokens]):
+        raise IncompatibleCacheError(
+            f"the first {reused_tokens} tokens differ from the source's: only tokens it holds can be reused")
+
+
 def cache_to_blocks(
     pool: BlockPool,
     agent_id: str,
@@ -255,6 +277,7 @@ def cache_to_blocks(
     if len(caches) != spec.n_layers:
         raise IncompatibleCacheError(f"{len(caches)} layer caches for a {spec.n_layers}-layer pool")
     n_tokens = len(token_ids)
+    _check_reuse(pool, token_ids, source, reused_tokens)
     quantized = spec.block_format.quantized
     reuse = source is not None and reused_tokens != 0
     source_tokens = source.num_tokens if reuse else 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -94,11 +94,10 @@ def token_ids(prompt: Any, vocab_size: int) -> List[int]:
     elif isinstance(prompt, (list, tuple, range)):
         ids = list(prompt)
         if not all(type(t) is int for t in ids):  # the common case in one fast pass; the rest converted
-            bad = next((t for t in ids if not is_int(t)), None)
-            if bad is not None:
-                raise InvalidRequestError(
-                    f"token ids must be ints (Python, NumPy or MLX integers), got {type(bad).__name__} {bad!r}"
-                )
+            for t in ids:
+                if not is_int(t):  # a loop, not next(..., None): None itself is a bad id
+                    raise InvalidRequestError(
+                        f"token ids must be ints (Python, NumPy or MLX integers), got {type(t).__name__} {t!r}")
             ids = [int(t) for t in ids]
     else:
         raise InvalidRequestError(
@@ -108,11 +107,12 @@ def token_ids(prompt: Any, vocab_size: int) -> List[int]:
     return ids
 
 
-def check_vocabulary(ids: List[int], vocab_size: int) -> None:
+def check_vocabulary(ids: Sequence[int], vocab_size: int, whose: str = "") -> None:
+    """``InvalidRequestError`` unless every id is in ``[0, vocab_size)``; ``whose`` names where they came from."""
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
         bad = next(t for t in ids if not 0 <= t < vocab_size)
         raise InvalidRequestError(
-            f"token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
+            f"{whose}token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
             "encode prompts with this model's tokenizer"
         )
 

@@ -89,6 +89,7 @@ class Reservation:
         self._pool = pool
         self.owner = owner
         self.remaining = blocks
+        self.cancelled = False
 
     def cancel(self) -> None:
         """Give back what was not used. Idempotent."""
@@ -104,6 +105,7 @@ class _HandleBuilder:
         self._pool = pool
         self._agent_id = agent_id
         self._reservation = reservation
+        self._from_reservation = 0  # blocks allocated out of it: a rollback promises them to it again
         self._held: List[int] = []  # in the pool's _owned table from its first id on
 
     def allocate(self, n: int) -> List[int]:
@@ -111,7 +113,11 @@ class _HandleBuilder:
         pool = self._pool
         with pool._lock:
             pool._drain()
-            ids = pool._take(n, self._reservation)
+            reservation = self._reservation
+            promised = reservation.remaining if reservation is not None else 0
+            ids = pool._take(n, reservation)
+            if reservation is not None:
+                self._from_reservation += promised - reservation.remaining
             self._hold(ids)
         return ids
 
@@ -152,6 +158,8 @@ class _HandleBuilder:
         if self._held:
             with self._pool._lock:
                 self._pool._drop(self._held, self._agent_id)
+                if self._from_reservation:  # the blocks just freed: a failed build uses none of a reservation
+                    self._pool._promise_again(self._reservation, self._from_reservation)
             self._held = []
 
     def __del__(self) -> None:
@@ -167,6 +175,12 @@ class BlockPool:
         if not isinstance(spec, ModelCacheSpec):
             raise InvalidRequestError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
         total_blocks = checked_int("total_blocks", total_blocks, 1)
+        needed, limit = total_blocks * spec.bytes_per_block_per_layer, mx.get_memory_limit()
+        if needed > limit:  # MLX crashes, rather than raising, when it cannot get the memory
+            raise InvalidRequestError(
+                f"{total_blocks} blocks of {spec.describe()} take {needed / 2**30:.1f} GiB, more than MLX may "
+                f"allocate here ({limit / 2**30:.1f} GiB, mx.get_memory_limit()); use at most "
+                f"{limit // spec.bytes_per_block_per_layer} blocks, or a quantized block format")
         self.spec = spec
         self.total_blocks = total_blocks
         self.pool_id = next(_pool_ids)
@@ -185,10 +199,10 @@ class BlockPool:
 
         # Quantized blocks live in their own arrays; every storage method dispatches once on this.
         self._quantized = QuantizedArenas(spec, total_blocks) if spec.block_format.quantized else None
-        dtype = getattr(mx, spec.dtype)
+        self._dtype = getattr(mx, spec.dtype)  # of the caches stored, whatever the block format
         shape = (0 if self._quantized else total_blocks, spec.n_kv_heads, spec.block_size)
-        self._keys = mx.zeros(shape + (spec.k_head_dim,), dtype=dtype)
-        self._values = mx.zeros(shape + (spec.v_head_dim,), dtype=dtype)
+        self._keys = mx.zeros(shape + (spec.k_head_dim,), dtype=self._dtype)
+        self._values = mx.zeros(shape + (spec.v_head_dim,), dtype=self._dtype)
         mx.eval(self._keys, self._values)
         self._host_views: Optional[Tuple[np.ndarray, np.ndarray]] = None
         # While the pool writes through the host (CPU), each block's evaluated whole-block views, made once:
@@ -370,6 +384,13 @@ class BlockPool:
         with self._lock:
             self._reserved -= reservation.remaining
             reservation.remaining = 0
+            reservation.cancelled = True
+
+    def _promise_again(self, reservation: Reservation, n_blocks: int) -> None:
+        """Give ``n_blocks`` just freed back to the reservation they were allocated from (the lock held)."""
+        if not reservation.cancelled:
+            reservation.remaining += n_blocks
+            self._reserved += n_blocks
 
     # ---- handles ------------------------------------------------------------------------------
     def build_handle(self, agent_id: str, reservation: Optional[Reservation] = None) -> _HandleBuilder:
@@ -558,14 +579,16 @@ class BlockPool:
         Each run of consecutive block ids is written as one slice of rows (a plain strided copy on
         every backend); :meth:`allocate` hands out consecutive ids whenever the free list has them.
         """
-        writes = [write if len(write) == 6 else (*write, write[2].shape[2]) for write in writes]
+        writes = [self._checked_write(write) for write in writes]
         if all(type(write[0]) is list for write in writes):  # a store's own lists: one pass of C builtins for all
-            self._checked_ids(list(itertools.chain.from_iterable(write[0] for write in writes)))
+            ids = self._checked_ids(list(itertools.chain.from_iterable(write[0] for write in writes)))
         else:
-            for write in writes:
-                self._block_array(write[0], 1)
+            ids = [int(b) for write in writes for b in self._block_array(write[0], 1).tolist()]
         host = writes_through_host()
         with self._lock:
+            self._drain()
+            if set(map(self._refcount.__getitem__, ids)) - {1}:
+                self._refuse_write(ids)
             if not host:
                 self._whole_views.clear()
             # No pack kernel on the host: its plan (a row per new block) would be built for nothing.
@@ -583,6 +606,39 @@ class BlockPool:
                 for write in writes:
                     self._write_arena(*write)
                 mx.eval(self._keys, self._values)
+
+    def _checked_write(self, write) -> tuple:
+        """``write`` with its token count, or a typed error: sources of another dtype or geometry would be
+        stored as reinterpreted bits on the host path. Plain ints and arrays take one comparison (a store
+        checks a write per layer)."""
+        if type(write) is not tuple or len(write) not in (5, 6):
+            raise InvalidRequestError("a write is (block_ids, first_index, keys, values, first_token[, n_tokens])")
+        keys, values = write[2], write[3]
+        if type(keys) is not mx.array or type(values) is not mx.array:
+            raise InvalidRequestError(f"keys and values must be mx.array, got {type(keys).__name__} and "
+                                      f"{type(values).__name__}")
+        spec, k_shape = self.spec, keys.shape
+        tokens = k_shape[2] if len(k_shape) == 4 else -1
+        if (k_shape != (1, spec.n_kv_heads, tokens, spec.k_head_dim)
+                or values.shape != (1, spec.n_kv_heads, tokens, spec.v_head_dim)
+                or keys.dtype != self._dtype or values.dtype != self._dtype):
+            raise IncompatibleCacheError(
+                f"keys {k_shape} and values {values.shape} of {keys.dtype} and {values.dtype} cannot be stored "
+                f"in blocks of [1, {spec.n_kv_heads}, tokens, {spec.k_head_dim} / {spec.v_head_dim}] {spec.dtype}; "
+                "store caches of this pool's model and dtype")
+        n_tokens = write[5] if len(write) == 6 else tokens
+        if not (type(write[1]) is int and type(write[4]) is int and type(n_tokens) is int
+                and write[1] >= 0 and write[4] >= 0 and 0 <= n_tokens <= tokens):
+            return (write[0], checked_int("first_index", write[1], 0), keys, values,
+                    checked_int("first_token", write[4], 0), checked_int("n_tokens", n_tokens, 0, tokens))
+        return write if len(write) == 6 else (*write, tokens)
+
+    def _refuse_write(self, block_ids: List[int]) -> None:
+        block = next(b for b in block_ids if self._refcount[b] != 1)
+        state = "free" if self._refcount[block] == 0 else f"shared ({self._refcount[block]} references)"
+        raise BlockOwnershipError(
+            f"block {block} is {state}: only a block just allocated, held once, is written (shared blocks "
+            "never change)")
 
     def _write_packed(self, writes) -> bool:
         """All new blocks cut from their sources by one kernel (quantized by one ``mx.quantize`` per keys and
@@ -764,6 +820,12 @@ class BlockPool:
             raise AssertionError("copy_token_rows is for quantized blocks")
         self._block_array([c[0] for c in copies] + [c[1] for c in copies], 1)
         with self._lock:
+            self._drain()
+            targets = [int(c[0]) for c in copies]
+            if set(map(self._refcount.__getitem__, targets)) - {1}:
+                self._refuse_write(targets)
+            if 0 in map(self._refcount.__getitem__, (int(c[1]) for c in copies)):
+                raise BlockOwnershipError("a row is copied from a free block; copy only from blocks in use")
             self._quantized.copy_rows(copies)
 
     def __repr__(self) -> str:
@@ -902,9 +964,9 @@ def _int_list(name: str, value) -> List[int]:
     items = _sequence(name, value)
     if _plain_ints(items):
         return items
-    bad = next((v for v in items if not is_int(v)), None)
-    if bad is not None:
-        raise InvalidRequestError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
+    for v in items:
+        if not is_int(v):  # a loop, not next(..., None): None itself is a bad item
+            raise InvalidRequestError(f"{name} must hold ints, got {type(v).__name__} {v!r}")
     return [int(v) for v in items]
 
 
