@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from semantic.domain.errors import IncompatibleCacheError, PoolExhaustedError
+from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, PoolExhaustedError
 from semantic.domain.services import BlockPool
 from semantic.persistence import AgentCacheStore, UnknownAgentError
 from test_persistence_support import (
@@ -160,11 +160,19 @@ def test_handles_of_another_pool_are_refused(store):
 
 
 @pytest.mark.parametrize("kwargs", [{"memory_budget_bytes": -1}, {"memory_budget_bytes": 1.5}, {"lock_timeout": -1},
+                                    {"memory_budget_bytes": True}, {"lock_timeout": None}, {"lock_timeout": "1"},
                                     {"model_fingerprint": ""}, {"model_fingerprint": "a\x00b"}, {"model_fingerprint": 5}])
 def test_bad_construction_arguments_are_refused(tmp_path, kwargs):
     arguments = {"model_fingerprint": "model", **kwargs}
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequestError):
         AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), **arguments)
+
+
+@pytest.mark.parametrize("n_blocks", ["5", None, -1, 1.5, True])
+def test_make_room_for_a_count_that_is_not_one_is_refused(tmp_path, n_blocks):
+    store = AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), "model")
+    with pytest.raises(InvalidRequestError, match="n_blocks"):
+        store.make_room(n_blocks)
 
 
 # ---- the state machine ------------------------------------------------------------------------------

@@ -389,6 +389,12 @@ def test_spec_presets_and_derived_sizes():
         ModelCacheSpec(2, 1, 4, 4, layer_windows=(None,))
     with pytest.raises(InvalidRequestError):
         ModelCacheSpec(2, 1, 4, 4, dtype="int8")
+    for bad in (dict(n_layers=True), dict(n_kv_heads=True), dict(layer_windows=(True, None))):
+        with pytest.raises(InvalidRequestError):
+            ModelCacheSpec(**{**dict(n_layers=2, n_kv_heads=1, k_head_dim=4, v_head_dim=4), **bad})
+    for n_layers in (0, 2.5, True, "2"):
+        with pytest.raises(InvalidRequestError, match="n_layers"):
+            gemma.with_layers(n_layers)
 
 
 # ---- what only the pool can check: sizes, who may be written, reservations after a failure ----------------

@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from semantic.domain.block_format import DENSE, BlockFormat, StoredPart, part_bytes
 from semantic.domain.errors import InvalidRequestError
+from semantic.domain.request_checks import checked_int
 
 BLOCK_SIZE = 256
 """Tokens per block. Equal to mlx-lm's ``KVCache.step``, so a rebuilt cache has the
@@ -43,7 +44,7 @@ class ModelCacheSpec:
     def __post_init__(self):
         for attr in ("n_layers", "n_kv_heads", "k_head_dim", "v_head_dim", "block_size"):
             value = getattr(self, attr)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidRequestError(f"ModelCacheSpec.{attr} must be a positive int, got {value!r}")
         if self.dtype not in _DTYPE_BYTES:
             raise InvalidRequestError(
@@ -55,7 +56,7 @@ class ModelCacheSpec:
                 f"layer_windows has {len(windows)} entries for {self.n_layers} layers; give one per layer"
             )
         for w in windows:
-            if w is not None and (not isinstance(w, int) or w <= 0):
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
                 raise InvalidRequestError(f"a sliding window must be a positive int or None, got {w!r}")
         object.__setattr__(self, "layer_windows", windows)
         block_format = BlockFormat.parse(self.block_format)
@@ -81,8 +82,7 @@ class ModelCacheSpec:
 
     def with_layers(self, n_layers: int) -> "ModelCacheSpec":
         """The same geometry cut or extended to ``n_layers``, repeating the layer pattern."""
-        if n_layers <= 0:
-            raise InvalidRequestError(f"n_layers must be positive, got {n_layers}")
+        n_layers = checked_int("n_layers", n_layers, 1)
         windows = tuple(self.layer_windows[i % self.n_layers] for i in range(n_layers))
         return replace(self, n_layers=n_layers, layer_windows=windows)
 

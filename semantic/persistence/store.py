@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, OrderedDict, Tuple
 
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, PoolExhaustedError
+from semantic.domain.request_checks import checked_int
 from semantic.domain.services import BlockPool
 from semantic.persistence.directory import CacheDirectory, check_agent_id
 from semantic.persistence.file_format import AgentCacheHeader, geometry_of, read_agent_cache, write_agent_cache
@@ -64,10 +65,10 @@ class AgentCacheStore:
             raise InvalidRequestError(
                 f"model_fingerprint must be a non-empty printable string (see model_fingerprint()), got {model_fingerprint!r}"
             )
-        if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 0):
-            raise InvalidRequestError(f"memory_budget_bytes must be None or an int >= 0, got {memory_budget_bytes!r}")
-        if not lock_timeout >= 0:
-            raise InvalidRequestError(f"lock_timeout must be >= 0 seconds, got {lock_timeout!r}")
+        if memory_budget_bytes is not None:
+            memory_budget_bytes = checked_int("memory_budget_bytes", memory_budget_bytes, 0)
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
+            raise InvalidRequestError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
         self.pool = pool
         self.model_fingerprint = model_fingerprint
         self.memory_budget_bytes = memory_budget_bytes
@@ -168,6 +169,7 @@ class AgentCacheStore:
     def make_room(self, n_blocks: int) -> bool:
         """Evict least recently used agents until the pool has ``n_blocks`` available. Returns False, evicting
         nothing, if even evicting every agent could not (handles held elsewhere pin their blocks)."""
+        n_blocks = checked_int("n_blocks", n_blocks, 0)
         with self._lock:
             if self.pool.available_blocks >= n_blocks:
                 return True
