@@ -41,9 +41,8 @@ def main(out_dir: str, rounds: int):
                 BlockPool.block_views = views
                 results[name][side].append(stats(cases.time_samples(lambda: cases.reconstruct(ctx), 200, sync=True)))
         BlockPool.block_views = NEW
-        print(json.dumps({k: (v if k == "sync floor" else {s: v[s][-1] for s in v}) for k, v in results.items()}
-                         if False else {"round": r, **{k: (v[-1] if k == "sync floor" else {s: v[s][-1] for s in v})
-                                                       for k, v in results.items()}}), flush=True)
+        latest = {k: (v[-1] if k == "sync floor" else {s: v[s][-1] for s in v}) for k, v in results.items()}
+        print(json.dumps({"round": r, **latest}), flush=True)
     ctx = cases.context("smollm2-135m", 4, 24, 4)
     cases.time_samples(lambda: cases.extract(ctx), 20, sync=True)
     profile = cProfile.Profile()
