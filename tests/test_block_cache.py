@@ -530,3 +530,23 @@ def test_a_failed_store_leaves_its_reservation_whole():
     with pytest.raises(InvalidRequestError):
         cache_to_blocks(pool, "b", random_caches(pool.spec, 300), [-1] * 300, reservation=reservation)
     assert unchanged(pool, usage) and reservation.remaining == 4
+
+
+def test_a_handle_released_elsewhere_between_the_check_and_the_gather_is_refused(monkeypatch):
+    """The handle is checked again under the pool's lock, with the gather: released in between (another
+    thread), its freed blocks could be rewritten for another agent before they were read."""
+    from semantic.application import block_cache
+    from semantic.domain.errors import ReleasedHandleError
+
+    pool, handle = small_pool_with_context(blocks=8)
+    real_plan = block_cache._gather_plan
+
+    def another_thread_after_the_plan(*args):
+        plan = real_plan(*args)
+        handle.release()
+        cache_to_blocks(pool, "bob", random_caches(pool.spec, 300, seed=9), list(range(300)))
+        return plan
+
+    monkeypatch.setattr(block_cache, "_gather_plan", another_thread_after_the_plan)
+    with pytest.raises(ReleasedHandleError):
+        blocks_to_cache(pool, handle, views=False)

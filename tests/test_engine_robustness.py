@@ -83,6 +83,7 @@ BAD_SUBMISSIONS = {
     "max_tokens float": dict(max_tokens=2.0),
     "max_tokens text": dict(max_tokens="3"),
     "max_tokens huge": dict(max_tokens=2**70),
+    "max_tokens 10**400 (OverflowError before)": dict(max_tokens=10**400),
     "match_prefix text": dict(match_prefix="yes"),
     "agent id bytes": dict(agent_id=b"a"),
 }
@@ -305,6 +306,37 @@ def test_a_failure_that_needs_company_ends_after_bounded_retries(engine, monkeyp
     done = run_batch(engine, good_requests(engine))
     assert all(c.error is not None for c in done.values())  # nobody fails alone: retried, then given up
     assert engine.pending == 0 and whole(engine.pool)
+
+
+def test_an_interrupt_while_finished_requests_are_stored_leaves_the_engine_whole(engine, reference, monkeypatch):
+    """Ctrl-C inside the store of the first of two requests finishing in one step: that one ends with an
+    error, the other still gets its tokens, nothing stays reserved, and step() returns (it looped forever
+    over requests mlx-lm had already dropped, and cancel() raised ValueError)."""
+    expected, _ = reference
+    real_store, stores = batch_engine.cache_to_blocks, []
+
+    def interrupted(*args, **kwargs):
+        stores.append(1)
+        if len(stores) == 1:
+            raise KeyboardInterrupt
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(batch_engine, "cache_to_blocks", interrupted)
+    requests = dict(list(good_requests(engine).items())[:2])  # both finish in the same step
+    uids = {engine.submit(agent, prompt, max_tokens=10): agent for agent, (prompt, _) in requests.items()}
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        while True:
+            done += engine.step_once()
+    done += list(engine.step())
+    assert sorted(uids) == sorted(c.uid for c in done) and engine.pending == 0
+    failed = [c for c in done if c.error is not None]
+    assert len(failed) == 1 and failed[0].error.stage == "store"
+    (survivor,) = [c for c in done if c.error is None]
+    assert survivor.token_ids == expected[uids[survivor.uid]][:10]
+    survivor.blocks.release()
+    del done, survivor
+    assert whole(engine.pool)
 
 
 # ---- fuzz --------------------------------------------------------------------------------------------

@@ -168,6 +168,35 @@ def test_bad_construction_arguments_are_refused(tmp_path, kwargs):
         AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), **arguments)
 
 
+def test_a_directory_named_like_a_leftover_temp_file_does_not_stop_the_store_opening(tmp_path):
+    (tmp_path / ".alice.0123456789ab.tmp").mkdir()  # IsADirectoryError from the constructor before
+    store = open_store(tmp_path)
+    put_new(store, "alice")
+    store.save(store.get("alice"))
+    assert (tmp_path / ".alice.0123456789ab.tmp").is_dir() and store.list() == ["alice"]
+
+
+def test_a_handle_released_elsewhere_while_it_is_saved_cannot_put_another_agents_data_in_its_file(tmp_path):
+    """The save holds its own reference: before, the blocks a concurrent release freed could be reused
+    mid-save, and the file held another agent's keys under valid checksums."""
+    store = open_store(tmp_path, total_blocks=16)
+    alice = random_handle(store.pool, "alice", 11, seed=1)
+    expected = snapshot(alice)
+    real_gather = store.pool.gather_stored
+
+    def another_thread_between_the_ids_and_the_gather(layer_block_ids):
+        if not other:  # the first of the save's gathers (one per block count)
+            alice.release()
+            other.append(random_handle(store.pool, "bob", 11, seed=2))  # reuses whatever the release freed
+        return real_gather(layer_block_ids)
+
+    other = []
+    store.pool.gather_stored = another_thread_between_the_ids_and_the_gather
+    store.save(alice)
+    del store.pool.gather_stored
+    assert loaded_snapshot(store, "alice") == expected
+
+
 @pytest.mark.parametrize("n_blocks", ["5", None, -1, 1.5, True])
 def test_make_room_for_a_count_that_is_not_one_is_refused(tmp_path, n_blocks):
     store = AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), "model")

@@ -135,6 +135,13 @@ def test_a_header_that_is_not_json_is_corruption(store, saved, header):
         store.get("a")
 
 
+def test_a_header_field_nested_past_the_recursion_limit_is_corruption(store, saved):
+    """A crafted file re-sealed with a valid (unkeyed) checksum: json.loads raised RecursionError."""
+    rewrite_metadata(saved, geometry="[" * 100_000 + "]" * 100_000)
+    with nothing_changes(store), pytest.raises(CacheCorruptionError, match="geometry"):
+        store.get("a")
+
+
 def test_a_plain_safetensors_file_is_not_an_agent_cache(store, saved):
     mx.save_safetensors(str(saved), {"weight": mx.zeros((2, 2))}, metadata={"format": "mlx"})
     with nothing_changes(store), pytest.raises(IncompatibleCacheFileError, match="format 'mlx'.* not an agent cache"):

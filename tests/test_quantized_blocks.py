@@ -13,7 +13,7 @@ from semantic.adapters.mlx_kernels import gather_dequantized_pairs, gather_dequa
 from semantic.application.batch_engine import BlockPoolBatchEngine
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
 from semantic.domain.block_format import BlockFormat
-from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
+from semantic.domain.errors import BlockOwnershipError, IncompatibleCacheError, InvalidRequestError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence import AgentCacheStore, IncompatibleCacheFileError
@@ -252,3 +252,36 @@ def test_the_quality_experiment_measures_dense_against_itself_as_exact(tmp_path)
     assert 0 < q8["mean_kl"] < q4["mean_kl"]  # 8 bits change the distributions less than 4
     assert q8["bytes_per_block_vs_dense"] == 0.5625 and q4["bytes_per_block_vs_dense"] == 0.3125
 
+
+
+@pytest.mark.parametrize("fmt", ["q8g32", "q4g32"])
+def test_stored_parts_are_written_only_into_blocks_held_once_and_only_in_the_pools_format(fmt):
+    """The quantized path of write_stored skipped the dense path's checks: it rewrote a shared block (another
+    agent's context), wrote a free one, and cast parts of another dtype."""
+    spec = QSPEC.with_format(fmt)
+    pool = BlockPool(spec, total_blocks=24)
+    alice = random_handle(pool, "alice", 11, seed=1)
+    bob = alice.share("bob")
+    before = packed(alice)
+    (fresh,) = pool.allocate(1, "carol")
+    free = next(b for b in range(24) if pool.refcount(b) == 0)
+
+    def parts(dtype_of=lambda part: getattr(mx, part.dtype), heads=spec.n_kv_heads):
+        return [mx.zeros((1, heads, spec.block_size, part.width), dtype=dtype_of(part)) for part in spec.stored_parts]
+
+    usage = pool.usage()
+    for error, block, stored in [
+        (BlockOwnershipError, alice.layer_block_ids(0)[0], parts()),  # shared with bob
+        (BlockOwnershipError, free, parts()),
+        (IncompatibleCacheError, fresh, parts(lambda part: mx.float16)),
+        (IncompatibleCacheError, fresh, parts(heads=1)),
+        (IncompatibleCacheError, fresh, parts()[:-1]),
+    ]:
+        with pytest.raises(error):
+            pool.write_stored([([block], 0, stored, 0)])
+        assert all(np.array_equal(a, b) for now, then in zip(packed(alice), before) for a, b in zip(now, then))
+        assert pool.usage() == usage
+        pool.check_invariants()
+    pool.write_stored([([fresh], 0, parts(), 0)])  # its own fresh block, in the pool's format
+    bob.release()
+    alice.release()

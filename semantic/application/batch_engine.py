@@ -130,7 +130,12 @@ class _Request:
 
 
 class BlockPoolBatchEngine:
-    """Batched generation for many agents sharing one model, their caches kept in ``pool``."""
+    """Batched generation for many agents sharing one model, their caches kept in ``pool``.
+
+    Drive an engine from one thread (``submit``, ``step``, ``generate``, ``cancel``): MLX keeps a stream per
+    thread and mlx-lm leaves work queued on the stepping thread's stream, so a step from another thread
+    fails its requests; and ``step`` yields each completion to the loop that ran the step finishing it.
+    """
 
     def __init__(self, model, tokenizer, pool: BlockPool, spec: Optional[ModelCacheSpec] = None, *,
                  prefill_step_size: int = 2048, prefill_batch_size: int = 8, completion_batch_size: int = 32):
@@ -348,8 +353,14 @@ class BlockPoolBatchEngine:
                 except BaseException:  # interrupted (KeyboardInterrupt): keep the engine usable, then stop
                     self._restart(list(self._running.values()))
                     raise
-                for event in events:
-                    self._on_event(event)
+                interrupt = None
+                for event in events:  # every finished request is stored or failed, even after an interrupt
+                    try:
+                        self._on_event(event)
+                    except BaseException as exc:  # an interrupt while storing (the request is failed)
+                        interrupt = interrupt or exc
+                if interrupt is not None:
+                    raise interrupt
             done, self._done = list(self._done), collections.deque()
             return done
 
@@ -434,19 +445,21 @@ class BlockPoolBatchEngine:
             return
         del self._running[event.uid]
         request.generator_uid = None
-        try:
+        try:  # finishing: its text, then its context stored
+            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
             blocks = cache_to_blocks(
                 self.pool, request.agent_id, event.cache, event.context_tokens, source=request.source,
                 reused_tokens=request.reused_tokens, reservation=request.reservation,
             )
-        except Exception as exc:
+        except BaseException as exc:  # out of _running, so it must end here: else its blocks stay reserved
             self._fail(request, "store", exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         self._retire(request)
         self._finished[request.uid] = blocks
         self._done.append(Completion(
-            uid=request.uid, agent_id=request.agent_id,
-            text=self.tokenizer.decode(request.generated, skip_special_tokens=True),
+            uid=request.uid, agent_id=request.agent_id, text=text,
             token_ids=list(request.generated), finish_reason=event.finish_reason, context_blocks=blocks,
             prompt_tokens=len(request.prompt_tokens), reused_tokens=request.reused_tokens,
             time_to_first_token=request.first_token_at - request.submitted_at,

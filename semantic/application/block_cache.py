@@ -167,6 +167,7 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
 
     caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
     with pool.storage_lock:
+        pool.check_handle(handle)  # again, under the lock: released since, its blocks may hold another's data
         gathered = [_gathered_layers(pool, group, apart=room > 0 and group.window is None)
                     for group in plan if group.view_ids is None]
         if gathered:

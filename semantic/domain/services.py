@@ -808,9 +808,24 @@ class BlockPool:
             self.write_many([(ids, first_index, parts[0], parts[1], first_token)
                              for ids, first_index, parts, first_token in writes])
             return
-        for write in writes:
-            self._block_array(write[0], 1)
+        parts_wanted = [(getattr(mx, part.dtype), part.width) for part in self.spec.stored_parts]
+        ids = []
+        for block_ids, first_index, parts, first_token in writes:
+            ids.extend(int(b) for b in self._block_array(block_ids, 1).tolist())
+            checked_int("first_index", first_index, 0)
+            checked_int("first_token", first_token, 0)
+            if len(parts) != len(parts_wanted) or any(
+                    type(part) is not mx.array or part.dtype != dtype or part.ndim != 4
+                    or part.shape[:2] != (1, self.spec.n_kv_heads) or part.shape[2:] != (parts[0].shape[2], width)
+                    for part, (dtype, width) in zip(parts, parts_wanted)):
+                raise IncompatibleCacheError(
+                    f"stored parts {[(tuple(p.shape), p.dtype) for p in parts if type(p) is mx.array]} are not "
+                    f"this pool's {self.spec.block_format.name} blocks ([1, {self.spec.n_kv_heads}, tokens, "
+                    f"width] per part: {[(p.width, p.dtype) for p in self.spec.stored_parts]})")
         with self._lock:
+            self._drain()
+            if set(map(self._refcount.__getitem__, ids)) - {1}:
+                self._refuse_write(ids)
             self._quantized.write_stored(writes)
 
     def copy_token_rows(self, copies: Sequence[RowCopy]) -> None:

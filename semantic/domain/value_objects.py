@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -125,7 +124,7 @@ class ModelCacheSpec:
 
     def blocks_for_tokens(self, n_tokens: int) -> int:
         """Blocks a full-attention layer needs for ``n_tokens``."""
-        return math.ceil(n_tokens / self.block_size)
+        return -(-n_tokens // self.block_size)  # integers: a float quotient overflows past ~1e308 tokens
 
     def visible_range(self, layer: int, n_tokens: int) -> Tuple[int, int]:
         """Token positions ``[start, n_tokens)`` a layer's cache holds after ``n_tokens`` tokens."""

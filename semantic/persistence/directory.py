@@ -198,7 +198,7 @@ class CacheDirectory:
             return
         for temp in self.path.glob(".*.tmp"):
             agent_id = agent_id_from_name(temp.name[1:].split(".", 1)[0])
-            if agent_id is None:
+            if agent_id is None or not temp.is_file() or temp.is_symlink():  # only files a save of ours left
                 continue
             try:
                 with self.lock(agent_id, timeout=0):

@@ -306,7 +306,7 @@ def _interpret(metadata: Dict[str, str], where: str, *, agent_id: str, model_fin
 def _field(metadata: Dict[str, str], key: str, where: str, parse):
     try:
         return parse(metadata[key])
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, RecursionError):  # RecursionError: JSON nested past Python's limit
         raise CacheCorruptionError(f"{where}: header field {key!r} is missing or malformed") from None
 
 

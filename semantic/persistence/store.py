@@ -52,9 +52,9 @@ class _Resident:
 class AgentCacheStore:
     """Agents' contexts in ``pool`` and in ``directory``; see the module docstring.
 
-    Thread-safe. Every method raises a typed ``SemanticError`` and changes
-    nothing when it fails (evictions done to make room stay done: they only
-    move contexts to disk).
+    Thread-safe, except :meth:`generate`, which drives an engine: call it from the thread that drives
+    that engine (see ``BlockPoolBatchEngine``). Every method raises a typed ``SemanticError`` and changes
+    nothing when it fails (evictions done to make room stay done: they only move contexts to disk).
     """
 
     def __init__(self, directory, pool: BlockPool, model_fingerprint: str, *,
@@ -103,10 +103,12 @@ class AgentCacheStore:
         """Write the context to the agent's file now; durable when this returns. The handle stays yours.
         It becomes the agent's current context (replacing a resident one)."""
         handle = self._checked_handle(agent_blocks)
-        with self._lock:
-            self._write(handle)
-            if handle.agent_id in self._resident:
-                self._set_resident(handle.agent_id, handle.share(), on_disk=True)
+        # Our own reference while the file is written: a release elsewhere meanwhile must not let the
+        # blocks be reused (the file would hold another agent's data, under valid checksums).
+        with self._lock, handle.share() as pinned:
+            self._write(pinned)
+            if pinned.agent_id in self._resident:
+                self._set_resident(pinned.agent_id, pinned.share(), on_disk=True)
                 self._enforce_budget()
 
     def load(self, agent_id: str) -> AgentBlocks:
