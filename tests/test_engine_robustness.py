@@ -339,6 +339,30 @@ def test_an_interrupt_while_finished_requests_are_stored_leaves_the_engine_whole
     assert whole(engine.pool)
 
 
+def test_a_tokenizer_failing_on_one_finished_request_fails_only_that_one(engine, reference, monkeypatch):
+    expected, _ = reference
+    real_decode, victims = engine.tokenizer.decode, []
+
+    def decode(ids, *args, **kwargs):
+        if victims and ids is victims[0].generated:  # the engine decodes the request's own token list
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return real_decode(ids, *args, **kwargs)
+
+    # mlx-lm's TokenizerWrapper hands decode to the tokenizer it wraps: patch that one
+    monkeypatch.setattr(getattr(engine.tokenizer, "_tokenizer", engine.tokenizer), "decode", decode)
+    requests = dict(list(good_requests(engine).items())[:2])
+    uids = {engine.submit(agent, prompt, max_tokens=10): agent for agent, (prompt, _) in requests.items()}
+    victims.append(engine._by_uid[min(uids)])
+    done = {c.uid: c for c in engine.step()}
+    assert sorted(done) == sorted(uids) and engine.pending == 0
+    assert done[min(uids)].error.stage == "store" and "injected" in str(done[min(uids)].error)
+    survivor = done[max(uids)]
+    assert survivor.error is None and survivor.token_ids == expected[uids[max(uids)]][:10]
+    survivor.blocks.release()
+    del done, survivor, victims[:]
+    assert whole(engine.pool)
+
+
 # ---- fuzz --------------------------------------------------------------------------------------------
 TEXTS = st.text(max_size=40)
 IDS = st.lists(st.integers(-5, VOCAB + 5) | st.sampled_from([2**31, 2**64, True]), max_size=30)
