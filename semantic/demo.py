@@ -11,8 +11,10 @@ how many tokens the warm turn reused and how many it prefilled, and the blocks t
 from __future__ import annotations
 
 import argparse
+import sys
 
 from semantic.application.batch_engine import BlockPoolBatchEngine
+from semantic.domain.errors import SemanticError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.models import DEFAULT_MODEL, load, resolve
@@ -36,20 +38,36 @@ AGENTS = {
 }
 
 
-def main(argv=None) -> None:
+MAX_REPLY = 1000
+"""The longest reply asked for; the pool is sized for four turns of it."""
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="a model name of semantic.models, or the path of an mlx-lm model folder")
     parser.add_argument("--turns", type=int, default=3, choices=range(1, 5))
-    parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=40, help=f"tokens per reply, 1 to {MAX_REPLY}")
     args = parser.parse_args(argv)
+    if not 1 <= args.max_tokens <= MAX_REPLY:
+        parser.error(f"--max-tokens must be in [1, {MAX_REPLY}], got {args.max_tokens}")
+    try:
+        run(args)
+    except (SemanticError, OSError, ValueError) as error:  # a bad model folder or template: one line, no traceback
+        print(f"semantic.demo: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def run(args) -> None:
     path = resolve(args.model)
     model, tokenizer = load(args.model)
     spec = ModelCacheSpec.from_model(model)
-    per_agent = spec.blocks_per_agent(1024)
+    per_agent = spec.blocks_per_agent(1024 + args.turns * args.max_tokens)  # personas, questions, replies
     pool = BlockPool(spec, total_blocks=6 * per_agent)  # two agents, their next turns, the cold comparisons
     engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    if args.turns > 1:
+        next_turn(tokenizer, [], "?")  # a template turns cannot be appended to fails now, not after turn 1
     print(f"model: {args.model} ({path})\n       {spec.describe()}")
     print(f"pool:  {pool.total_blocks} blocks of {spec.block_size} tokens x 1 layer, {pool.nbytes / 2**20:.0f} MiB\n")
 
@@ -87,4 +105,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

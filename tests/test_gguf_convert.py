@@ -297,3 +297,29 @@ def test_unsupported_architecture_is_refused(tmp_path, byte_bpe):
     with pytest.raises(UnsupportedModelError, match="mamba"):
         convert(tmp_path / "x.gguf", tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_an_incomplete_or_cut_file_is_an_unsupported_model_naming_it(float_llama, byte_bpe, tmp_path):
+    """KeyError, IndexError, ZeroDivisionError or NumPy's ValueError came out before, none naming the file."""
+    _, tokens, merges = byte_bpe
+    weights = float_llama[0]
+    whole = tmp_path / "whole.gguf"
+    llama_gguf(whole, weights, tokens, merges)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:1000])
+    zero_heads = tmp_path / "zero-heads.gguf"
+    writer = gguf.GGUFWriter(str(zero_heads), "llama")
+    for key, value in {"block_count": 1, "embedding_length": 64, "feed_forward_length": 128,
+                       "attention.head_count": 0, "context_length": 2048}.items():
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_tokenizer_model("gpt2")  # and no token list
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for path in (cut, zero_heads):
+        out = tmp_path / f"out-{path.stem}"
+        out.mkdir()
+        with pytest.raises(UnsupportedModelError, match=path.name):
+            convert(path, out)
+        assert not any(out.iterdir())

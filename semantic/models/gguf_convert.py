@@ -220,10 +220,23 @@ def _quantization_config(architecture: str, types: Mapping[str, str], requantize
 
 def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> Dict[str, Any]:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``out_dir`` (which must
-    exist); returns the config written."""
+    exist); returns the config written. A file that is not a complete GGUF of a supported model raises
+    ``UnsupportedModelError`` naming it."""
+    gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
+    try:
+        return _convert(gguf_path, out_dir)
+    except UnsupportedModelError:
+        raise
+    # What a truncated or crafted file makes the reader and the lookups raise (KeyError for a missing
+    # field, IndexError for an id past the vocabulary, ZeroDivisionError for zero heads, ...).
+    except (KeyError, IndexError, ValueError, ZeroDivisionError, UnicodeDecodeError) as exc:
+        raise UnsupportedModelError(
+            f"{gguf_path.name} is not a complete GGUF model file ({type(exc).__name__}: {exc})") from exc
+
+
+def _convert(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> Dict[str, Any]:
     from gguf import GGUFReader
 
-    gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
     reader = GGUFReader(str(gguf_path))  # parsing Gemma's vocabulary takes half a minute: once
     metadata, types = read_metadata(reader)
     architecture = metadata.get("general.architecture")
@@ -231,6 +244,8 @@ def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> Dict[
         raise UnsupportedModelError(
             f"{gguf_path.name}: architecture {architecture!r} is not supported; supported: {', '.join(_CONFIGS)}"
         )
+    if not types:
+        raise UnsupportedModelError(f"{gguf_path.name} holds no tensors: it is not a model file")
     unknown = sorted(set(types.values()) - UNQUANTIZED - set(NATIVE_QUANT))
     requantize = architecture == "gemma3" or bool(unknown)
 
