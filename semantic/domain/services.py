@@ -583,12 +583,10 @@ class BlockPool:
         if all(type(write[0]) is list for write in writes):  # a store's own lists: one pass of C builtins for all
             ids = self._checked_ids(list(itertools.chain.from_iterable(write[0] for write in writes)))
         else:
-            ids = [int(b) for write in writes for b in self._block_array(write[0], 1).tolist()]
+            ids = [b for write in writes for b in self._block_array(write[0], 1).tolist()]
         host = writes_through_host()
         with self._lock:
-            self._drain()
-            if set(map(self._refcount.__getitem__, ids)) - {1}:
-                self._refuse_write(ids)
+            self._check_writable(ids)
             if not host:
                 self._whole_views.clear()
             # No pack kernel on the host: its plan (a row per new block) would be built for nothing.
@@ -633,7 +631,12 @@ class BlockPool:
                     checked_int("first_token", write[4], 0), checked_int("n_tokens", n_tokens, 0, tokens))
         return write if len(write) == 6 else (*write, tokens)
 
-    def _refuse_write(self, block_ids: List[int]) -> None:
+    def _check_writable(self, block_ids: List[int]) -> None:
+        """``BlockOwnershipError`` unless every block is held exactly once (the lock held; queued releases
+        drained first, so a block given back counts as free)."""
+        self._drain()
+        if not set(map(self._refcount.__getitem__, block_ids)) - {1}:
+            return
         block = next(b for b in block_ids if self._refcount[b] != 1)
         state = "free" if self._refcount[block] == 0 else f"shared ({self._refcount[block]} references)"
         raise BlockOwnershipError(
@@ -811,7 +814,7 @@ class BlockPool:
         parts_wanted = [(getattr(mx, part.dtype), part.width) for part in self.spec.stored_parts]
         ids = []
         for block_ids, first_index, parts, first_token in writes:
-            ids.extend(int(b) for b in self._block_array(block_ids, 1).tolist())
+            ids.extend(self._block_array(block_ids, 1).tolist())
             checked_int("first_index", first_index, 0)
             checked_int("first_token", first_token, 0)
             if len(parts) != len(parts_wanted) or any(
@@ -823,9 +826,7 @@ class BlockPool:
                     f"this pool's {self.spec.block_format.name} blocks ([1, {self.spec.n_kv_heads}, tokens, "
                     f"width] per part: {[(p.width, p.dtype) for p in self.spec.stored_parts]})")
         with self._lock:
-            self._drain()
-            if set(map(self._refcount.__getitem__, ids)) - {1}:
-                self._refuse_write(ids)
+            self._check_writable(ids)
             self._quantized.write_stored(writes)
 
     def copy_token_rows(self, copies: Sequence[RowCopy]) -> None:
@@ -835,10 +836,7 @@ class BlockPool:
             raise AssertionError("copy_token_rows is for quantized blocks")
         self._block_array([c[0] for c in copies] + [c[1] for c in copies], 1)
         with self._lock:
-            self._drain()
-            targets = [int(c[0]) for c in copies]
-            if set(map(self._refcount.__getitem__, targets)) - {1}:
-                self._refuse_write(targets)
+            self._check_writable([int(c[0]) for c in copies])
             if 0 in map(self._refcount.__getitem__, (int(c[1]) for c in copies)):
                 raise BlockOwnershipError("a row is copied from a free block; copy only from blocks in use")
             self._quantized.copy_rows(copies)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -139,9 +141,17 @@ class ModelCacheSpec:
             return 0, 0
         return start // self.block_size, self.blocks_for_tokens(end)
 
+    @functools.cached_property
+    def _layers_per_window(self) -> Tuple[Tuple[int, int], ...]:
+        """``(first layer, layers)`` per distinct window: a layer's blocks depend on it only through its window."""
+        counts = collections.Counter(self.layer_windows)
+        return tuple((self.layer_windows.index(window), n) for window, n in counts.items())
+
     def blocks_per_agent(self, n_tokens: int) -> int:
-        """Blocks (over all layers) a context of ``n_tokens`` occupies."""
-        return sum(b - a for a, b in (self.layer_block_range(i, n_tokens) for i in range(self.n_layers)))
+        """Blocks (over all layers) a context of ``n_tokens`` occupies. Once per window, not per layer: every
+        rebuild with room checks it (48 layers: 24 us -> a few)."""
+        return sum(n * (last - first) for layer, n in self._layers_per_window
+                   for first, last in (self.layer_block_range(layer, n_tokens),))
 
     def bytes_per_agent(self, n_tokens: int) -> int:
         return self.blocks_per_agent(n_tokens) * self.bytes_per_block_per_layer
