@@ -93,3 +93,31 @@ class WarmResumeVsHotPath:
         return resumed / hot
 
     track_over_hot_path.unit = "x hot path"
+
+
+class ConversationVsHotPath:
+    """Turns of one agent's conversation through the engine over the same turns through mlx-lm's hot path,
+    both in one process (``cases.conversation_against_hot_path``): each engine turn resumes the blocks the
+    previous turn stored (a handle never rebuilt before, as in real use; ``WarmResumeVsHotPath`` resumes
+    one handle again and again) and stores the context again; mlx-lm continues the cache it extracted at
+    the previous turn's end. Per turn: 16 new tokens, 8 generated. Lower is better; 1.0 means keeping
+    the conversation as blocks costs nothing against keeping its live cache."""
+
+    version = 1
+    params = (list(ENGINE_MODELS), [256, 1024, 2048])
+    param_names = ("model", "context_tokens")
+    timeout = 1200
+    default_points = frozenset((m, 1024) for m in ("tiny-llama", REAL_MODEL))
+
+    def setup(self, model, context_tokens):
+        require_selected((model, context_tokens), self.default_points, "model and context")
+        self.engine = engine(model)
+        self.ctx = cases.stored_context(model, context_tokens, ENGINE_DTYPE)
+
+    def track_over_hot_path(self, model, context_tokens):
+        resumed, hot, same_tokens = cases.conversation_against_hot_path(self.engine, self.ctx, turns=8)
+        if not same_tokens:
+            raise RuntimeError("the engine and mlx-lm generated different tokens: the sides did not compute the same")
+        return resumed / hot
+
+    track_over_hot_path.unit = "x hot path"

@@ -5,7 +5,9 @@ and, on a GPU, ``mx.synchronize()``): ``blocks_to_cache``; ``pool.gather`` alone
 design (one ``mx.concatenate`` of per-block arrays per layer); ``cache_to_blocks`` of the same context
 into fresh blocks; and the device's plain copy of the same bytes. Then a warm resume through the engine
 against mlx-lm's hot path (``cases.warm_resume_against_hot_path``) on the smollm2-135m local preset
-(random weights), and a cProfile of warm resumes at the longest context. Prints tables; ``--out``
+(random weights), the turns of a conversation continued from each context, each engine turn resuming the
+blocks the turn before stored (``cases.conversation_against_hot_path``), and a cProfile of warm resumes at
+the longest context. Prints tables; ``--out``
 also gets the numbers as JSON and the profile as text.
 """
 
@@ -64,7 +66,7 @@ def copy_cases(repeat: int, max_mib: float) -> List[dict]:
     return rows
 
 
-def resume_cases(preset: str, tokens: List[int], repeat: int) -> List[dict]:
+def resume_cases(preset: str, tokens: List[int], repeat: int, conversation_turns: int) -> List[dict]:
     from semantic.application.batch_engine import BlockPoolBatchEngine
     from semantic.domain.services import BlockPool
     from semantic.domain.value_objects import ModelCacheSpec
@@ -72,15 +74,19 @@ def resume_cases(preset: str, tokens: List[int], repeat: int) -> List[dict]:
 
     model, tokenizer = load_local_model(preset, dtype="bfloat16")
     spec = ModelCacheSpec.from_model(model)
-    pool = BlockPool(spec, total_blocks=4 * spec.blocks_per_agent(max(tokens) + 64))
+    longest = max(tokens) + (conversation_turns + 1) * (cases.RESUME_NEW_TOKENS + cases.CONVERSATION_REPLY_TOKENS)
+    pool = BlockPool(spec, total_blocks=4 * spec.blocks_per_agent(longest))
     engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
     rows = []
     for n in tokens:
         ctx = cases.cache_to_blocks(pool, "stored", cases.random_caches(spec, n), cases.prompt_tokens(engine, n))
         resumed, hot = cases.warm_resume_against_hot_path(engine, ctx, repeat=repeat)
         rebuild = percentiles(lambda: blocks_to_cache(pool, ctx), 20, 3)
+        turn, hot_turn, same_tokens = cases.conversation_against_hot_path(engine, ctx, conversation_turns)
         row = {"context_tokens": n, "engine_ms": resumed * 1e3, "hot_path_ms": hot * 1e3,
-               "ratio": resumed / hot, "rebuild_p50_ms": rebuild["p50_ms"]}
+               "ratio": resumed / hot, "rebuild_p50_ms": rebuild["p50_ms"],
+               "conversation_engine_ms": turn * 1e3, "conversation_hot_path_ms": hot_turn * 1e3,
+               "conversation_ratio": turn / hot_turn, "conversation_same_tokens": same_tokens}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if n == max(tokens):
@@ -103,22 +109,27 @@ def main() -> None:
                         help="contexts of the warm resume; 256 fills one block per layer (rebuilt with a second"
                         " for the prompt)")
     parser.add_argument("--resume-repeat", type=int, default=10)
+    parser.add_argument("--conversation-turns", type=int, default=8,
+                        help="turns of the conversation comparison, each resuming the blocks the last stored")
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--max-mib", type=float, default=4096, help="leave out copy cases larger than this")
     args = parser.parse_args()
     start = time.time()
     result = {"device": str(mx.default_device()), "copy": copy_cases(args.repeat, args.max_mib),
-              "resume": resume_cases(args.preset, [int(t) for t in args.resume_tokens.split(",")], args.resume_repeat)}
+              "resume": resume_cases(args.preset, [int(t) for t in args.resume_tokens.split(",")], args.resume_repeat,
+                                    args.conversation_turns)}
     print("\n| case | MiB | rebuild p50/p95 | gather | per-layer concat | store | device copy |")
     print("|---|---|---|---|---|---|---|")
     for r in result["copy"]:
         cells = [f"{r[k]['p50_ms']:.3f} / {r[k]['p95_ms']:.3f}"
                  for k in ("rebuild", "gather", "per_layer_concatenate", "store", "device_copy")]
         print(f"| {r['case']} | {r['MiB']:.1f} | " + " | ".join(cells) + " |")
-    print("\n| context | engine ms | mlx-lm hot path ms | ratio | rebuild p50 ms |\n|---|---|---|---|---|")
+    print("\n| context | engine ms | mlx-lm hot path ms | ratio | rebuild p50 ms | conversation turn: engine ms | "
+          "hot path ms | ratio | same tokens |\n|---|---|---|---|---|---|---|---|---|")
     for r in result["resume"]:
         print(f"| {r['context_tokens']} | {r['engine_ms']:.1f} | {r['hot_path_ms']:.1f} | {r['ratio']:.2f} | "
-              f"{r['rebuild_p50_ms']:.3f} |")
+              f"{r['rebuild_p50_ms']:.3f} | {r['conversation_engine_ms']:.1f} | {r['conversation_hot_path_ms']:.1f} | "
+              f"{r['conversation_ratio']:.2f} | {r['conversation_same_tokens']} |")
     print(f"({time.time() - start:.0f} s)")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -421,3 +421,73 @@ def warm_resume_against_hot_path(engine, ctx: AgentBlocks, repeat: int, warmup: 
     finally:
         generator.close()
     return float(np.median([s[0] for s in samples])), float(np.median([s[1] for s in samples]))
+
+
+CONVERSATION_REPLY_TOKENS = 8
+"""Tokens generated per turn in the conversation comparison."""
+
+
+def conversation_against_hot_path(engine, ctx: AgentBlocks, turns: int,
+                                  warmup: int = 1) -> Tuple[float, float, bool]:
+    """Median seconds per turn of an agent's conversation continued from ``ctx`` (the engine, mlx-lm's hot
+    path), and whether both generated the same tokens. Each turn feeds :data:`RESUME_NEW_TOKENS` new tokens
+    (after those the previous turn generated but did not yet store) and generates up to
+    :data:`CONVERSATION_REPLY_TOKENS`; the two sides alternate turn by turn.
+
+    Unlike :func:`warm_resume_against_hot_path`, which resumes one handle again and again, each engine turn
+    resumes the blocks the previous turn stored: a handle never rebuilt before, at a new length, as in a real
+    conversation. mlx-lm continues the cache it extracted from its batch at the previous turn's end (what its
+    server keeps; no copy of it is needed, since nothing else resumes it).
+    """
+    from semantic.domain.request_checks import SamplingParams  # here: older commits have no such module
+
+    stops = sorted(getattr(engine.tokenizer, "eos_token_ids", ()) or ())  # as the engine's own generator
+    generator = adapter.Generator(engine.model, stop_token_ids=stops)
+    live = [adapter.build_layer_cache(window, mx.array(c.keys), mx.array(c.values), c.offset)  # mx.array copies
+            for window, c in zip(engine.spec.layer_windows, blocks_to_cache(engine.pool, ctx))]
+    engine_side = {"handle": ctx, "pending": []}
+    hot_side = {"cache": live, "context": list(ctx.token_ids), "pending": []}
+
+    def engine_turn(new_tokens: List[int]) -> Tuple[float, List[int]]:
+        handle, prompt = engine_side["handle"], engine_side["pending"] + new_tokens
+        start = time.perf_counter()
+        engine.submit("conversation", prompt, cache=handle, max_tokens=CONVERSATION_REPLY_TOKENS)
+        (completion,) = engine.step()
+        adapter.synchronize()
+        took = time.perf_counter() - start
+        stored = completion.blocks
+        engine_side["pending"] = [*handle.token_ids, *prompt, *completion.token_ids][stored.num_tokens:]
+        engine_side["handle"] = stored
+        if handle is not ctx:
+            handle.release()
+        return took, completion.token_ids
+
+    def hot_turn(new_tokens: List[int]) -> Tuple[float, List[int]]:
+        context, prompt = hot_side["context"], hot_side["pending"] + new_tokens
+        start = time.perf_counter()
+        uid = generator.insert(prompt, hot_side["cache"], context, CONVERSATION_REPLY_TOKENS, SamplingParams(), None)
+        generated, finished = [], None
+        while finished is None:
+            for event in generator.next():
+                if event.uid == uid:
+                    generated.append(event.token)
+                    finished = event if event.finish_reason else None
+        adapter.synchronize()
+        took = time.perf_counter() - start
+        hot_side["cache"], hot_side["context"] = finished.cache, finished.context_tokens
+        hot_side["pending"] = [*context, *prompt, *generated][len(finished.context_tokens):]
+        return took, generated
+
+    samples, agree = [], True
+    try:
+        for turn in range(warmup + turns):
+            new_tokens = prompt_tokens(engine, RESUME_NEW_TOKENS, seed=10 + turn)
+            (engine_s, engine_tokens), (hot_s, hot_tokens) = engine_turn(new_tokens), hot_turn(new_tokens)
+            agree = agree and engine_tokens == hot_tokens
+            if turn >= warmup:
+                samples.append((engine_s, hot_s))
+    finally:
+        generator.close()
+        if engine_side["handle"] is not ctx:
+            engine_side["handle"].release()
+    return float(np.median([s[0] for s in samples])), float(np.median([s[1] for s in samples])), agree
