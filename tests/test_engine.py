@@ -361,6 +361,27 @@ def test_pool_returns_to_start_and_does_not_grow_over_200_turns(llama32):
     assert at_start(engine.pool)
 
 
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+def test_conversation_benchmark_sides_agree_and_leave_the_pool_as_it_was(request, model_name):
+    """``cases.conversation_against_hot_path`` (asv's ConversationVsHotPath): the engine resuming each turn's
+    stored blocks and mlx-lm continuing its live cache generate the same tokens (on CPU, bit for bit), and
+    every handle the comparison made is given back."""
+    from semantic.benchmarking import cases
+
+    engine = make_engine(request.getfixturevalue(model_name), total_blocks=400)
+    stored = run(engine, "stored", STORY, max_tokens=2).blocks  # the model's keys: 461 tokens
+    held = engine.pool.usage()
+    engine_s, hot_s, same_tokens = cases.conversation_against_hot_path(engine, stored, turns=3)
+    assert engine_s > 0 and hot_s > 0
+    if SAME_KERNELS:
+        assert same_tokens
+    gc.collect()
+    assert engine.pool.usage() == held
+    engine.pool.check_invariants()
+    stored.release()
+    assert at_start(engine.pool)
+
+
 @pytest.mark.filterwarnings("ignore::semantic.application.batch_engine.PoolPressureWarning")
 def test_seed_experiment_loops_run_as_written():
     """EXP-006's three loops, verbatim, on SmolLM2's cache geometry with total_blocks=500."""
