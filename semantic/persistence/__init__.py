@@ -4,6 +4,7 @@ See ``store`` for the tiers, ``file_format`` for the file, and docs/persistence.
 """
 
 from semantic.persistence.errors import (
+    CacheBudgetWarning,
     CacheCorruptionError,
     CacheLockTimeoutError,
     CachePersistenceError,
@@ -20,6 +21,7 @@ __all__ = [
     "AgentCacheStore",
     "model_fingerprint",
     "CachePersistenceError",
+    "CacheBudgetWarning",
     "CacheCorruptionError",
     "CacheLockTimeoutError",
     "CacheReadError",

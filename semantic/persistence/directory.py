@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import pathlib
+import re
 import secrets
 import stat
 import time
@@ -45,6 +46,9 @@ CACHE_SUFFIX = ".safetensors"
 MAX_NAME_BYTES = 200  # escaped; leaves room for the lock/temp decorations under the usual 255-byte limit
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 _LOCK_POLL_SECONDS = 0.005
+_TEMP_BYTES = 6
+# A save's temp file: ``.NAME.<12 hex>.tmp``. Only names of this exact shape are ever removed.
+_TEMP_NAME = re.compile(r"\.([a-z0-9_%A-F-]+)\.[0-9a-f]{" + str(2 * _TEMP_BYTES) + r"}\.tmp")
 
 
 def check_agent_id(agent_id) -> str:
@@ -151,7 +155,7 @@ class CacheDirectory:
         name = check_agent_id(agent_id)
         target = self.path / (name + CACHE_SUFFIX)
         with self.lock(agent_id):
-            temp = self.path / f".{name}.{secrets.token_hex(6)}.tmp"
+            temp = self.path / f".{name}.{secrets.token_hex(_TEMP_BYTES)}.tmp"
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
@@ -197,15 +201,16 @@ class CacheDirectory:
         if not os.access(self.path, os.W_OK | os.X_OK):
             return
         for temp in self.path.glob(".*.tmp"):
-            agent_id = agent_id_from_name(temp.name[1:].split(".", 1)[0])
+            match = _TEMP_NAME.fullmatch(temp.name)  # another program's ``.notes.tmp`` is not ours to delete
+            agent_id = agent_id_from_name(match.group(1)) if match else None
             if agent_id is None or not temp.is_file() or temp.is_symlink():  # only files a save of ours left
                 continue
             try:
                 with self.lock(agent_id, timeout=0):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(temp)
-            except CacheLockTimeoutError:
-                pass  # a live writer's file
+            except (CacheLockTimeoutError, CacheWriteError):
+                pass  # a live writer's file, or a lock path this store cannot use: that agent's problem alone
 
     def _sync_directory(self) -> None:
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)

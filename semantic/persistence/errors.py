@@ -40,3 +40,8 @@ class CacheWriteError(CachePersistenceError):
 
 class CacheLockTimeoutError(CachePersistenceError):
     """Another process kept the agent's lock for longer than the store's ``lock_timeout``."""
+
+
+class CacheBudgetWarning(UserWarning):
+    """The store's memory budget is exceeded because agents it had to move to disk could not be written;
+    they stay in the pool (nothing is lost), and the next eviction tries again."""

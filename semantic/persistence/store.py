@@ -34,6 +34,7 @@ from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, 
 from semantic.domain.request_checks import checked_int
 from semantic.domain.services import BlockPool
 from semantic.persistence.directory import CacheDirectory, check_agent_id
+from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheWriteError
 from semantic.persistence.file_format import AgentCacheHeader, geometry_of, read_agent_cache, write_agent_cache
 from semantic.persistence.fingerprint import model_fingerprint
 
@@ -54,7 +55,8 @@ class AgentCacheStore:
 
     Thread-safe, except :meth:`generate`, which drives an engine: call it from the thread that drives
     that engine (see ``BlockPoolBatchEngine``). Every method raises a typed ``SemanticError`` and changes
-    nothing when it fails (evictions done to make room stay done: they only move contexts to disk).
+    nothing when it fails (evictions done to make room stay done: they only move contexts to disk; ``flush``
+    and ``close`` write and release every agent they can before raising for the others).
     """
 
     def __init__(self, directory, pool: BlockPool, model_fingerprint: str, *,
@@ -179,24 +181,40 @@ class AgentCacheStore:
             reclaimable = sum(1 for block, count in refs.items() if self.pool.refcount(block) == count)
             if self.pool.available_blocks + reclaimable < n_blocks:
                 return False
-            while self._resident and self.pool.available_blocks < n_blocks:
-                self._evict(next(iter(self._resident)))
-            return self.pool.available_blocks >= n_blocks  # False only if another thread took blocks meanwhile
+            failures = self._evict_until(lambda: self.pool.available_blocks >= n_blocks)
+            if self.pool.available_blocks >= n_blocks:
+                return True
+            if failures:
+                raise _write_failures(failures, f"could not free {n_blocks} blocks")
+            return False  # another thread took blocks meanwhile
 
     def flush(self) -> None:
-        """Write every resident agent whose file is not current."""
+        """Write every resident agent whose file is not current. An agent whose file cannot be written
+        stays resident, unsaved, and the others are still written; then the failures are raised."""
         with self._lock:
-            for resident in self._resident.values():
-                if not resident.on_disk:
+            failures = []
+            for agent_id, resident in list(self._resident.items()):
+                if resident.on_disk:
+                    continue
+                try:
                     self._write(resident.handle)
-                    resident.on_disk = True
+                except CachePersistenceError as exc:
+                    failures.append((agent_id, exc))
+                    continue
+                resident.on_disk = True
+            if failures:
+                raise _write_failures(failures, "flush")
 
     def close(self) -> None:
-        """``flush``, then release every resident agent's blocks. The store stays usable."""
+        """``flush``, then release every resident agent's blocks. An agent whose file could not be written
+        keeps its blocks (releasing them would lose its context) and the failure is raised after the
+        others are released. The store stays usable."""
         with self._lock:
-            self.flush()
-            while self._resident:
-                self._resident.popitem(last=False)[1].handle.release()
+            try:
+                self.flush()
+            finally:
+                for agent_id in [agent for agent, resident in self._resident.items() if resident.on_disk]:
+                    self._resident.pop(agent_id).handle.release()
 
     def __enter__(self) -> "AgentCacheStore":
         return self
@@ -260,10 +278,28 @@ class AgentCacheStore:
         resident.handle.release()
 
     def _enforce_budget(self) -> None:
+        """Evict down to the budget. It runs after a put, get or save has succeeded, so an agent that cannot
+        be written is not that call's failure: it stays resident, with a ``CacheBudgetWarning``."""
         if self.memory_budget_bytes is None:
             return
-        while self._resident and self.resident_bytes > self.memory_budget_bytes:
-            self._evict(next(iter(self._resident)))
+        failures = self._evict_until(lambda: self.resident_bytes <= self.memory_budget_bytes)
+        if failures and self.resident_bytes > self.memory_budget_bytes:
+            reasons = "; ".join(f"{agent_id!r}: {exc}" for agent_id, exc in failures)
+            warnings.warn(f"over the memory budget: agents that could not be written stay in the pool ({reasons})",
+                          CacheBudgetWarning, stacklevel=3)
+
+    def _evict_until(self, enough) -> List[Tuple[str, CachePersistenceError]]:
+        """Evict least recently used agents until ``enough()``, passing over any whose file cannot be written
+        (it stays resident: one such agent must not keep the others from moving). Returns those failures."""
+        failures = []
+        for agent_id in list(self._resident):
+            if enough():
+                break
+            try:
+                self._evict(agent_id)
+            except CachePersistenceError as exc:
+                failures.append((agent_id, exc))
+        return failures
 
     def _resident_block_refs(self) -> Dict[int, int]:
         """Block id -> references the store's handles hold on it."""
@@ -322,3 +358,13 @@ class AgentCacheStore:
                     plan.append((ids, first, parts, first * spec.block_size))
             self.pool.write_stored(plan)
             return builder.finish(header.token_ids, layer_ids)
+
+
+def _write_failures(failures: List[Tuple[str, CachePersistenceError]], what: str) -> CachePersistenceError:
+    """One error for the agents whose files could not be written (they stay in the pool, nothing lost): the
+    agent's own error if there is one, else a ``CacheWriteError`` naming each."""
+    if len(failures) == 1:
+        return failures[0][1]
+    reasons = "; ".join(f"{agent_id!r}: {exc}" for agent_id, exc in failures)
+    return CacheWriteError(f"{what}: {len(failures)} agents could not be written and stay in the pool ({reasons}); "
+                           "fix the cause and try again")
