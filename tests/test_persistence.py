@@ -246,7 +246,8 @@ def test_several_agents_that_cannot_be_written_are_named_in_one_error(tmp_path):
     unwritable(store, "z")
     with pytest.raises(CacheWriteError, match="2 agents.*'x'.*'z'"):
         store.flush()
-    assert store.list() == ["x", "y", "z"] and [p.name for p in store.directory.glob("*.safetensors")] == ["y.safetensors"]
+    assert store.list() == ["x", "y", "z"]
+    assert [p.name for p in store.directory.glob("*.safetensors")] == ["y.safetensors"]
 
 
 def test_eviction_passes_over_an_agent_that_cannot_be_written(tmp_path):
