@@ -1,5 +1,6 @@
 """AgentCacheStore: the two tiers, eviction, restarts, and a state machine against a model of both tiers."""
 
+import shutil
 import tempfile
 
 import pytest
@@ -9,7 +10,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, PoolExhaustedError
 from semantic.domain.services import BlockPool
-from semantic.persistence import AgentCacheStore, CacheBudgetWarning, CacheWriteError, UnknownAgentError
+from semantic.persistence import (
+    AgentCacheStore,
+    CacheBudgetWarning,
+    CacheReadError,
+    CacheWriteError,
+    InvalidAgentIdError,
+    UnknownAgentError,
+)
 from test_persistence_support import (
     SMALL_SPEC,
     loaded_snapshot,
@@ -161,11 +169,27 @@ def test_handles_of_another_pool_are_refused(store):
 
 @pytest.mark.parametrize("kwargs", [{"memory_budget_bytes": -1}, {"memory_budget_bytes": 1.5}, {"lock_timeout": -1},
                                     {"memory_budget_bytes": True}, {"lock_timeout": None}, {"lock_timeout": "1"},
-                                    {"model_fingerprint": ""}, {"model_fingerprint": "a\x00b"}, {"model_fingerprint": 5}])
+                                    {"model_fingerprint": ""}, {"model_fingerprint": "a\x00b"},
+                                    {"model_fingerprint": 5}, {"write_through": "no"}, {"write_through": 1},
+                                    {"directory": None}, {"directory": "/tmp/x\x00y"}])
 def test_bad_construction_arguments_are_refused(tmp_path, kwargs):
-    arguments = {"model_fingerprint": "model", **kwargs}
+    arguments = {"directory": tmp_path, "model_fingerprint": "model", **kwargs}
     with pytest.raises(InvalidRequestError):
-        AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), **arguments)
+        AgentCacheStore(arguments.pop("directory"), BlockPool(SMALL_SPEC, 4), **arguments)
+
+
+@pytest.mark.parametrize("agent_id", [[], {}, None, 5, ""])
+def test_membership_of_something_that_is_not_an_agent_id_is_a_typed_error(store, agent_id):
+    with pytest.raises(InvalidAgentIdError):
+        agent_id in store  # noqa: B015 (TypeError "unhashable" for a list before)
+
+
+def test_listing_a_directory_removed_under_the_store_is_a_typed_error(tmp_path):
+    store = open_store(tmp_path / "agents")
+    put_new(store, "a")
+    shutil.rmtree(store.directory)
+    with pytest.raises(CacheReadError, match="cannot list"):
+        store.list()  # FileNotFoundError before
 
 
 def test_a_directory_named_like_a_leftover_temp_file_does_not_stop_the_store_opening(tmp_path):

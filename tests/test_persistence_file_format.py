@@ -7,8 +7,10 @@ and then checks that the pool, the store and every other file are unchanged.
 import json
 import os
 import random
+import re
 import struct
 import subprocess
+import sys
 
 import mlx.core as mx
 import pytest
@@ -140,6 +142,35 @@ def test_a_header_field_nested_past_the_recursion_limit_is_corruption(store, sav
     rewrite_metadata(saved, geometry="[" * 100_000 + "]" * 100_000)
     with nothing_changes(store), pytest.raises(CacheCorruptionError, match="geometry"):
         store.get("a")
+
+
+def replace_in_header(path, old: bytes, new: bytes) -> None:
+    """Edit the header's JSON text (its length field follows; no checksum is re-sealed)."""
+    raw, end = path.read_bytes(), header_length(path)
+    header = raw[8:end].replace(old, new, 1)
+    assert header != raw[8:end]
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[end:])
+
+
+def test_a_header_holding_a_lone_surrogate_is_corruption(store, saved):
+    """JSON's ``\\ud800`` parses, but the checksum's UTF-8 encoding raised UnicodeEncodeError."""
+    replace_in_header(saved, b'"format":"semantic.agent_cache"', b'"format":"semantic.agent_cache","x":"\\ud800"')
+    with nothing_changes(store), pytest.raises(CacheCorruptionError, match="cannot be encoded"):
+        store.get("a")
+
+
+def test_a_tensor_shape_nested_about_as_deep_as_python_allows_is_corruption(store, saved):
+    """Nesting that json.loads accepts but json.dumps cannot encode again raised RecursionError; where that
+    window lies depends on the stack, so every depth around the limit is tried."""
+    original = saved.read_bytes()
+    shape = re.search(rb'"shape":(\[[0-9,]*\])', original[:header_length(saved)]).group(1)
+    with nothing_changes(store):
+        for depth in range(sys.getrecursionlimit() - 60, sys.getrecursionlimit() + 20):
+            saved.write_bytes(original)
+            replace_in_header(saved, b'"shape":' + shape, b'"shape":' + b"[" * depth + b"]" * depth)
+            with pytest.raises(CacheCorruptionError):
+                store.get("a")
+        saved.write_bytes(original)
 
 
 def test_a_plain_safetensors_file_is_not_an_agent_cache(store, saved):

@@ -9,7 +9,7 @@ import mlx_lm
 import pytest
 
 from semantic.application.batch_engine import BlockPoolBatchEngine
-from semantic.domain.errors import PoolExhaustedError
+from semantic.domain.errors import InvalidRequestError, PoolExhaustedError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence import AgentCacheStore, IncompatibleCacheFileError, model_fingerprint
@@ -143,6 +143,17 @@ def test_a_turn_that_cannot_get_blocks_is_cancelled_with_a_typed_error(tmp_path)
     assert engine.pending == 0 and "b" not in store
     pinned.release()
     assert store.generate(engine, "b", text(300, offset=1), max_tokens=8).token_ids  # now "a" can move to disk
+
+
+@pytest.mark.parametrize("kwargs", [{"bogus": 1}, {"cache": None}, {"max_token": 3}])
+def test_generate_refuses_keywords_submit_does_not_take_with_a_typed_error(tmp_path, kwargs):
+    """Before, submit's own TypeError came out (or "got multiple values for cache")."""
+    engine = engine_for("tiny-llama", total_blocks=24)
+    store = AgentCacheStore.for_engine(tmp_path, engine)
+    store.generate(engine, "a", text(20), max_tokens=2).blocks.release()
+    with nothing_changes(store), pytest.raises(InvalidRequestError):
+        store.generate(engine, "a", text(5, offset=1), **kwargs)
+    assert engine.pending == 0
 
 
 # ---- fingerprints -------------------------------------------------------------------------------

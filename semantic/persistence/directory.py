@@ -33,6 +33,7 @@ import time
 import unicodedata
 from typing import Callable, Iterator, List, Optional
 
+from semantic.domain.errors import InvalidRequestError
 from semantic.persistence.errors import (
     CacheLockTimeoutError,
     CacheReadError,
@@ -99,7 +100,12 @@ class CacheDirectory:
     """A directory of agent cache files; see the module docstring for its layout."""
 
     def __init__(self, path, lock_timeout: float):
-        self.path = pathlib.Path(path).expanduser().absolute()
+        try:
+            self.path = pathlib.Path(path).expanduser().absolute()
+        except TypeError:
+            raise InvalidRequestError(f"directory must be a path (str or os.PathLike), got {path!r}") from None
+        if "\0" in str(self.path):
+            raise InvalidRequestError(f"directory {str(self.path)!r} contains a NUL byte; no file system allows one")
         self.lock_timeout = lock_timeout
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -113,13 +119,16 @@ class CacheDirectory:
     def agent_ids(self) -> List[str]:
         """Agents with a cache file, in no particular order; foreign files are ignored."""
         found = []
-        with os.scandir(self.path) as entries:
-            for entry in entries:
-                if (entry.name.endswith(CACHE_SUFFIX) and not entry.name.startswith(".")
-                        and entry.is_file(follow_symlinks=False)):
-                    agent_id = agent_id_from_name(entry.name[: -len(CACHE_SUFFIX)])
-                    if agent_id is not None:
-                        found.append(agent_id)
+        try:
+            with os.scandir(self.path) as entries:
+                for entry in entries:
+                    if (entry.name.endswith(CACHE_SUFFIX) and not entry.name.startswith(".")
+                            and entry.is_file(follow_symlinks=False)):
+                        agent_id = agent_id_from_name(entry.name[: -len(CACHE_SUFFIX)])
+                        if agent_id is not None:
+                            found.append(agent_id)
+        except OSError as exc:  # the directory removed or replaced while the store is open
+            raise CacheReadError(f"cannot list the cache directory {self.path}: {exc.strerror}") from exc
         return found
 
     def open_for_reading(self, agent_id: str):

@@ -170,8 +170,12 @@ def read_agent_cache(file, *, agent_id: str, model_fingerprint: str,
     size = os.fstat(file.fileno()).st_size
     raw_header, data_start = _read_header_bytes(file, size, where)
     header_json = _parse_json(raw_header, where)
-    metadata = _check_envelope(header_json, where)
-    if encode_header(header_json) != _LENGTH.pack(len(raw_header)) + raw_header:
+    try:  # both encode what parsed: a lone surrogate ("\ud800") cannot be, nor nesting near the recursion limit
+        metadata = _check_envelope(header_json, where)
+        canonical = encode_header(header_json)
+    except (UnicodeError, RecursionError) as exc:
+        raise CacheCorruptionError(f"{where} is damaged: its header cannot be encoded again ({exc})") from None
+    if canonical != _LENGTH.pack(len(raw_header)) + raw_header:
         raise CacheCorruptionError(
             f"{where} is damaged: its header bytes are not the canonical encoding of its content "
             "(changed whitespace, key order or padding)"

@@ -23,6 +23,7 @@ not kept coherent; the last save of an agent wins.
 from __future__ import annotations
 
 import collections
+import inspect
 import threading
 import warnings
 from collections import defaultdict
@@ -71,6 +72,8 @@ class AgentCacheStore:
             memory_budget_bytes = checked_int("memory_budget_bytes", memory_budget_bytes, 0)
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
             raise InvalidRequestError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
+        if not isinstance(write_through, bool):
+            raise InvalidRequestError(f"write_through must be True or False, got {write_through!r}")
         self.pool = pool
         self.model_fingerprint = model_fingerprint
         self.memory_budget_bytes = memory_budget_bytes
@@ -134,6 +137,7 @@ class AgentCacheStore:
             return sorted(set(self._resident) | set(self._directory.agent_ids()))
 
     def __contains__(self, agent_id: str) -> bool:
+        check_agent_id(agent_id)  # a typed error for a non-string, before it meets the dict
         with self._lock:
             return agent_id in self._resident or self._directory.file_for(agent_id).exists()
 
@@ -233,6 +237,12 @@ class AgentCacheStore:
 
         if engine.pool is not self.pool:
             raise IncompatibleCacheError("the engine uses another pool than this store; use one pool for both")
+        if "cache" in submit_kwargs:
+            raise InvalidRequestError("generate continues the agent's stored context itself: pass no cache=")
+        try:
+            inspect.signature(engine.submit).bind(agent_id, prompt, **submit_kwargs)
+        except TypeError as exc:
+            raise InvalidRequestError(f"generate passes its keywords to engine.submit, which says: {exc}") from None
         cache = self.get(agent_id) if agent_id in self else None
         try:
             uid = engine.submit(agent_id, prompt, cache=cache, **submit_kwargs)
