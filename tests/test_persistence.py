@@ -1,5 +1,6 @@
 """AgentCacheStore: the two tiers, eviction, restarts, and a state machine against a model of both tiers."""
 
+import errno
 import shutil
 import tempfile
 
@@ -10,10 +11,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, PoolExhaustedError
 from semantic.domain.services import BlockPool
+from semantic.persistence.directory import CacheDirectory
 from semantic.persistence import (
     AgentCacheStore,
     CacheBudgetWarning,
     CacheReadError,
+    CacheSyncError,
     CacheWriteError,
     InvalidAgentIdError,
     UnknownAgentError,
@@ -307,6 +310,43 @@ def test_put_keeps_its_promise_when_the_budget_cannot_be_met(tmp_path):
     (store.directory / ".victim.lock").rmdir()
     store.close()
     assert store.resident == () and store.pool.used_blocks == 0
+
+
+def failing_directory_sync(monkeypatch):
+    def sync(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(CacheDirectory, "_sync_directory", sync)
+
+
+def test_a_save_whose_directory_sync_fails_says_the_new_file_is_in_place_and_keeps_it_current(tmp_path,
+                                                                                              monkeypatch):
+    """The rename had happened, yet the error said the previous file was unchanged, and the store kept
+    the old context in memory marked as on disk (evicting it then switched the agent to the new one)."""
+    store = open_store(tmp_path)
+    put_new(store, "a", seed=1)
+    store.flush()
+    new = random_handle(store.pool, "a", 7, seed=9)
+    expected = snapshot(new)
+    with monkeypatch.context() as patch:
+        failing_directory_sync(patch)
+        with pytest.raises(CacheSyncError, match="saved agent 'a'.*save again"):
+            store.save(new)
+    assert current(store, "a") == expected and loaded_snapshot(store, "a") == expected
+    new.release()
+    store.close()  # written again, durably
+    assert loaded_snapshot(store, "a") == expected and store.pool.used_blocks == 0
+
+
+def test_a_delete_whose_directory_sync_fails_forgets_the_agent_and_says_so(tmp_path, monkeypatch):
+    store = open_store(tmp_path)
+    put_new(store, "a")
+    store.flush()
+    with monkeypatch.context() as patch:
+        failing_directory_sync(patch)
+        with pytest.raises(CacheSyncError, match="deleted the cache file of agent 'a'"):
+            store.delete("a")  # a bare OSError before, the agent still resident
+    assert "a" not in store and store.pool.used_blocks == 0
 
 
 @pytest.mark.parametrize("n_blocks", ["5", None, -1, 1.5, True])

@@ -37,6 +37,7 @@ from semantic.domain.errors import InvalidRequestError
 from semantic.persistence.errors import (
     CacheLockTimeoutError,
     CacheReadError,
+    CacheSyncError,
     CacheWriteError,
     IncompatibleCacheFileError,
     InvalidAgentIdError,
@@ -173,7 +174,6 @@ class CacheDirectory:
                 finally:
                     os.close(fd)
                 os.replace(temp, target)
-                self._sync_directory()
             except OSError as exc:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
@@ -185,6 +185,14 @@ class CacheDirectory:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
                 raise
+            try:
+                self._sync_directory()
+            except OSError as exc:  # after the rename: the new file is the one readers see now
+                raise CacheSyncError(
+                    f"saved agent {agent_id!r} to {target}, but syncing the directory failed "
+                    f"({exc.strerror or exc}): a crash of the machine now could bring back its previous file; "
+                    "save again to make it durable"
+                ) from exc
 
     def remove(self, agent_id: str) -> bool:
         """Delete the agent's file (and lock file); whether there was one."""
@@ -198,7 +206,13 @@ class CacheDirectory:
                 raise CacheWriteError(f"could not delete the cache file of agent {agent_id!r}: {exc.strerror}") from exc
             else:
                 existed = True
-                self._sync_directory()
+                try:
+                    self._sync_directory()
+                except OSError as exc:
+                    raise CacheSyncError(
+                        f"deleted the cache file of agent {agent_id!r}, but syncing the directory failed "
+                        f"({exc.strerror or exc}): a crash of the machine now could bring it back; delete again"
+                    ) from exc
             # Removed while held: a process waiting on it notices the unlink and retries (see ``lock``).
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._lock_path(name))

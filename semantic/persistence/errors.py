@@ -38,6 +38,11 @@ class CacheWriteError(CachePersistenceError):
     """Saving failed (disk full, permissions, ...); the agent's previous file, if any, is intact."""
 
 
+class CacheSyncError(CacheWriteError):
+    """The new file is in place (readers see it), but syncing the directory failed, so a crash of the
+    machine could still bring back the previous one; saving again makes it durable."""
+
+
 class CacheLockTimeoutError(CachePersistenceError):
     """Another process kept the agent's lock for longer than the store's ``lock_timeout``."""
 

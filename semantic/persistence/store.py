@@ -35,7 +35,7 @@ from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, 
 from semantic.domain.request_checks import checked_int
 from semantic.domain.services import BlockPool
 from semantic.persistence.directory import CacheDirectory, check_agent_id
-from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheWriteError
+from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheSyncError, CacheWriteError
 from semantic.persistence.file_format import AgentCacheHeader, geometry_of, read_agent_cache, write_agent_cache
 from semantic.persistence.fingerprint import model_fingerprint
 
@@ -111,7 +111,12 @@ class AgentCacheStore:
         # Our own reference while the file is written: a release elsewhere meanwhile must not let the
         # blocks be reused (the file would hold another agent's data, under valid checksums).
         with self._lock, handle.share() as pinned:
-            self._write(pinned)
+            try:
+                self._write(pinned)
+            except CacheSyncError:  # the file holds it, not yet durably: current in memory, written again later
+                if pinned.agent_id in self._resident:
+                    self._set_resident(pinned.agent_id, pinned.share(), on_disk=False)
+                raise
             if pinned.agent_id in self._resident:
                 self._set_resident(pinned.agent_id, pinned.share(), on_disk=True)
                 self._enforce_budget()
@@ -125,7 +130,13 @@ class AgentCacheStore:
     def delete(self, agent_id: str) -> bool:
         """Forget the agent in both tiers; whether the store had it."""
         with self._lock:
-            existed = self._directory.remove(agent_id)
+            try:
+                existed = self._directory.remove(agent_id)
+            except CacheSyncError:  # the file is gone (not yet durably): forget the agent in memory too
+                resident = self._resident.pop(agent_id, None)
+                if resident is not None:
+                    resident.handle.release()
+                raise
             resident = self._resident.pop(agent_id, None)
             if resident is not None:
                 resident.handle.release()
