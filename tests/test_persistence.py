@@ -349,6 +349,15 @@ def test_a_delete_whose_directory_sync_fails_forgets_the_agent_and_says_so(tmp_p
     assert "a" not in store and store.pool.used_blocks == 0
 
 
+def test_loading_a_context_larger_than_the_whole_pool_says_it_can_never_fit(tmp_path):
+    """Before, the error told the caller to release handles, which could never help."""
+    put_new(big := open_store(tmp_path), "a", n_tokens=14)
+    big.close()
+    small = open_store(tmp_path, total_blocks=SMALL_SPEC.blocks_per_agent(14) - 1)
+    with nothing_changes(small), pytest.raises(PoolExhaustedError, match="can never fit this pool"):
+        small.get("a")
+
+
 @pytest.mark.parametrize("n_blocks", ["5", None, -1, 1.5, True])
 def test_make_room_for_a_count_that_is_not_one_is_refused(tmp_path, n_blocks):
     store = AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), "model")

@@ -12,7 +12,7 @@ from semantic.application.batch_engine import BlockPoolBatchEngine
 from semantic.domain.errors import InvalidRequestError, PoolExhaustedError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
-from semantic.persistence import AgentCacheStore, IncompatibleCacheFileError, model_fingerprint
+from semantic.persistence import AgentCacheStore, CacheWriteError, IncompatibleCacheFileError, model_fingerprint
 from semantic.testing.local_models import build_local_model, load_local_model
 from test_persistence_support import nothing_changes, run_python, snapshot
 
@@ -154,6 +154,27 @@ def test_generate_refuses_keywords_submit_does_not_take_with_a_typed_error(tmp_p
     with nothing_changes(store), pytest.raises(InvalidRequestError):
         store.generate(engine, "a", text(5, offset=1), **kwargs)
     assert engine.pending == 0
+
+
+def test_a_write_through_turn_whose_write_fails_keeps_the_turn_and_says_so(tmp_path):
+    """Before, the error came out and the turn was lost: its text with the exception, its context unstored."""
+    engine = engine_for("tiny-llama", total_blocks=48)
+    store = AgentCacheStore.for_engine(tmp_path, engine, write_through=True)
+    store.generate(engine, "a", text(20), max_tokens=2).blocks.release()
+    (store.directory / ".a.lock").unlink()
+    (store.directory / ".a.lock").mkdir()  # a's file cannot be written now
+    with pytest.raises(CacheWriteError) as raised:
+        store.generate(engine, "a", text(5, offset=1), max_tokens=3)
+    turn = raised.value.completion
+    context = turn.blocks.token_ids
+    assert turn.token_ids and store.resident == ("a",)
+    with store.get("a") as current:
+        assert current.token_ids == context
+    turn.blocks.release()
+    (store.directory / ".a.lock").rmdir()
+    store.close()
+    with store.load("a") as saved:
+        assert saved.token_ids == context
 
 
 # ---- fingerprints -------------------------------------------------------------------------------

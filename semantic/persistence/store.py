@@ -243,7 +243,9 @@ class AgentCacheStore:
         keep the result as its current context. While the request waits for blocks, least recently used
         agents are moved to disk. Like ``engine.generate``, other requests run along and their completions
         are dropped. The returned completion's ``blocks`` are yours. ``PoolExhaustedError`` (the request
-        cancelled) if handles held outside the store pin the blocks it needs."""
+        cancelled) if handles held outside the store pin the blocks it needs. With ``write_through``, a
+        failed write raises its error after the turn: the new context stays resident (written by the next
+        ``flush``) and the error's ``completion`` is the turn's."""
         from semantic.application.batch_engine import PoolPressureWarning  # the engine's module is loaded
 
         if engine.pool is not self.pool:
@@ -276,7 +278,13 @@ class AgentCacheStore:
                     f"(agent {agent_id!r} waits for blocks that handles held outside the store pin; "
                     "release them or use a larger pool)",
                 )
-        self.put(result.blocks.share())
+        try:
+            self.put(result.blocks.share())
+        except CachePersistenceError as exc:  # write_through's write failed: keep the turn in memory, say so
+            with self._lock:
+                self._set_resident(agent_id, result.blocks.share(), on_disk=False)
+            exc.completion = result
+            raise
         return result
 
     # ---- internals --------------------------------------------------------------------------------
@@ -360,6 +368,12 @@ class AgentCacheStore:
             header, tensors = read_agent_cache(file, agent_id=agent_id, model_fingerprint=self.model_fingerprint,
                                                spec=spec)
         needed = sum(header.layer_blocks)
+        if needed > self.pool.total_blocks:
+            raise PoolExhaustedError(
+                needed, self.pool.total_blocks,
+                f"(agent {agent_id!r}'s context can never fit this pool of {self.pool.total_blocks} blocks; "
+                "load it into a larger pool)",
+            )
         if not self.make_room(needed):
             raise PoolExhaustedError(
                 needed, self.pool.available_blocks,
