@@ -49,8 +49,9 @@ MAX_NAME_BYTES = 200  # escaped; leaves room for the lock/temp decorations under
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 _LOCK_POLL_SECONDS = 0.005
 _TEMP_BYTES = 6
-# A save's temp file: ``.NAME.<12 hex>.tmp``. Only names of this exact shape are ever removed.
-_TEMP_NAME = re.compile(r"\.([a-z0-9_%A-F-]+)\.[0-9a-f]{" + str(2 * _TEMP_BYTES) + r"}\.tmp")
+# A save's temp file: ``.NAME.<12 hex>.tmp``, NAME an escaped agent id (``agent_id_from_name`` checks it; it
+# holds no dot). Only names of this exact shape are ever removed.
+_TEMP_NAME = re.compile(r"\.([^.]+)\.[0-9a-f]{" + str(2 * _TEMP_BYTES) + r"}\.tmp")
 
 
 def check_agent_id(agent_id) -> str:

@@ -133,14 +133,9 @@ class AgentCacheStore:
             try:
                 existed = self._directory.remove(agent_id)
             except CacheSyncError:  # the file is gone (not yet durably): forget the agent in memory too
-                resident = self._resident.pop(agent_id, None)
-                if resident is not None:
-                    resident.handle.release()
+                self._drop_resident(agent_id)
                 raise
-            resident = self._resident.pop(agent_id, None)
-            if resident is not None:
-                resident.handle.release()
-            return existed or resident is not None
+            return self._drop_resident(agent_id) or existed
 
     def list(self) -> List[str]:
         """Every agent the store holds, in memory or on disk, sorted."""
@@ -229,7 +224,7 @@ class AgentCacheStore:
                 self.flush()
             finally:
                 for agent_id in [agent for agent, resident in self._resident.items() if resident.on_disk]:
-                    self._resident.pop(agent_id).handle.release()
+                    self._drop_resident(agent_id)
 
     def __enter__(self) -> "AgentCacheStore":
         return self
@@ -299,6 +294,13 @@ class AgentCacheStore:
         if previous is not None and previous.handle is not handle:
             previous.handle.release()
 
+    def _drop_resident(self, agent_id: str) -> bool:
+        """Release the agent's blocks, if resident, without writing them; whether it was."""
+        resident = self._resident.pop(agent_id, None)
+        if resident is not None:
+            resident.handle.release()
+        return resident is not None
+
     def _evict(self, agent_id: str) -> None:
         resident = self._resident[agent_id]
         if not resident.on_disk:
@@ -313,9 +315,8 @@ class AgentCacheStore:
             return
         failures = self._evict_until(lambda: self.resident_bytes <= self.memory_budget_bytes)
         if failures and self.resident_bytes > self.memory_budget_bytes:
-            reasons = "; ".join(f"{agent_id!r}: {exc}" for agent_id, exc in failures)
-            warnings.warn(f"over the memory budget: agents that could not be written stay in the pool ({reasons})",
-                          CacheBudgetWarning, stacklevel=3)
+            warnings.warn("over the memory budget: agents that could not be written stay in the pool "
+                          f"({_reasons(failures)})", CacheBudgetWarning, stacklevel=3)
 
     def _evict_until(self, enough) -> List[Tuple[str, CachePersistenceError]]:
         """Evict least recently used agents until ``enough()``, passing over any whose file cannot be written
@@ -400,6 +401,9 @@ def _write_failures(failures: List[Tuple[str, CachePersistenceError]], what: str
     agent's own error if there is one, else a ``CacheWriteError`` naming each."""
     if len(failures) == 1:
         return failures[0][1]
-    reasons = "; ".join(f"{agent_id!r}: {exc}" for agent_id, exc in failures)
-    return CacheWriteError(f"{what}: {len(failures)} agents could not be written and stay in the pool ({reasons}); "
-                           "fix the cause and try again")
+    return CacheWriteError(f"{what}: {len(failures)} agents could not be written and stay in the pool "
+                           f"({_reasons(failures)}); fix the cause and try again")
+
+
+def _reasons(failures: List[Tuple[str, CachePersistenceError]]) -> str:
+    return "; ".join(f"{agent_id!r}: {exc}" for agent_id, exc in failures)
