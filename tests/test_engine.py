@@ -361,6 +361,23 @@ def test_pool_returns_to_start_and_does_not_grow_over_200_turns(llama32):
     assert at_start(engine.pool)
 
 
+def test_resuming_one_stored_context_again_plans_its_rebuild_once(llama32, monkeypatch):
+    """The engine rebuilds from a share of the handle it is given, made per request; the rebuild's plan
+    (its row index) is the same for every share, so resuming one context again reuses it."""
+    from semantic.application import block_cache
+
+    engine = make_engine(llama32)
+    stored = run(engine, "a", STORY, max_tokens=2).blocks
+    plan, plans = block_cache._gather_plan, []
+    monkeypatch.setattr(block_cache, "_gather_plan", lambda *args: plans.append(args) or plan(*args))
+    for _ in range(3):
+        completion = run(engine, "a", " and then", cache=stored, max_tokens=2)
+        completion.blocks.release()
+    assert len(plans) == 1
+    stored.release()
+    assert at_start(engine.pool)
+
+
 @pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
 def test_conversation_benchmark_sides_agree_and_leave_the_pool_as_it_was(request, model_name):
     """``cases.conversation_against_hot_path`` (asv's ConversationVsHotPath): the engine resuming each turn's

@@ -142,8 +142,9 @@ class AgentBlocks:
         return out
 
     def memo(self, key, make):
-        """``make()``, computed once per ``key`` for this handle: what derives from its immutable blocks
-        (e.g. a rebuild's row index) need not be recomputed on every resume. Keeps the last few keys."""
+        """``make()``, computed once per ``key`` for this handle and its shares (the same blocks and tokens):
+        what derives from them (e.g. a rebuild's row index) need not be recomputed on every resume. Keeps
+        the last few keys."""
         self._checked()
         try:
             return self._memo[key]

@@ -424,6 +424,9 @@ class BlockPool:
             # The handle's own tuples: nothing to copy or check again (a context of 8K tokens on a
             # 30-layer model is ~1,000 blocks, and this runs on every resume).
             shared = AgentBlocks(self, agent, handle.token_ids, handle.all_block_ids, normalized=True)
+            # Same blocks, same tokens: the same derived values (a rebuild's plan). The engine rebuilds
+            # from a share made per request, which would otherwise plan every resume afresh.
+            shared._memo = handle._memo
             self._owned[agent][id(shared._flat_ids)] = shared._flat_ids
             self._handles.add(shared)
             return shared
@@ -436,7 +439,7 @@ class BlockPool:
             self._drop(handle._flat_ids, handle.agent_id)
             handle._finalizer.detach()
             handle._layer_block_ids = handle._flat_ids = None
-            handle._memo.clear()
+            handle._memo = {}  # not cleared: its shares may hold the same memo
             self._handles.discard(handle)
 
     def check_handle(self, handle: AgentBlocks) -> None:
