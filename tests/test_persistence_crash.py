@@ -359,6 +359,104 @@ def test_a_save_waits_for_the_lock_to_be_released(store_with_old, agent_lock_hel
     release.join()
 
 
+class InThread(threading.Thread):
+    """``call(*args)`` in a thread; ``outcome()`` joins it and returns the result or raises the error."""
+
+    def __init__(self, call, *args):
+        super().__init__(daemon=True)
+        self._call, self._args, self._outcome = call, args, None
+        self.start()
+
+    def run(self):
+        try:
+            self._outcome = (True, self._call(*self._args))
+        except BaseException as exc:  # handed to outcome()
+            self._outcome = (False, exc)
+
+    def outcome(self):
+        self.join(30)
+        assert self._outcome is not None, "the call never returned"
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def waiting_for_a_lock(store) -> threading.Event:
+    """Set once a call on ``store`` starts waiting for an agent's lock that another process holds."""
+    waiting, real_wait = threading.Event(), store._directory._wait
+
+    def wait(seconds):
+        waiting.set()
+        return real_wait(seconds)
+
+    store._directory._wait = wait
+    return waiting
+
+
+def test_waiting_for_one_agents_lock_does_not_stop_calls_on_the_others(store_with_old, agent_lock_held_elsewhere):
+    store = open_store(store_with_old.directory, lock_timeout=5)
+    waiting = waiting_for_a_lock(store)
+    with random_handle(store.pool, "agent", 11, NEW_SEED) as new, \
+            random_handle(store.pool, "other", 11, OLD_SEED) as other:
+        saving = InThread(store.save, new)
+        assert waiting.wait(10)
+        store.save(other)
+        store.put(other.share())
+        with store.get("other") as got:
+            assert snapshot(got) == snapshot(other)
+        assert store.evict("other") and store.delete("other") and store.list() == ["agent"]
+        assert saving.is_alive()  # none of the calls above waited for it
+        fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
+        saving.outcome()
+        assert loaded_snapshot(store, "agent") == snapshot(new)
+    assert store.pool.used_blocks == 0
+    store.pool.check_invariants()
+
+
+def test_a_context_put_while_its_eviction_waits_for_the_lock_stays_current(store_with_old, agent_lock_held_elsewhere):
+    store = open_store(store_with_old.directory, lock_timeout=5)
+    store.put(random_handle(store.pool, "agent", 11, 3))
+    waiting = waiting_for_a_lock(store)
+    evicting = InThread(store.evict, "agent")
+    assert waiting.wait(10)
+    new = random_handle(store.pool, "agent", 11, NEW_SEED)
+    expected = snapshot(new)
+    store.put(new)  # the store's context now: the eviction must neither drop it nor write the one before
+    assert evicting.is_alive()
+    fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
+    assert evicting.outcome()
+    assert store.resident == ("agent",)
+    with store.get("agent") as got:
+        assert snapshot(got) == expected
+    store.close()
+    assert loaded_snapshot(store, "agent") == expected
+    assert store.pool.used_blocks == 0
+    store.pool.check_invariants()
+
+
+def test_a_get_that_waited_to_make_room_reads_what_was_saved_meanwhile(store_with_old, agent_lock_held_elsewhere):
+    """Loading "other" must evict "agent", whose lock another process holds. While that waits, this process
+    saves a new context of "other": the get returns that one, not the file it read before."""
+    store = open_store(store_with_old.directory, total_blocks=23, lock_timeout=5)  # 8 blocks per context
+    with random_handle(store.pool, "other", 11, OLD_SEED) as old:
+        store.save(old)
+    store.put(random_handle(store.pool, "agent", 11, 3))
+    with random_handle(store.pool, "other", 11, NEW_SEED) as new:
+        waiting = waiting_for_a_lock(store)
+        getting = InThread(store.get, "other")  # 7 blocks free: "agent" must go to disk first
+        assert waiting.wait(10)
+        store.save(new)
+        assert getting.is_alive()
+        fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
+        with getting.outcome() as got:
+            assert snapshot(got) == snapshot(new)
+    assert store.resident == ("other",)
+    store.close()
+    assert store.pool.used_blocks == 0
+    store.pool.check_invariants()
+
+
 def test_opening_a_store_removes_abandoned_temp_files_but_not_a_live_writers(store_with_old,
                                                                                agent_lock_held_elsewhere):
     directory = store_with_old.directory

@@ -101,7 +101,9 @@ def _not_a_file(path) -> IncompatibleCacheFileError:
 class CacheDirectory:
     """A directory of agent cache files; see the module docstring for its layout."""
 
-    def __init__(self, path, lock_timeout: float):
+    def __init__(self, path, lock_timeout: float, wait: Callable[[float], object] = time.sleep):
+        """``wait(seconds)`` pauses between attempts at a lock another process holds; the store passes one
+        that lets go of its own lock meanwhile, so waiting for one agent does not stop calls on the others."""
         try:
             self.path = pathlib.Path(path).expanduser().absolute()
         except TypeError:
@@ -109,6 +111,7 @@ class CacheDirectory:
         if "\0" in str(self.path):
             raise InvalidRequestError(f"directory {str(self.path)!r} contains a NUL byte; no file system allows one")
         self.lock_timeout = lock_timeout
+        self._wait = wait
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -287,7 +290,7 @@ class CacheDirectory:
                         f"another process holds the lock of agent {agent_id!r} ({path}); it is saving or "
                         f"deleting that agent. Retry later, or raise the store's lock_timeout ({self.lock_timeout} s)"
                     ) from None
-                time.sleep(_LOCK_POLL_SECONDS)
+                self._wait(_LOCK_POLL_SECONDS)
         try:
             return os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

@@ -55,9 +55,11 @@ class AgentCacheStore:
     """Agents' contexts in ``pool`` and in ``directory``; see the module docstring.
 
     Thread-safe, except :meth:`generate`, which drives an engine: call it from the thread that drives
-    that engine (see ``BlockPoolBatchEngine``). Every method raises a typed ``SemanticError`` and changes
-    nothing when it fails (evictions done to make room stay done: they only move contexts to disk; ``flush``
-    and ``close`` write and release every agent they can before raising for the others).
+    that engine (see ``BlockPoolBatchEngine``). A call that waits for an agent's file lock held by another
+    process lets go of the store while it waits, so calls on other agents go on. Every method raises a
+    typed ``SemanticError`` and changes nothing when it fails (evictions done to make room stay done: they
+    only move contexts to disk; ``flush`` and ``close`` write and release every agent they can before
+    raising for the others).
     """
 
     def __init__(self, directory, pool: BlockPool, model_fingerprint: str, *,
@@ -78,9 +80,11 @@ class AgentCacheStore:
         self.model_fingerprint = model_fingerprint
         self.memory_budget_bytes = memory_budget_bytes
         self.write_through = write_through
-        self._directory = CacheDirectory(directory, lock_timeout)
-        self._resident: OrderedDict[str, _Resident] = collections.OrderedDict()  # least recently used first
         self._lock = threading.RLock()
+        self._directory = CacheDirectory(directory, lock_timeout, wait=threading.Condition(self._lock).wait)
+        self._resident: OrderedDict[str, _Resident] = collections.OrderedDict()  # least recently used first
+        # Per agent, how often this store changed its file: a read that waited meanwhile reads again.
+        self._file_changes: Dict[str, int] = collections.Counter()
 
     @classmethod
     def for_engine(cls, directory, engine: "BlockPoolBatchEngine", **kwargs) -> "AgentCacheStore":
@@ -135,6 +139,8 @@ class AgentCacheStore:
             except CacheSyncError:  # the file is gone (not yet durably): forget the agent in memory too
                 self._drop_resident(agent_id)
                 raise
+            finally:
+                self._file_changes[agent_id] += 1
             return self._drop_resident(agent_id) or existed
 
     def list(self) -> List[str]:
@@ -163,10 +169,14 @@ class AgentCacheStore:
         if it is not resident (evicting least recently used agents to make room)."""
         with self._lock:
             check_agent_id(agent_id)
-            if agent_id in self._resident:
-                self._resident.move_to_end(agent_id)
-            else:
-                self._set_resident(agent_id, self._read_into_pool(agent_id), on_disk=True)
+            while agent_id not in self._resident:
+                changes = self._file_changes[agent_id]
+                loaded = self._read_into_pool(agent_id)  # making room may wait for a lock, letting go of ours
+                if agent_id in self._resident or self._file_changes[agent_id] != changes:
+                    loaded.release()  # another thread put or wrote the agent meanwhile: theirs is current
+                else:
+                    self._set_resident(agent_id, loaded, on_disk=True)
+            self._resident.move_to_end(agent_id)
             shared = self._resident[agent_id].handle.share()
             self._enforce_budget()
             return shared
@@ -207,11 +217,9 @@ class AgentCacheStore:
                 if resident.on_disk:
                     continue
                 try:
-                    self._write(resident.handle)
+                    self._write(resident.handle, current=resident)
                 except CachePersistenceError as exc:
                     failures.append((agent_id, exc))
-                    continue
-                resident.on_disk = True
             if failures:
                 raise _write_failures(failures, "flush")
 
@@ -302,11 +310,14 @@ class AgentCacheStore:
         return resident is not None
 
     def _evict(self, agent_id: str) -> None:
-        resident = self._resident[agent_id]
+        resident = self._resident.get(agent_id)
+        if resident is None:
+            return
         if not resident.on_disk:
-            self._write(resident.handle)  # if this fails the agent stays resident: nothing is lost
-        del self._resident[agent_id]
-        resident.handle.release()
+            self._write(resident.handle, current=resident)  # if this fails the agent stays resident: nothing lost
+        if self._resident.get(agent_id) is resident and resident.on_disk:  # not replaced while the write waited
+            del self._resident[agent_id]
+            resident.handle.release()
 
     def _enforce_budget(self) -> None:
         """Evict down to the budget. It runs after a put, get or save has succeeded, so an agent that cannot
@@ -340,13 +351,27 @@ class AgentCacheStore:
                     refs[block] += 1
         return refs
 
-    def _write(self, handle: AgentBlocks) -> None:
-        header = AgentCacheHeader(
-            handle.agent_id, self.model_fingerprint, geometry_of(self.pool.spec), handle.token_ids,
-            tuple(len(ids) for ids in handle.all_block_ids),
-        )
-        tensors = self._gather(handle)
-        self._directory.replace(handle.agent_id, lambda fd: write_agent_cache(fd, header, tensors))
+    def _write(self, handle: AgentBlocks, current: Optional[_Resident] = None) -> None:
+        """Write ``handle`` to its agent's file. Waiting for the file lock lets go of the store, so the state
+        is read only once the lock is held. With ``current`` (a resident agent written back by flush or
+        eviction): skipped if meanwhile the agent's context was replaced or written, else marked on disk."""
+        def write(fd: int) -> None:
+            if current is not None and (self._resident.get(handle.agent_id) is not current or current.on_disk):
+                raise _Superseded
+            header = AgentCacheHeader(
+                handle.agent_id, self.model_fingerprint, geometry_of(self.pool.spec), handle.token_ids,
+                tuple(len(ids) for ids in handle.all_block_ids),
+            )
+            write_agent_cache(fd, header, self._gather(handle))
+
+        try:
+            self._directory.replace(handle.agent_id, write)
+        except _Superseded:
+            return
+        finally:
+            self._file_changes[handle.agent_id] += 1
+        if current is not None:
+            current.on_disk = True
 
     def _gather(self, handle: AgentBlocks) -> List["mx.array"]:
         """The stored parts (keys and values, or their packed forms) of every layer that holds blocks,
@@ -394,6 +419,10 @@ class AgentCacheStore:
                     plan.append((ids, first, parts, first * spec.block_size))
             self.pool.write_stored(plan)
             return builder.finish(header.token_ids, layer_ids)
+
+
+class _Superseded(Exception):
+    """A write-back found, once it held the file lock, that its context is no longer the one to write."""
 
 
 def _write_failures(failures: List[Tuple[str, CachePersistenceError]], what: str) -> CachePersistenceError:
