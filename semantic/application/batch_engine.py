@@ -74,6 +74,9 @@ Prompt = Union[str, Sequence[int]]
 # A request in this many batches that failed, each time without failing alone, is failed anyway:
 # retries of a failure that needs company (or keeps recurring) must end.
 _MAX_UNATTRIBUTED_FAILURES = 3
+# The pool knows no vocabulary: a handle past it was stored for another model (or its file was altered).
+_FOREIGN_CACHE = ("that context was not made with this model's tokenizer and cannot be resumed here: release it "
+                  "(if an AgentCacheStore gave it, store.delete(agent_id) drops it for good)")
 
 
 class PoolPressureWarning(UserWarning):
@@ -200,7 +203,8 @@ class BlockPoolBatchEngine:
             # Any pool's handle may hold any ids (the pool knows no vocabulary), and mlx-lm indexes its
             # logits with the context's ids (repetition penalty): out of range, that reads outside memory.
             cache.memo(("vocabulary", self._generator.vocab_size),
-                       lambda: check_vocabulary(cache.token_ids, self._generator.vocab_size, "the cache's "))
+                       lambda: check_vocabulary(cache.token_ids, self._generator.vocab_size, "the cache's ",
+                                                _FOREIGN_CACHE))
         elif match_prefix:
             raise InvalidRequestError("match_prefix=True needs cache= (the blocks to match the prompt against)")
         tokens = self._tokenize(prompt, continuation=cache is not None and not match_prefix)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -73,6 +73,24 @@ def checked_real(name: str, value: Any, low: float, high: float = math.inf, *, l
     return number
 
 
+def plain_ints(items: Iterable) -> bool:
+    """Whether every item is a plain ``int`` (not a bool or NumPy integer): one pass in C, for the token and
+    block id lists every store and request checks."""
+    return set(map(type, items)) <= {int}
+
+
+def int_items(items: list, what: str) -> List[int]:
+    """``items`` as Python ints (NumPy and 0-d array integers converted), or ``InvalidRequestError`` naming the
+    first item that is not an int; ``what`` names the list."""
+    if plain_ints(items):
+        return items
+    for item in items:
+        if not is_int(item):  # a loop, not next(..., None): None itself is a bad item
+            raise InvalidRequestError(
+                f"{what} must be ints (Python, NumPy or MLX integers), got {type(item).__name__} {item!r}")
+    return [int(item) for item in items]
+
+
 def token_ids(prompt: Any, vocab_size: int) -> List[int]:
     """A prompt given as token ids -> a list of Python ints, each in ``[0, vocab_size)``.
 
@@ -92,13 +110,7 @@ def token_ids(prompt: Any, vocab_size: int) -> List[int]:
             "the prompt is bytes; decode it to str (the tokenizer encodes text), or pass a list of token ids"
         )
     elif isinstance(prompt, (list, tuple, range)):
-        ids = list(prompt)
-        if not all(type(t) is int for t in ids):  # the common case in one fast pass; the rest converted
-            for t in ids:
-                if not is_int(t):  # a loop, not next(..., None): None itself is a bad id
-                    raise InvalidRequestError(
-                        f"token ids must be ints (Python, NumPy or MLX integers), got {type(t).__name__} {t!r}")
-            ids = [int(t) for t in ids]
+        ids = int_items(list(prompt), "token ids")
     else:
         raise InvalidRequestError(
             f"prompt must be a str, a sequence of token ids or a 1-d integer array, got {type(prompt).__name__}"
@@ -107,14 +119,13 @@ def token_ids(prompt: Any, vocab_size: int) -> List[int]:
     return ids
 
 
-def check_vocabulary(ids: Sequence[int], vocab_size: int, whose: str = "") -> None:
-    """``InvalidRequestError`` unless every id is in ``[0, vocab_size)``; ``whose`` names where they came from."""
+def check_vocabulary(ids: Sequence[int], vocab_size: int, whose: str = "",
+                     fix: str = "encode prompts with this model's tokenizer") -> None:
+    """``InvalidRequestError`` unless every id is in ``[0, vocab_size)``; ``whose`` names where they came from,
+    ``fix`` what to do."""
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
         bad = next(t for t in ids if not 0 <= t < vocab_size)
-        raise InvalidRequestError(
-            f"{whose}token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
-            "encode prompts with this model's tokenizer"
-        )
+        raise InvalidRequestError(f"{whose}token id {bad} is outside the model's vocabulary [0, {vocab_size}); {fix}")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from semantic.domain.errors import (
     InvalidRequestError,
     PoolExhaustedError,
 )
-from semantic.domain.request_checks import checked_int, is_int
+from semantic.domain.request_checks import checked_int, int_items, is_int, plain_ints
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -496,7 +496,7 @@ class BlockPool:
         """``block_ids`` as a list of ids of this pool. Sharing a long context retains ~1,000 ids per store,
         so plain ints are checked in one pass of C-level builtins rather than one Python call per id."""
         ids = _sequence("block_ids", block_ids)
-        if not _plain_ints(ids) or (ids and (min(ids) < 0 or max(ids) >= self.total_blocks)):
+        if not plain_ints(ids) or (ids and (min(ids) < 0 or max(ids) >= self.total_blocks)):
             ids = [self._checked_id(b) for b in ids]  # names the offending id
         return ids
 
@@ -970,27 +970,15 @@ def _sequence(name: str, value) -> list:
     raise InvalidRequestError(f"{name} must be a list or tuple, got {type(value).__name__}")
 
 
-def _plain_ints(items: Iterable) -> bool:
-    """Whether every item is a plain ``int`` (not a bool or NumPy integer): one pass in C, for the lists of
-    tokens and block ids every store checks."""
-    return set(map(type, items)) <= {int}
-
-
 def _int_list(name: str, value) -> List[int]:
-    items = _sequence(name, value)
-    if _plain_ints(items):
-        return items
-    for v in items:
-        if not is_int(v):  # a loop, not next(..., None): None itself is a bad item
-            raise InvalidRequestError(f"{name} must hold ints, got {type(v).__name__} {v!r}")
-    return [int(v) for v in items]
+    return int_items(_sequence(name, value), name)
 
 
 def _int_tuples(name: str, lists: list) -> List[Tuple[int, ...]]:
     """Each of ``lists`` as :func:`_int_list` checks it, as a tuple. Lists and tuples of plain ints (a store's
     one per layer) are checked in one pass over all of them; anything else, one by one, naming the culprit."""
     tuples = [tuple(ids) if type(ids) in (list, tuple) else None for ids in lists]
-    if None in tuples or not _plain_ints(itertools.chain.from_iterable(tuples)):
+    if None in tuples or not plain_ints(itertools.chain.from_iterable(tuples)):
         tuples = [tuple(_int_list(f"{name}[{i}]", ids)) for i, ids in enumerate(lists)]
     return tuples
 
