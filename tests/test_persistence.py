@@ -338,6 +338,23 @@ def test_a_save_whose_directory_sync_fails_says_the_new_file_is_in_place_and_kee
     assert loaded_snapshot(store, "a") == expected and store.pool.used_blocks == 0
 
 
+def test_a_write_through_put_whose_directory_sync_fails_makes_its_context_current(tmp_path, monkeypatch):
+    """The file holds the new context once renamed: before, the previous one stayed resident marked as on disk,
+    so an eviction dropped it and the store went back to the file the failed put had written."""
+    store = open_store(tmp_path, write_through=True)
+    put_new(store, "a", seed=1)
+    new = random_handle(store.pool, "a", 11, 2)
+    expected = snapshot(new)
+    with monkeypatch.context() as patch:
+        failing_directory_sync(patch)
+        with pytest.raises(CacheSyncError, match="saved agent 'a'"):
+            store.put(new)
+    new.release()  # still the caller's after the error
+    assert current(store, "a") == expected and loaded_snapshot(store, "a") == expected
+    store.close()  # written again, durably
+    assert loaded_snapshot(store, "a") == expected and store.pool.used_blocks == 0
+
+
 def test_a_delete_whose_directory_sync_fails_forgets_the_agent_and_says_so(tmp_path, monkeypatch):
     store = open_store(tmp_path)
     put_new(store, "a")

@@ -360,11 +360,13 @@ def test_a_save_waits_for_the_lock_to_be_released(store_with_old, agent_lock_hel
 
 
 class InThread(threading.Thread):
-    """``call(*args)`` in a thread; ``outcome()`` joins it and returns the result or raises the error."""
+    """``call(*args)`` in a thread; ``outcome()`` joins it and returns the result or raises the error. With
+    :func:`note_lock_waits`, ``waiting`` is set once the call waits for a lock another process holds."""
 
     def __init__(self, call, *args):
         super().__init__(daemon=True)
         self._call, self._args, self._outcome = call, args, None
+        self.waiting = threading.Event()
         self.start()
 
     def run(self):
@@ -382,25 +384,24 @@ class InThread(threading.Thread):
         return value
 
 
-def waiting_for_a_lock(store) -> threading.Event:
-    """Set once a call on ``store`` starts waiting for an agent's lock that another process holds."""
-    waiting, real_wait = threading.Event(), store._directory._wait
+def note_lock_waits(store) -> None:
+    """Make an ``InThread``'s ``waiting`` event tell when its call on ``store`` waits for an agent's lock."""
+    real_wait = store._directory._wait
 
     def wait(seconds):
-        waiting.set()
+        getattr(threading.current_thread(), "waiting", threading.Event()).set()
         return real_wait(seconds)
 
     store._directory._wait = wait
-    return waiting
 
 
 def test_waiting_for_one_agents_lock_does_not_stop_calls_on_the_others(store_with_old, agent_lock_held_elsewhere):
     store = open_store(store_with_old.directory, lock_timeout=5)
-    waiting = waiting_for_a_lock(store)
+    note_lock_waits(store)
     with random_handle(store.pool, "agent", 11, NEW_SEED) as new, \
             random_handle(store.pool, "other", 11, OLD_SEED) as other:
         saving = InThread(store.save, new)
-        assert waiting.wait(10)
+        assert saving.waiting.wait(10)
         store.save(other)
         store.put(other.share())
         with store.get("other") as got:
@@ -417,9 +418,9 @@ def test_waiting_for_one_agents_lock_does_not_stop_calls_on_the_others(store_wit
 def test_a_context_put_while_its_eviction_waits_for_the_lock_stays_current(store_with_old, agent_lock_held_elsewhere):
     store = open_store(store_with_old.directory, lock_timeout=5)
     store.put(random_handle(store.pool, "agent", 11, 3))
-    waiting = waiting_for_a_lock(store)
+    note_lock_waits(store)
     evicting = InThread(store.evict, "agent")
-    assert waiting.wait(10)
+    assert evicting.waiting.wait(10)
     new = random_handle(store.pool, "agent", 11, NEW_SEED)
     expected = snapshot(new)
     store.put(new)  # the store's context now: the eviction must neither drop it nor write the one before
@@ -443,9 +444,9 @@ def test_a_get_that_waited_to_make_room_reads_what_was_saved_meanwhile(store_wit
         store.save(old)
     store.put(random_handle(store.pool, "agent", 11, 3))
     with random_handle(store.pool, "other", 11, NEW_SEED) as new:
-        waiting = waiting_for_a_lock(store)
+        note_lock_waits(store)
         getting = InThread(store.get, "other")  # 7 blocks free: "agent" must go to disk first
-        assert waiting.wait(10)
+        assert getting.waiting.wait(10)
         store.save(new)
         assert getting.is_alive()
         fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
@@ -455,6 +456,70 @@ def test_a_get_that_waited_to_make_room_reads_what_was_saved_meanwhile(store_wit
     store.close()
     assert store.pool.used_blocks == 0
     store.pool.check_invariants()
+
+
+def test_two_gets_of_one_agent_that_both_wait_to_make_room_both_return_it(store_with_old, agent_lock_held_elsewhere):
+    """Both gets must evict "agent", whose lock another process holds. Once it is free, one loads "x"; the other
+    must return that "x", not evict it to load a second copy (which failed: the first's share pins it)."""
+    store = open_store(store_with_old.directory, total_blocks=23, lock_timeout=5)  # 8 blocks per context
+    with random_handle(store.pool, "x", 11, OLD_SEED) as handle:
+        store.save(handle)
+        expected = snapshot(handle)
+    store.put(random_handle(store.pool, "agent", 11, 3))
+    with random_handle(store.pool, "pinned", 11, 4):  # held by the caller: 7 blocks left free
+        note_lock_waits(store)
+        getting = [InThread(store.get, "x"), InThread(store.get, "x")]
+        assert all(thread.waiting.wait(10) for thread in getting)
+        fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
+        with getting[0].outcome() as first, getting[1].outcome() as second:
+            assert snapshot(first) == snapshot(second) == expected
+            assert first.all_block_ids == second.all_block_ids  # one copy in the pool
+    store.close()
+    assert store.pool.used_blocks == 0
+    store.pool.check_invariants()
+
+
+def test_making_room_after_a_wait_considers_the_agents_put_meanwhile(store_with_old, agent_lock_held_elsewhere):
+    """The get must evict "agent", whose lock another process keeps past lock_timeout. Meanwhile "z" was put:
+    evicting that instead makes the room. Before, the evictions went over the agents listed before the wait."""
+    store = open_store(store_with_old.directory, total_blocks=31, lock_timeout=1)
+    with random_handle(store.pool, "y", 11, OLD_SEED) as handle:
+        store.save(handle)
+        expected = snapshot(handle)
+    store.put(random_handle(store.pool, "agent", 11, 3))
+    z = random_handle(store.pool, "z", 11, NEW_SEED)
+    z_context = snapshot(z)
+    with random_handle(store.pool, "pinned", 11, 4):  # held by the caller: 7 blocks left free
+        note_lock_waits(store)
+        getting = InThread(store.get, "y")
+        assert getting.waiting.wait(10)
+        store.put(z)
+        with getting.outcome() as got:
+            assert snapshot(got) == expected
+    assert set(store.resident) == {"agent", "y"} and loaded_snapshot(store, "z") == z_context
+    fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
+    store.close()
+    assert store.pool.used_blocks == 0
+    store.pool.check_invariants()
+
+
+def test_a_flush_that_waited_does_not_write_back_an_agent_deleted_meanwhile(store_with_old, agent_lock_held_elsewhere):
+    """Before, the flush took the deleted agent's lock with the context it listed before waiting: it waited
+    for another process's save of that agent until lock_timeout, then raised for an agent the store no longer had."""
+    store = open_store(store_with_old.directory, lock_timeout=5)
+    store.put(random_handle(store.pool, "agent", 11, NEW_SEED))
+    store.put(random_handle(store.pool, "b", 11, 3))
+    note_lock_waits(store)
+    flushing = InThread(store.flush)
+    assert flushing.waiting.wait(10)
+    assert store.delete("b")
+    with open(store.directory / ".b.lock", "a") as b_lock:  # another process now saves its own "b"
+        fcntl.flock(b_lock, fcntl.LOCK_EX)
+        fcntl.flock(agent_lock_held_elsewhere, fcntl.LOCK_UN)
+        flushing.outcome()
+    assert store.list() == ["agent"] and store.resident == ("agent",)
+    store.close()
+    assert store.pool.used_blocks == 0
 
 
 def test_opening_a_store_removes_abandoned_temp_files_but_not_a_live_writers(store_with_old,

@@ -156,11 +156,16 @@ class AgentCacheStore:
     # ---- memory tier ------------------------------------------------------------------------------
     def put(self, agent_blocks: AgentBlocks) -> None:
         """Make the handle the agent's current context, kept in the pool: the store takes the handle over
-        (do not release it). If this raises, the handle is still yours."""
+        (do not release it). If this raises, the handle is still yours (after a ``CacheSyncError`` of
+        ``write_through`` the store holds a share of it as the current context, as ``save`` does)."""
         handle = self._checked_handle(agent_blocks)
         with self._lock:
             if self.write_through:
-                self._write(handle)
+                try:
+                    self._write(handle)
+                except CacheSyncError:  # the file holds it, not yet durably: current in memory too, as save does
+                    self._set_resident(handle.agent_id, handle.share(), on_disk=False)
+                    raise
             self._set_resident(handle.agent_id, handle, on_disk=self.write_through)
             self._enforce_budget()
 
@@ -171,7 +176,13 @@ class AgentCacheStore:
             check_agent_id(agent_id)
             while agent_id not in self._resident:
                 changes = self._file_changes[agent_id]
-                loaded = self._read_into_pool(agent_id)  # making room may wait for a lock, letting go of ours
+                try:
+                    # Making room may wait for a lock, letting go of ours; it never evicts this agent meanwhile.
+                    loaded = self._read_into_pool(agent_id, keep=agent_id)
+                except (PoolExhaustedError, CachePersistenceError):
+                    if agent_id in self._resident:  # another thread loaded or put it meanwhile
+                        break
+                    raise
                 if agent_id in self._resident or self._file_changes[agent_id] != changes:
                     loaded.release()  # another thread put or wrote the agent meanwhile: theirs is current
                 else:
@@ -182,7 +193,8 @@ class AgentCacheStore:
             return shared
 
     def evict(self, agent_id: str) -> bool:
-        """Move the agent out of the pool (written to disk first if its file is not current); whether it was resident."""
+        """Move the agent out of the pool (written to disk first if its file is not current); whether it was resident.
+        A context given to the agent while the write waited for another process's lock stays resident."""
         with self._lock:
             check_agent_id(agent_id)
             if agent_id not in self._resident:
@@ -195,18 +207,22 @@ class AgentCacheStore:
         nothing, if even evicting every agent could not (handles held elsewhere pin their blocks)."""
         n_blocks = checked_int("n_blocks", n_blocks, 0)
         with self._lock:
-            if self.pool.available_blocks >= n_blocks:
-                return True
-            refs = self._resident_block_refs()
-            reclaimable = sum(1 for block, count in refs.items() if self.pool.refcount(block) == count)
-            if self.pool.available_blocks + reclaimable < n_blocks:
-                return False
-            failures = self._evict_until(lambda: self.pool.available_blocks >= n_blocks)
-            if self.pool.available_blocks >= n_blocks:
-                return True
-            if failures:
-                raise _write_failures(failures, f"could not free {n_blocks} blocks")
-            return False  # another thread took blocks meanwhile
+            return self._make_room(n_blocks)
+
+    def _make_room(self, n_blocks: int, keep: Optional[str] = None) -> bool:
+        """``make_room``, never evicting agent ``keep``."""
+        if self.pool.available_blocks >= n_blocks:
+            return True
+        refs = self._resident_block_refs()
+        reclaimable = sum(1 for block, count in refs.items() if self.pool.refcount(block) == count)
+        if self.pool.available_blocks + reclaimable < n_blocks:
+            return False
+        failures = self._evict_until(lambda: self.pool.available_blocks >= n_blocks, keep)
+        if self.pool.available_blocks >= n_blocks:
+            return True
+        if failures:
+            raise _write_failures(failures, f"could not free {n_blocks} blocks")
+        return False  # another thread took blocks meanwhile
 
     def flush(self) -> None:
         """Write every resident agent whose file is not current. An agent whose file cannot be written
@@ -329,13 +345,16 @@ class AgentCacheStore:
             warnings.warn("over the memory budget: agents that could not be written stay in the pool "
                           f"({_reasons(failures)})", CacheBudgetWarning, stacklevel=3)
 
-    def _evict_until(self, enough) -> List[Tuple[str, CachePersistenceError]]:
+    def _evict_until(self, enough, keep: Optional[str] = None) -> List[Tuple[str, CachePersistenceError]]:
         """Evict least recently used agents until ``enough()``, passing over any whose file cannot be written
         (it stays resident: one such agent must not keep the others from moving). Returns those failures."""
-        failures = []
-        for agent_id in list(self._resident):
-            if enough():
+        failures, tried = [], {keep}
+        while not enough():
+            # The residents are read again after each eviction: one that waited for a lock let others change them.
+            agent_id = next((agent for agent in self._resident if agent not in tried), None)
+            if agent_id is None:
                 break
+            tried.add(agent_id)
             try:
                 self._evict(agent_id)
             except CachePersistenceError as exc:
@@ -355,8 +374,11 @@ class AgentCacheStore:
         """Write ``handle`` to its agent's file. Waiting for the file lock lets go of the store, so the state
         is read only once the lock is held. With ``current`` (a resident agent written back by flush or
         eviction): skipped if meanwhile the agent's context was replaced or written, else marked on disk."""
+        def superseded() -> bool:
+            return current is not None and (self._resident.get(handle.agent_id) is not current or current.on_disk)
+
         def write(fd: int) -> None:
-            if current is not None and (self._resident.get(handle.agent_id) is not current or current.on_disk):
+            if superseded():
                 raise _Superseded
             header = AgentCacheHeader(
                 handle.agent_id, self.model_fingerprint, geometry_of(self.pool.spec), handle.token_ids,
@@ -364,6 +386,8 @@ class AgentCacheStore:
             )
             write_agent_cache(fd, header, self._gather(handle))
 
+        if superseded():  # an earlier write-back of the same flush waited: this one need not take the lock
+            return
         try:
             self._directory.replace(handle.agent_id, write)
         except _Superseded:
@@ -387,7 +411,7 @@ class AgentCacheStore:
                 per_layer[layer] = [part[i] for part in parts]
         return [tensor for layer in sorted(per_layer) for tensor in per_layer[layer]]
 
-    def _read_into_pool(self, agent_id: str) -> AgentBlocks:
+    def _read_into_pool(self, agent_id: str, keep: Optional[str] = None) -> AgentBlocks:
         """Check the whole file first, then allocate (making room) and write the blocks through the pool."""
         spec = self.pool.spec
         with self._directory.open_for_reading(agent_id) as file:
@@ -400,7 +424,7 @@ class AgentCacheStore:
                 f"(agent {agent_id!r}'s context can never fit this pool of {self.pool.total_blocks} blocks; "
                 "load it into a larger pool)",
             )
-        if not self.make_room(needed):
+        if not self._make_room(needed, keep):
             raise PoolExhaustedError(
                 needed, self.pool.available_blocks,
                 f"(loading agent {agent_id!r}: the agents this store holds cannot free enough; "
