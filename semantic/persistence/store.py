@@ -51,6 +51,12 @@ class _Resident:
     on_disk: bool  # the agent's file holds exactly this context
 
 
+@dataclass
+class _Loading:
+    readers: int = 0  # gets reading the agent's file now
+    file_changes: int = 0  # writes and deletes of the file by this store since the first of them began
+
+
 class AgentCacheStore:
     """Agents' contexts in ``pool`` and in ``directory``; see the module docstring.
 
@@ -83,8 +89,7 @@ class AgentCacheStore:
         self._lock = threading.RLock()
         self._directory = CacheDirectory(directory, lock_timeout, wait=threading.Condition(self._lock).wait)
         self._resident: OrderedDict[str, _Resident] = collections.OrderedDict()  # least recently used first
-        # Per agent, how often this store changed its file: a read that waited meanwhile reads again.
-        self._file_changes: Dict[str, int] = collections.Counter()
+        self._loading: Dict[str, _Loading] = {}  # agents whose file a get is reading
 
     @classmethod
     def for_engine(cls, directory, engine: "BlockPoolBatchEngine", **kwargs) -> "AgentCacheStore":
@@ -140,7 +145,7 @@ class AgentCacheStore:
                 self._drop_resident(agent_id)
                 raise
             finally:
-                self._file_changes[agent_id] += 1
+                self._file_changed(agent_id)
             return self._drop_resident(agent_id) or existed
 
     def list(self) -> List[str]:
@@ -174,19 +179,8 @@ class AgentCacheStore:
         if it is not resident (evicting least recently used agents to make room)."""
         with self._lock:
             check_agent_id(agent_id)
-            while agent_id not in self._resident:
-                changes = self._file_changes[agent_id]
-                try:
-                    # Making room may wait for a lock, letting go of ours; it never evicts this agent meanwhile.
-                    loaded = self._read_into_pool(agent_id, keep=agent_id)
-                except (PoolExhaustedError, CachePersistenceError):
-                    if agent_id in self._resident:  # another thread loaded or put it meanwhile
-                        break
-                    raise
-                if agent_id in self._resident or self._file_changes[agent_id] != changes:
-                    loaded.release()  # another thread put or wrote the agent meanwhile: theirs is current
-                else:
-                    self._set_resident(agent_id, loaded, on_disk=True)
+            if agent_id not in self._resident:
+                self._load_resident(agent_id)
             self._resident.move_to_end(agent_id)
             shared = self._resident[agent_id].handle.share()
             self._enforce_budget()
@@ -361,6 +355,34 @@ class AgentCacheStore:
                 failures.append((agent_id, exc))
         return failures
 
+    def _load_resident(self, agent_id: str) -> None:
+        """Read the agent's file into the pool as its resident context. Making room may wait for a lock,
+        letting go of the store: if another thread makes the agent resident meanwhile, theirs is current; if
+        it saves the agent, the file is read again. Making room never evicts the agent being loaded."""
+        loading = self._loading.setdefault(agent_id, _Loading())
+        loading.readers += 1
+        try:
+            while agent_id not in self._resident:
+                changes = loading.file_changes
+                try:
+                    loaded = self._read_into_pool(agent_id, keep=agent_id)
+                except (PoolExhaustedError, CachePersistenceError):
+                    if agent_id in self._resident:
+                        return
+                    raise
+                if agent_id in self._resident or loading.file_changes != changes:
+                    loaded.release()
+                else:
+                    self._set_resident(agent_id, loaded, on_disk=True)
+        finally:
+            loading.readers -= 1
+            if not loading.readers:
+                del self._loading[agent_id]
+
+    def _file_changed(self, agent_id: str) -> None:
+        if agent_id in self._loading:
+            self._loading[agent_id].file_changes += 1
+
     def _resident_block_refs(self) -> Dict[int, int]:
         """Block id -> references the store's handles hold on it."""
         refs: Dict[int, int] = defaultdict(int)
@@ -393,7 +415,7 @@ class AgentCacheStore:
         except _Superseded:
             return
         finally:
-            self._file_changes[handle.agent_id] += 1
+            self._file_changed(handle.agent_id)
         if current is not None:
             current.on_disk = True
 
