@@ -363,6 +363,139 @@ def test_a_tokenizer_failing_on_one_finished_request_fails_only_that_one(engine,
     assert whole(engine.pool)
 
 
+# ---- interrupts (Ctrl-C) anywhere in a step, and leaving a step loop early --------------------------------
+def test_an_interrupt_while_a_resumed_request_is_admitted_ends_that_request(engine, reference):
+    """Ctrl-C while the cache of a resumed request is rebuilt: the request ends with an error completion and
+    gives back its reservation and its source. Before, it stayed in flight, in no queue: step() never ended
+    it, cancel() raised ValueError, and its blocks were held for good."""
+    base = engine.generate("a", STORY, max_tokens=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_engine, "blocks_to_cache", lambda *args, **kwargs: _raise(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            engine.submit("a", " more", cache=base.blocks, max_tokens=3)
+    (failed,) = engine.step()
+    assert failed.error.stage == "admission" and engine.pending == 0
+    base.blocks.release()
+    del base
+    assert whole(engine.pool)
+    assert engine.generate("b", STORY, max_tokens=10).token_ids == reference[0]["alice"]
+
+
+def test_an_interrupt_while_the_engine_recovers_from_a_failed_step_loses_nobody(engine, reference, monkeypatch):
+    """A batched decoding step fails (nobody named), then Ctrl-C arrives while a suspect is re-run alone.
+    Before, every running request was lost: pending for ever, its blocks reserved, cancel() a KeyError."""
+    expected, _ = reference
+    calls = []
+
+    def when(inputs):
+        calls.append(inputs.shape)
+        if len(calls) > 1 and calls[-2] == "failed":
+            raise KeyboardInterrupt
+        if inputs.shape[0] > 1 and inputs.shape[1] == 1 and "failed" not in calls:
+            calls.append("failed")
+            return True
+        return False
+
+    poison_forward(monkeypatch, engine.model, when)
+    requests = good_requests(engine)
+    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in requests.items()}
+    done = {}
+    with pytest.raises(KeyboardInterrupt):
+        while engine.pending:
+            done.update((c.uid, c) for c in engine.step())
+    done.update((c.uid, c) for c in engine.step())
+    assert engine.pending == 0
+    assert {uids[uid]: c.token_ids for uid, c in done.items()} == expected
+    del done
+    assert whole(engine.pool)
+
+
+def test_an_interrupt_as_a_steps_tokens_arrive_restarts_the_requests_once(engine, reference, monkeypatch):
+    """Ctrl-C just after mlx-lm returned a step's tokens. Before, mlx-lm kept running the old sequences beside
+    their restarts, and every later step raised KeyError for them."""
+    expected, _ = reference
+    real_event, events = adapter.GenerationEvent, []
+
+    def event(*args):
+        events.append(1)
+        if len(events) == 3:
+            raise KeyboardInterrupt
+        return real_event(*args)
+
+    monkeypatch.setattr(adapter, "GenerationEvent", event)
+    requests = dict(list(good_requests(engine).items())[:2])
+    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in requests.items()}
+    done, raised = {}, []
+    while engine.pending and len(raised) < 5:
+        try:
+            done.update((c.uid, c) for c in engine.step())
+        except BaseException as exc:
+            raised.append(type(exc).__name__)
+    assert raised == ["KeyboardInterrupt"]
+    assert {uids[uid]: c.token_ids for uid, c in done.items()} == {agent: expected[agent] for agent in requests}
+    del done
+    assert whole(engine.pool)
+
+
+def test_completions_a_step_loop_left_untaken_come_with_the_next_step(engine, reference):
+    """Two requests finish in one step; the loop takes the first and breaks. Before, the second was gone
+    (not pending, not in flight, its tokens lost)."""
+    requests = dict(list(good_requests(engine).items())[:2])  # both finish in the same step
+    uids = [engine.submit(agent, prompt, max_tokens=10) for agent, (prompt, _) in requests.items()]
+    for first in engine.step():
+        break
+    assert engine.pending == 1
+    (second,) = engine.step()
+    assert sorted([first.uid, second.uid]) == uids and second.error is None
+    first.blocks.release()
+    second.blocks.release()
+    del first, second
+    assert whole(engine.pool)
+
+
+def test_an_interrupt_while_a_failed_request_is_decoded_still_ends_it(engine, monkeypatch):
+    real_insert = engine._generator.insert
+    monkeypatch.setattr(engine._generator, "insert", lambda *args, **kwargs: _raise(RuntimeError("injected")))
+    monkeypatch.setattr(getattr(engine.tokenizer, "_tokenizer", engine.tokenizer), "decode",
+                        lambda *args, **kwargs: _raise(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        engine.submit("mallory", STORY, max_tokens=3)
+    monkeypatch.setattr(engine._generator, "insert", real_insert)
+    (failed,) = engine.step()
+    assert failed.error.stage == "admission" and "injected" in str(failed.error) and engine.pending == 0
+    assert whole(engine.pool)
+
+
+def test_match_prefix_that_reuses_nothing_does_not_count_the_cache_against_the_pool(llama32):
+    """The request keeps no source when nothing is reused. Before, the cache's blocks were counted as pinned
+    and a prompt that fits the pool was refused as one that "can never fit"."""
+    spec = ModelCacheSpec.from_model(llama32[0])
+    cached, fresh = list(range(10, 310)), list(range(1000, 1700))
+    small = make_engine(llama32, total_blocks=spec.blocks_per_agent(302) + spec.blocks_per_agent(704) - 1)
+    cache = small.generate("a", cached, max_tokens=2).blocks
+    small.submit("b", fresh, cache=cache, match_prefix=True, max_tokens=4)  # waits until the cache is released
+    with pytest.raises(PoolExhaustedError, match="more than this pool could ever give.*can never fit"):
+        small.submit("b", fresh + fresh, max_tokens=4)
+    cache.release()
+    (done,) = small.step()
+    assert done.error is None and done.reused_tokens == 0 and len(done.token_ids) == 4
+    done.blocks.release()
+    del done
+    assert whole(small.pool)
+
+
+def test_a_temperature_too_small_to_sample_with_is_greedy(engine, reference):
+    """mlx-lm scales the logits by 1/temperature: at 1e-45 that overflowed and the tokens were uniformly random."""
+    for temperature in (1e-45, 5e-324):
+        done = engine.generate("alice", STORY, max_tokens=10, temperature=temperature)
+        assert done.token_ids == reference[0]["alice"]
+        done.blocks.release()
+
+
+def _raise(exc):
+    raise exc
+
+
 # ---- fuzz --------------------------------------------------------------------------------------------
 TEXTS = st.text(max_size=40)
 IDS = st.lists(st.integers(-5, VOCAB + 5) | st.sampled_from([2**31, 2**64, True]), max_size=30)

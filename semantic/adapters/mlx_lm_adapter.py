@@ -374,6 +374,9 @@ class Generator:
         """Advance every active sequence by one step (prefill chunk or decoded token)."""
         try:
             responses = self._gen.next_generated()
+            events = [
+                GenerationEvent(r.uid, int(r.token), r.finish_reason, r.prompt_cache, r.all_tokens) for r in responses
+            ]
         except _SequenceError as exc:
             self._reset()
             raise StepFailed([exc.tag], True, exc.cause) from exc.cause
@@ -384,9 +387,6 @@ class Generator:
         except BaseException:
             self._reset()
             raise
-        events = [
-            GenerationEvent(r.uid, int(r.token), r.finish_reason, r.prompt_cache, r.all_tokens) for r in responses
-        ]
         for event in events:
             if event.finish_reason is not None:
                 self._tags.pop(event.uid, None)

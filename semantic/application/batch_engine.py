@@ -185,7 +185,8 @@ class BlockPoolBatchEngine:
         """Queue a request and return its uid. Greedy unless ``temperature`` > 0 (mlx-lm's samplers).
 
         ``prompt``: text, or token ids (a sequence of ints, or a 1-d integer NumPy / MLX array), each
-        below the model's vocabulary size. Sampling ranges: ``temperature`` >= 0, ``top_p`` and
+        below the model's vocabulary size. Sampling ranges: ``temperature`` >= 0 (below 1e-30, greedy: the
+        limit it tends to, where mlx-lm's 1/temperature would overflow and sample at random), ``top_p`` and
         ``min_p`` in [0, 1], ``top_k`` an int in [0, vocabulary] (0: off), ``repetition_penalty``
         None or > 0; all finite. Anything else raises ``InvalidRequestError`` and reserves nothing.
         """
@@ -217,12 +218,13 @@ class BlockPoolBatchEngine:
                 if match_prefix:
                     tokens = tokens[reuse:]
             bound = self._new_blocks_bound(len(context) + len(tokens) + max_tokens, len(context))
-            pinned = cache.num_blocks if cache is not None else 0
+            pinned = cache.num_blocks if context else 0  # the source the request keeps, all of it
             if bound > self.pool.total_blocks - pinned:
+                resumed = f", {pinned} of them the cache it resumes" if pinned else ""
                 raise PoolExhaustedError(
                     bound, self.pool.total_blocks - pinned,
-                    f"(a context of {len(context) + len(tokens) + max_tokens} tokens can never fit this pool; "
-                    "shorten the prompt or max_tokens)",
+                    f"(a context of {len(context) + len(tokens) + max_tokens} tokens can never fit this pool of "
+                    f"{self.pool.total_blocks} blocks{resumed}; shorten the prompt or max_tokens)", ever=True,
                 )
             request = _Request(
                 uid=next(self._uids), agent_id=agent_id, prompt_tokens=tokens, context_tokens=context,
@@ -286,9 +288,11 @@ class BlockPoolBatchEngine:
         and whatever it generated before (a restart after a failed step), to generate the rest."""
         try:
             request.generator_uid = self._insert(request, self._generator)
-        except Exception as exc:
+        except BaseException as exc:  # an interrupt too: the request must end, else its blocks stay held
             request.generator_uid = None
             self._fail(request, "admission", exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         self._running[request.generator_uid] = request
 
@@ -305,10 +309,11 @@ class BlockPoolBatchEngine:
     def _fail(self, request: _Request, stage: str, cause: BaseException) -> None:
         """End a request with an error completion (returned by the next ``step_once``), giving back what it held."""
         self._retire(request)
+        interrupt = None
         try:
             text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-        except Exception:
-            text = ""
+        except BaseException as exc:  # the error completion is appended even if interrupted
+            text, interrupt = "", None if isinstance(exc, Exception) else exc
         self._done.append(Completion(
             uid=request.uid, agent_id=request.agent_id, text=text, token_ids=list(request.generated),
             finish_reason="error", context_blocks=None, prompt_tokens=len(request.prompt_tokens),
@@ -316,6 +321,8 @@ class BlockPoolBatchEngine:
             time_to_first_token=None if request.first_token_at is None else request.first_token_at - request.submitted_at,
             error=RequestFailedError(request.uid, request.agent_id, stage, cause),
         ))
+        if interrupt is not None:
+            raise interrupt
 
     # ---- running ----------------------------------------------------------------------------------
     def step(self) -> Iterator[Completion]:
@@ -331,42 +338,50 @@ class BlockPoolBatchEngine:
         while True:
             with self._lock:
                 self._admit()
-                if not self._running and not self._done:
-                    if self._waiting:
-                        head = self._waiting[0]
-                        warnings.warn(PoolPressureWarning(
-                            f"{len(self._waiting)} request(s) wait for blocks: the next needs "
-                            f"{head.new_blocks_bound}, {self.pool.available_blocks} are free. Release AgentBlocks "
-                            "you no longer need, then call step() again."
-                        ), stacklevel=2)
-                    return
-                done = self.step_once()
-            yield from done
+                if not self._done:
+                    if not self._running:
+                        if self._waiting:
+                            head = self._waiting[0]
+                            warnings.warn(PoolPressureWarning(
+                                f"{len(self._waiting)} request(s) wait for blocks: the next needs "
+                                f"{head.new_blocks_bound}, {self.pool.available_blocks} are free. Release "
+                                "AgentBlocks you no longer need, then call step() again."
+                            ), stacklevel=2)
+                        return
+                    self._step()
+                # One at a time: completions a loop leaving early did not take stay for the next step().
+                completion = self._done.popleft() if self._done else None
+            if completion is not None:
+                yield completion
 
     def step_once(self) -> List[Completion]:
         """One batched model step (a prefill chunk or one token for every running sequence);
-        returns the requests that finished in it."""
+        returns the requests that finished in it (and any an earlier ``step`` loop left untaken)."""
         with self._lock:
-            self._admit()
-            if self._running:
-                try:
-                    events = self._generator.next()
-                except adapter.StepFailed as failure:
-                    self._recover(failure)
-                    events = []
-                except BaseException:  # interrupted (KeyboardInterrupt): keep the engine usable, then stop
-                    self._restart(list(self._running.values()))
-                    raise
-                interrupt = None
-                for event in events:  # every finished request is stored or failed, even after an interrupt
-                    try:
-                        self._on_event(event)
-                    except BaseException as exc:  # an interrupt while storing (the request is failed)
-                        interrupt = interrupt or exc
-                if interrupt is not None:
-                    raise interrupt
+            self._step()
             done, self._done = list(self._done), collections.deque()
             return done
+
+    def _step(self) -> None:
+        """One batched model step, under the engine's lock; its completions are appended to ``_done``."""
+        self._admit()
+        if self._running:
+            try:
+                events = self._generator.next()
+            except adapter.StepFailed as failure:
+                self._recover(failure)
+                events = []
+            except BaseException:  # interrupted (KeyboardInterrupt): keep the engine usable, then stop
+                self._restart(list(self._running.values()))
+                raise
+            interrupt = None
+            for event in events:  # every finished request is stored or failed, even after an interrupt
+                try:
+                    self._on_event(event)
+                except BaseException as exc:  # an interrupt while storing (the request is failed)
+                    interrupt = interrupt or exc
+            if interrupt is not None:
+                raise interrupt
 
     def generate(self, agent_id: str, prompt: Prompt, **kwargs) -> Completion:
         """Submit one request and run the engine until it finishes (other requests run along; their
@@ -409,24 +424,36 @@ class BlockPoolBatchEngine:
         requests = list(self._running.values())
         self._running.clear()
         suspects = [r for r in requests if r.uid in set(failure.tags)]
-        if failure.attributed:
-            culprits = suspects
-        else:
-            culprits = [r for r in suspects if self._fails_alone(r)]
-            if not culprits:  # transient, or only in this company: retry, a bounded number of times
-                for request in suspects:
-                    request.unattributed_failures += 1
-                culprits = [r for r in suspects if r.unattributed_failures >= _MAX_UNATTRIBUTED_FAILURES]
+        try:
+            culprits = suspects if failure.attributed else self._culprits_alone(suspects)
+        except BaseException:  # interrupted while probing: every request runs again, as before the failure
+            self._restart(requests)
+            raise
         for request in culprits:
             request.generator_uid = None
             self._fail(request, "decode" if request.generated else "prefill", failure.cause)
         self._restart([r for r in requests if r not in culprits])
 
+    def _culprits_alone(self, suspects: List[_Request]) -> List[_Request]:
+        culprits = [r for r in suspects if self._fails_alone(r)]
+        if not culprits:  # transient, or only in this company: retry, a bounded number of times
+            for request in suspects:
+                request.unattributed_failures += 1
+            culprits = [r for r in suspects if r.unattributed_failures >= _MAX_UNATTRIBUTED_FAILURES]
+        return culprits
+
     def _restart(self, requests: List[_Request]) -> None:
+        """Run ``requests`` again from their prompts and what they generated: back to the head of the queue,
+        their reservations given back and taken again in order, so an interrupt between two leaves the rest
+        waiting, not lost."""
         self._running.clear()
-        for request in requests:
+        for request in reversed(requests):
             request.generator_uid = None
-            self._start(request)
+            if request.reservation is not None:
+                request.reservation.cancel()
+                request.reservation = None
+            self._waiting.appendleft(request)
+        self._admit()
 
     def _fails_alone(self, request: _Request) -> bool:
         """Whether the request's next step fails with no other request in the batch."""
@@ -441,7 +468,9 @@ class BlockPoolBatchEngine:
         return False
 
     def _on_event(self, event: adapter.GenerationEvent) -> None:
-        request = self._running[event.uid]
+        request = self._running.get(event.uid)
+        if request is None:  # a sequence the generator still ran after an interrupt: already restarted
+            return
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.generated.append(event.token)

@@ -24,14 +24,18 @@ class IncompatibleCacheError(SemanticError, ValueError):
 class PoolExhaustedError(SemanticError):
     """The pool cannot hold what was asked for; nothing was allocated."""
 
-    def __init__(self, requested: int, available: int, detail: str = ""):
+    def __init__(self, requested: int, available: int, detail: str = "", *, ever: bool = False):
+        """``ever``: ``available`` is the most the pool could ever give (releasing handles cannot help)."""
         self.requested = requested
         self.available = available
-        message = (
-            f"block pool exhausted: {requested} blocks requested, {available} free. "
-            "Release AgentBlocks you no longer need (AgentBlocks.release()), "
-            "or create the pool with more total_blocks."
-        )
+        if ever:
+            message = f"{requested} blocks needed, more than this pool could ever give ({available})."
+        else:
+            message = (
+                f"block pool exhausted: {requested} blocks requested, {available} free. "
+                "Release AgentBlocks you no longer need (AgentBlocks.release()), "
+                "or create the pool with more total_blocks."
+            )
         if detail:
             message = f"{message} {detail}"
         super().__init__(message)

@@ -128,6 +128,9 @@ def check_vocabulary(ids: Sequence[int], vocab_size: int, whose: str = "",
         raise InvalidRequestError(f"{whose}token id {bad} is outside the model's vocabulary [0, {vocab_size}); {fix}")
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-30  # a positive temperature below this samples greedily, its limit
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """mlx-lm's sampling options, each within the range mlx-lm's samplers accept. Greedy when
@@ -142,8 +145,10 @@ class SamplingParams:
     @classmethod
     def checked(cls, vocab_size: int, *, temperature: Any = 0.0, top_p: Any = 0.0, top_k: Any = 0,
                 min_p: Any = 0.0, repetition_penalty: Any = None) -> "SamplingParams":
+        temperature = checked_real("temperature", temperature, 0.0)
         return cls(
-            temperature=checked_real("temperature", temperature, 0.0),
+            # mlx-lm scales float32 logits by 1/temperature: below this it overflows and samples at random.
+            temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,
             top_p=checked_real("top_p", top_p, 0.0, 1.0),
             top_k=checked_int("top_k", top_k, 0, vocab_size),
             min_p=checked_real("min_p", min_p, 0.0, 1.0),

@@ -444,7 +444,7 @@ class AgentCacheStore:
             raise PoolExhaustedError(
                 needed, self.pool.total_blocks,
                 f"(agent {agent_id!r}'s context can never fit this pool of {self.pool.total_blocks} blocks; "
-                "load it into a larger pool)",
+                "load it into a larger pool)", ever=True,
             )
         if not self._make_room(needed, keep):
             raise PoolExhaustedError(
