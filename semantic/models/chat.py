@@ -9,7 +9,7 @@ end token, and appended. Models without a chat template (Gemma 3 270M is a base 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
 from semantic.domain.errors import InvalidRequestError
 
@@ -31,13 +31,26 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
         return tokenizer.encode(_PLAIN_TURN.format(message=message), add_special_tokens=False)
     conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE_REPLY},
                     {"role": "user", "content": message}]
-    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    try:
+        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # the template's own errors (jinja syntax, raise_exception)
+        raise InvalidRequestError(f"the chat template failed on a conversation ({type(exc).__name__}: {exc})") from exc
     end = tokenizer.eos_token
+    if not isinstance(rendered, str) or _PROBE_REPLY not in rendered or not end:
+        raise InvalidRequestError(
+            "the chat template does not write an assistant's reply into the conversation, or the tokenizer has no "
+            "end token; cannot append turns")
     after_reply = rendered[rendered.index(_PROBE_REPLY) + len(_PROBE_REPLY):]
     if not after_reply.startswith(end):
         raise InvalidRequestError(
             f"the chat template does not end an assistant reply with the end token {end!r} (Gemma-it and Phi-3 "
             "templates end turns with a token of their own); cannot append turns")
     suffix = after_reply[len(end):]
-    ended = len(context) > 0 and context[-1] in set(getattr(tokenizer, "eos_token_ids", ()) or (tokenizer.eos_token_id,))
-    return tokenizer.encode(suffix if ended else end + suffix, add_special_tokens=False)
+    return tokenizer.encode(suffix if context and context[-1] in _end_ids(tokenizer) else end + suffix,
+                            add_special_tokens=False)
+
+
+def _end_ids(tokenizer) -> Set[int]:
+    """mlx-lm's wrapper gives a set of ids, a plain transformers tokenizer may give one int."""
+    ids = getattr(tokenizer, "eos_token_ids", None) or tokenizer.eos_token_id
+    return {ids} if isinstance(ids, int) else set(ids or ())

@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from semantic.domain.errors import InvalidRequestError
+from semantic.domain.errors import UnsupportedModelError as _DomainUnsupportedModelError
 from semantic.models.gguf_tokenizer import TokenizerFiles, tokenizer_files
 
 # MLX quantization kept as is: GGUF type name -> (bits, group size).
@@ -32,8 +33,13 @@ UNQUANTIZED = {"F32", "F16", "BF16"}
 REQUANT_BITS, REQUANT_GROUP = 8, 64
 
 
-class UnsupportedModelError(InvalidRequestError):
-    """The GGUF file holds an architecture or tensor type this converter does not handle."""
+class UnsupportedModelError(_DomainUnsupportedModelError, InvalidRequestError):
+    """The GGUF file holds an architecture or tensor type this converter does not handle, or is not a
+    complete, consistent model file."""
+
+
+class ConversionIOError(_DomainUnsupportedModelError, OSError):
+    """The GGUF file could not be read or the converted folder written (disk full, permissions)."""
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -72,6 +78,9 @@ def mlx_lm_name(architecture: str, gguf_name: str) -> str:
 def llama_cpp_permute(rows, n_heads: int):
     """What llama.cpp's converter does to llama's q/k projections (each head's rotary halves interleaved)."""
     shape = rows.shape
+    if n_heads <= 0 or shape[0] % (2 * n_heads):
+        # MLX accepts negative reshape sizes here, and evaluating the result never returns.
+        raise UnsupportedModelError(f"{shape[0]} rows cannot be {n_heads} attention heads of row pairs")
     return rows.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
@@ -79,6 +88,9 @@ def llama_cpp_unpermute(rows, n_heads: int):
     """The inverse of :func:`llama_cpp_permute`; works on packed quantized rows and their scales too,
     since quantization groups run along a row."""
     shape = rows.shape
+    if n_heads <= 0 or shape[0] % (2 * n_heads):
+        # MLX accepts negative reshape sizes here, and evaluating the result never returns.
+        raise UnsupportedModelError(f"{shape[0]} rows cannot be {n_heads} attention heads of row pairs")
     return rows.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
@@ -137,6 +149,16 @@ def _gemma3_config(md: Mapping[str, Any], tied: bool) -> Dict[str, Any]:
         "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": tied,
     }
+
+
+def _check_shape_config(gguf_path: pathlib.Path, config: Dict[str, Any]) -> None:
+    sizes = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim")
+    bad = [f"{key}={config[key]}" for key in sizes if config[key] <= 0]
+    if not bad and config["num_attention_heads"] % config["num_key_value_heads"]:
+        bad.append(f"{config['num_attention_heads']} attention heads over {config['num_key_value_heads']} KV heads")
+    if bad:
+        raise UnsupportedModelError(f"{gguf_path.name}: impossible model sizes ({', '.join(bad)})")
 
 
 _CONFIGS: Dict[str, Callable[[Mapping[str, Any], bool], Dict[str, Any]]] = {
@@ -225,11 +247,14 @@ def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> Dict[
     gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
     try:
         return _convert(gguf_path, out_dir)
-    except UnsupportedModelError:
+    except _DomainUnsupportedModelError:
         raise
-    # What a truncated or crafted file makes the reader and the lookups raise (KeyError for a missing
-    # field, IndexError for an id past the vocabulary, ZeroDivisionError for zero heads, ...).
-    except (KeyError, IndexError, ValueError, ZeroDivisionError, UnicodeDecodeError) as exc:
+    except OSError as exc:  # the file cannot be read, or the folder written
+        raise ConversionIOError(f"converting {gguf_path} into {out_dir} failed: {exc}") from exc
+    # Whatever a truncated or crafted file makes the reader, the lookups and the tokenizer library raise
+    # (KeyError for a missing field, IndexError for an id past the vocabulary, tokenizers' bare Exception
+    # for a merge of unknown tokens, ...): the cause is chained.
+    except Exception as exc:
         raise UnsupportedModelError(
             f"{gguf_path.name} is not a complete GGUF model file ({type(exc).__name__}: {exc})") from exc
 
@@ -252,6 +277,7 @@ def _convert(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> Dict[str, Any]:
     tied = "output.weight" not in types
     tokenizer: TokenizerFiles = tokenizer_files(metadata)
     config = _CONFIGS[architecture](metadata, tied)
+    _check_shape_config(gguf_path, config)
     config.update(vocab_size=len(metadata["tokenizer.ggml.tokens"]), **tokenizer.config_ids)
     if requantize:
         weights = _requantized_tensors(reader, architecture)
@@ -263,7 +289,10 @@ def _convert(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> Dict[str, Any]:
     if tied:
         # gemma3_text always builds lm_head and drops it on load when the file has none; so does llama.
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    try:
+        mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    except RuntimeError as exc:  # MLX reports a failed write (a full disk) as RuntimeError
+        raise ConversionIOError(f"could not write {out_dir / 'model.safetensors'}: {exc} (disk full?)") from exc
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.write(out_dir)
     return config
