@@ -328,12 +328,13 @@ class BlockPoolBatchEngine:
     def step(self) -> Iterator[Completion]:
         """Run until every admitted request has finished, yielding each completion as soon as it finishes.
 
-        Requests waiting for blocks are admitted as finished contexts are released
-        (a completion dropped inside the loop frees its blocks at once). Failed requests
-        are yielded too, with ``error`` set (see the module docstring). If requests
-        still wait when nothing runs, the blocks they need are held by handles the
-        caller keeps: ``step`` returns, warns with ``PoolPressureWarning``, and
-        ``pending`` says how many wait; release handles and call ``step`` again.
+        Completions a loop leaves untaken (a ``break``, an exception in its body) stay pending and come
+        with the next ``step()`` or ``step_once()``. Requests waiting for blocks are admitted as finished
+        contexts are released (a completion dropped inside the loop frees its blocks at once). Failed
+        requests are yielded too, with ``error`` set (see the module docstring). If requests still wait
+        when nothing runs, the blocks they need are held by handles the caller keeps: ``step`` returns,
+        warns with ``PoolPressureWarning``, and ``pending`` says how many wait; release handles and call
+        ``step`` again.
         """
         while True:
             with self._lock:
