@@ -492,6 +492,113 @@ def test_a_temperature_too_small_to_sample_with_is_greedy(engine, reference):
         done.blocks.release()
 
 
+def test_a_generate_inside_a_step_loop_leaves_the_loops_completions_to_it(engine):
+    """Two requests finish in one step; the loop body runs a follow-up generate(). Before, that generate
+    consumed the second completion (it was left in the engine's queue of completions) and dropped it."""
+    requests = dict(list(good_requests(engine).items())[:2])  # both finish in the same step
+    uids = [engine.submit(agent, prompt, max_tokens=10) for agent, (prompt, _) in requests.items()]
+    seen = []
+    for completion in engine.step():
+        seen.append(completion)
+        engine.generate("zed", "hello there", max_tokens=2).blocks.release()
+    assert sorted(c.uid for c in seen) == uids and engine.pending == 0
+    for completion in seen:
+        completion.blocks.release()
+    del seen, completion
+    assert whole(engine.pool)
+
+
+def test_a_restarted_request_keeps_its_reservation(engine, reference, monkeypatch):
+    """After a transient failure the running requests restart. Before, each gave its reservation back and
+    took it again, so another thread reserving in between left it with no blocks: cancelled, though running."""
+    expected, _ = reference
+    failures, stolen = [], []
+    poison_forward(monkeypatch, engine.model,
+                   lambda x: x.shape[1] == 1 and not failures and not failures.append(1))
+    real_cancel = type(engine.pool)._cancel_reservation
+
+    def cancel_then_another_thread_reserves(pool, reservation):
+        real_cancel(pool, reservation)
+        if failures and not stolen and pool.available_blocks:
+            stolen.append(pool.reserve(pool.available_blocks, "another thread"))
+
+    monkeypatch.setattr(type(engine.pool), "_cancel_reservation", cancel_then_another_thread_reserves)
+    done = engine.generate("alice", STORY, max_tokens=10)
+    assert failures and done.token_ids == expected["alice"]
+    done.blocks.release()
+    for reservation in stolen:
+        reservation.cancel()
+    del done
+    assert whole(engine.pool)
+
+
+def test_a_sequence_mlx_lm_queued_before_an_interrupt_is_stopped(engine, monkeypatch):
+    """Ctrl-C inside the generator's insert, after mlx-lm queued the sequence: the request ends with an error,
+    and mlx-lm stops running the orphan. Before, it ran to max_tokens beside everything else."""
+    mlx_lm_generator = engine._generator._gen
+    real_insert = mlx_lm_generator.insert
+
+    def insert_then_interrupt(*args, **kwargs):
+        real_insert(*args, **kwargs)
+        monkeypatch.setattr(mlx_lm_generator, "insert", real_insert)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlx_lm_generator, "insert", insert_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        engine.submit("mallory", STORY, max_tokens=40)
+    real_next, orphan_events = engine._generator.next, []
+
+    def next_counting_orphans():
+        events = real_next()
+        orphan_events.extend(e for e in events if e.uid not in engine._running)
+        return events
+
+    monkeypatch.setattr(engine._generator, "next", next_counting_orphans)
+    (failed,) = engine.step()
+    assert failed.error.stage == "admission"
+    engine.generate("alice", STORY, max_tokens=10).blocks.release()
+    assert len(orphan_events) <= 1
+    assert whole(engine.pool)
+
+
+def test_an_interrupt_while_a_culprit_is_failed_loses_nobody_else(engine, reference, monkeypatch):
+    expected, seen = reference
+    poison = min(set(range(4, VOCAB)) - seen)
+    poison_forward(monkeypatch, engine.model, lambda x: (x == poison).any())
+    inner = getattr(engine.tokenizer, "_tokenizer", engine.tokenizer)
+    real_decode = inner.decode
+
+    def decode_interrupted_once(*args, **kwargs):
+        monkeypatch.setattr(inner, "decode", real_decode)
+        raise KeyboardInterrupt
+
+    requests = dict(list(good_requests(engine).items())[:2])
+    uids = {engine.submit(agent, prompt, max_tokens=10): agent for agent, (prompt, _) in requests.items()}
+    uids[engine.submit("mallory", [5, 6, poison, 7], max_tokens=5)] = "mallory"
+    monkeypatch.setattr(inner, "decode", decode_interrupted_once)
+    done = {}
+    with pytest.raises(KeyboardInterrupt):
+        for completion in engine.step():
+            done[uids[completion.uid]] = completion
+    done.update((uids[c.uid], c) for c in engine.step())
+    assert done.pop("mallory").error is not None and engine.pending == 0
+    assert {agent: c.token_ids for agent, c in done.items()} == {agent: expected[agent][:10] for agent in requests}
+    del done
+    assert whole(engine.pool)
+
+
+def test_tiny_temperatures_are_greedy_in_float16_too():
+    """mlx-lm scales float16 logits by 1/temperature in float16: from ~1e-5 down that overflowed."""
+    from semantic.testing.local_models import load_local_model
+
+    half = make_engine(load_local_model("tiny-llama", dtype="float16"), total_blocks=64)
+    greedy = half.generate("a", STORY, max_tokens=10)
+    for temperature in (1e-5, 1e-8, 1e-20):
+        sampled = half.generate("a", STORY, max_tokens=10, temperature=temperature)
+        assert sampled.token_ids == greedy.token_ids
+        sampled.blocks.release()
+
+
 def _raise(exc):
     raise exc
 

@@ -197,9 +197,14 @@ def vocab_size(model) -> int:
 
 
 def sampler_for(sampling: SamplingParams, vocab: int):
-    """mlx-lm's sampler; ``top_k`` of the whole vocabulary keeps every token, which mlx-lm spells 0."""
+    """mlx-lm's sampler; ``top_k`` of the whole vocabulary keeps every token, which mlx-lm spells 0. It
+    samples in float32: mlx-lm scales the logits by 1/temperature in their own dtype, which in float16
+    overflows (and samples at random) from temperatures below ~1e-5."""
     top_k = 0 if sampling.top_k >= vocab else sampling.top_k
-    return make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k, min_p=sampling.min_p)
+    sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k, min_p=sampling.min_p)
+    if sampling.greedy:
+        return sampler
+    return lambda logprobs: sampler(logprobs.astype(mx.float32))
 
 
 def logits_processors_for(sampling: SamplingParams):

@@ -273,11 +273,13 @@ class BlockPoolBatchEngine:
         return bound
 
     def _admit(self) -> None:
-        """Move waiting requests into the generator, first come first served, while blocks can be reserved."""
+        """Move waiting requests into the generator, first come first served, while blocks can be reserved
+        (a restarted request keeps the reservation it has)."""
         while self._waiting:
             request = self._waiting[0]
             try:
-                request.reservation = self.pool.reserve(request.new_blocks_bound, f"request {request.uid}")
+                if request.reservation is None:
+                    request.reservation = self.pool.reserve(request.new_blocks_bound, f"request {request.uid}")
             except PoolExhaustedError:
                 return
             self._waiting.popleft()
@@ -350,10 +352,15 @@ class BlockPoolBatchEngine:
                             ), stacklevel=2)
                         return
                     self._step()
-                # One at a time: completions a loop leaving early did not take stay for the next step().
-                completion = self._done.popleft() if self._done else None
-            if completion is not None:
-                yield completion
+                # Taken out of _done: a generate() called inside this loop must not consume them.
+                done, self._done = collections.deque(self._done), collections.deque()
+            try:
+                while done:
+                    yield done.popleft()
+            finally:
+                if done:  # the loop left early: the rest come with the next step
+                    with self._lock:
+                        self._done.extendleft(reversed(done))
 
     def step_once(self) -> List[Completion]:
         """One batched model step (a prefill chunk or one token for every running sequence);
@@ -430,10 +437,12 @@ class BlockPoolBatchEngine:
         except BaseException:  # interrupted while probing: every request runs again, as before the failure
             self._restart(requests)
             raise
-        for request in culprits:
-            request.generator_uid = None
-            self._fail(request, "decode" if request.generated else "prefill", failure.cause)
-        self._restart([r for r in requests if r not in culprits])
+        try:
+            for request in culprits:
+                request.generator_uid = None
+                self._fail(request, "decode" if request.generated else "prefill", failure.cause)
+        finally:  # an interrupt while failing one must not lose the others
+            self._restart([r for r in requests if r not in culprits])
 
     def _culprits_alone(self, suspects: List[_Request]) -> List[_Request]:
         culprits = [r for r in suspects if self._fails_alone(r)]
@@ -444,15 +453,12 @@ class BlockPoolBatchEngine:
         return culprits
 
     def _restart(self, requests: List[_Request]) -> None:
-        """Run ``requests`` again from their prompts and what they generated: back to the head of the queue,
-        their reservations given back and taken again in order, so an interrupt between two leaves the rest
-        waiting, not lost."""
+        """Run ``requests`` again from their prompts and what they generated: back to the head of the queue
+        with their reservations (no other thread can take those blocks meanwhile), then admitted in order,
+        so an interrupt between two leaves the rest waiting, not lost."""
         self._running.clear()
         for request in reversed(requests):
             request.generator_uid = None
-            if request.reservation is not None:
-                request.reservation.cancel()
-                request.reservation = None
             self._waiting.appendleft(request)
         self._admit()
 
@@ -470,7 +476,9 @@ class BlockPoolBatchEngine:
 
     def _on_event(self, event: adapter.GenerationEvent) -> None:
         request = self._running.get(event.uid)
-        if request is None:  # a sequence the generator still ran after an interrupt: already restarted
+        if request is None:  # a sequence mlx-lm queued before an interrupt ended its request: stop it
+            if event.finish_reason is None:
+                self._generator.remove(event.uid)
             return
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
