@@ -315,7 +315,9 @@ class BlockPoolBatchEngine:
         try:
             text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
         except BaseException as exc:  # the error completion is appended even if interrupted
-            text, interrupt = "", None if isinstance(exc, Exception) else exc
+            text = ""
+            if not isinstance(exc, Exception):
+                interrupt = exc
         self._done.append(Completion(
             uid=request.uid, agent_id=request.agent_id, text=text, token_ids=list(request.generated),
             finish_reason="error", context_blocks=None, prompt_tokens=len(request.prompt_tokens),
@@ -352,8 +354,7 @@ class BlockPoolBatchEngine:
                             ), stacklevel=2)
                         return
                     self._step()
-                # Taken out of _done: a generate() called inside this loop must not consume them.
-                done, self._done = collections.deque(self._done), collections.deque()
+                done = self._take_done()  # out of _done: a generate() called inside this loop must not consume them
             try:
                 while done:
                     yield done.popleft()
@@ -367,8 +368,11 @@ class BlockPoolBatchEngine:
         returns the requests that finished in it (and any an earlier ``step`` loop left untaken)."""
         with self._lock:
             self._step()
-            done, self._done = list(self._done), collections.deque()
-            return done
+            return list(self._take_done())
+
+    def _take_done(self) -> Deque[Completion]:
+        done, self._done = self._done, collections.deque()
+        return done
 
     def _step(self) -> None:
         """One batched model step, under the engine's lock; its completions are appended to ``_done``."""

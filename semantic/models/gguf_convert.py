@@ -75,22 +75,25 @@ def mlx_lm_name(architecture: str, gguf_name: str) -> str:
 # --- llama's q/k permutation ------------------------------------------------------------------------
 
 
-def llama_cpp_permute(rows, n_heads: int):
-    """What llama.cpp's converter does to llama's q/k projections (each head's rotary halves interleaved)."""
+def _head_rows(rows, n_heads: int) -> Tuple[int, ...]:
+    """``rows.shape``, checked to split into ``n_heads`` heads of row pairs."""
     shape = rows.shape
     if n_heads <= 0 or shape[0] % (2 * n_heads):
         # MLX accepts negative reshape sizes here, and evaluating the result never returns.
         raise UnsupportedModelError(f"{shape[0]} rows cannot be {n_heads} attention heads of row pairs")
+    return shape
+
+
+def llama_cpp_permute(rows, n_heads: int):
+    """What llama.cpp's converter does to llama's q/k projections (each head's rotary halves interleaved)."""
+    shape = _head_rows(rows, n_heads)
     return rows.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def llama_cpp_unpermute(rows, n_heads: int):
     """The inverse of :func:`llama_cpp_permute`; works on packed quantized rows and their scales too,
     since quantization groups run along a row."""
-    shape = rows.shape
-    if n_heads <= 0 or shape[0] % (2 * n_heads):
-        # MLX accepts negative reshape sizes here, and evaluating the result never returns.
-        raise UnsupportedModelError(f"{shape[0]} rows cannot be {n_heads} attention heads of row pairs")
+    shape = _head_rows(rows, n_heads)
     return rows.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
