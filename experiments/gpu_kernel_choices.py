@@ -2,11 +2,11 @@
 
     python -m experiments.gpu_kernel_choices --output DIR/choices.json [--parts store,dequantize,floor]
 
-- ``store``, per EXP-006 case: what the pool does on CUDA (``pool_write``: one kernel cutting every
-  layer's new blocks, then one slice write per run of ids, as 8-byte words; a layer's whole blocks
-  straight from its source instead from ``services._DIRECT_WRITE_BYTES`` per layer) against the same
-  in the cache's dtype, and against a slice write per layer straight from its source (one pass over the
-  bytes, but two launches per layer) in either width; all leave the cache's bytes (checked).
+- ``store``, per EXP-006 case: what the pool does on CUDA (``pool_write``: ``BlockPool.write_many``, one
+  kernel writing every layer's new blocks into the pool's arrays) against the paths it replaced: the same
+  kernel cutting the blocks into new arrays, then one slice write per run of ids as 8-byte words
+  (``pack_then_slice``), and one slice write per layer straight from its source (``per_layer_writes``, as
+  words: one pass over the bytes, but two launches per layer); all leave the cache's bytes (checked).
 - ``dequantize``, 32 blocks x 48 layers of gemma3-12b-full in q4: the shipped kernel
   (``mlx_kernels._DEQUANTIZE_ROWS``, one packed word per thread and loop step) at 128/256/512 threads
   against unrolled variants (several words loaded before their stores) and 16-byte packed loads
@@ -40,44 +40,41 @@ def percentiles(fn: Callable[[], object], repeat: int, warmup: int = 5) -> List[
     return [round(float(np.percentile(samples, q)) * 1e3, 4) for q in (50, 95)]
 
 
-# ---- store: pack kernel + slice write, or one slice write per layer ---------------------------------
+# ---- store: one kernel into the pool, pack kernel + slice write, or one slice write per layer -------
 def store_paths(repeat: int, rounds: int = 2) -> Dict[str, dict]:
     out = {}
     for case in cases.TARGET_CASES:
         ctx = cases.context(case.geometry, case.blocks, case.layers, case.blocks)
         pool, heads, n = ctx.pool, ctx.spec.n_kv_heads, case.blocks
         sources = [(c.keys, c.values) for c in ctx.caches]
-        plan = np.array([(layer, k * ctx.spec.block_size, 0, ctx.spec.block_size)
-                         for layer in range(case.layers) for k in range(n)], np.int32)
         ids = pool.allocate(n * case.layers, "choices")
         writes = [(ids[layer * n:(layer + 1) * n], 0, keys, values, 0, n * ctx.spec.block_size)
                   for layer, (keys, values) in enumerate(sources)]
+        plan = services._pack_plan(writes, ctx.spec.block_size)
 
-        def packed() -> None:  # the pool's path (pack kernel, or each layer from its source when large; wide words)
-            pool._write_packed(writes)
-
-        def packed_same_dtype() -> None:  # the same, written in the cache's dtype
-            shipped, services.word_view = services.word_view, lambda array: array
-            try:
-                pool._write_packed(writes)
-            finally:
-                services.word_view = shipped
-
-        def per_layer(words: bool) -> None:
-            view = mlx_kernels.word_view if words else (lambda array: array)
+        def replace_arrays(write) -> None:  # MLX slice updates: a reference to an old array left would copy it
             dtype = pool._keys.dtype
-            arenas = [view(pool._keys), view(pool._values)]
-            pool._keys = pool._values = None  # no reference to the old arrays may remain: written in place
-            for layer, (keys, values) in enumerate(sources):
-                first = ids[0] + layer * n
-                for arena, data in zip(arenas, (keys, values)):
-                    data = view(data)  # the sources hold whole blocks: contiguous, so the view is free
-                    arena[first:first + n] = data.reshape(heads, n, -1, data.shape[-1]).transpose(1, 0, 2, 3)
+            arenas = [mlx_kernels.word_view(pool._keys), mlx_kernels.word_view(pool._values)]
+            pool._keys = pool._values = None
+            write(arenas)
             pool._keys, pool._values = (arena.view(dtype) for arena in arenas)
             mx.eval(pool._keys, pool._values)
 
-        sides = {"pool_write": packed, "pool_write_same_dtype": packed_same_dtype,
-                 "per_layer_writes": lambda: per_layer(False), "per_layer_word_writes": lambda: per_layer(True)}
+        def pack_then_slice(arenas) -> None:
+            parts = mlx_kernels.pack_blocks(sources, plan, ctx.spec.block_size)
+            for k in range(2):
+                arenas[k][ids[0]:ids[0] + len(ids)] = mlx_kernels.word_view(parts[k])
+
+        def per_layer(arenas) -> None:
+            for layer, (keys, values) in enumerate(sources):
+                first = ids[0] + layer * n
+                for arena, data in zip(arenas, (keys, values)):
+                    data = mlx_kernels.word_view(data)  # the sources hold whole blocks: contiguous, the view is free
+                    arena[first:first + n] = data.reshape(heads, n, -1, data.shape[-1]).transpose(1, 0, 2, 3)
+
+        sides = {"pool_write": lambda: pool.write_many(writes),
+                 "pack_then_slice": lambda: replace_arrays(pack_then_slice),
+                 "per_layer_writes": lambda: replace_arrays(per_layer)}
         row = {"MiB": ctx.nbytes / 2**20, "device_copy": percentiles(cases.plain_copy(ctx.nbytes), repeat),
                "pack_kernel_alone": percentiles(lambda: mx.eval(mlx_kernels.pack_blocks(sources, plan, ctx.spec.block_size)), repeat)}
         for _ in range(rounds):  # alternated

@@ -102,3 +102,76 @@ template void kernel<float, 4, 32, 16, 8, 8, 2, 2>(const uint32_t*, const float*
     const float*, const float*, const int32_t*, {", ".join(["float*"] * 2 * n_outputs)});
 int main() {{}}
 """, tmp_path)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_the_block_writer_cuts_each_block_from_its_source_and_puts_it_in_its_place(tmp_path, in_place):
+    """The store's kernel, as MLX instantiates it, run over its whole grid: each new block gets its write's
+    tokens (the source read through its strides: a contiguous source in 16-byte words, a transposed one
+    element by element) and zeros in the slots outside them; into new arrays in the plan's order, or
+    (``in_place``) into the pool's own arrays at each block's id, every other block of them untouched."""
+    from semantic.domain import services
+
+    heads, size, k_dim, v_dim, threads, n_pool = 2, 8, 8, 16, 3, 9
+    lengths = (20, 21)  # source 0: tokens 0..19 in blocks 0..2; source 1: tokens 19..39 in blocks 2..5
+    writes = [([5, 6, 7], 0, None, None, 0, 20), ([1, 8, 3, 0], 2, None, None, 19, 21)]
+    plan = services._pack_plan(writes, size)
+    rng = np.random.default_rng(0)
+    data = [(rng.integers(1, 60000, (heads, n, k_dim)), rng.integers(1, 60000, (heads, n, v_dim))) for n in lengths]
+
+    def source_arrays(i):  # source 0 row-contiguous [heads, tokens, dim]; source 1 stored as [dim, tokens, heads]
+        out = []
+        for name, values in zip(("k", "v"), data[i]):
+            stored = values if i == 0 else values.transpose(2, 1, 0)
+            strides = ([0, lengths[i] * values.shape[2], values.shape[2], 1] if i == 0
+                       else [0, 1, heads, heads * lengths[i]])
+            out.append(f"alignas(16) static const uint16_t {name}{i}[] = {{{', '.join(map(str, stored.ravel()))}}};\n"
+                       f"static const int64_t {name}{i}_strides[] = {{{', '.join(map(str, strides))}}};")
+        return "\n".join(out)
+
+    rows = n_pool if in_place else len(plan)
+    destination = mlx_kernels._POOL_ROWS if in_place else mlx_kernels._NEW_ROWS
+    pointers = "const uint16_t* k_pool, const uint16_t* v_pool" if in_place else "uint16_t* k_out, uint16_t* v_out"
+    main = f"""
+{source_arrays(0)}
+{source_arrays(1)}
+template <typename T, int HEADS, int BLOCK_SIZE, int K_DIM, int V_DIM>
+void kernel(const T* k0, const T* k1, const T* v0, const T* v1, const int32_t* plan, {pointers}) {{
+{mlx_kernels._pack_source(2, destination)}
+}}
+
+int main() {{
+    static const int32_t plan[] = {{{", ".join(map(str, plan.ravel()))}}};
+    alignas(16) static uint16_t k[{rows * heads * size * k_dim}], v[{rows * heads * size * v_dim}];
+    for (auto& x : k) x = 65535;
+    for (auto& x : v) x = 65535;
+    gridDim = {{{len(plan) * heads}, 2, 1}};
+    blockDim = {{{threads}, 1, 1}};
+    for (unsigned y = 0; y < 2; y++)
+        for (unsigned x = 0; x < gridDim.x; x++)
+            for (unsigned t = 0; t < {threads}; t++) {{
+                blockIdx = {{x, y, 0}};
+                threadIdx = {{t, 0, 0}};
+                kernel<uint16_t, {heads}, {size}, {k_dim}, {v_dim}>(k0, k1, v0, v1, plan, k, v);
+            }}
+    for (auto x : k) printf("%d ", x);
+    for (auto x : v) printf("%d ", x);
+}}
+"""
+    got = np.array(compile_and_run(main, tmp_path).split(), dtype=np.int64)
+    got_k = got[: rows * heads * size * k_dim].reshape(rows, heads, size, k_dim)
+    got_v = got[rows * heads * size * k_dim :].reshape(rows, heads, size, v_dim)
+    want_k, want_v = np.full_like(got_k, 65535), np.full_like(got_v, 65535)
+    for k, (block_ids, first_index, _, _, first_token, n_tokens) in enumerate(
+            [writes[0]] * 3 + [writes[1]] * 4):
+        source = 0 if k < 3 else 1
+        index = k if k < 3 else k - 3
+        row = block_ids[index] if in_place else k
+        for want, values in ((want_k, data[source][0]), (want_v, data[source][1])):
+            want[row] = 0
+            for slot in range(size):
+                token = (first_index + index) * size + slot
+                if first_token <= token < first_token + n_tokens:
+                    want[row, :, slot] = values[:, token - first_token]
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)

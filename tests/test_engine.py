@@ -127,16 +127,20 @@ def test_caches_rebuilt_as_views_are_not_kept_once_mlx_lm_merged_them(llama32):
     assert at_start(engine.pool)
 
 
-def test_off_cpu_views_are_used_only_for_caches_mlx_lm_merges_at_its_next_step(llama32, monkeypatch):
-    """Off the CPU a live view makes each store copy the whole pool array, so the engine rebuilds as views
-    only a cache that mlx-lm merges before the stores of its next step; one queued behind a full prompt
-    batch is gathered (a copy that holds no reference on the pool)."""
-    from semantic.application import batch_engine
+def test_where_stores_replace_the_pool_arrays_views_are_used_only_for_caches_mlx_lm_merges_at_its_next_step(
+        llama32, monkeypatch):
+    """Where stores replace the pool's arrays (MLX slice updates: Metal), a live view makes each store copy
+    the whole pool array, so the engine rebuilds as views only a cache that mlx-lm merges before the stores
+    of its next step; one queued behind a full prompt batch is gathered (a copy that holds no reference on
+    the pool)."""
+    from semantic.domain import services
 
     engine = make_engine(llama32, prefill_batch_size=1)
     firsts = [run(engine, agent, list(range(10 + k, 110 + k)), max_tokens=3) for k, agent in enumerate("ab")]
     blocks = [first.blocks.layer_block_ids(0)[0] for first in firsts]
-    monkeypatch.setattr(batch_engine, "writes_through_host", lambda: False)
+    monkeypatch.setattr(services, "writes_through_host", lambda: False)
+    monkeypatch.setattr(services, "packs_blocks", lambda keys, values: False)
+    assert not engine.pool.writes_in_place
 
     uids = [engine.submit(first.agent_id, list(range(200, 216)), cache=first.blocks, max_tokens=2) for first in firsts]
     # a: merged at the next step (room for one prompt), rebuilt as views; b: queued behind it, gathered

@@ -121,12 +121,13 @@ def gather_row_pairs_apart(k_table: mx.array, v_table: mx.array, rows: mx.array,
 # row from its layer's source (token ``tok0 + slot``), zeroes the slots outside ``[lo, hi)``. Sources are
 # read through their strides (views of a batch's buffers need no copy first): 16 bytes at a time where the
 # last axis is contiguous and every row starts 16-byte aligned, else one element at a time. ``T`` is the
-# same-size unsigned integer: only bits are moved.
+# same-size unsigned integer: only bits are moved. DESTINATION: the row's place in new output arrays, or
+# in the pool's own arrays (see :func:`write_blocks_in_place`).
 _PACK_BLOCKS = """
     const int row = blockIdx.x;
     const int block = row / HEADS, head = row % HEADS;
-    const int source = plan[4 * block], tok0 = plan[4 * block + 1];
-    const int lo = plan[4 * block + 2], hi = plan[4 * block + 3];
+    const int source = plan[5 * block], tok0 = plan[5 * block + 1];
+    const int lo = plan[5 * block + 2], hi = plan[5 * block + 3];
     const bool is_value = blockIdx.y == 1;
     const int dim = is_value ? V_DIM : K_DIM;
     const T* src = nullptr;
@@ -135,7 +136,7 @@ _PACK_BLOCKS = """
 SOURCE_CASES
     }
     src += head * head_stride;
-    T* out = reinterpret_cast<T*>(is_value ? v_out : k_out) + (size_t)row * BLOCK_SIZE * dim;
+    T* out = DESTINATION;
     constexpr int PER_VEC = 16 / sizeof(T);
     const bool vectors = dim_stride == 1
         && ((reinterpret_cast<uintptr_t>(src) | (uintptr_t)(token_stride * sizeof(T))) % 16) == 0;
@@ -156,48 +157,89 @@ SOURCE_CASES
         }
     }
 """
+_NEW_ROWS = "reinterpret_cast<T*>(is_value ? v_out : k_out) + (size_t)row * BLOCK_SIZE * dim"
+# MLX hands a kernel its inputs as const pointers and knows nothing of writes through them: the pool writes only
+# blocks that nothing reads (held once, just allocated), and evaluates the kernel before anything can read them.
+_POOL_ROWS = ("const_cast<T*>(reinterpret_cast<const T*>(is_value ? v_pool : k_pool))"
+              " + ((size_t)plan[5 * block + 4] * HEADS + head) * BLOCK_SIZE * dim")
 
 
-@functools.lru_cache(maxsize=None)
-def _pack_kernel(n_sources: int):
+def _pack_source(n_sources: int, destination: str) -> str:
     def case(i, name):
         return (f"src = reinterpret_cast<const T*>({name}); head_stride = {name}_strides[1]; "
                 f"token_stride = {name}_strides[2]; dim_stride = {name}_strides[3];")
     cases = "\n".join(f"        case {i}: if (is_value) {{ {case(i, f'v{i}')} }} else {{ {case(i, f'k{i}')} }} break;"
                       for i in range(n_sources))
-    names = [f"k{i}" for i in range(n_sources)] + [f"v{i}" for i in range(n_sources)] + ["plan"]
-    # Not ensure_row_contiguous: MLX would copy every strided source whole before the kernel reads a block of it.
-    return mx.fast.cuda_kernel(name=f"semantic_pack_blocks_{n_sources}", input_names=names,
-                               output_names=["k_out", "v_out"], source=_PACK_BLOCKS.replace("SOURCE_CASES", cases),
+    return _PACK_BLOCKS.replace("SOURCE_CASES", cases).replace("DESTINATION", destination)
+
+
+def _source_names(n_sources: int) -> List[str]:
+    return [f"k{i}" for i in range(n_sources)] + [f"v{i}" for i in range(n_sources)] + ["plan"]
+
+
+# Not ensure_row_contiguous: MLX would copy every strided source whole before the kernel reads a block of it.
+@functools.lru_cache(maxsize=None)
+def _pack_kernel(n_sources: int):
+    return mx.fast.cuda_kernel(name=f"semantic_pack_blocks_{n_sources}", input_names=_source_names(n_sources),
+                               output_names=["k_out", "v_out"], source=_pack_source(n_sources, _NEW_ROWS),
                                ensure_row_contiguous=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _write_in_place_kernel(n_sources: int):
+    return mx.fast.cuda_kernel(name=f"semantic_write_blocks_{n_sources}",
+                               input_names=[*_source_names(n_sources), "k_pool", "v_pool"], output_names=["done"],
+                               source=_pack_source(n_sources, _POOL_ROWS), ensure_row_contiguous=False)
+
+
 def packs_blocks(keys: mx.array, values: mx.array) -> bool:
-    """Whether :func:`pack_blocks` runs here for sources like ``keys`` and ``values``."""
+    """Whether :func:`pack_blocks` and :func:`write_blocks_in_place` run here for sources (or pool arrays)
+    like ``keys`` and ``values``."""
     return (_on_cuda() and keys.dtype == values.dtype and keys.itemsize in (1, 2, 4, 8)
             and (keys.shape[-1] * keys.itemsize) % 16 == 0 and (values.shape[-1] * values.itemsize) % 16 == 0)
+
+
+def _pack_launch(kernel, sources: Sequence[Tuple[mx.array, mx.array]], plan: np.ndarray, block_size: int,
+                 extra_inputs: List[mx.array], output_shapes, output_dtypes) -> List[mx.array]:
+    keys, values = sources[0]
+    heads = keys.shape[1]
+    return kernel(
+        inputs=[k for k, _ in sources] + [v for _, v in sources] + [mx.array(plan, dtype=mx.int32), *extra_inputs],
+        template=[("T", _SAME_SIZE_UINT[keys.itemsize]), ("HEADS", heads), ("BLOCK_SIZE", block_size),
+                  ("K_DIM", keys.shape[-1]), ("V_DIM", values.shape[-1])],
+        grid=(len(plan) * heads * _THREADS, 2, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=output_shapes,
+        output_dtypes=output_dtypes,
+    )
 
 
 def pack_blocks(sources: Sequence[Tuple[mx.array, mx.array]], plan: np.ndarray,
                 block_size: int) -> Optional[Tuple[mx.array, mx.array]]:
     """New blocks ``[n, heads, block_size, dim]`` (keys, values) cut from ``sources`` (per source ``[1, heads,
     T, dim]`` keys and values, any strides) in one kernel, or ``None`` where this backend has no such kernel
-    (the caller then writes each source's blocks itself). ``plan``, int32 ``[n, 4]``, has one row per new
-    block: (source, the source token in its slot 0, the first and end slot holding data); other slots are zeroed."""
+    (the caller then writes each source's blocks itself). ``plan``, int32 ``[n, 5]``, has one row per new
+    block: (source, the source token in its slot 0, the first and end slot holding data, and a block id that
+    only :func:`write_blocks_in_place` reads); other slots are zeroed."""
     keys, values = sources[0]
     if not packs_blocks(keys, values):
         return None
     heads, n = keys.shape[1], len(plan)
-    (k_out, v_out) = _pack_kernel(len(sources))(
-        inputs=[k for k, _ in sources] + [v for _, v in sources] + [mx.array(plan, dtype=mx.int32)],
-        template=[("T", _SAME_SIZE_UINT[keys.itemsize]), ("HEADS", heads), ("BLOCK_SIZE", block_size),
-                  ("K_DIM", keys.shape[-1]), ("V_DIM", values.shape[-1])],
-        grid=(n * heads * _THREADS, 2, 1),
-        threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(n, heads, block_size, keys.shape[-1]), (n, heads, block_size, values.shape[-1])],
-        output_dtypes=[keys.dtype, values.dtype],
-    )
+    k_out, v_out = _pack_launch(_pack_kernel(len(sources)), sources, plan, block_size, [],
+                                [(n, heads, block_size, keys.shape[-1]), (n, heads, block_size, values.shape[-1])],
+                                [keys.dtype, values.dtype])
     return k_out, v_out
+
+
+def write_blocks_in_place(k_pool: mx.array, v_pool: mx.array, sources: Sequence[Tuple[mx.array, mx.array]],
+                          plan: np.ndarray, block_size: int) -> None:
+    """:func:`pack_blocks`' blocks written straight into block ``plan[i, 4]`` of the pool's row-contiguous
+    arrays ``[blocks, heads, block_size, dim]`` (CUDA only: see :func:`packs_blocks`), evaluated on return.
+    The arrays stay the same arrays, in the same memory: views of them (cached rebuilds) stay valid, and no
+    other array is made. Only for blocks nothing reads, nor will before this returns."""
+    (done,) = _pack_launch(_write_in_place_kernel(len(sources)), sources, plan, block_size, [k_pool, v_pool],
+                           [(1,)], [mx.uint8])
+    mx.eval(done)
 
 
 _SAME_SIZE_UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}

@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 from semantic.adapters import mlx_lm_adapter as adapter
-from semantic.adapters.mlx_kernels import writes_through_host
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, can_trim, layer_ids_for
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import (
@@ -553,11 +552,12 @@ class BlockPoolBatchEngine:
         ``generator`` (default: the engine's).
 
         Layers of one block are rebuilt as views of the pool (see ``blocks_to_cache``) where that costs
-        nothing: always on CPU, where the pool writes through NumPy whatever MLX arrays share its memory.
-        Elsewhere a live view makes MLX copy the whole pool array at the next store, so views are used
-        only when mlx-lm merges (copies) the inserted cache at its next step, before that step's stores."""
+        nothing: where the pool writes its arrays in place (``BlockPool.writes_in_place``: CPU, and dense
+        pools on CUDA). Elsewhere a live view makes MLX copy the whole pool array at the next store, so
+        views are used only when mlx-lm merges (copies) the inserted cache at its next step, before that
+        step's stores."""
         generator = generator or self._generator
-        views = writes_through_host() or generator.merges_next_insert()
+        views = self.pool.writes_in_place or generator.merges_next_insert()
         # Room only for a cache mlx-lm will merge alone: merged with others, it is copied without its room.
         room = prompt_tokens if generator.merges_next_insert_alone() else 0
         return blocks_to_cache(self.pool, agent_blocks, n_tokens, views=views, room=room)

@@ -134,7 +134,8 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     the hot path pays too. Why it is safe:
 
     * The pool writes only blocks nobody references, in place (on CPU through NumPy views of its
-      arrays). Every cache holding views therefore holds a reference on the handle's blocks (a shared
+      arrays, on CUDA by a kernel writing into them). Every cache holding views therefore holds a
+      reference on the handle's blocks (a shared
       handle, also kept by copies of the cache), released when the last of these caches is
       garbage-collected; until then none of its blocks is freed, so none is written.
     * mlx-lm never writes into a cache's arrays: ``update_and_fetch`` and its batch merge make new
@@ -142,10 +143,11 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     * The reference goes with the cache objects, not with lazy computations on their arrays: evaluate
       what reads them (mlx-lm's merge is evaluated at the prefill that follows it) before dropping
       the caches *and* the handle. The engine holds each request's source handle until it completes.
-    * Cost, not correctness: on a GPU a live view keeps MLX from updating the pool's arrays in place,
-      so a store while it lives copies the whole pool array. Drop rebuilt caches once used (the engine
-      hands them to mlx-lm, which keeps none after merging them into its batch, and off the CPU asks
-      for views only when that merge comes before its next stores), or pass ``views=False``.
+    * Cost, not correctness: where a store replaces the pool's arrays (``BlockPool.writes_in_place``
+      is False: Metal), a live view keeps MLX from updating them in place, so a store
+      while it lives copies the whole pool array. There, drop rebuilt caches once used (the engine
+      hands them to mlx-lm, which keeps none after merging them into its batch, and asks for views
+      only when that merge comes before its next stores), or pass ``views=False``.
 
     Quantized pools always dequantize (a copy); so do groups needing more than one block per layer,
     and every group with ``views=False``.
@@ -172,10 +174,13 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
                     for group in plan if group.view_ids is None]
         if gathered:
             mx.async_eval(gathered)
+        unevaluated = list(gathered)
         gathered = iter(gathered)
         for group in plan:
             if group.view_ids is not None:
                 pairs = pool.block_views(group.view_ids, group.lo, group.hi)
+                if not pool.keeps_views(group.lo, group.hi):
+                    unevaluated.append(pairs)
                 for layer, (layer_keys, layer_values) in zip(group.layers, pairs):
                     caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens,
                                                               keep_alive=pin)
@@ -183,7 +188,8 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
             for layer, (layer_keys, layer_values) in zip(group.layers, next(gathered)):
                 caches[layer] = adapter.build_layer_cache(group.window, layer_keys, layer_values, n_tokens,
                                                           own_arrays=True)
-        mx.eval([(c.keys, c.values) for c in caches])  # one evaluation for the gathered layers and the views
+        if unevaluated:
+            mx.eval(unevaluated)  # one evaluation for the gathered layers and the views
     return caches
 
 

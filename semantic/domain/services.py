@@ -34,6 +34,7 @@ queue is drained, under the lock, at the start of the next pool operation.
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import threading
 import weakref
@@ -44,7 +45,8 @@ import mlx.core as mx
 import numpy as np
 
 from semantic.adapters.mlx_kernels import (gather_row_pairs, gather_row_pairs_apart, host_view, host_views,
-                                           pack_blocks, packs_blocks, word_view, writes_through_host)
+                                           pack_blocks, packs_blocks, word_view, write_blocks_in_place,
+                                           writes_through_host)
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -205,13 +207,11 @@ class BlockPool:
         self._values = mx.zeros(shape + (spec.v_head_dim,), dtype=self._dtype)
         mx.eval(self._keys, self._values)
         self._host_views: Optional[Tuple[np.ndarray, np.ndarray]] = None
-        # While the pool writes through the host (CPU), each block's evaluated whole-block views, made once:
-        # the arrays' buffers never change there, and a view held by the pool costs nothing. Other writes
-        # replace the arrays, so they drop these (on a GPU a held view would also stop every store from
-        # updating the arrays in place).
+        # While the pool writes its arrays in place (see writes_in_place), each block's evaluated whole-block
+        # views, made once: the arrays' buffers never change then, and a view held by the pool costs nothing.
+        # Other writes replace the arrays, so they drop these (a held view would also stop MLX from updating
+        # the arrays in place: it would copy them whole at every store).
         self._whole_views: Dict[int, Tuple[mx.array, mx.array]] = {}
-        # Whole blocks of one layer written straight from their source from this many on (0: never).
-        self._direct_write_blocks = 0 if self._quantized else -(-_DIRECT_WRITE_BYTES // self.block_bytes)
         if grow_buffer_cache:
             _ensure_buffer_cache(max(4 * self.nbytes, 1 << 30))  # room for rebuilds alive at once and temporaries
 
@@ -219,6 +219,14 @@ class BlockPool:
     @property
     def block_bytes(self) -> int:
         return self.spec.bytes_per_block_per_layer
+
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether stores write into the pool's arrays themselves, so that views of them (a rebuild of one
+        block per layer, see ``blocks_to_cache``) stay valid and cost nothing: on CPU through NumPy views of
+        them, on CUDA by one kernel for a dense pool. Elsewhere a store replaces the arrays (MLX slice
+        updates), and a live view of the old ones makes it copy them whole."""
+        return self._quantized is None and (writes_through_host() or packs_blocks(self._keys, self._values))
 
     @property
     def nbytes(self) -> int:
@@ -532,8 +540,9 @@ class BlockPool:
 
         A view is valid only while its block stays referenced: the pool rewrites freed blocks in place.
         Evaluate the views under :attr:`storage_lock`, and keep a reference on the blocks (a handle)
-        for as long as they live. On CPU a whole block's views are made once and kept by the pool
-        (1x12 rebuild, views made per call 0.10 ms -> 0.027 ms kept, against a 0.05 ms memcpy).
+        for as long as they live. Where the pool :attr:`writes_in_place`, a whole block's views are made
+        once and kept by the pool (CPU, 1x12 rebuild: views made per call 0.10 ms -> 0.027 ms kept, against
+        a 0.05 ms memcpy).
         """
         if self._quantized is not None:
             raise AssertionError("quantized blocks have no dense view; gather them")
@@ -542,7 +551,7 @@ class BlockPool:
         ids = self._checked_ids(block_ids)
         keys, values = self._keys, self._values
         whole = hi - lo == self.spec.block_size
-        if whole and writes_through_host():
+        if self.keeps_views(lo, hi):
             return self._cached_whole_views(ids)
         if ids and ids == list(range(ids[0], ids[0] + len(ids))):  # the usual case: a store allocates a run
             keys, values = keys[ids[0] : ids[0] + len(ids)], values[ids[0] : ids[0] + len(ids)]
@@ -553,14 +562,24 @@ class BlockPool:
             return [(keys[b : b + 1], values[b : b + 1]) for b in ids]
         return [(keys[b : b + 1, :, lo:hi], values[b : b + 1, :, lo:hi]) for b in ids]
 
+    def keeps_views(self, lo: int, hi: int) -> bool:
+        """Whether :meth:`block_views` of slots ``[lo, hi)`` are views the pool made once and keeps, evaluated
+        already (callers need evaluate only the other views): whole blocks, where the pool
+        :attr:`writes_in_place`."""
+        return hi - lo == self.spec.block_size and self.writes_in_place
+
     def _cached_whole_views(self, ids: List[int]) -> List[Tuple[mx.array, mx.array]]:
+        """The kept views, each as a new handle (free: it shares the evaluated array). ``a[i] = x`` rebinds
+        the handle it is applied to (mlx-lm's ``update_and_fetch`` on a rebuilt cache does), so a kept one
+        handed out would become that cache's copy, and later rebuilds of its block, another agent's too,
+        would get that copy instead of the block."""
         cached = self._whole_views
         missing = [b for b in dict.fromkeys(ids) if b not in cached]
         if missing:
             made = {b: (self._keys[b : b + 1], self._values[b : b + 1]) for b in missing}
             mx.eval(list(made.values()))
             cached.update(made)
-        return [cached[b] for b in ids]
+        return [(copy.copy(keys), copy.copy(values)) for keys, values in map(cached.__getitem__, ids)]
 
     def write_blocks(self, block_ids: Sequence[int], first_index: int, keys: mx.array, values: mx.array,
                      first_token: int) -> None:
@@ -579,8 +598,10 @@ class BlockPool:
         ``keys``/``values`` are data (a buffer longer than its tokens is passed as it is: slicing it would
         cost an operation per array).
 
-        Each run of consecutive block ids is written as one slice of rows (a plain strided copy on
-        every backend); :meth:`allocate` hands out consecutive ids whenever the free list has them.
+        On CPU the blocks are written through NumPy views of the pool's arrays; on CUDA, in a dense pool,
+        by one kernel writing every new block into the arrays (:func:`write_blocks_in_place`). Elsewhere
+        each run of consecutive block ids is written as one slice of rows (a plain strided copy on every
+        backend); :meth:`allocate` hands out consecutive ids whenever the free list has them.
         """
         writes = [self._checked_write(write) for write in writes]
         if all(type(write[0]) is list for write in writes):  # a store's own lists: one pass of C builtins for all
@@ -590,13 +611,18 @@ class BlockPool:
         host = writes_through_host()
         with self._lock:
             self._check_writable(ids)
+            if not ids:
+                return
+            if not host and self.writes_in_place:
+                write_blocks_in_place(self._keys, self._values, [(w[2], w[3]) for w in writes],
+                                      _pack_plan(writes, self.spec.block_size), self.spec.block_size)
+                return
             if not host:
                 self._whole_views.clear()
-            # No pack kernel on the host: its plan (a row per new block) would be built for nothing.
-            if not writes or (not host and self._write_packed(writes)):
-                return
             if self._quantized is not None:
-                self._quantized.write_many(writes)
+                # No pack kernel on the host: its plan (a row per new block) would be built for nothing.
+                if host or not self._write_packed(writes):
+                    self._quantized.write_many(writes)
             elif host:
                 sources = host_views([a for w in writes for a in (w[2], w[3])])
                 arenas = self._host_arenas()
@@ -647,55 +673,30 @@ class BlockPool:
             "never change)")
 
     def _write_packed(self, writes) -> bool:
-        """All new blocks cut from their sources by one kernel (quantized by one ``mx.quantize`` per keys and
-        values in a quantized pool), then written as whole rows (one slice per run of consecutive ids):
-        a handful of launches instead of several per layer. Returns False where the backend has no such
-        kernel. Slots outside the data hold zeros (quantized zeros in a quantized pool: they dequantize to 0).
-
-        A dense layer's whole blocks of at least :data:`_DIRECT_WRITE_BYTES` are instead written straight
-        from its source, one slice per layer: one pass over their bytes instead of two."""
+        """A quantized pool's new blocks cut from their sources by one kernel, quantized by one ``mx.quantize``
+        per keys and values, then written as whole rows (one slice per run of consecutive ids): a handful of
+        launches instead of several per layer. Returns False where the backend has no such kernel. Slots
+        outside the data hold quantized zeros (they dequantize to 0)."""
         if not writes or not packs_blocks(writes[0][2], writes[0][3]):
             return False
         size = self.spec.block_size
-        direct_blocks = self._direct_write_blocks
-        direct, direct_ranges = [], []
-        for source, (block_ids, first_index, _, _, first_token, tokens) in enumerate(writes):
-            lo = hi = 0  # the blocks [lo, hi) written straight from the source; the others through the kernel
-            if direct_blocks and len(block_ids) >= direct_blocks:
-                lo, hi = _whole_blocks(len(block_ids), first_index, first_token, tokens, size)
-                if (hi - lo < direct_blocks
-                        or list(block_ids[lo:hi]) != list(range(block_ids[lo], block_ids[lo] + hi - lo))):
-                    lo = hi = 0  # too few whole blocks, or not one run of ids
-                else:
-                    direct.append((source, block_ids[lo], (first_index + lo) * size - first_token, hi - lo))
-            direct_ranges.append((lo, hi))
-        plan, packed_ids = _pack_plan(writes, direct_ranges, size)
-        parts = pack_blocks([(w[2], w[3]) for w in writes], plan, size) if packed_ids else None
-        if self._quantized is not None:
-            arenas = self._quantized.arenas
-            parts = None if parts is None else self._quantized.quantize(*parts)
-        else:
-            arenas = [self._keys, self._values]
+        plan = _pack_plan(writes, size)
+        packed_ids = plan[:, 4].tolist()
+        parts = self._quantized.quantize(*pack_blocks([(w[2], w[3]) for w in writes], plan, size))
+        arenas = self._quantized.arenas
         runs = list(_id_runs(packed_ids, 0, len(packed_ids)))
-        # Slices are written as wide words (new blocks and whole sources are contiguous: viewing them costs
-        # nothing); MLX's CUDA scatter, for a fragmented free list, takes the arena's own dtype. The arrays are
-        # replaced by their written views before the evaluation: a reference to an old one left then would
-        # make MLX copy the whole arena instead of writing it in place.
+        # Slices are written as wide words (new blocks are contiguous: viewing them costs nothing); MLX's CUDA
+        # scatter, for a fragmented free list, takes the arena's own dtype. The arrays are replaced by their
+        # written views before the evaluation: a reference to an old one left then would make MLX copy the
+        # whole arena instead of writing it in place.
         for k, arena in enumerate(arenas):
             dtype = arena.dtype
-            scatter = parts is not None and len(runs) > _MAX_SLICE_WRITES
-            if scatter:
+            if len(runs) > _MAX_SLICE_WRITES:
                 arena = _write_rows(arena, packed_ids, 0, runs, parts[k])
-            arena = word_view(arena)
-            if parts is not None and not scatter:
-                arena = _write_rows(arena, packed_ids, 0, runs, word_view(parts[k]))
-            for source, first_id, tok0, n in direct:
-                data = word_view(writes[source][2 + k])[0, :, tok0 : tok0 + n * size]
-                arena[first_id : first_id + n] = data.reshape(data.shape[0], n, size, -1).transpose(1, 0, 2, 3)
+            else:
+                arena = _write_rows(word_view(arena), packed_ids, 0, runs, word_view(parts[k]))
             arenas[k] = arena.view(dtype)
         del arena
-        if self._quantized is None:
-            self._keys, self._values = arenas
         mx.eval(arenas)
         return True
 
@@ -881,44 +882,25 @@ def _segments(n_blocks: int, first_index: int, first_token: int, n_tokens: int, 
         yield lo, hi, max(seg_start, first_token), min((first_index + hi) * size, end_token), seg_start
 
 
-_DIRECT_WRITE_BYTES = 4 << 20
-"""A dense layer's whole new blocks of at least this many bytes (keys and values) are written straight from the
-source. On an H200 one slice update per layer from the source took 2.44 ms for 64 MiB per layer (3 GiB in
-all) against 4.5 for the pack kernel plus a slice write; at 3 MiB per layer (90 MiB) 0.88 against 0.99, and
-below that the kernel was faster (``experiments.gpu_kernel_choices``, part ``store``:
-``experiments/results/h200/session-2026-12-03b/choices_call1.json``)."""
-
-
-def _whole_blocks(n_blocks: int, first_index: int, first_token: int, n_tokens: int, size: int) -> Tuple[int, int]:
-    """``(lo, hi)``: blocks ``[lo, hi)`` of ``n_blocks`` (from block index ``first_index``) hold only data
-    tokens, which are ``[first_token, first_token + n_tokens)``; ``lo == hi`` if none."""
-    lo = max(0, -(-(first_token - first_index * size) // size))
-    hi = min(n_blocks, (first_token + n_tokens) // size - first_index)
-    return lo, max(lo, hi)
-
-
-def _pack_plan(writes, direct_ranges: Sequence[Tuple[int, int]], size: int) -> Tuple[np.ndarray, List[int]]:
+def _pack_plan(writes, size: int) -> np.ndarray:
     """What the pack kernel cuts for ``writes`` (:meth:`BlockPool.write_many`'s, with their token counts): per
-    block outside its write's ``direct_ranges`` entry ``[lo, hi)``, the row ``(source write, the source token
-    in its slot 0, first data slot, end data slot)`` of an int32 ``[n, 4]`` plan, and the blocks' ids. Computed
-    for all blocks at once: a store of 240 blocks spent ~0.2 ms building these rows one by one."""
+    block, the row ``(source write, the source token in its slot 0, first data slot, end data slot, block id)``
+    of an int32 ``[n, 5]`` plan. Computed for all blocks at once: a store of 240 blocks spent ~0.2 ms building
+    these rows one by one."""
     counts = [len(write[0]) for write in writes]
-    # Per write: its index, the source token in its first block's slot 0, its tokens, its direct range.
+    # Per write: its index, the source token in its first block's slot 0, its tokens.
     per_write = np.fromiter(itertools.chain.from_iterable(
-        (source, write[1] * size - write[4], write[5], *direct)
-        for source, (write, direct) in enumerate(zip(writes, direct_ranges))), np.int64, 5 * len(writes))
-    source, base, tokens, direct_lo, direct_hi = np.repeat(per_write.reshape(-1, 5), counts, axis=0).T
+        (source, write[1] * size - write[4], write[5]) for source, write in enumerate(writes)),
+        np.int64, 3 * len(writes))
+    source, base, tokens = np.repeat(per_write.reshape(-1, 3), counts, axis=0).T
     index = np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts)  # each block's, in its write
-    plan = np.empty((len(index), 4), np.int32)
+    plan = np.empty((len(index), 5), np.int32)
     plan[:, 0] = source
     plan[:, 1] = first = base + index * size
     np.maximum(-first, 0, out=plan[:, 2])
     np.minimum(tokens - first, size, out=plan[:, 3])
-    ids = list(itertools.chain.from_iterable(write[0] for write in writes))
-    if any(lo != hi for lo, hi in direct_ranges):
-        kept = (index < direct_lo) | (index >= direct_hi)
-        plan, ids = plan[kept], list(itertools.compress(ids, kept.tolist()))
-    return plan, ids
+    plan[:, 4] = np.fromiter(itertools.chain.from_iterable(write[0] for write in writes), np.int64, len(index))
+    return plan
 
 
 _MAX_SLICE_WRITES = 4
