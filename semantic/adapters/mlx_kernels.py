@@ -4,7 +4,9 @@ On CPU, ``mx.take`` of whole rows already runs at memcpy speed. On CUDA, MLX's
 generic gather indexes every element and was measured at 7x a plain copy of the
 same bytes (H100, 3 GiB: 17 ms vs 2.4 ms), so there a small kernel copies each
 row with 16-byte loads and stores, one thread block per row, keys and values in
-the same launch (a launch costs about as much as copying a 2 MiB context).
+the same launch (a launch costs about as much as copying a 2 MiB context). A store
+on CUDA is one kernel too, cutting each new block from its layer's cache and
+writing it into the pool's arrays themselves (:func:`write_blocks_in_place`).
 """
 
 from __future__ import annotations
