@@ -551,7 +551,7 @@ class BlockPool:
         ids = self._checked_ids(block_ids)
         keys, values = self._keys, self._values
         whole = hi - lo == self.spec.block_size
-        if self.keeps_views(lo, hi):
+        if whole and self.writes_in_place:
             return self._cached_whole_views(ids)
         if ids and ids == list(range(ids[0], ids[0] + len(ids))):  # the usual case: a store allocates a run
             keys, values = keys[ids[0] : ids[0] + len(ids)], values[ids[0] : ids[0] + len(ids)]
@@ -561,12 +561,6 @@ class BlockPool:
         if whole:
             return [(keys[b : b + 1], values[b : b + 1]) for b in ids]
         return [(keys[b : b + 1, :, lo:hi], values[b : b + 1, :, lo:hi]) for b in ids]
-
-    def keeps_views(self, lo: int, hi: int) -> bool:
-        """Whether :meth:`block_views` of slots ``[lo, hi)`` are views the pool made once and keeps, evaluated
-        already (callers need evaluate only the other views): whole blocks, where the pool
-        :attr:`writes_in_place`."""
-        return hi - lo == self.spec.block_size and self.writes_in_place
 
     def _cached_whole_views(self, ids: List[int]) -> List[Tuple[mx.array, mx.array]]:
         """The kept views, each as a new handle (free: it shares the evaluated array). ``a[i] = x`` rebinds
@@ -677,7 +671,7 @@ class BlockPool:
         per keys and values, then written as whole rows (one slice per run of consecutive ids): a handful of
         launches instead of several per layer. Returns False where the backend has no such kernel. Slots
         outside the data hold quantized zeros (they dequantize to 0)."""
-        if not writes or not packs_blocks(writes[0][2], writes[0][3]):
+        if not packs_blocks(writes[0][2], writes[0][3]):
             return False
         size = self.spec.block_size
         plan = _pack_plan(writes, size)

@@ -33,7 +33,7 @@ def python_only(fn, repeat):
 ctx = cases.context("smollm2-135m", 1, 12)
 rebuilt = blocks_to_cache(ctx.pool, ctx.handle)
 available = [a for c in rebuilt for a in c.state[:2]]
-print("kept views:", ctx.pool.keeps_views(0, ctx.spec.block_size), file=sys.stderr)
+print("kept views:", ctx.pool.writes_in_place, file=sys.stderr)
 result = {}
 for round_ in range(3):
     for name, fn in {"synchronize_only": lambda: None,
