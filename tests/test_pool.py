@@ -435,6 +435,20 @@ def test_only_a_block_held_once_is_written():
     pool.check_invariants()
 
 
+def test_a_block_named_twice_in_one_write_is_refused_and_nothing_is_written():
+    """Each write fills whole blocks: the same block twice would be written by two threads at once on CUDA."""
+    pool = BlockPool(SPEC, total_blocks=4)
+    first, second = pool.allocate(2, "a")
+    data = mx.ones((1, 1, 16, 4), dtype=mx.float32)
+    before = {b: written(pool, b) for b in range(4)}
+    for writes in ([([first, first], 0, data, data, 0)],
+                   [([first], 0, data, data, 0), ([second, first], 0, data, data, 0)]):
+        with pytest.raises(BlockOwnershipError, match=f"block {first} is written twice"):
+            pool.write_many(writes)
+    assert all(np.array_equal(before[b][k], written(pool, b)[k]) for b in range(4) for k in (0, 1))
+    pool.check_invariants()
+
+
 @pytest.mark.parametrize("keys,values,extra", [
     (mx.ones((1, 1, 8, 4), dtype=mx.float16), None, ()),  # another dtype: stored as reinterpreted bits before
     (mx.ones((1, 1, 8, 4), dtype=mx.bfloat16), None, ()),

@@ -654,9 +654,14 @@ class BlockPool:
                     checked_int("first_token", write[4], 0), checked_int("n_tokens", n_tokens, 0, tokens))
         return write if len(write) == 6 else (*write, tokens)
 
-    def _check_writable(self, block_ids: List[int]) -> None:
+    def _check_writable(self, block_ids: List[int], whole_blocks: bool = True) -> None:
         """``BlockOwnershipError`` unless every block is held exactly once (the lock held; queued releases
-        drained first, so a block given back counts as free)."""
+        drained first, so a block given back counts as free), and, for writes of ``whole_blocks``, named
+        once: two writes of one block would race on CUDA (one kernel writes every block at once)."""
+        if whole_blocks and len(set(block_ids)) != len(block_ids):
+            seen = set()
+            block = next(b for b in block_ids if b in seen or seen.add(b))
+            raise BlockOwnershipError(f"block {block} is written twice in one call; give each write blocks of its own")
         self._drain()
         if not set(map(self._refcount.__getitem__, block_ids)) - {1}:
             return
@@ -834,7 +839,7 @@ class BlockPool:
             raise AssertionError("copy_token_rows is for quantized blocks")
         self._block_array([c[0] for c in copies] + [c[1] for c in copies], 1)
         with self._lock:
-            self._check_writable([int(c[0]) for c in copies])
+            self._check_writable([int(c[0]) for c in copies], whole_blocks=False)  # a block's slots, copy by copy
             if 0 in map(self._refcount.__getitem__, (int(c[1]) for c in copies)):
                 raise BlockOwnershipError("a row is copied from a free block; copy only from blocks in use")
             self._quantized.copy_rows(copies)
