@@ -659,8 +659,7 @@ class BlockPool:
         drained first, so a block given back counts as free), and, for writes of ``whole_blocks``, named
         once: two writes of one block would race on CUDA (one kernel writes every block at once)."""
         if whole_blocks and len(set(block_ids)) != len(block_ids):
-            seen = set()
-            block = next(b for b in block_ids if b in seen or seen.add(b))
+            block = next(b for b, n in collections.Counter(block_ids).items() if n > 1)
             raise BlockOwnershipError(f"block {block} is written twice in one call; give each write blocks of its own")
         self._drain()
         if not set(map(self._refcount.__getitem__, block_ids)) - {1}:
