@@ -187,24 +187,32 @@ def strided_like(caches, layout):
     return views
 
 
-@pytest.mark.parametrize("fragmented, layout", [
-    (False, "contiguous"), (True, "contiguous"), (False, "batch"), (True, "batch"), (False, "transposed"),
-    (False, "tail"), (True, "tail"),
+@pytest.mark.parametrize("fragmented, layout, host_threads", [
+    (False, "contiguous", 1), (True, "contiguous", 1), (False, "batch", 1), (True, "batch", 1),
+    (False, "transposed", 1), (False, "tail", 1), (True, "tail", 1),
+    (False, "contiguous", 2), (True, "batch", 2), (True, "tail", 2),
 ])
-def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fragmented, layout):
-    """On CPU blocks are written through NumPy views; other backends write with MLX ops (slices of rows,
-    or one scatter when the free list is fragmented), CUDA with one kernel writing into the pool's arrays.
-    All must store the same bytes, from sources of any layout (``strided_like``)."""
+def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fragmented, layout, host_threads):
+    """On CPU blocks are written through NumPy views (large stores by several threads taking the layers in
+    turn: ``host_threads`` 2 forces that on); other backends write with MLX ops (slices of rows, or one
+    scatter when the free list is fragmented), CUDA with one kernel writing into the pool's arrays. All
+    must store the same bytes, from sources of any layout (``strided_like``)."""
+    from semantic.adapters import mlx_kernels
     from semantic.domain import services
 
+    if host_threads > 1:
+        monkeypatch.setattr(mlx_kernels, "_HOST_COPY_THREADS", host_threads)
+        monkeypatch.setattr(mlx_kernels, "_PARALLEL_COPY_BYTES", 0)
+        monkeypatch.setattr(mlx_kernels, "_PARALLEL_ITEM_BYTES", 0)
     spec = ModelCacheSpec(6, 2, 16, 16, "bfloat16", layer_windows=(None, 300) * 3, name="small")
     pool = BlockPool(spec, total_blocks=4 * spec.blocks_per_agent(1100))
+    tokens = list(range(1100))
+    cache_to_blocks(pool, "dirty", random_caches(spec, 1100, seed=9), tokens).release()  # free blocks hold data
     if fragmented:  # free ids come back out of order
         held = pool.allocate(pool.total_blocks // 2, "x")
         pool.release_blocks(held[::2], "x")
     caches = random_caches(spec, 1100, seed=3)
     sources = caches if layout == "contiguous" else strided_like(caches, layout)
-    tokens = list(range(1100))
     with monkeypatch.context() as patch:
         patch.setattr(services, "writes_through_host", lambda: False)
         on_device = cache_to_blocks(pool, "device", sources, tokens)

@@ -488,3 +488,73 @@ def test_a_failed_build_gives_back_what_it_drew_from_a_reservation_unless_that_w
     if not cancelled:
         pool.allocate(4, "other")
         assert len(pool.allocate(4, "me", reservation=reservation)) == 4  # the promise still holds
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_host_copies_on_threads_finish_every_item_taken_before_returning_or_raising(monkeypatch, error):
+    """Threads take a large store's layers in turn; the call returns (or raises the first error) only once
+    no thread is still writing: the blocks of a failed store go back to the free list at once."""
+    import time
+
+    from semantic.adapters import mlx_kernels
+
+    monkeypatch.setattr(mlx_kernels, "_HOST_COPY_THREADS", 3)
+    destination = np.zeros((40, 1000), np.uint16)
+    source = np.arange(40 * 1000, dtype=np.uint16).reshape(40, 1000)
+    takers, started, finished = set(), [], []
+
+    def copy(item):
+        started.append(item)
+        takers.add(threading.get_ident())
+        time.sleep(0.005)  # a copy long enough for the other threads to wake up and take items
+        if item == 7:
+            raise error("item 7")
+        np.copyto(destination[item], source[item])
+        finished.append(item)
+
+    mlx_kernels.split_host_copies(copy, range(6), 1 << 30)  # each item large enough
+    assert sorted(finished) == list(range(6)) and len(takers) > 1
+    np.testing.assert_array_equal(destination[:6], source[:6])
+    started.clear(), finished.clear()
+    with pytest.raises(error, match="item 7"):
+        try:
+            mlx_kernels.split_host_copies(copy, range(40), 1 << 30)
+        finally:
+            at_return = set(started), set(finished)
+    time.sleep(0.05)  # a thread still copying after the call returned would show up now
+    assert at_return[1] == at_return[0] - {7}  # every other item taken was copied when the call returned
+    assert (set(started), set(finished)) == at_return  # and none was taken after
+    assert len(started) < 40  # the threads stopped taking items once one failed
+
+
+def test_host_copies_on_threads_work_in_a_forked_child(monkeypatch):
+    """A child forked after the copy threads started has none of them: it starts threads of its own."""
+    import multiprocessing
+
+    from semantic.adapters import mlx_kernels
+
+    monkeypatch.setattr(mlx_kernels, "_HOST_COPY_THREADS", 2)
+    mlx_kernels.split_host_copies(_take_slowly, range(4), 1 << 30)  # the parent's threads
+    child = multiprocessing.get_context("fork").Process(target=_copy_on_threads_and_exit)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, "the child hung, or copied everything on its own thread"
+
+
+_takers = set()
+
+
+def _take_slowly(item):
+    import time
+
+    _takers.add(threading.get_ident())
+    time.sleep(0.01)
+
+
+def _copy_on_threads_and_exit():
+    from semantic.adapters import mlx_kernels
+
+    mlx_kernels._HOST_COPY_THREADS = 2
+    _takers.clear()
+    mlx_kernels.split_host_copies(_take_slowly, range(8), 1 << 30)
+    raise SystemExit(0 if len(_takers) > 1 else 1)
