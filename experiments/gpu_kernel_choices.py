@@ -201,7 +201,7 @@ def dequantize_variants(repeat: int, geometry: str = "gemma3-12b-full", blocks: 
     ctx = cases.context(geometry, blocks, layers, 0, "q4")
     arenas = ctx.pool._quantized
     tables, fmt = arenas._row_tables(), arenas.format
-    rows = ctx.pool.gather_rows(ctx.handle.all_block_ids)
+    rows = ctx.pool.gather_rows(ctx.handle.all_block_ids).index
     keys, values = tuple(tables[:3]), tuple(tables[3:])
     reference = [mx.dequantize(*(mx.take(t, rows.reshape(-1), axis=0) for t in part), group_size=fmt.group_size,
                                bits=fmt.bits) for part in (keys, values)]

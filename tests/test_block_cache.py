@@ -11,7 +11,7 @@ from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters.mlx_kernels import host_view
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
 from semantic.benchmarking.cases import random_caches, random_values
-from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
+from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, UnsupportedModelError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -558,6 +558,23 @@ def test_caches_of_another_dtype_are_refused_not_stored_as_other_bits():
         assert unchanged(pool, usage)
 
 
+@pytest.mark.parametrize("caches,token_ids", [
+    (None, list(range(300))), ([None, None], list(range(300))), ("nan offset", list(range(300))),
+    ("good", None), ("good", (t for t in range(300))),
+])
+def test_a_store_of_arguments_that_are_not_caches_and_token_ids_is_a_typed_error(caches, token_ids):
+    pool, handle = small_pool_with_context()
+    usage = pool.usage()
+    if caches in ("good", "nan offset"):
+        made = random_caches(pool.spec, 300, seed=3)
+        if caches == "nan offset":
+            made[0].offset = float("nan")
+        caches = made
+    with pytest.raises((InvalidRequestError, IncompatibleCacheError, UnsupportedModelError)):
+        cache_to_blocks(pool, "b", caches, token_ids)
+    assert unchanged(pool, usage)
+
+
 def test_a_failed_store_leaves_its_reservation_whole():
     pool, _ = small_pool_with_context()
     reservation = pool.reserve(4, "b")
@@ -585,3 +602,55 @@ def test_a_handle_released_elsewhere_between_the_check_and_the_gather_is_refused
     monkeypatch.setattr(block_cache, "_gather_plan", another_thread_after_the_plan)
     with pytest.raises(ReleasedHandleError):
         blocks_to_cache(pool, handle, views=False)
+
+
+@pytest.mark.parametrize("block_format,injected_at", [("dense", "build_handle"), ("q8", "build_handle"),
+                                                      ("q8", "write_many")])
+def test_a_source_released_elsewhere_during_a_store_is_refused_not_shared_with_another_agent(block_format,
+                                                                                             injected_at):
+    """A store reads the source's block ids, then takes references on them (and, quantized, copies slots of
+    the block after them). Released in between by another thread, and its blocks given to another agent,
+    the new context would hold that agent's keys: the source is checked again under the pool's lock."""
+    from semantic.benchmarking.cases import with_block_format
+    from semantic.domain.errors import ReleasedHandleError
+
+    spec = with_block_format(ModelCacheSpec.preset("smollm2-135m").with_layers(2), block_format)
+    pool = BlockPool(spec, total_blocks=10)
+    caches = random_caches(spec, 300, seed=1)
+    source = cache_to_blocks(pool, "a", caches, list(range(300)))
+    victim = {}
+    real = getattr(pool, injected_at)
+
+    def another_thread_meanwhile(*args, **kwargs):
+        setattr(pool, injected_at, real)
+        if "victim" not in victim:
+            source.release()
+            victim["victim"] = cache_to_blocks(pool, "victim", random_caches(spec, 300, seed=9), list(range(300)))
+            victim["snapshot"] = [visible(c) for c in blocks_to_cache(pool, victim["victim"], views=False)]
+        return real(*args, **kwargs)
+
+    setattr(pool, injected_at, another_thread_meanwhile)
+    with pytest.raises(ReleasedHandleError):
+        cache_to_blocks(pool, "b", caches, list(range(300)), source=source, reused_tokens=290)
+    gc.collect()
+    pool.check_invariants()
+    assert pool.usage().per_agent.keys() == {"victim"}
+    for before, after in zip(victim["snapshot"], blocks_to_cache(pool, victim["victim"], views=False)):
+        np.testing.assert_array_equal(before[0], visible(after)[0])
+
+
+def test_a_cache_that_lacks_tokens_its_layer_keeps_is_refused():
+    """A sliding window's cache (here rotated: it holds the last 4 of 10 tokens) for a full-attention layer was
+    stored with zeros for the tokens it dropped."""
+    pool, handle = small_pool_with_context()
+    usage = pool.usage()
+    caches = []
+    for _ in range(pool.spec.n_layers):
+        cache = adapter.RotatingKVCache(max_size=4, keep=0)
+        for token in range(10):
+            x = mx.full((1, pool.spec.n_kv_heads, 1, pool.spec.k_head_dim), token + 1, dtype=mx.bfloat16)
+            cache.update_and_fetch(x, x)
+        caches.append(cache)
+    with pytest.raises(IncompatibleCacheError, match="holds tokens 6..9 of 10, but keeps tokens 0.."):
+        cache_to_blocks(pool, "b", caches, list(range(10)))
+    assert unchanged(pool, usage)

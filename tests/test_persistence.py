@@ -9,7 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, PoolExhaustedError
+from semantic.domain.errors import (IncompatibleCacheError, InvalidRequestError, PoolExhaustedError,
+                                    ReleasedHandleError)
 from semantic.domain.services import BlockPool
 from semantic.persistence.directory import CacheDirectory
 from semantic.persistence import (
@@ -168,6 +169,35 @@ def test_handles_of_another_pool_are_refused(store):
         for call in (store.save, store.put):
             with nothing_changes(store), pytest.raises(IncompatibleCacheError, match="belong to pool"):
                 call(handle)
+
+
+def test_a_handle_whose_blocks_do_not_fit_its_tokens_is_refused_before_any_file_is_written(store):
+    """A file of another layout could be written but never read back: once the handle's blocks were released,
+    its context would be lost."""
+    pool = store.pool
+    with pool.build_handle("a") as builder:  # 1,000 tokens in one block per layer
+        handle = builder.finish(list(range(1000)), [builder.allocate(1) for _ in range(SMALL_SPEC.n_layers)])
+    for call in (store.save, store.put):
+        with nothing_changes(store), pytest.raises(InvalidRequestError, match="do not fit a context of 1000 tokens"):
+            call(handle)
+    assert not handle.released
+    handle.release()
+
+
+def test_a_put_handle_released_by_its_caller_breaks_nothing_for_the_other_agents(tmp_path):
+    """The store keeps a share of its own: a caller releasing the handle it gave (a misuse) gets the error
+    itself, and every other agent's put, get, flush and close go on working."""
+    store = open_store(tmp_path, memory_budget_bytes=3 * AGENT_BYTES)
+    given = random_handle(store.pool, "a", 11, seed=0)
+    expected = snapshot(given)
+    store.put(given)
+    with pytest.raises(ReleasedHandleError):
+        given.release()
+    others = {agent: put_new(store, agent, seed=i + 1) for i, agent in enumerate("bcde")}  # evicts "a" to disk
+    assert {agent: current(store, agent) for agent in "abcde"} == {"a": expected, **others}
+    store.flush()
+    store.close()
+    assert open_store(tmp_path).list() == ["a", "b", "c", "d", "e"]
 
 
 @pytest.mark.parametrize("kwargs", [{"memory_budget_bytes": -1}, {"memory_budget_bytes": 1.5}, {"lock_timeout": -1},

@@ -244,6 +244,14 @@ def test_misuse_raises_typed_errors_and_changes_nothing():
         (PoolExhaustedError, lambda: pool.allocate(7, "a")),
         (IncompatibleCacheError, lambda: pool.release(foreign)),
         (IncompatibleCacheError, lambda: pool.share(foreign)),
+        # Row indexes are read unchecked by the kernels: one of a larger pool read past the arrays (a crash).
+        (InvalidRequestError, lambda: pool.gather(rows=BlockPool(SPEC, total_blocks=4096).gather_rows([[4000]]))),
+        (InvalidRequestError, lambda: pool.gather_apart(other.gather_rows([foreign_ids]))),
+        (InvalidRequestError, lambda: pool.gather(rows=mx.array([[[0]]]))),
+        (InvalidRequestError, lambda: handle.layer_block_ids(2)),  # IndexError before
+        (InvalidRequestError, lambda: handle.layer_block_ids(-1)),  # the last layer before
+        (InvalidRequestError, lambda: pool.block_views(ids, 0.5, 3)),
+        (InvalidRequestError, lambda: pool.block_views(ids, 0, None)),
     ]:
         with pytest.raises(error):
             call()
@@ -439,12 +447,31 @@ def test_a_block_named_twice_in_one_write_is_refused_and_nothing_is_written():
     """Each write fills whole blocks: the same block twice would be written by two threads at once on CUDA."""
     pool = BlockPool(SPEC, total_blocks=4)
     first, second = pool.allocate(2, "a")
-    data = mx.ones((1, 1, 16, 4), dtype=mx.float32)
+    one, two = mx.ones((1, 1, 16, 4), dtype=mx.float32), mx.ones((1, 1, 300, 4), dtype=mx.float32)  # blocks' worth
     before = {b: written(pool, b) for b in range(4)}
-    for writes in ([([first, first], 0, data, data, 0)],
-                   [([first], 0, data, data, 0), ([second, first], 0, data, data, 0)]):
+    for writes in ([([first, first], 0, two, two, 0)],
+                   [([first], 0, one, one, 0), ([second, first], 0, two, two, 0)]):
         with pytest.raises(BlockOwnershipError, match=f"block {first} is written twice"):
             pool.write_many(writes)
+    assert all(np.array_equal(before[b][k], written(pool, b)[k]) for b in range(4) for k in (0, 1))
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("n_blocks,first_index,first_token,n_tokens", [
+    (3, 0, 0, 10),  # more blocks than tokens: the last two would keep an earlier owner's data
+    (1, 0, 0, 600),  # fewer: tokens 256.. would be dropped
+    (1, 0, 1000, 10),  # tokens of block index 3 into block index 0
+    (2, 1, 0, 200),  # no token in the blocks at all
+    (1, 0, 0, 0),  # a block and no tokens
+])
+def test_a_write_whose_blocks_do_not_fit_its_tokens_is_refused_and_writes_nothing(n_blocks, first_index, first_token,
+                                                                                   n_tokens):
+    pool = BlockPool(SPEC, total_blocks=4)
+    ids = pool.allocate(n_blocks, "a")
+    before = {b: written(pool, b) for b in range(4)}
+    data = mx.ones((1, 1, max(n_tokens, 1), 4), dtype=mx.float32)
+    with pytest.raises(InvalidRequestError, match="do not fit"):
+        pool.write_many([(ids, first_index, data, data, first_token, n_tokens)])
     assert all(np.array_equal(before[b][k], written(pool, b)[k]) for b in range(4) for k in (0, 1))
     pool.check_invariants()
 

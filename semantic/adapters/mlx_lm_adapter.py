@@ -18,7 +18,7 @@ from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from semantic.domain.errors import UnsupportedModelError
+from semantic.domain.errors import IncompatibleCacheError, UnsupportedModelError
 from semantic.domain.request_checks import SamplingParams
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -161,7 +161,12 @@ def read_layer_cache(cache: LayerCache, *, whole_buffer: bool = False) -> Tuple[
     a strided copy. ``whole_buffer``: a full-attention cache's buffer is returned as it is even when it
     holds more (its unused tail, after the ``offset - first_token`` tokens), for a caller that reads
     only those tokens."""
-    offset = int(cache.offset)
+    if type(cache) not in (KVCache, RotatingKVCache):
+        raise UnsupportedModelError(f"cannot read a {type(cache).__name__}: semantic stores KVCache and "
+                                    "RotatingKVCache layers")
+    offset = cache.offset
+    if type(offset) is not int or offset < 0:  # set by hand, e.g. to a float
+        raise IncompatibleCacheError(f"a cache's offset must be an int >= 0, got {offset!r}")
     if type(cache) is KVCache:
         if cache.keys is None:
             return None, None, 0, 0
@@ -170,15 +175,13 @@ def read_layer_cache(cache: LayerCache, *, whole_buffer: bool = False) -> Tuple[
             return keys, cache.values, 0, offset
         # Plain slices of the token axis: MLX builds them in half the time of ``[..., :offset, :]``.
         return keys[:, :, :offset], cache.values[:, :, :offset], 0, offset
-    if type(cache) is RotatingKVCache:
-        if cache.keys is None:
-            return None, None, 0, 0
-        visible = min(offset, cache.max_size)
-        keys, values = cache._temporal_order(cache.keys), cache._temporal_order(cache.values)
-        if keys.shape[2] != visible:
-            keys, values = keys[:, :, -visible:], values[:, :, -visible:]
-        return keys, values, offset - visible, offset
-    raise UnsupportedModelError(f"cannot read a {type(cache).__name__}")
+    if cache.keys is None:  # a RotatingKVCache
+        return None, None, 0, 0
+    visible = min(offset, cache.max_size)
+    keys, values = cache._temporal_order(cache.keys), cache._temporal_order(cache.values)
+    if keys.shape[2] != visible:
+        keys, values = keys[:, :, -visible:], values[:, :, -visible:]
+    return keys, values, offset - visible, offset
 
 
 def vocab_size(model) -> int:

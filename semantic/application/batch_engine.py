@@ -244,8 +244,8 @@ class BlockPoolBatchEngine:
                 raise InvalidRequestError(f"the prompt is not valid Unicode text ({exc.reason}, a lone surrogate)") from None
             tokens = list(self.tokenizer.encode(prompt, add_special_tokens=not continuation)) if prompt else []
             check_vocabulary(tokens, vocab)  # a tokenizer of another model
-        else:
-            tokens = token_ids(prompt, vocab)
+        else:  # a length no pool could hold is refused before a list is made (the exact bound comes later)
+            tokens = token_ids(prompt, vocab, max_tokens=self.pool.total_blocks * self.spec.block_size)
         if not tokens:
             raise InvalidRequestError("the prompt is empty (no tokens to process); give at least one token")
         return list(tokens)

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
 from semantic.domain.request_checks import checked_int
-from semantic.domain.services import BlockPool, Reservation
+from semantic.domain.services import BlockPool, GatherRows, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
 
@@ -55,7 +56,7 @@ class _GatherGroup:
 
     window: Optional[int]
     layers: Tuple[int, ...]
-    rows: Optional[mx.array]
+    rows: Optional[GatherRows]
     view_ids: Optional[Tuple[int, ...]]
     lo: int
     hi: int
@@ -280,6 +281,9 @@ def cache_to_blocks(
     from ``source`` (quantizing their dequantized values again would change them).
     """
     spec = pool.spec
+    if not isinstance(caches, (list, tuple)) or not isinstance(token_ids, (list, tuple, range, np.ndarray)):
+        raise InvalidRequestError(f"caches must be a list of layer caches and token_ids a list of ints, got "
+                                  f"{type(caches).__name__} and {type(token_ids).__name__}")
     if len(caches) != spec.n_layers:
         raise IncompatibleCacheError(f"{len(caches)} layer caches for a {spec.n_layers}-layer pool")
     n_tokens = len(token_ids)
@@ -291,10 +295,18 @@ def cache_to_blocks(
     # Per layer: (keys, values, first_token, shared ids, first new block index, new blocks, carried, offset).
     # Keys and values may hold more than the layer's tokens (a buffer's unused tail): the writes say how many.
     layouts = []
+    kept_from: Dict[Optional[int], int] = {}  # window -> the first token its layers keep
     for layer, (cache, window) in enumerate(zip(caches, spec.layer_windows)):
         keys, values, first_token, offset = adapter.read_layer_cache(cache, whole_buffer=True)
         if offset != n_tokens:
             raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
+        if window not in kept_from:
+            kept_from[window] = spec.visible_range(layer, n_tokens)[0]
+        if first_token > kept_from[window]:  # e.g. a sliding window's cache for a full-attention layer
+            raise IncompatibleCacheError(
+                f"layer {layer} holds tokens {first_token}..{offset - 1} of {n_tokens}, but keeps tokens "
+                f"{kept_from[window]}.. in this pool ({'full attention' if window is None else f'window {window}'}); "
+                "store caches of this pool's model")
         source_ids = source.layer_block_ids(layer) if reuse else ()
         plan = plans.get((window, len(source_ids)))
         if plan is None:
@@ -306,7 +318,8 @@ def cache_to_blocks(
             carried = (source_ids[carried[0]], carried[1], carried[2])
         layouts.append((keys, values, first_token, shared_ids, new_from, last - new_from, carried, offset))
     with pool.build_handle(agent_id, reservation) as builder:
-        builder.retain(list(itertools.chain.from_iterable(layout[3] for layout in layouts)))
+        shared = list(itertools.chain.from_iterable(layout[3] for layout in layouts))
+        builder.retain(shared, of=source if reuse else None)  # released since its ids were read: refused
         # One allocation for every layer: consecutive ids, so each layer's new blocks are one slice.
         new_ids = builder.allocate(sum(layout[5] for layout in layouts))
         layer_ids: List[List[int]] = []
@@ -323,5 +336,5 @@ def cache_to_blocks(
                     copies.append((ids[0], *carried))
         pool.write_many(writes)
         if copies:
-            pool.copy_token_rows(copies)
+            pool.copy_token_rows(copies, of=source)
         return builder.finish(token_ids, layer_ids)

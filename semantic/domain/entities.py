@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from semantic.domain.errors import ReleasedHandleError
+from semantic.domain.request_checks import checked_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import mlx.core as mx
@@ -108,7 +109,10 @@ class AgentBlocks:
 
     # ---- blocks -------------------------------------------------------------------------------
     def layer_block_ids(self, layer: int) -> Tuple[int, ...]:
-        return self._checked()[layer]
+        ids = self._checked()
+        if type(layer) is not int or not 0 <= layer < len(ids):  # -1 would read the last layer
+            layer = checked_int("layer", layer, 0, len(ids) - 1)
+        return ids[layer]
 
     @property
     def all_block_ids(self) -> Tuple[Tuple[int, ...], ...]:

@@ -91,8 +91,9 @@ def int_items(items: list, what: str) -> List[int]:
     return [int(item) for item in items]
 
 
-def token_ids(prompt: Any, vocab_size: int) -> List[int]:
-    """A prompt given as token ids -> a list of Python ints, each in ``[0, vocab_size)``.
+def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) -> List[int]:
+    """A prompt given as token ids -> a list of Python ints, each in ``[0, vocab_size)``; ``max_tokens``, if
+    given, bounds its length.
 
     Accepts a sequence (list, tuple, range) of ints (Python, NumPy, 0-d integer
     arrays), or a 1-d integer NumPy / MLX array. ``bytes`` and bools are refused:
@@ -110,6 +111,9 @@ def token_ids(prompt: Any, vocab_size: int) -> List[int]:
             "the prompt is bytes; decode it to str (the tokenizer encodes text), or pass a list of token ids"
         )
     elif isinstance(prompt, (list, tuple, range)):
+        if max_tokens is not None and len(prompt) > max_tokens:  # before a list of them is made (range(10**12))
+            raise InvalidRequestError(f"the prompt has {len(prompt)} tokens, more than the {max_tokens} every "
+                                      "block of the pool could hold")
         ids = int_items(list(prompt), "token ids")
     else:
         raise InvalidRequestError(
@@ -129,6 +133,7 @@ def check_vocabulary(ids: Sequence[int], vocab_size: int, whose: str = "",
 
 
 GREEDY_BELOW_TEMPERATURE = 1e-30  # a positive temperature below this samples greedily, its limit
+MIN_REPETITION_PENALTY = 1e-30  # mlx-lm divides positive logits by it: below, they overflow to inf, then NaN
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ class SamplingParams:
             top_k=checked_int("top_k", top_k, 0, vocab_size),
             min_p=checked_real("min_p", min_p, 0.0, 1.0),
             repetition_penalty=None if repetition_penalty is None
-            else checked_real("repetition_penalty", repetition_penalty, 0.0, low_open=True),
+            else checked_real("repetition_penalty", repetition_penalty, MIN_REPETITION_PENALTY),
         )
 
     @property

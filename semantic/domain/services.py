@@ -58,7 +58,7 @@ from semantic.domain.request_checks import checked_int, int_items, is_int, plain
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
 from semantic.domain.value_objects import ModelCacheSpec
 
-__all__ = ["BlockPool", "PoolUsage", "Reservation", "AgentBlocks", "KVBlock"]
+__all__ = ["BlockPool", "PoolUsage", "Reservation", "AgentBlocks", "KVBlock", "GatherRows"]
 
 _pool_ids = itertools.count(1)
 
@@ -123,11 +123,15 @@ class _HandleBuilder:
             self._hold(ids)
         return ids
 
-    def retain(self, block_ids: Sequence[int]) -> None:
+    def retain(self, block_ids: Sequence[int], of: Optional[AgentBlocks] = None) -> None:
+        """References on blocks in use. ``of``: the live handle they were read from, checked again under the
+        pool's lock: released meanwhile, its blocks may be free or another agent's by now."""
         pool = self._pool
         block_ids = pool._checked_ids(block_ids)
         with pool._lock:
             pool._drain()
+            if of is not None:
+                pool.check_handle(of)
             pool._ref_used(block_ids)
             self._hold(block_ids)
 
@@ -547,8 +551,10 @@ class BlockPool:
         """
         if self._quantized is not None:
             raise AssertionError("quantized blocks have no dense view; gather them")
-        if not 0 <= lo < hi <= self.spec.block_size:
-            raise InvalidRequestError(f"slots [{lo}, {hi}) are not inside a block of {self.spec.block_size}")
+        if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= self.spec.block_size:
+            lo, hi = checked_int("lo", lo, 0), checked_int("hi", hi, 0)
+            if not lo < hi <= self.spec.block_size:
+                raise InvalidRequestError(f"slots [{lo}, {hi}) are not inside a block of {self.spec.block_size}")
         ids = self._checked_ids(block_ids)
         keys, values = self._keys, self._values
         whole = hi - lo == self.spec.block_size
@@ -652,9 +658,32 @@ class BlockPool:
         n_tokens = write[5] if len(write) == 6 else tokens
         if not (type(write[1]) is int and type(write[4]) is int and type(n_tokens) is int
                 and write[1] >= 0 and write[4] >= 0 and 0 <= n_tokens <= tokens):
-            return (write[0], checked_int("first_index", write[1], 0), keys, values,
-                    checked_int("first_token", write[4], 0), checked_int("n_tokens", n_tokens, 0, tokens))
-        return write if len(write) == 6 else (*write, tokens)
+            write = (write[0], checked_int("first_index", write[1], 0), keys, values,
+                     checked_int("first_token", write[4], 0), checked_int("n_tokens", n_tokens, 0, tokens))
+        elif len(write) == 5:
+            write = (*write, tokens)
+        self._check_span(write)
+        return write
+
+    def _check_span(self, write: tuple) -> None:
+        """The blocks of a write hold its tokens' end, each block some of its tokens: more blocks would be left
+        with an earlier owner's data, fewer would drop tokens. Tokens before the first block are not
+        written (the blocks a store shares from its source hold them)."""
+        block_ids, first_index, _, _, first_token, n_tokens = write
+        try:
+            n_blocks = len(block_ids)
+        except TypeError:
+            raise InvalidRequestError(f"block_ids must be a list of ids, got {type(block_ids).__name__}") from None
+        size, end = self.spec.block_size, first_token + n_tokens
+        if n_tokens == 0 and n_blocks == 0:
+            return
+        if n_tokens == 0 or n_blocks == 0 or not (
+                first_token < (first_index + 1) * size and (first_index + n_blocks - 1) * size < end
+                <= (first_index + n_blocks) * size):
+            raise InvalidRequestError(
+                f"{n_blocks} blocks from block index {first_index} (tokens {first_index * size}.."
+                f"{(first_index + n_blocks) * size - 1}) do not fit tokens {first_token}..{end - 1}: give each "
+                "block some of the tokens, the last block the last token")
 
     def _check_writable(self, block_ids: List[int], whole_blocks: bool = True) -> None:
         """``BlockOwnershipError`` unless every block is held exactly once (the lock held; queued releases
@@ -740,15 +769,25 @@ class BlockPool:
         """Held while the storage arrays are read or written; hold it to evaluate lazy :meth:`gather` results."""
         return self._lock
 
-    def gather_rows(self, layer_block_ids: Sequence[Sequence[int]]) -> mx.array:
+    def gather_rows(self, layer_block_ids: Sequence[Sequence[int]]) -> "GatherRows":
         """The row index :meth:`gather` reads for these blocks (``[layers, heads, n_blocks]``); callers that
         gather the same blocks again (an immutable handle) make it once and pass it as ``rows``."""
         heads = self.spec.n_kv_heads
         ids = self._block_array(layer_block_ids, 2)
-        return mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None])
+        return GatherRows(mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None]),
+                          self.pool_id)
+
+    def _checked_rows(self, rows) -> mx.array:
+        """The index of ``rows``, made by this pool's :meth:`gather_rows` (the kernels read it unchecked: an
+        index of a larger pool would read past the arrays)."""
+        if type(rows) is not GatherRows or rows.pool_id != self.pool_id:
+            raise InvalidRequestError(
+                f"rows must come from this pool's gather_rows (pool #{self.pool_id}), got {type(rows).__name__}"
+                + (f" of pool #{rows.pool_id}" if type(rows) is GatherRows else ""))
+        return rows.index
 
     def gather(self, layer_block_ids: Sequence[Sequence[int]] = (), *, evaluate: bool = True,
-               rows: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+               rows: Optional["GatherRows"] = None) -> Tuple[mx.array, mx.array]:
         """Keys and values of several layers that keep the same number of blocks,
         ``[layers, heads, n_blocks * block_size, dim]``, in one row-gather kernel for both. With
         ``evaluate=False`` the caller evaluates them, under :attr:`storage_lock`. ``rows``, from
@@ -759,8 +798,7 @@ class BlockPool:
         cache wants it (see ``adapters.mlx_kernels`` for how each backend copies rows).
         """
         spec = self.spec
-        if rows is None:
-            rows = self.gather_rows(layer_block_ids)
+        rows = self._checked_rows(self.gather_rows(layer_block_ids) if rows is None else rows)
         n_layers, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
         with self._lock:
@@ -779,13 +817,14 @@ class BlockPool:
                 mx.eval(keys, values)
         return keys, values
 
-    def gather_apart(self, rows: mx.array) -> List[Tuple[mx.array, mx.array]]:
+    def gather_apart(self, rows: "GatherRows") -> List[Tuple[mx.array, mx.array]]:
         """:meth:`gather` of ``rows`` per layer, lazy (evaluate under :attr:`storage_lock`): keys and values
         ``[1, heads, n_blocks * block_size, dim]``, each array in a buffer of its own. MLX updates an array
         in place only while no other array shares its buffer, and :meth:`gather`'s layers, split, share
         one: mlx-lm's batch, writing a prompt after a lone rebuilt context, would copy each layer whole.
         One kernel on CUDA (dequantizing, for quantized pools); elsewhere an operation per array."""
         spec = self.spec
+        rows = self._checked_rows(rows)
         _, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
         shapes = (1, heads, tokens, spec.k_head_dim), (1, heads, tokens, spec.v_head_dim)
@@ -802,7 +841,7 @@ class BlockPool:
         blocks, the packed parts for quantized ones."""
         if self._quantized is None:
             return list(self.gather(layer_block_ids))
-        rows = self.gather_rows(layer_block_ids)
+        rows = self.gather_rows(layer_block_ids).index
         with self._lock:
             parts = self._quantized.gather_stored(rows)
             mx.eval(parts)
@@ -834,13 +873,17 @@ class BlockPool:
             self._check_writable(ids)
             self._quantized.write_stored(writes)
 
-    def copy_token_rows(self, copies: Sequence[RowCopy]) -> None:
+    def copy_token_rows(self, copies: Sequence[RowCopy], of: Optional[AgentBlocks] = None) -> None:
         """Copy token slots of used blocks into fresh blocks, as stored. For quantized blocks, whose
-        tokens must be quantized only once; dense blocks rebuild bit-exact, so writing them is the same."""
+        tokens must be quantized only once; dense blocks rebuild bit-exact, so writing them is the same.
+        ``of``: the live handle the source blocks were read from, checked again under the pool's lock."""
         if self._quantized is None:
             raise AssertionError("copy_token_rows is for quantized blocks")
         self._block_array([c[0] for c in copies] + [c[1] for c in copies], 1)
         with self._lock:
+            self._drain()
+            if of is not None:
+                self.check_handle(of)
             self._check_writable([int(c[0]) for c in copies], whole_blocks=False)  # a block's slots, copy by copy
             if 0 in map(self._refcount.__getitem__, (int(c[1]) for c in copies)):
                 raise BlockOwnershipError("a row is copied from a free block; copy only from blocks in use")
@@ -849,6 +892,15 @@ class BlockPool:
     def __repr__(self) -> str:
         u = self.usage()
         return f"BlockPool(#{self.pool_id}, {u.used_blocks}/{u.total_blocks} used, {self.spec.describe()})"
+
+
+@dataclass(frozen=True)
+class GatherRows:
+    """A row index made by :meth:`BlockPool.gather_rows`: ``index`` ``[layers, heads, n_blocks]`` (int32) and
+    the pool it is valid for. A pool's gathers take only their own (its size bounds the ids)."""
+
+    index: mx.array
+    pool_id: int
 
 
 def _ensure_buffer_cache(nbytes: int) -> None:

@@ -147,6 +147,14 @@ class ModelCacheSpec:
         counts = collections.Counter(self.layer_windows)
         return tuple((self.layer_windows.index(window), n) for window, n in counts.items())
 
+    def blocks_per_layer(self, n_tokens: int) -> Tuple[int, ...]:
+        """Blocks each layer keeps for a context of ``n_tokens`` (computed once per window)."""
+        per_window = {}
+        for first_layer, _ in self._layers_per_window:
+            first, last = self.layer_block_range(first_layer, n_tokens)
+            per_window[self.layer_windows[first_layer]] = last - first
+        return tuple(map(per_window.__getitem__, self.layer_windows))
+
     def blocks_per_agent(self, n_tokens: int) -> int:
         """Blocks (over all layers) a context of ``n_tokens`` occupies. Once per window, not per layer: every
         rebuild with room checks it (48 layers: 24 us -> a few)."""

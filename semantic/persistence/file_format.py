@@ -299,7 +299,7 @@ def _interpret(metadata: Dict[str, str], where: str, *, agent_id: str, model_fin
         )
     token_ids = _field(metadata, "token_ids", where, _int_list)
     layer_blocks = _field(metadata, "layer_blocks", where, _int_list)
-    expected = [b - a for a, b in (spec.layer_block_range(i, len(token_ids)) for i in range(spec.n_layers))]
+    expected = list(spec.blocks_per_layer(len(token_ids)))
     if layer_blocks != expected:
         raise CacheCorruptionError(
             f"{where}: layer_blocks {layer_blocks} do not fit a context of {len(token_ids)} tokens ({expected})"

@@ -161,7 +161,8 @@ class AgentCacheStore:
     # ---- memory tier ------------------------------------------------------------------------------
     def put(self, agent_blocks: AgentBlocks) -> None:
         """Make the handle the agent's current context, kept in the pool: the store takes the handle over
-        (do not release it). If this raises, the handle is still yours (after a ``CacheSyncError`` of
+        (it is released when this returns; the store keeps a share of its own, which no release of yours
+        can reach). If this raises, the handle is still yours (after a ``CacheSyncError`` of
         ``write_through`` the store holds a share of it as the current context, as ``save`` does)."""
         handle = self._checked_handle(agent_blocks)
         with self._lock:
@@ -171,7 +172,8 @@ class AgentCacheStore:
                 except CacheSyncError:  # the file holds it, not yet durably: current in memory too, as save does
                     self._set_resident(handle.agent_id, handle.share(), on_disk=False)
                     raise
-            self._set_resident(handle.agent_id, handle, on_disk=self.write_through)
+            self._set_resident(handle.agent_id, handle.share(), on_disk=self.write_through)
+            handle.release()
             self._enforce_budget()
 
     def get(self, agent_id: str) -> AgentBlocks:
@@ -302,8 +304,17 @@ class AgentCacheStore:
 
     # ---- internals --------------------------------------------------------------------------------
     def _checked_handle(self, agent_blocks: AgentBlocks) -> AgentBlocks:
+        """A live handle of this pool whose blocks fit its tokens: a file of another layout could be written
+        but never read back (the handle's context would be lost once its blocks were released)."""
         self.pool.check_handle(agent_blocks)
         check_agent_id(agent_blocks.agent_id)
+        held = tuple(len(ids) for ids in agent_blocks.all_block_ids)
+        expected = self.pool.spec.blocks_per_layer(agent_blocks.num_tokens)
+        if held != expected:
+            raise InvalidRequestError(
+                f"agent {agent_blocks.agent_id!r}: blocks per layer {list(held)} do not fit a context of "
+                f"{agent_blocks.num_tokens} tokens ({list(expected)}); store handles made by cache_to_blocks "
+                "or the engine")
         return agent_blocks
 
     def _set_resident(self, agent_id: str, handle: AgentBlocks, on_disk: bool) -> None:
