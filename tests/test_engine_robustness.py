@@ -16,6 +16,7 @@ from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.application import batch_engine
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
 from semantic.domain.errors import (
+    IncompatibleCacheError,
     InvalidRequestError,
     PoolExhaustedError,
     RequestFailedError,
@@ -661,3 +662,29 @@ def test_fuzzing_the_engine_gives_only_typed_errors_and_leaves_the_pool_whole(en
     for handle in handles:
         handle.release()
     assert whole(engine.pool)
+
+
+def test_a_context_computed_by_another_model_on_the_same_pool_is_refused(llama32, tmp_path):
+    """Two models of one geometry (tiny-llama of two seeds) may share a pool; one's keys and values mean
+    nothing to the other, whose engine continued them silently before. Through a store (whose fingerprint
+    checks the weights) a context still moves between two objects of the same model."""
+    from semantic.persistence import AgentCacheStore, model_fingerprint
+    from semantic.testing.local_models import load_local_model
+
+    other_model = load_local_model("tiny-llama", dtype="float32", seed=1)
+    first = make_engine(llama32, total_blocks=64)
+    second = batch_engine.BlockPoolBatchEngine(*other_model, first.pool)
+    context = first.generate("a", STORY, max_tokens=2).blocks
+    before = first.pool.usage()
+    for cache in (context, context.share()):  # shares keep where they came from
+        with pytest.raises(IncompatibleCacheError, match="computed by another model"):
+            second.submit("a", " and then", cache=cache, max_tokens=2)
+    gc.collect()
+    assert second.pending == 0 and first.pool.usage() == before
+    assert first.generate("a", " and then", cache=context, max_tokens=2).token_ids  # its own engine goes on
+    same_weights = batch_engine.BlockPoolBatchEngine(*load_local_model("tiny-llama", dtype="float32"), first.pool)
+    store = AgentCacheStore(tmp_path, first.pool, model_fingerprint(*llama32))
+    store.save(context)
+    loaded = store.load("a")
+    assert same_weights.generate("a", " and then", cache=loaded, max_tokens=2).token_ids == \
+        first.generate("a", " and then", cache=context, max_tokens=2).token_ids

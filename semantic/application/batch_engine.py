@@ -159,6 +159,7 @@ class BlockPoolBatchEngine:
         prefill_batch_size = checked_int("prefill_batch_size", prefill_batch_size, 1)
         completion_batch_size = checked_int("completion_batch_size", completion_batch_size, 1)
         self.model = model
+        self._model_ref = weakref.ref(model)  # stamped on the contexts this engine computes
         self.tokenizer = tokenizer
         self.pool = pool
         self.spec = pool.spec
@@ -200,6 +201,12 @@ class BlockPoolBatchEngine:
         )
         if cache is not None:
             self.pool.check_handle(cache)
+            computed_by = cache.computed_by() if cache.computed_by is not None else None
+            if computed_by is not None and computed_by is not self.model:
+                raise IncompatibleCacheError(
+                    f"the cache of agent {cache.agent_id!r} was computed by another model object sharing this "
+                    "pool (its keys and values are that model's): continue it on that model's engine, or carry "
+                    "it over through an AgentCacheStore, whose fingerprint checks that the weights are the same")
             # Any pool's handle may hold any ids (the pool knows no vocabulary), and mlx-lm indexes its
             # logits with the context's ids (repetition penalty): out of range, that reads outside memory.
             cache.memo(("vocabulary", self._generator.vocab_size),
@@ -492,10 +499,10 @@ class BlockPoolBatchEngine:
         request.generator_uid = None
         try:  # finishing: its text, then its context stored
             text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-            blocks = cache_to_blocks(
+            blocks = self._stamped(cache_to_blocks(
                 self.pool, request.agent_id, event.cache, event.context_tokens, source=request.source,
                 reused_tokens=request.reused_tokens, reservation=request.reservation,
-            )
+            ))
         except BaseException as exc:  # out of _running, so it must end here: else its blocks stay reserved
             self._fail(request, "store", exc)
             if not isinstance(exc, Exception):
@@ -574,8 +581,8 @@ class BlockPoolBatchEngine:
                 found = self._generator.extract(request.generator_uid)
                 if found is not None:
                     caches, tokens = found
-                    return cache_to_blocks(self.pool, request.agent_id, caches, tokens, source=request.source,
-                                           reused_tokens=request.reused_tokens)
+                    return self._stamped(cache_to_blocks(self.pool, request.agent_id, caches, tokens,
+                                                         source=request.source, reused_tokens=request.reused_tokens))
             return self._prefix_handle(request)
 
     def _prefix_handle(self, request: _Request) -> AgentBlocks:
@@ -587,7 +594,11 @@ class BlockPoolBatchEngine:
             else:
                 ids = [layer_ids_for(self.spec, request.source, layer, n) for layer in range(self.spec.n_layers)]
             builder.retain([b for layer in ids for b in layer])
-            return builder.finish(request.context_tokens, ids)
+            return self._stamped(builder.finish(request.context_tokens, ids))
+
+    def _stamped(self, handle: AgentBlocks) -> AgentBlocks:
+        handle.computed_by = self._model_ref
+        return handle
 
     def _request(self, uid: int) -> _Request:
         request = self._by_uid.get(uid) if _is_uid(uid) else None

@@ -59,7 +59,7 @@ class AgentBlocks:
     """
 
     __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_flat_ids", "_finalizer", "_memo",
-                 "__weakref__")
+                 "computed_by", "__weakref__")
 
     def __init__(
         self,
@@ -86,6 +86,9 @@ class AgentBlocks:
         self._flat_ids: Optional[List[int]] = list(itertools.chain.from_iterable(self._layer_block_ids))
         self._finalizer = weakref.finalize(self, pool._release_later, self._flat_ids, agent_id)
         self._memo: Dict[object, object] = {}
+        # A weak reference to the model whose engine computed these keys and values: another model's engine
+        # on the same pool refuses them. None: not known (stored by hand, or read from a file).
+        self.computed_by: Optional[weakref.ref] = None
 
     # ---- identity -----------------------------------------------------------------------------
     @property

@@ -440,6 +440,7 @@ class BlockPool:
             # Same blocks, same tokens: the same derived values (a rebuild's plan). The engine rebuilds
             # from a share made per request, which would otherwise plan every resume afresh.
             shared._memo = handle._memo
+            shared.computed_by = handle.computed_by
             self._owned[agent][id(shared._flat_ids)] = shared._flat_ids
             self._handles.add(shared)
             return shared
