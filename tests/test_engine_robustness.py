@@ -666,10 +666,12 @@ def test_fuzzing_the_engine_gives_only_typed_errors_and_leaves_the_pool_whole(en
 
 def test_a_context_computed_by_another_model_on_the_same_pool_is_refused(llama32, tmp_path):
     """Two models of one geometry (tiny-llama of two seeds) may share a pool; one's keys and values mean
-    nothing to the other, whose engine continued them silently before. Through a store (whose fingerprint
-    checks the weights) a context still moves between two objects of the same model."""
+    nothing to the other, whose engine continued them silently before. Through a store fingerprinted for
+    the model, in memory or on disk, a context still moves between two objects of the same model."""
+    import mlx_lm
+
     from semantic.persistence import AgentCacheStore, model_fingerprint
-    from semantic.testing.local_models import load_local_model
+    from semantic.testing.local_models import build_local_model, load_local_model
 
     other_model = load_local_model("tiny-llama", dtype="float32", seed=1)
     first = make_engine(llama32, total_blocks=64)
@@ -682,9 +684,13 @@ def test_a_context_computed_by_another_model_on_the_same_pool_is_refused(llama32
     gc.collect()
     assert second.pending == 0 and first.pool.usage() == before
     assert first.generate("a", " and then", cache=context, max_tokens=2).token_ids  # its own engine goes on
-    same_weights = batch_engine.BlockPoolBatchEngine(*load_local_model("tiny-llama", dtype="float32"), first.pool)
+    reloaded = mlx_lm.load(str(build_local_model("tiny-llama", dtype="float32")))  # the same weights, a new object
+    assert reloaded[0] is not llama32[0]
+    same_weights = batch_engine.BlockPoolBatchEngine(*reloaded, first.pool)
+    expected = first.generate("a", " and then", cache=context, max_tokens=2).token_ids
     store = AgentCacheStore(tmp_path, first.pool, model_fingerprint(*llama32))
-    store.save(context)
-    loaded = store.load("a")
-    assert same_weights.generate("a", " and then", cache=loaded, max_tokens=2).token_ids == \
-        first.generate("a", " and then", cache=context, max_tokens=2).token_ids
+    store.put(context.share())
+    for tier in ("memory", "disk"):
+        with store.get("a") as resumed:
+            assert same_weights.generate("a", " and then", cache=resumed, max_tokens=2).token_ids == expected, tier
+        store.evict("a")

@@ -554,6 +554,40 @@ def test_host_copies_on_threads_finish_every_item_taken_before_returning_or_rais
     assert len(started) < 40  # the threads stopped taking items once one failed
 
 
+def test_an_interrupt_as_the_copy_threads_start_stops_them_before_the_call_returns(monkeypatch):
+    """Ctrl-C right after a copy thread started: the call raises only once no thread copies any more (the
+    store's blocks go back to the free list at once, and another store may take them)."""
+    import os
+    import signal
+    import time
+
+    from semantic.adapters import mlx_kernels
+
+    monkeypatch.setattr(mlx_kernels, "_HOST_COPY_THREADS", 2)
+    threads = mlx_kernels._copy_executor()
+
+    class InterruptedOnSubmit:
+        def submit(self, fn):
+            future = threads.submit(fn)
+            os.kill(os.getpid(), signal.SIGINT)  # handled by the main thread at its next check
+            return future
+
+    monkeypatch.setattr(mlx_kernels, "_copy_executor", InterruptedOnSubmit)
+    copied, returned = [], []
+
+    def copy(item):
+        time.sleep(0.01)
+        copied.append(bool(returned))
+
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            mlx_kernels.split_host_copies(copy, range(20), 1 << 30)
+        finally:
+            returned.append(True)
+    time.sleep(0.3)
+    assert len(copied) < 20 and not any(copied)  # stopped, and nothing copied after the call returned
+
+
 def test_host_copies_on_threads_work_in_a_forked_child(monkeypatch):
     """A child forked after the copy threads started has none of them: it starts threads of its own."""
     import multiprocessing

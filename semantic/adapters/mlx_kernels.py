@@ -334,14 +334,18 @@ def split_host_copies(copy: Callable[[T], None], items: Sequence[T], nbytes: int
             copy(item)
         return
     queue = iter(items)
-    turn = threading.Condition()  # guards the queue, ``busy`` and ``errors``
-    busy, errors = [0], []
+    turn = threading.Condition()  # guards the queue, ``busy``, ``errors`` and ``stop``
+    busy, errors, stop = [0], [], [False]  # busy: items copy threads are copying
 
-    def take_in_turn() -> None:
+    def take() -> object:
+        with turn:
+            return queue if stop[0] or errors else next(queue, queue)
+
+    def take_in_turn() -> None:  # a copy thread's; no signal interrupts it (they go to the main thread)
         while True:
             with turn:
-                item = next(queue, queue)
-                if item is queue or errors:
+                item = queue if stop[0] or errors else next(queue, queue)
+                if item is queue:
                     return
                 busy[0] += 1
             try:
@@ -354,18 +358,20 @@ def split_host_copies(copy: Callable[[T], None], items: Sequence[T], nbytes: int
                     busy[0] -= 1
                     turn.notify_all()
 
-    pool = _copy_executor()
-    for _ in range(min(_HOST_COPY_THREADS, len(items)) - 1):
-        try:
-            pool.submit(take_in_turn)
-        except RuntimeError:  # the interpreter is shutting down: the calling thread copies everything
-            break
     try:
-        take_in_turn()
-    except BaseException as error:  # e.g. KeyboardInterrupt between two items: stop the others, then raise
-        with turn:
-            errors.insert(0, error)
-    _wait_uninterrupted(turn, lambda: busy[0] == 0)
+        pool = _copy_executor()
+        for _ in range(min(_HOST_COPY_THREADS, len(items)) - 1):
+            try:
+                pool.submit(take_in_turn)
+            except RuntimeError:  # the interpreter is shutting down: the calling thread copies everything
+                break
+        for item in iter(take, queue):
+            copy(item)
+    except BaseException as error:  # a copy of this thread's, or an interrupt (Ctrl-C) anywhere in here
+        errors.insert(0, error)
+    finally:
+        stop[0] = True  # one store: the copy threads take nothing more, whatever interrupted this thread
+        _wait_uninterrupted(turn, lambda: busy[0] == 0)
     if errors:
         raise errors[0]
 

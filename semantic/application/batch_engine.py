@@ -206,7 +206,7 @@ class BlockPoolBatchEngine:
                 raise IncompatibleCacheError(
                     f"the cache of agent {cache.agent_id!r} was computed by another model object sharing this "
                     "pool (its keys and values are that model's): continue it on that model's engine, or carry "
-                    "it over through an AgentCacheStore, whose fingerprint checks that the weights are the same")
+                    "it over through an AgentCacheStore (put, then get or load) fingerprinted for the model")
             # Any pool's handle may hold any ids (the pool knows no vocabulary), and mlx-lm indexes its
             # logits with the context's ids (repetition penalty): out of range, that reads outside memory.
             cache.memo(("vocabulary", self._generator.vocab_size),

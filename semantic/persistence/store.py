@@ -185,6 +185,9 @@ class AgentCacheStore:
                 self._load_resident(agent_id)
             self._resident.move_to_end(agent_id)
             shared = self._resident[agent_id].handle.share()
+            # The store's fingerprint vouches for the model, as for a context read from its file: an engine of
+            # another object of the same model (a reloaded one) takes it.
+            shared.computed_by = None
             self._enforce_budget()
             return shared
 
