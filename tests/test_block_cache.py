@@ -654,3 +654,29 @@ def test_a_cache_that_lacks_tokens_its_layer_keeps_is_refused():
     with pytest.raises(IncompatibleCacheError, match="holds tokens 6..9 of 10, but keeps tokens 0.."):
         cache_to_blocks(pool, "b", caches, list(range(10)))
     assert unchanged(pool, usage)
+
+
+def test_rebuilds_from_several_threads_at_once_are_bit_exact():
+    """On CPU a gather's values are taken on a second stream; MLX streams belong to the thread that made
+    them, so each thread needs its own (one shared stream failed in every thread but its maker's)."""
+    import threading
+
+    pool, handle = small_pool_with_context(n_tokens=1000, blocks=40)
+    expected = [visible(c)[:2] for c in blocks_to_cache(pool, handle, views=False)]
+    errors = []
+
+    def rebuild(n):
+        try:
+            for i in range(n):
+                for want, cache in zip(expected, blocks_to_cache(pool, handle, views=False, room=(i % 2) * 300)):
+                    got = visible(cache)[:2]
+                    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=rebuild, args=(20,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:1]
