@@ -513,6 +513,20 @@ def test_a_rebuild_of_tokens_the_handle_does_not_hold_is_refused(n_tokens):
     assert unchanged(pool, usage)
 
 
+@pytest.mark.parametrize("n_tokens", [697, 650, 571])
+def test_a_rebuild_whose_window_starts_before_what_the_handle_holds_is_refused(n_tokens):
+    """A sliding window of 128 over 699 tokens holds tokens 571..698; 697 tokens would need 569 and 570,
+    which came back as zeros (they share a block with tokens the window kept)."""
+    spec = ModelCacheSpec(2, 2, 16, 16, "float32", layer_windows=(128, None), name="windowed")
+    pool = BlockPool(spec, total_blocks=12)
+    handle = cache_to_blocks(pool, "a", random_caches(spec, 699, seed=2), list(range(699)))
+    usage = pool.usage()
+    with pytest.raises(IncompatibleCacheError, match="no longer hold"):
+        blocks_to_cache(pool, handle, n_tokens)
+    assert unchanged(pool, usage)
+    assert [visible(c)[3] for c in blocks_to_cache(pool, handle, 699)] == [699, 699]
+
+
 @pytest.mark.parametrize("room", [10**9, 20 * 256])
 def test_room_for_a_context_the_pool_could_never_store_is_refused(room):
     """room=10**9 made MLX allocate ~768 GB for the caches, and crash."""

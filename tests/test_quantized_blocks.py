@@ -285,3 +285,20 @@ def test_stored_parts_are_written_only_into_blocks_held_once_and_only_in_the_poo
     pool.write_stored([([fresh], 0, parts(), 0)])  # its own fresh block, in the pool's format
     bob.release()
     alice.release()
+
+
+@pytest.mark.parametrize("n_blocks,first_index,first_token,n_tokens", [
+    (3, 0, 0, 10), (1, 0, 0, 600), (1, 0, 600, 10), (1, 5, 0, 10), (1, 0, 0, 0),
+])
+def test_stored_blocks_that_do_not_fit_their_tokens_are_refused_and_nothing_is_written(n_blocks, first_index,
+                                                                                        first_token, n_tokens):
+    """write_stored of a quantized pool took these: tokens dropped, blocks left as zeros, or an untyped MLX
+    error, where the dense pool's write_many refuses them."""
+    pool = BlockPool(ModelCacheSpec(1, 2, 32, 32).with_format("q8g32"), 4, grow_buffer_cache=False)
+    ids = pool.allocate(n_blocks, "a")
+    parts = [mx.zeros((1, 2, n_tokens, part.width), dtype=getattr(mx, part.dtype)) for part in pool.spec.stored_parts]
+    before = pool.gather_stored([list(range(4))])
+    with pytest.raises(InvalidRequestError, match="do not fit"):
+        pool.write_stored([(ids, first_index, parts, first_token)])
+    assert all(mx.array_equal(a, b).item() for a, b in zip(before, pool.gather_stored([list(range(4))])))
+    pool.check_invariants()

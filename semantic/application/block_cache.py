@@ -162,6 +162,10 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
         raise InvalidRequestError(
             f"room={room}: a context of {n_tokens + room} tokens needs {needed} blocks, more than this pool's "
             f"{pool.total_blocks}; it could never be stored (pass the prompt's length)")
+    if n_tokens != handle.num_tokens and not can_trim(pool.spec, handle, n_tokens):
+        raise IncompatibleCacheError(  # a sliding window's first token inside a block: its slots before are zeros
+            f"a context of {n_tokens} of these {handle.num_tokens} tokens needs tokens its sliding-window layers "
+            "no longer hold; rebuild it whole, or a length can_trim accepts")
     held_blocks = pool.spec.blocks_for_tokens(n_tokens + room)  # prompts of any length within: one plan
     if n_tokens == 0:
         return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]

@@ -683,8 +683,9 @@ class BlockPool:
                 <= (first_index + n_blocks) * size):
             raise InvalidRequestError(
                 f"{n_blocks} blocks from block index {first_index} (tokens {first_index * size}.."
-                f"{(first_index + n_blocks) * size - 1}) do not fit tokens {first_token}..{end - 1}: give each "
-                "block some of the tokens, the last block the last token")
+                f"{(first_index + n_blocks) * size - 1}) do not fit "
+                f"{f'tokens {first_token}..{end - 1}' if n_tokens else 'no tokens'}: give each block some of the "
+                "tokens, the last block the last token")
 
     def _check_writable(self, block_ids: List[int], whole_blocks: bool = True) -> None:
         """``BlockOwnershipError`` unless every block is held exactly once (the lock held; queued releases
@@ -870,6 +871,7 @@ class BlockPool:
                     f"stored parts {[(tuple(p.shape), p.dtype) for p in parts if type(p) is mx.array]} are not "
                     f"this pool's {self.spec.block_format.name} blocks ([1, {self.spec.n_kv_heads}, tokens, "
                     f"width] per part: {[(p.width, p.dtype) for p in self.spec.stored_parts]})")
+            self._check_span((block_ids, first_index, None, None, first_token, parts[0].shape[2]))
         with self._lock:
             self._check_writable(ids)
             self._quantized.write_stored(writes)
