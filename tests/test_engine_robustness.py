@@ -21,6 +21,7 @@ from semantic.domain.errors import (
     PoolExhaustedError,
     RequestFailedError,
     SemanticError,
+    UnknownRequestError,
 )
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -694,3 +695,106 @@ def test_a_context_computed_by_another_model_on_the_same_pool_is_refused(llama32
         with store.get("a") as resumed:
             assert same_weights.generate("a", " and then", cache=resumed, max_tokens=2).token_ids == expected, tier
         store.evict("a")
+
+
+def _interrupted_once_after(real):
+    """``real``, interrupted (KeyboardInterrupt) once right after its first call did its work."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt
+        return result
+    return wrapper
+
+
+def _interrupted_once_before(real):
+    """``real``, interrupted once as its first call begins (a Ctrl-C handled at its first line)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    return wrapper
+
+
+@pytest.fixture
+def own_engine(llama32):
+    """An engine of its own: a test that breaks it (a request no step can end) must not hang the others."""
+    return make_engine(llama32, total_blocks=64)
+
+
+def _steps_until_idle(engine, limit=200):
+    completions = []
+    for _ in range(limit):
+        if not engine.pending:
+            return completions
+        completions += engine.step_once()
+    raise AssertionError(f"{engine.pending} request(s) still pending after {limit} steps: the engine would hang")
+
+
+def test_an_interrupt_in_cancel_after_mlx_lm_dropped_the_sequence_ends_the_request(own_engine, reference,
+                                                                                     monkeypatch):
+    """The request stayed among the running ones with no sequence behind it: every later step() and
+    generate() looped forever, and its reservation stayed taken."""
+    engine = own_engine
+    uid = engine.submit("a", STORY, max_tokens=20)
+    engine.step_once()
+    monkeypatch.setattr(adapter.Generator, "remove", _interrupted_once_after(adapter.Generator.remove))
+    with pytest.raises(KeyboardInterrupt):
+        engine.cancel(uid)
+    assert engine.pending == 0 and whole(engine.pool)
+    with pytest.raises(UnknownRequestError):
+        engine.cancel(uid)
+    engine.submit("b", STORY, max_tokens=10)
+    (done,) = _steps_until_idle(engine)
+    assert done.token_ids == reference[0]["alice"]
+    done.blocks.release()
+    del done
+    assert whole(engine.pool)
+
+
+@pytest.mark.parametrize("where", ["cancel", "finish"])
+def test_an_interrupt_as_a_request_gives_back_its_reservation_still_gives_back_everything(own_engine, monkeypatch,
+                                                                                          where):
+    """A Ctrl-C at the start of the reservation's cancel left a request known but in no queue (pending
+    forever, a raw KeyError from cancel and close), its reservation and source taken, and on the finishing
+    path its completion lost."""
+    from semantic.domain.services import Reservation
+
+    engine = own_engine
+    base = engine.generate("a", STORY, max_tokens=2)
+    uid = engine.submit("a", " more", cache=base.blocks, max_tokens=3)
+    engine.step_once()
+    monkeypatch.setattr(Reservation, "cancel", _interrupted_once_before(Reservation.cancel))
+    with pytest.raises(KeyboardInterrupt):
+        if where == "cancel":
+            engine.cancel(uid)
+        else:
+            _steps_until_idle(engine)
+    completions = _steps_until_idle(engine)
+    assert [c.uid for c in completions] == ([] if where == "cancel" else [uid])  # delivered after the interrupt
+    with pytest.raises(UnknownRequestError):
+        engine.cancel(uid)
+    engine.close()
+    base.blocks.release()
+    del base, completions
+    assert whole(engine.pool)
+
+
+def test_an_error_completion_does_not_keep_alive_what_the_failed_store_held(own_engine, monkeypatch):
+    """The error's cause kept its traceback's frames, and with them the store's new handle: its blocks stayed
+    taken for as long as the caller kept the completion."""
+    engine = own_engine
+    monkeypatch.setattr(batch_engine, "cache_to_blocks", _interrupted_once_after(batch_engine.cache_to_blocks))
+    engine.submit("a", STORY, max_tokens=2)
+    with pytest.raises(KeyboardInterrupt):
+        _steps_until_idle(engine)
+    (failed,) = _steps_until_idle(engine) or engine.step_once()
+    assert failed.error.stage == "store"
+    assert whole(engine.pool)  # the completion is alive
+    assert "cache_to_blocks" in "".join(__import__("traceback").format_exception(failed.error.__cause__))

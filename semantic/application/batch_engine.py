@@ -52,7 +52,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Deque, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, can_trim, layer_ids_for
@@ -315,8 +315,8 @@ class BlockPoolBatchEngine:
                                 request.sampling, request.uid)
 
     def _fail(self, request: _Request, stage: str, cause: BaseException) -> None:
-        """End a request with an error completion (returned by the next ``step_once``), giving back what it held."""
-        self._retire(request)
+        """End a request with an error completion (returned by the next ``step_once``), giving back what it held
+        (after the completion is appended: an interrupt in between cannot lose it)."""
         interrupt = None
         try:
             text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
@@ -331,6 +331,7 @@ class BlockPoolBatchEngine:
             time_to_first_token=None if request.first_token_at is None else request.first_token_at - request.submitted_at,
             error=RequestFailedError(request.uid, request.agent_id, stage, cause),
         ))
+        self._retire(request)
         if interrupt is not None:
             raise interrupt
 
@@ -508,33 +509,42 @@ class BlockPoolBatchEngine:
             if not isinstance(exc, Exception):
                 raise
             return
-        self._retire(request)
         self._finished[request.uid] = blocks
-        self._done.append(Completion(
+        self._done.append(Completion(  # before retiring: delivered even if an interrupt comes now
             uid=request.uid, agent_id=request.agent_id, text=text,
             token_ids=list(request.generated), finish_reason=event.finish_reason, context_blocks=blocks,
             prompt_tokens=len(request.prompt_tokens), reused_tokens=request.reused_tokens,
             time_to_first_token=request.first_token_at - request.submitted_at,
         ))
+        self._retire(request)
 
     def _retire(self, request: _Request) -> None:
-        if request.reservation is not None:
-            request.reservation.cancel()
-        if request.source is not None:
-            request.source.release()
-            request.source = None
-        del self._by_uid[request.uid]
+        """Forget the request and give back what it held: forgotten first, so an interrupt in between
+        cannot leave it half-ended (pending forever, or cancelled a second time); its source is released
+        even if cancelling its reservation was interrupted."""
+        self._by_uid.pop(request.uid, None)
+        reservation, source = request.reservation, request.source
+        request.reservation = request.source = None
+        try:
+            if reservation is not None:
+                _completed_through_interrupts(reservation.cancel)  # idempotent
+        finally:
+            if source is not None:
+                _completed_through_interrupts(lambda: None if source.released else source.release())
 
     def cancel(self, uid: int) -> None:
         """Drop a queued or running request and give back everything it held."""
         with self._lock:
             request = self._request(uid)
-            if request.generator_uid is None:
-                self._waiting.remove(request)
-            else:
-                self._generator.remove(request.generator_uid)
-                del self._running[request.generator_uid]
-            self._retire(request)
+            generator_uid, request.generator_uid = request.generator_uid, None
+            try:  # out of the engine's queues first: an interrupt below must not leave a request no step ends
+                if generator_uid is None:
+                    self._waiting.remove(request)
+                else:
+                    del self._running[generator_uid]
+                    self._generator.remove(generator_uid)  # if interrupted, its next event removes it
+            finally:
+                self._retire(request)
 
     @property
     def pending(self) -> int:
@@ -545,10 +555,16 @@ class BlockPoolBatchEngine:
     def close(self) -> None:
         """Cancel everything in flight and release what it held."""
         with self._lock:
+            failures = []
             for uid in list(self._by_uid):
-                self.cancel(uid)
+                try:
+                    self.cancel(uid)
+                except BaseException as exc:  # the others are still cancelled; then the first failure is raised
+                    failures.append(exc)
             self._done.clear()
             self._generator.close()
+            if failures:
+                raise failures[0]
 
     # ---- cache conversions ------------------------------------------------------------------------
     def _reconstruct_cache(self, agent_blocks: AgentBlocks, n_tokens: Optional[int] = None, prompt_tokens: int = 0,
@@ -607,6 +623,18 @@ class BlockPoolBatchEngine:
                 f"no request {uid!r} in flight (finished requests are found only while their blocks are alive)"
             )
         return request
+
+
+def _completed_through_interrupts(step: Callable[[], None]) -> None:
+    """``step()``, run again once if an interrupt (Ctrl-C) cut it short, then the interrupt raised: for
+    steps that give back what a request held, which must not be skipped. ``step`` must be safe to repeat."""
+    try:
+        step()
+    except Exception:
+        raise
+    except BaseException:
+        step()
+        raise
 
 
 def _is_uid(uid) -> bool:

@@ -4,6 +4,8 @@ Whatever raises one of these has changed nothing: no block is leaked, no
 reference count moved, no file half-written.
 """
 
+import traceback
+
 
 class SemanticError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -73,4 +75,7 @@ class RequestFailedError(SemanticError):
             "Its blocks and reservation went back to the pool and the other requests went on; "
             "fix the request (or the model) and submit it again"
         )
+        # The cause's traceback keeps its line numbers, not its frames' locals: the completion carrying this
+        # error would otherwise keep alive whatever the failed code held (a store's new blocks, say).
+        traceback.clear_frames(cause.__traceback__)
         self.__cause__ = cause

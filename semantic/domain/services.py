@@ -382,8 +382,9 @@ class BlockPool:
             available = len(self._free) - self._reserved
             if n_blocks > available:
                 raise PoolExhaustedError(n_blocks, available, f"(reserving for {owner})")
+            reservation = Reservation(self, n_blocks, owner)  # first: an interrupt in its __init__ reserves nothing
             self._reserved += n_blocks
-            return Reservation(self, n_blocks, owner)
+            return reservation
 
     def _check_reservation(self, reservation) -> None:
         if reservation is None:
