@@ -798,3 +798,23 @@ def test_an_error_completion_does_not_keep_alive_what_the_failed_store_held(own_
     assert failed.error.stage == "store"
     assert whole(engine.pool)  # the completion is alive
     assert "cache_to_blocks" in "".join(__import__("traceback").format_exception(failed.error.__cause__))
+
+
+@pytest.mark.parametrize("interrupted", ["Completion", "RequestFailedError"])
+def test_an_interrupt_while_a_completion_is_made_still_ends_the_request(own_engine, monkeypatch, interrupted):
+    """Made before the request was retired, an interrupted completion left it pending forever, holding its
+    reservation and source. Now only the completion is lost."""
+    engine = own_engine
+    base = engine.generate("a", STORY, max_tokens=2)
+    uid = engine.submit("a", " more", cache=base.blocks, max_tokens=3)
+    if interrupted == "RequestFailedError":  # the store fails, so the request ends with an error completion
+        monkeypatch.setattr(batch_engine, "cache_to_blocks", lambda *args, **kwargs: _raise(OSError("disk")))
+    monkeypatch.setattr(batch_engine, interrupted, _interrupted_once_before(getattr(batch_engine, interrupted)))
+    with pytest.raises(KeyboardInterrupt):
+        _steps_until_idle(engine)
+    assert engine.pending == 0
+    with pytest.raises(UnknownRequestError):
+        engine.cancel(uid)
+    base.blocks.release()
+    del base
+    assert whole(engine.pool)

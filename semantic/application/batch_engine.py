@@ -315,23 +315,26 @@ class BlockPoolBatchEngine:
                                 request.sampling, request.uid)
 
     def _fail(self, request: _Request, stage: str, cause: BaseException) -> None:
-        """End a request with an error completion (returned by the next ``step_once``), giving back what it held
-        (after the completion is appended: an interrupt in between cannot lose it)."""
+        """End a request with an error completion (returned by the next ``step_once``), giving back what it held,
+        also if an interrupt comes while the completion is made (then only the completion is lost)."""
         interrupt = None
         try:
-            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-        except BaseException as exc:  # the error completion is appended even if interrupted
-            text = ""
-            if not isinstance(exc, Exception):
-                interrupt = exc
-        self._done.append(Completion(
-            uid=request.uid, agent_id=request.agent_id, text=text, token_ids=list(request.generated),
-            finish_reason="error", context_blocks=None, prompt_tokens=len(request.prompt_tokens),
-            reused_tokens=request.reused_tokens,
-            time_to_first_token=None if request.first_token_at is None else request.first_token_at - request.submitted_at,
-            error=RequestFailedError(request.uid, request.agent_id, stage, cause),
-        ))
-        self._retire(request)
+            try:
+                text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+            except BaseException as exc:  # the error completion is appended even if interrupted
+                text = ""
+                if not isinstance(exc, Exception):
+                    interrupt = exc
+            self._done.append(Completion(
+                uid=request.uid, agent_id=request.agent_id, text=text, token_ids=list(request.generated),
+                finish_reason="error", context_blocks=None, prompt_tokens=len(request.prompt_tokens),
+                reused_tokens=request.reused_tokens,
+                time_to_first_token=None if request.first_token_at is None
+                else request.first_token_at - request.submitted_at,
+                error=RequestFailedError(request.uid, request.agent_id, stage, cause),
+            ))
+        finally:
+            self._retire(request)
         if interrupt is not None:
             raise interrupt
 
@@ -448,12 +451,18 @@ class BlockPoolBatchEngine:
         except BaseException:  # interrupted while probing: every request runs again, as before the failure
             self._restart(requests)
             raise
+        interrupt = None
         try:
-            for request in culprits:
+            for request in culprits:  # each failed, even after an interrupt while failing another
                 request.generator_uid = None
-                self._fail(request, "decode" if request.generated else "prefill", failure.cause)
+                try:
+                    self._fail(request, "decode" if request.generated else "prefill", failure.cause)
+                except BaseException as exc:
+                    interrupt = interrupt or exc
         finally:  # an interrupt while failing one must not lose the others
             self._restart([r for r in requests if r not in culprits])
+        if interrupt is not None:
+            raise interrupt
 
     def _culprits_alone(self, suspects: List[_Request]) -> List[_Request]:
         culprits = [r for r in suspects if self._fails_alone(r)]
@@ -509,14 +518,16 @@ class BlockPoolBatchEngine:
             if not isinstance(exc, Exception):
                 raise
             return
-        self._finished[request.uid] = blocks
-        self._done.append(Completion(  # before retiring: delivered even if an interrupt comes now
-            uid=request.uid, agent_id=request.agent_id, text=text,
-            token_ids=list(request.generated), finish_reason=event.finish_reason, context_blocks=blocks,
-            prompt_tokens=len(request.prompt_tokens), reused_tokens=request.reused_tokens,
-            time_to_first_token=request.first_token_at - request.submitted_at,
-        ))
-        self._retire(request)
+        try:  # the completion before retiring: delivered even if an interrupt comes then
+            self._finished[request.uid] = blocks
+            self._done.append(Completion(
+                uid=request.uid, agent_id=request.agent_id, text=text,
+                token_ids=list(request.generated), finish_reason=event.finish_reason, context_blocks=blocks,
+                prompt_tokens=len(request.prompt_tokens), reused_tokens=request.reused_tokens,
+                time_to_first_token=request.first_token_at - request.submitted_at,
+            ))
+        finally:  # and retired even if one comes while the completion is made
+            self._retire(request)
 
     def _retire(self, request: _Request) -> None:
         """Forget the request and give back what it held: forgotten first, so an interrupt in between
@@ -539,7 +550,8 @@ class BlockPoolBatchEngine:
             generator_uid, request.generator_uid = request.generator_uid, None
             try:  # out of the engine's queues first: an interrupt below must not leave a request no step ends
                 if generator_uid is None:
-                    self._waiting.remove(request)
+                    if request in self._waiting:  # else in no queue: it was ending when an interrupt came
+                        self._waiting.remove(request)
                 else:
                     del self._running[generator_uid]
                     self._generator.remove(generator_uid)  # if interrupted, its next event removes it
