@@ -342,6 +342,28 @@ def test_put_keeps_its_promise_when_the_budget_cannot_be_met(tmp_path):
     assert store.resident == () and store.pool.used_blocks == 0
 
 
+def test_a_budget_warning_turned_into_an_error_leaves_the_put_handle_with_its_caller(tmp_path):
+    """With warnings as errors, put raised the budget warning after it had released the caller's handle."""
+    import warnings
+
+    store = open_store(tmp_path)
+    put_new(store, "victim", seed=1)
+    unwritable(store, "victim")
+    store.memory_budget_bytes = 0
+    handle = random_handle(store.pool, "new", 11, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheBudgetWarning)
+        with pytest.raises(CacheBudgetWarning):
+            store.put(handle)
+    assert not handle.released
+    with pytest.warns(CacheBudgetWarning):  # get: still over the budget
+        assert current(store, "new") == snapshot(handle)
+    handle.release()
+    (store.directory / ".victim.lock").rmdir()
+    store.close()
+    assert store.resident == () and store.pool.used_blocks == 0
+
+
 def failing_directory_sync(monkeypatch):
     def sync(self):
         raise OSError(errno.EIO, "Input/output error")

@@ -173,8 +173,8 @@ class AgentCacheStore:
                     self._set_resident(handle.agent_id, handle.share(), on_disk=False)
                     raise
             self._set_resident(handle.agent_id, handle.share(), on_disk=self.write_through)
+            self._enforce_budget()  # raises only as a warning turned into an error: the handle stays yours then
             handle.release()
-            self._enforce_budget()
 
     def get(self, agent_id: str) -> AgentBlocks:
         """A new handle on the agent's current context, for you to release; read from disk into the pool
