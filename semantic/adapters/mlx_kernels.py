@@ -356,17 +356,16 @@ def split_host_copies(copy: Callable[[T], None], items: Sequence[T], nbytes: int
     turn = threading.Condition()  # guards the queue, ``busy``, ``errors`` and ``stop``
     busy, errors, stop = [0], [], [False]  # busy: items copy threads are copying
 
-    def take() -> object:
+    def take(counted: bool) -> object:
+        """The next item (``queue`` once none is left, or after an error or a stop); ``counted``: in ``busy``."""
         with turn:
-            return queue if stop[0] or errors else next(queue, queue)
+            item = queue if stop[0] or errors else next(queue, queue)
+            if counted and item is not queue:
+                busy[0] += 1
+            return item
 
     def take_in_turn() -> None:  # a copy thread's; no signal interrupts it (they go to the main thread)
-        while True:
-            with turn:
-                item = queue if stop[0] or errors else next(queue, queue)
-                if item is queue:
-                    return
-                busy[0] += 1
+        for item in iter(lambda: take(True), queue):
             try:
                 copy(item)
             except BaseException as error:  # handed to the calling thread, which raises it
@@ -384,7 +383,7 @@ def split_host_copies(copy: Callable[[T], None], items: Sequence[T], nbytes: int
                 pool.submit(take_in_turn)
             except RuntimeError:  # the interpreter is shutting down: the calling thread copies everything
                 break
-        for item in iter(take, queue):
+        for item in iter(lambda: take(False), queue):
             copy(item)
     except BaseException as error:  # a copy of this thread's, or an interrupt (Ctrl-C) anywhere in here
         errors.insert(0, error)

@@ -24,15 +24,15 @@ from semantic.domain.value_objects import ModelCacheSpec
 
 
 def layer_ids_for(spec: ModelCacheSpec, handle: AgentBlocks, layer: int, n_tokens: int) -> Tuple[int, ...]:
-    """The handle's blocks a layer needs for its first ``n_tokens`` tokens."""
+    """The handle's blocks a layer needs for its first ``n_tokens`` tokens. Checked token by token: a sliding
+    window starting inside a block the handle holds may need slots of it that the handle's window had
+    already left (zeros)."""
     have_first, _ = spec.layer_block_range(layer, handle.num_tokens)
     first, last = spec.layer_block_range(layer, n_tokens)
     ids = handle.layer_block_ids(layer)
-    if first < have_first or last - have_first > len(ids):
-        raise IncompatibleCacheError(
-            f"layer {layer} no longer holds tokens {spec.visible_range(layer, n_tokens)} "
-            f"(its sliding window kept {spec.visible_range(layer, handle.num_tokens)})"
-        )
+    wanted, kept = spec.visible_range(layer, n_tokens), spec.visible_range(layer, handle.num_tokens)
+    if wanted[0] < kept[0] or last - have_first > len(ids):
+        raise IncompatibleCacheError(f"layer {layer} no longer holds tokens {wanted} (its sliding window kept {kept})")
     return ids[first - have_first : last - have_first]
 
 
@@ -162,10 +162,6 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
         raise InvalidRequestError(
             f"room={room}: a context of {n_tokens + room} tokens needs {needed} blocks, more than this pool's "
             f"{pool.total_blocks}; it could never be stored (pass the prompt's length)")
-    if n_tokens != handle.num_tokens and not can_trim(pool.spec, handle, n_tokens):
-        raise IncompatibleCacheError(  # a sliding window's first token inside a block: its slots before are zeros
-            f"a context of {n_tokens} of these {handle.num_tokens} tokens needs tokens its sliding-window layers "
-            "no longer hold; rebuild it whole, or a length can_trim accepts")
     held_blocks = pool.spec.blocks_for_tokens(n_tokens + room)  # prompts of any length within: one plan
     if n_tokens == 0:
         return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]

@@ -664,14 +664,13 @@ class BlockPool:
                      checked_int("first_token", write[4], 0), checked_int("n_tokens", n_tokens, 0, tokens))
         elif len(write) == 5:
             write = (*write, tokens)
-        self._check_span(write)
+        self._check_span(write[0], write[1], write[4], write[5])
         return write
 
-    def _check_span(self, write: tuple) -> None:
+    def _check_span(self, block_ids, first_index: int, first_token: int, n_tokens: int) -> None:
         """The blocks of a write hold its tokens' end, each block some of its tokens: more blocks would be left
         with an earlier owner's data, fewer would drop tokens. Tokens before the first block are not
         written (the blocks a store shares from its source hold them)."""
-        block_ids, first_index, _, _, first_token, n_tokens = write
         try:
             n_blocks = len(block_ids)
         except TypeError:
@@ -872,7 +871,7 @@ class BlockPool:
                     f"stored parts {[(tuple(p.shape), p.dtype) for p in parts if type(p) is mx.array]} are not "
                     f"this pool's {self.spec.block_format.name} blocks ([1, {self.spec.n_kv_heads}, tokens, "
                     f"width] per part: {[(p.width, p.dtype) for p in self.spec.stored_parts]})")
-            self._check_span((block_ids, first_index, None, None, first_token, parts[0].shape[2]))
+            self._check_span(block_ids, first_index, first_token, parts[0].shape[2])
         with self._lock:
             self._check_writable(ids)
             self._quantized.write_stored(writes)
@@ -885,7 +884,6 @@ class BlockPool:
             raise AssertionError("copy_token_rows is for quantized blocks")
         self._block_array([c[0] for c in copies] + [c[1] for c in copies], 1)
         with self._lock:
-            self._drain()
             if of is not None:
                 self.check_handle(of)
             self._check_writable([int(c[0]) for c in copies], whole_blocks=False)  # a block's slots, copy by copy
