@@ -1,6 +1,7 @@
 """BlockPool bookkeeping: property tests against a simple model, misuse, threads, geometry."""
 
 import collections
+import copy
 import gc
 import threading
 
@@ -244,6 +245,7 @@ def test_misuse_raises_typed_errors_and_changes_nothing():
         (PoolExhaustedError, lambda: pool.allocate(7, "a")),
         (IncompatibleCacheError, lambda: pool.release(foreign)),
         (IncompatibleCacheError, lambda: pool.share(foreign)),
+        (IncompatibleCacheError, lambda: pool.pin(foreign)),
         # Row indexes are read unchecked by the kernels: one of a larger pool read past the arrays (a crash).
         (InvalidRequestError, lambda: pool.gather(rows=BlockPool(SPEC, total_blocks=4096).gather_rows([[4000]]))),
         (InvalidRequestError, lambda: pool.gather_apart(other.gather_rows([foreign_ids]))),
@@ -260,6 +262,24 @@ def test_misuse_raises_typed_errors_and_changes_nothing():
     handle.release()
     pool.release_blocks(ids, "a")
     assert pool.usage().used_blocks == 0
+
+
+def test_a_pin_holds_its_blocks_for_the_agent_until_it_is_dropped_and_copies_are_the_pin():
+    pool = BlockPool(SPEC, total_blocks=6)
+    with pool.build_handle("a") as b:
+        ids = b.allocate(2)
+        handle = b.finish([1], [ids[:1], ids[1:]])
+    pin = pool.pin(handle)
+    assert copy.copy(pin) is pin and copy.deepcopy([pin])[0] is pin
+    handle.release()
+    assert [pool.refcount(b) for b in ids] == [1, 1]
+    assert pool.usage().per_agent == {"a": (2, 2 * SPEC.bytes_per_block_per_layer)}
+    pool.check_invariants()
+    with pytest.raises(ReleasedHandleError):
+        pool.pin(handle)
+    del pin  # no gc.collect(): reference counting gives the blocks back
+    assert pool.usage().used_blocks == 0 and pool.usage().per_agent == {}
+    pool.check_invariants()
 
 
 def test_a_builders_references_are_its_own_until_finish():

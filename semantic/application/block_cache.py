@@ -92,24 +92,6 @@ def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: boo
     return tuple(plan)
 
 
-class _BlocksPin:
-    """A reference on a handle's blocks, held by every cache object that views them (see
-    :func:`blocks_to_cache`). The blocks go back to the pool when the last such cache is garbage-collected
-    (the shared handle's finalizer). A copy of a cache still views the same memory (``copy.deepcopy`` of an
-    ``mx.array`` shares its buffer), so copies of the pin are the pin itself."""
-
-    __slots__ = ("_blocks",)
-
-    def __init__(self, blocks: AgentBlocks):
-        self._blocks = blocks
-
-    def __copy__(self) -> "_BlocksPin":
-        return self
-
-    def __deepcopy__(self, memo) -> "_BlocksPin":
-        return self
-
-
 def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None, *,
                     views: bool = True, room: int = 0) -> List[adapter.LayerCache]:
     """Rebuild one evaluated cache object per layer from ``handle``'s first ``n_tokens`` tokens (default all).
@@ -136,7 +118,7 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
 
     * The pool writes only blocks nobody references, in place (on CPU through NumPy views of its
       arrays, on CUDA by a kernel writing into them). Every cache holding views therefore holds a
-      reference on the handle's blocks (a shared handle, also kept by copies of the cache), released
+      reference on the handle's blocks (a ``BlockPin``, also kept by copies of the cache), released
       when the last of these caches is garbage-collected; until then none of its blocks is freed, so
       none is written.
     * mlx-lm never writes into a cache's arrays: ``update_and_fetch`` and its batch merge make new
@@ -167,7 +149,7 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
         return [adapter.empty_layer_cache(window) for window in pool.spec.layer_windows]
     plan = handle.memo(("gather", n_tokens, views, held_blocks),
                        lambda: _gather_plan(pool, handle, n_tokens, views, held_blocks))
-    pin = _BlocksPin(handle.share()) if any(group.view_ids is not None for group in plan) else None
+    pin = pool.pin(handle) if any(group.view_ids is not None for group in plan) else None
 
     caches: List[Optional[adapter.LayerCache]] = [None] * pool.spec.n_layers
     with pool.storage_lock:

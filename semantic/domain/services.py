@@ -174,6 +174,27 @@ class _HandleBuilder:
             self._pool._release_later(self._held, self._agent_id)
 
 
+class BlockPin:
+    """References on a handle's blocks without a handle (:meth:`BlockPool.pin`), given back when the pin is
+    garbage-collected. Copies are the pin itself: a copied cache object still views the same memory
+    (``copy.deepcopy`` of an ``mx.array`` shares its buffer)."""
+
+    __slots__ = ("_pool", "_ids", "_agent_id")
+
+    def __init__(self, pool: "BlockPool", ids: List[int], agent_id: str):
+        self._pool, self._ids, self._agent_id = pool, ids, agent_id
+
+    def __copy__(self) -> "BlockPin":
+        return self
+
+    def __deepcopy__(self, memo) -> "BlockPin":
+        return self
+
+    def __del__(self) -> None:
+        # Possibly inside another pool call (the garbage collector runs anywhere): only queue.
+        self._pool._release_later(self._ids, self._agent_id)
+
+
 class BlockPool:
     """A fixed number of KV blocks of one model geometry. See the module docstring for the invariants."""
 
@@ -445,6 +466,20 @@ class BlockPool:
             self._owned[agent][id(shared._flat_ids)] = shared._flat_ids
             self._handles.add(shared)
             return shared
+
+    def pin(self, handle: AgentBlocks) -> "BlockPin":
+        """One more reference on each of ``handle``'s blocks, held by the returned pin until it is garbage-collected:
+        what caches viewing the blocks keep (``blocks_to_cache``). A handle would do, but building and finalizing
+        one cost a quarter of a 1x12 rebuild (CPU: 5.6 of 21 us)."""
+        with self._lock:
+            self._drain()
+            self.check_handle(handle)  # under the lock: a release in between would leave the pin dangling
+            ids = list(handle._flat_ids)
+            refcount = self._refcount
+            for b in ids:
+                refcount[b] += 1
+            self._owned[handle.agent_id][id(ids)] = ids
+            return BlockPin(self, ids, handle.agent_id)
 
     def release(self, handle: AgentBlocks) -> None:
         """Release a handle's references. A second release raises ``ReleasedHandleError``."""
