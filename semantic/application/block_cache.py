@@ -139,8 +139,8 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     pool.check_handle(handle)
     room = checked_int("room", room, 0)
     n_tokens = handle.num_tokens if n_tokens is None else checked_int("n_tokens", n_tokens, 0, handle.num_tokens)
-    needed = pool.spec.blocks_per_agent(n_tokens + room)
-    if needed > pool.total_blocks:  # room sizes the caches: bound it before MLX allocates them
+    # room sizes the caches: bound it before MLX allocates them (the handle's own tokens fit the pool)
+    if room and (needed := pool.spec.blocks_per_agent(n_tokens + room)) > pool.total_blocks:
         raise InvalidRequestError(
             f"room={room}: a context of {n_tokens + room} tokens needs {needed} blocks, more than this pool's "
             f"{pool.total_blocks}; it could never be stored (pass the prompt's length)")

@@ -613,12 +613,14 @@ class BlockPool:
         copy, and later rebuilds of its block, another agent's too, would get that copy instead of the
         block."""
         cached = self._whole_views
-        missing = [b for b in dict.fromkeys(ids) if b not in cached]
-        if missing:
-            made = {b: (self._keys[b : b + 1], self._values[b : b + 1]) for b in missing}
+        try:
+            kept = list(map(cached.__getitem__, ids))
+        except KeyError:
+            made = {b: (self._keys[b : b + 1], self._values[b : b + 1]) for b in ids if b not in cached}
             mx.eval(list(made.values()))
             cached.update(made)
-        return [(keys.__copy__(), values.__copy__()) for keys, values in map(cached.__getitem__, ids)]
+            kept = list(map(cached.__getitem__, ids))
+        return [(keys.__copy__(), values.__copy__()) for keys, values in kept]
 
     def write_blocks(self, block_ids: Sequence[int], first_index: int, keys: mx.array, values: mx.array,
                      first_token: int) -> None:
