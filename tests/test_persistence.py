@@ -1,6 +1,7 @@
 """AgentCacheStore: the two tiers, eviction, restarts, and a state machine against a model of both tiers."""
 
 import errno
+import os
 import shutil
 import tempfile
 
@@ -264,6 +265,21 @@ def test_opening_a_store_deletes_only_temp_files_of_its_own_saves(tmp_path):
     open_store(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(foreign + [".alice.lock"])
     assert all((tmp_path / name).read_text() == "someone else's data" for name in foreign)
+
+
+def test_file_names_that_are_not_utf8_are_ignored_and_paths_that_are_not_paths_refused(tmp_path):
+    """A UnicodeEncodeError stopped the store opening (a temp file's name) or listing (a cache file's); a
+    RuntimeError came out for ~user of an unknown user."""
+    for name in (b".\xff.0123456789ab.tmp", b"\xff.safetensors"):
+        os.close(os.open(os.path.join(os.fsencode(tmp_path), name), os.O_CREAT | os.O_WRONLY))
+    store = open_store(tmp_path)
+    put_new(store, "bob")
+    store.flush()
+    assert store.list() == ["bob"]
+    assert len(os.listdir(os.fsencode(tmp_path))) == 4  # theirs, bob's file and lock
+    for path in ("~no-such-user-x/cache", 12, b"bytes", "nul\0byte"):
+        with pytest.raises(InvalidRequestError):
+            open_store(path)
 
 
 def test_a_leftover_temp_file_of_an_agent_whose_lock_is_unusable_does_not_stop_the_store_opening(tmp_path):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import pathlib
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence
 
@@ -164,3 +166,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def checked_path(name: str, value: Any) -> pathlib.Path:
+    """``value`` (a str or os.PathLike) as an absolute path, ``~`` expanded, or ``InvalidRequestError`` saying
+    why not: another type, a NUL byte (no file system allows one), or ``~user`` of an unknown user."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidRequestError(f"{name} must be a path (str or os.PathLike), got {value!r}")
+    try:
+        path = pathlib.Path(value).expanduser().absolute()
+    except (TypeError, RuntimeError) as exc:  # a PathLike giving bytes; "Could not determine home directory"
+        raise InvalidRequestError(f"{name} {value!r} cannot be used as a path: {exc}") from None
+    if "\0" in str(path):
+        raise InvalidRequestError(f"{name} {str(path)!r} contains a NUL byte; no file system allows one")
+    return path

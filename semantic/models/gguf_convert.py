@@ -17,7 +17,10 @@ talk nonsense.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
+import tempfile
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import mlx.core as mx
@@ -25,6 +28,7 @@ import numpy as np
 
 from semantic.domain.errors import InvalidRequestError
 from semantic.domain.errors import UnsupportedModelError as _DomainUnsupportedModelError
+from semantic.models.gguf_header import GGUFHeaderError, check_gguf_header
 from semantic.models.gguf_tokenizer import TokenizerFiles, tokenizer_files
 
 # MLX quantization kept as is: GGUF type name -> (bits, group size).
@@ -265,6 +269,10 @@ def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> Dict[
 def _convert(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> Dict[str, Any]:
     from gguf import GGUFReader
 
+    try:
+        check_gguf_header(gguf_path)
+    except GGUFHeaderError as exc:
+        raise UnsupportedModelError(f"{gguf_path.name} is not a complete GGUF model file: {exc}") from None
     reader = GGUFReader(str(gguf_path))  # parsing Gemma's vocabulary takes half a minute: once
     metadata, types = read_metadata(reader)
     architecture = metadata.get("general.architecture")
@@ -292,10 +300,33 @@ def _convert(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> Dict[str, Any]:
     if tied:
         # gemma3_text always builds lm_head and drops it on load when the file has none; so does llama.
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-    try:
-        mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
-    except RuntimeError as exc:  # MLX reports a failed write (a full disk) as RuntimeError
-        raise ConversionIOError(f"could not write {out_dir / 'model.safetensors'}: {exc} (disk full?)") from exc
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tokenizer.write(out_dir)
+    _write_folder(out_dir, weights, config, tokenizer)
     return config
+
+
+def _write_folder(out_dir: pathlib.Path, weights: Dict[str, mx.array], config: Dict[str, Any],
+                  tokenizer: TokenizerFiles) -> None:
+    """The folder's files, written beside it first and moved in only once all are whole: a failed write (a
+    full disk, a folder in the way) leaves ``out_dir`` as it was, not a folder that loads half a model."""
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir))
+    moved = []
+    try:
+        try:
+            mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
+        except RuntimeError as exc:  # MLX reports a failed write (a full disk) as RuntimeError
+            raise ConversionIOError(f"could not write {out_dir / 'model.safetensors'}: {exc} (disk full?)") from exc
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tokenizer.write(staging)
+        names = sorted(path.name for path in staging.iterdir())
+        in_the_way = [name for name in names if (out_dir / name).is_dir()]
+        if in_the_way:
+            raise ConversionIOError(f"{out_dir / in_the_way[0]} is a folder; move it away and convert again")
+        for name in names:
+            os.replace(staging / name, out_dir / name)
+            moved.append(out_dir / name)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -24,6 +24,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
 from semantic.domain.errors import InvalidRequestError
+from semantic.domain.request_checks import is_int
 
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6  # llama.cpp's token types
 
@@ -57,7 +58,12 @@ def tokenizer_files(metadata: Mapping[str, Any]) -> TokenizerFiles:
 
     def token_of(key: str) -> Tuple[Optional[str], Optional[int]]:
         index = metadata.get(f"tokenizer.ggml.{key}")
-        return (tokens[int(index)], int(index)) if index is not None else (None, None)
+        if index is None:
+            return None, None
+        # llama.cpp's -1 ("no token") would index from the end: the last token would end every reply.
+        if not is_int(index) or not 0 <= index < len(tokens):
+            raise InvalidRequestError(f"tokenizer.ggml.{key} is {index!r}, not a token id (0..{len(tokens) - 1})")
+        return tokens[int(index)], int(index)
 
     bos, bos_id = token_of("bos_token_id")
     eos, eos_id = token_of("eos_token_id")
@@ -65,9 +71,10 @@ def tokenizer_files(metadata: Mapping[str, Any]) -> TokenizerFiles:
     pad, pad_id = token_of("padding_token_id")
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
     if add_bos and bos is not None:
-        # The fast tokenizer adds what its post-processor says, whatever tokenizer_config.json claims.
+        # The fast tokenizer adds what its post-processor says, whatever tokenizer_config.json claims. The
+        # template names the token "BOS", not by its text: a text such as "$A" or "a:b" is template syntax.
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+            single="BOS $A", pair="BOS $A BOS $B", special_tokens=[{"id": "BOS", "ids": [bos_id], "tokens": [bos]}]
         )
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -33,7 +33,7 @@ import time
 import unicodedata
 from typing import Callable, Iterator, List, Optional
 
-from semantic.domain.errors import InvalidRequestError
+from semantic.domain.request_checks import checked_path
 from semantic.persistence.errors import (
     CacheLockTimeoutError,
     CacheReadError,
@@ -83,7 +83,10 @@ def agent_id_from_name(name: str) -> Optional[str]:
                 return None
             i += 3
         else:
-            raw.extend(name[i].encode("utf-8"))
+            try:
+                raw.extend(name[i].encode("utf-8"))
+            except UnicodeEncodeError:  # a byte that was not UTF-8 on disk (Python's surrogate escape)
+                return None
             i += 1
     try:
         agent_id = raw.decode("utf-8")
@@ -104,12 +107,7 @@ class CacheDirectory:
     def __init__(self, path, lock_timeout: float, wait: Callable[[float], object] = time.sleep):
         """``wait(seconds)`` pauses between attempts at a lock another process holds; the store passes one
         that lets go of its own lock meanwhile, so waiting for one agent does not stop calls on the others."""
-        try:
-            self.path = pathlib.Path(path).expanduser().absolute()
-        except TypeError:
-            raise InvalidRequestError(f"directory must be a path (str or os.PathLike), got {path!r}") from None
-        if "\0" in str(self.path):
-            raise InvalidRequestError(f"directory {str(self.path)!r} contains a NUL byte; no file system allows one")
+        self.path = checked_path("directory", path)
         self.lock_timeout = lock_timeout
         self._wait = wait
         try:
