@@ -3,6 +3,7 @@
 import gc
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from semantic.adapters import mlx_lm_adapter as adapter
@@ -264,12 +265,14 @@ def test_extract_cache_at_every_stage(llama32):
     assert at_start(engine.pool)
 
 
-def test_cancel_gives_back_everything(llama32):
+@pytest.mark.parametrize("as_given", [int, np.int64, mx.array], ids=["int", "numpy", "mlx"])
+def test_cancel_gives_back_everything(llama32, as_given):
+    """A NumPy or MLX integer uid was "no request in flight" before, and nothing was cancelled."""
     engine = make_engine(llama32)
     base = run(engine, "a", STORY, max_tokens=4)
     uid = engine.submit("a", " more", cache=base.blocks, max_tokens=30)
     engine.step_once()
-    engine.cancel(uid)
+    engine.cancel(as_given(uid))
     assert engine.pending == 0
     base.blocks.release()
     del base

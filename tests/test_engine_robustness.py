@@ -591,8 +591,9 @@ def test_an_interrupt_while_a_culprit_is_failed_loses_nobody_else(engine, refere
     assert whole(engine.pool)
 
 
-def test_tiny_temperatures_are_greedy_in_float16_too():
-    """mlx-lm scales float16 logits by 1/temperature in float16: from ~1e-5 down that overflowed."""
+def test_tiny_temperatures_and_small_repetition_penalties_behave_in_float16_as_in_float32():
+    """mlx-lm scales float16 logits by 1/temperature, and divides them by the repetition penalty, in float16:
+    from ~1e-5 down that overflowed (inf, then NaN), and tokens came at random."""
     from semantic.testing.local_models import load_local_model
 
     half = make_engine(load_local_model("tiny-llama", dtype="float16"), total_blocks=64)
@@ -601,6 +602,10 @@ def test_tiny_temperatures_are_greedy_in_float16_too():
         sampled = half.generate("a", STORY, max_tokens=10, temperature=temperature)
         assert sampled.token_ids == greedy.token_ids
         sampled.blocks.release()
+    full = make_engine(load_local_model("tiny-llama", dtype="float32"), total_blocks=64)
+    for penalty in (1e-3, 1e-5, 1e-30):  # the same weights, rounded: the same tokens in either dtype
+        penalized = [engine.generate("a", STORY, max_tokens=10, repetition_penalty=penalty) for engine in (half, full)]
+        assert penalized[0].token_ids == penalized[1].token_ids != greedy.token_ids
 
 
 def _raise(exc):

@@ -211,8 +211,13 @@ def sampler_for(sampling: SamplingParams, vocab: int):
 
 
 def logits_processors_for(sampling: SamplingParams):
+    """mlx-lm's repetition penalty, on float32 logits: it divides the logits by the penalty in their own dtype,
+    which in float16 overflows (inf, then NaN: tokens at random) for penalties below ~1e-4."""
     penalty = sampling.repetition_penalty
-    return make_logits_processors(repetition_penalty=penalty) if penalty is not None and penalty != 1 else []
+    if penalty is None or penalty == 1:
+        return []
+    return [lambda tokens, logits, processor=processor: processor(tokens, logits.astype(mx.float32))
+            for processor in make_logits_processors(repetition_penalty=penalty)]
 
 
 @dataclass

@@ -64,7 +64,7 @@ from semantic.domain.errors import (
     RequestFailedError,
     UnknownRequestError,
 )
-from semantic.domain.request_checks import SamplingParams, check_vocabulary, checked_int, token_ids
+from semantic.domain.request_checks import SamplingParams, check_vocabulary, checked_int, is_int, token_ids
 from semantic.domain.services import BlockPool, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -601,7 +601,7 @@ class BlockPoolBatchEngine:
         """The request's current context as a new handle, at any stage: waiting, prefilling, generating,
         or finished (while its completion's blocks are alive)."""
         with self._lock:
-            finished = self._finished.get(uid) if _is_uid(uid) else None
+            finished = self._finished.get(_uid(uid))
             if finished is not None and not finished.released:
                 return finished.share()
             request = self._request(uid)
@@ -629,7 +629,7 @@ class BlockPoolBatchEngine:
         return handle
 
     def _request(self, uid: int) -> _Request:
-        request = self._by_uid.get(uid) if _is_uid(uid) else None
+        request = self._by_uid.get(_uid(uid))
         if request is None:
             raise UnknownRequestError(
                 f"no request {uid!r} in flight (finished requests are found only while their blocks are alive)"
@@ -649,8 +649,9 @@ def _completed_through_interrupts(step: Callable[[], None]) -> None:
         raise
 
 
-def _is_uid(uid) -> bool:
-    return isinstance(uid, int) and not isinstance(uid, bool)
+def _uid(uid) -> Optional[int]:
+    """``uid`` as the int ``submit`` returned (NumPy and MLX integers too), or None: no request has it."""
+    return int(uid) if is_int(uid) else None
 
 
 def _geometry(spec: ModelCacheSpec):
