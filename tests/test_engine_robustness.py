@@ -5,6 +5,7 @@ the engine's generator, samplers and the store step), never by production code.
 """
 
 import gc
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +24,7 @@ from semantic.domain.errors import (
     SemanticError,
     UnknownRequestError,
 )
+from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
 from conftest import make_engine
@@ -822,4 +824,95 @@ def test_an_interrupt_while_a_completion_is_made_still_ends_the_request(own_engi
         engine.cancel(uid)
     base.blocks.release()
     del base
+    assert whole(engine.pool)
+
+
+# ---- threads, engines sharing a pool, requests waiting for blocks ------------------------------------
+def test_a_generate_inside_a_step_loop_leaves_the_completions_of_requests_still_running_to_it(engine):
+    """Bob finishes while the loop body's generate() runs: before, that generate dropped his completion,
+    and the loop never saw it (no error, pending 0)."""
+    uids = {engine.submit("alice", STORY, max_tokens=2): "alice", engine.submit("bob", COUNTING, max_tokens=12): "bob"}
+    seen = []
+    for completion in engine.step():
+        seen.append(completion)
+        if completion.agent_id == "alice":
+            engine.generate("zed", "hello there", max_tokens=2).blocks.release()
+    assert sorted(c.uid for c in seen) == sorted(uids) and engine.pending == 0
+    del seen, completion
+    assert whole(engine.pool)
+
+
+def test_while_nothing_runs_a_request_that_does_not_fit_lets_smaller_ones_behind_it_go_first(own_engine):
+    """A request waiting for blocks the caller's handles hold stalled every request behind it, and
+    generate() of a small one raised "N blocks requested, M free" with M > N."""
+    engine = own_engine
+    kept = engine.generate("keep", STORY, max_tokens=2)
+    layers = engine.spec.n_layers
+    big_tokens = engine.pool.total_blocks // layers * engine.spec.block_size - 8  # fits the pool, not beside kept
+    big = engine.submit("big", [5] * big_tokens, max_tokens=4)
+    small = engine.generate("small", "hi there", max_tokens=2)
+    assert len(small.token_ids) == 2 and engine.pending == 1
+    with pytest.warns(batch_engine.PoolPressureWarning, match="held by handles you keep: agent 'keep'"):
+        assert list(engine.step()) == []
+    engine.cancel(big)
+    for completion in (kept, small):
+        completion.blocks.release()
+    assert whole(engine.pool)
+
+
+def test_an_engine_waits_for_the_blocks_another_engines_requests_reserved(llama32):
+    """Two engines on one pool: the second's generate() raised PoolExhaustedError at once, and blamed
+    "handles you keep", while the blocks were only reserved by the first engine's running request."""
+    model, tokenizer = llama32
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=spec.n_layers * 3 // 2)  # one request's blocks, not two
+    first, second = (batch_engine.BlockPoolBatchEngine(model, tokenizer, pool) for _ in range(2))
+    uid = first.submit("a", STORY, max_tokens=4)
+    assert pool.reserved_blocks == spec.n_layers
+    threading.Timer(0.3, first.cancel, [uid]).start()  # its request ends meanwhile
+    second.generate("b", STORY, max_tokens=4).blocks.release()
+    impatient = batch_engine.BlockPoolBatchEngine(model, tokenizer, pool, wait_for_blocks_s=0.2)
+    uid = first.submit("a", STORY, max_tokens=4)  # never stepped: its reservation stays
+    with pytest.raises(PoolExhaustedError, match="reserved by requests in flight"):
+        impatient.generate("c", STORY, max_tokens=4)
+    first.cancel(uid)
+    assert whole(pool)
+
+
+def test_one_thread_steps_an_engine_while_requests_run_others_may_submit_and_cancel(own_engine):
+    """Several threads stepping one engine failed its requests ("There is no Stream(cpu, N) in current
+    thread"), made generate() say a request nobody cancelled was cancelled, and close() raise a bare
+    RuntimeError out of mlx-lm."""
+    engine = own_engine
+    running = engine.submit("a", STORY, max_tokens=30)
+    engine.step_once()  # this thread steps the engine: the request runs on its streams
+    outcome = {}
+
+    def another_thread():
+        for name, call in {"step_once": engine.step_once, "step": lambda: next(engine.step()),
+                           "generate": lambda: engine.generate("x", "hi", max_tokens=2)}.items():
+            with pytest.raises(InvalidRequestError, match="step an engine from one thread"):
+                call()
+        outcome["submitted"] = engine.submit("b", COUNTING, max_tokens=3)
+        engine.cancel(running)  # dropped at this thread's next step
+
+    worker = threading.Thread(target=another_thread)
+    worker.start()
+    worker.join()
+    assert engine.pending == 2  # the refused generate() queued nothing
+    assert [c.uid for c in engine.step()] == [outcome["submitted"]]
+    assert engine.pending == 0 and whole(engine.pool)
+
+    engine.submit("a", STORY, max_tokens=30)
+    engine.step_once()
+    worker = threading.Thread(target=engine.close)  # its running request: at this thread's next step
+    worker.start()
+    worker.join()
+    assert engine.step_once() == [] and engine.pending == 0 and whole(engine.pool)
+
+    worker = threading.Thread(target=lambda: outcome.update(idle=engine.generate("c", STORY, max_tokens=2)))
+    worker.start()  # nothing runs: the engine changes hands
+    worker.join()
+    assert len(outcome.pop("idle").token_ids) == 2
+    assert len(engine.generate("d", STORY, max_tokens=2).token_ids) == 2  # and back
     assert whole(engine.pool)

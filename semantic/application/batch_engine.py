@@ -5,7 +5,8 @@ Lifecycle of a request:
 1. ``submit`` tokenizes, works out how many new blocks the finished context can
    need at most, and queues the request.
 2. Admission (in ``submit`` when there is room, else in ``step``, first come first
-   served): the pool *reserves* those blocks, the cache is rebuilt from the
+   served; while nothing runs, a request that does not fit lets those behind it that
+   do go first): the pool *reserves* those blocks, the cache is rebuilt from the
    source blocks (if any) and the sequence goes into mlx-lm's ``BatchGenerator``.
    A reservation guarantees that the finished context can be stored.
 3. ``step`` runs the batch and yields a :class:`Completion` as soon as each
@@ -64,7 +65,14 @@ from semantic.domain.errors import (
     RequestFailedError,
     UnknownRequestError,
 )
-from semantic.domain.request_checks import SamplingParams, check_vocabulary, checked_int, is_int, token_ids
+from semantic.domain.request_checks import (
+    SamplingParams,
+    check_vocabulary,
+    checked_int,
+    checked_real,
+    is_int,
+    token_ids,
+)
 from semantic.domain.services import BlockPool, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -134,13 +142,20 @@ class _Request:
 class BlockPoolBatchEngine:
     """Batched generation for many agents sharing one model, their caches kept in ``pool``.
 
-    Drive an engine from one thread (``submit``, ``step``, ``generate``, ``cancel``): MLX keeps a stream per
-    thread and mlx-lm leaves work queued on the stepping thread's stream, so a step from another thread
-    fails its requests; and ``step`` yields each completion to the loop that ran the step finishing it.
+    Threads. One thread steps the engine (``step``, ``step_once``, ``generate``) while requests run: MLX keeps
+    a stream per thread and mlx-lm leaves work queued on the stepping thread's, so a step from another
+    thread would fail every request (it raises ``InvalidRequestError`` instead). The engine changes hands
+    when nothing runs. ``submit`` and ``cancel`` may come from any thread; a running request cancelled (or
+    ``close``) from another thread is dropped at the stepping thread's next step. ``step`` yields each
+    completion to the loop that ran the step finishing it.
+
+    Engines sharing one pool: requests that wait for blocks another engine's running requests have reserved
+    wait, in ``step``, up to ``wait_for_blocks_s`` seconds for those requests to end.
     """
 
     def __init__(self, model, tokenizer, pool: BlockPool, spec: Optional[ModelCacheSpec] = None, *,
-                 prefill_step_size: int = 2048, prefill_batch_size: int = 8, completion_batch_size: int = 32):
+                 prefill_step_size: int = 2048, prefill_batch_size: int = 8, completion_batch_size: int = 32,
+                 wait_for_blocks_s: float = 60.0):
         model_spec = ModelCacheSpec.from_model(model)
         spec = pool.spec if spec is None else spec
         for name, other in (("spec", spec), ("pool.spec", pool.spec)):
@@ -158,6 +173,7 @@ class BlockPoolBatchEngine:
         prefill_step_size = checked_int("prefill_step_size", prefill_step_size, 1)
         prefill_batch_size = checked_int("prefill_batch_size", prefill_batch_size, 1)
         completion_batch_size = checked_int("completion_batch_size", completion_batch_size, 1)
+        self._wait_for_blocks_s = checked_real("wait_for_blocks_s", wait_for_blocks_s, 0.0)
         self.model = model
         self._model_ref = weakref.ref(model)  # stamped on the contexts this engine computes
         self.tokenizer = tokenizer
@@ -177,6 +193,9 @@ class BlockPoolBatchEngine:
         self._by_uid: Dict[int, _Request] = {}
         self._done: Deque[Completion] = collections.deque()  # finished or failed, not yet returned by step_once
         self._finished: "weakref.WeakValueDictionary[int, AgentBlocks]" = weakref.WeakValueDictionary()
+        self._driver: Optional[threading.Thread] = None  # the thread stepping the engine (see the class docstring)
+        self._cancels: List[int] = []  # running requests another thread cancelled: dropped at the next step
+        self._close_requested = False  # close() from another thread: the generator closes at the next step
 
     # ---- submitting -------------------------------------------------------------------------------
     def submit(self, agent_id: str, prompt: Prompt, cache: Optional[AgentBlocks] = None, max_tokens: int = 256,
@@ -280,15 +299,21 @@ class BlockPoolBatchEngine:
 
     def _admit(self) -> None:
         """Move waiting requests into the generator, first come first served, while blocks can be reserved
-        (a restarted request keeps the reservation it has)."""
-        while self._waiting:
-            request = self._waiting[0]
+        (a restarted request keeps the reservation it has). While nothing runs, a request that does not fit
+        no longer holds up those behind it that do: no step of this engine would free blocks for it (handles
+        the caller keeps, or another engine's requests, hold them)."""
+        index = 0
+        while index < len(self._waiting):
+            request = self._waiting[index]
             try:
                 if request.reservation is None:
                     request.reservation = self.pool.reserve(request.new_blocks_bound, f"request {request.uid}")
             except PoolExhaustedError:
-                return
-            self._waiting.popleft()
+                if self._running:
+                    return
+                index += 1
+                continue
+            del self._waiting[index]
             self._start(request)
 
     def _start(self, request: _Request) -> None:
@@ -346,25 +371,36 @@ class BlockPoolBatchEngine:
         with the next ``step()`` or ``step_once()``. Requests waiting for blocks are admitted as finished
         contexts are released (a completion dropped inside the loop frees its blocks at once). Failed
         requests are yielded too, with ``error`` set (see the module docstring). If requests still wait
-        when nothing runs, the blocks they need are held by handles the caller keeps: ``step`` returns,
-        warns with ``PoolPressureWarning``, and ``pending`` says how many wait; release handles and call
-        ``step`` again.
+        when nothing runs, the blocks they need are held by handles the caller keeps, or reserved by another
+        engine's requests on this pool: for those ``step`` waits up to ``wait_for_blocks_s`` seconds. Then it
+        returns, warns with ``PoolPressureWarning``, and ``pending`` says how many wait; release handles and
+        call ``step`` again.
         """
         while True:
             with self._lock:
+                self._claim_driver("step()")
                 self._admit()
-                if not self._done:
-                    if not self._running:
-                        if self._waiting:
-                            head = self._waiting[0]
-                            warnings.warn(PoolPressureWarning(
-                                f"{len(self._waiting)} request(s) wait for blocks: the next needs "
-                                f"{head.new_blocks_bound}, {self.pool.available_blocks} are free. Release "
-                                "AgentBlocks you no longer need, then call step() again."
-                            ), stacklevel=2)
-                        return
-                    self._step()
-                done = self._take_done()  # out of _done: a generate() called inside this loop must not consume them
+                idle = not self._done and not self._running
+                if not idle:
+                    if not self._done:
+                        self._step()
+                    done = self._take_done()  # out of _done: a generate() called inside this loop must not consume them
+                elif not self._waiting:
+                    return
+                else:
+                    needs = min(request.new_blocks_bound for request in self._waiting)
+            if idle:  # waiting outside the engine's lock: other threads may submit or cancel meanwhile
+                if self.pool.wait_for_blocks(needs, self._wait_for_blocks_s):
+                    continue
+                with self._lock:
+                    waiting = len(self._waiting)
+                if waiting:
+                    warnings.warn(PoolPressureWarning(
+                        f"{waiting} request(s) wait for blocks: the smallest needs {needs}, "
+                        f"{self.pool.available_blocks} are free; {self._holders()}. Release AgentBlocks you no "
+                        "longer need, then call step() again."
+                    ), stacklevel=2)
+                return
             try:
                 while done:
                     yield done.popleft()
@@ -377,6 +413,7 @@ class BlockPoolBatchEngine:
         """One batched model step (a prefill chunk or one token for every running sequence);
         returns the requests that finished in it (and any an earlier ``step`` loop left untaken)."""
         with self._lock:
+            self._claim_driver("step_once()")
             self._step()
             return list(self._take_done())
 
@@ -384,8 +421,34 @@ class BlockPoolBatchEngine:
         done, self._done = self._done, collections.deque()
         return done
 
+    def _claim_driver(self, call: str) -> None:
+        """Make the calling thread the one stepping the engine, or ``InvalidRequestError`` while requests run on
+        another (alive) thread's streams (the lock held)."""
+        current, driver = threading.current_thread(), self._driver
+        if driver is current:
+            return
+        if driver is not None and self._running and driver.is_alive():
+            raise InvalidRequestError(
+                f"{call} from thread {current.name!r}, but requests run on thread {driver.name!r}, which steps this "
+                "engine (MLX keeps their work on that thread's streams): step an engine from one thread, e.g. a "
+                "worker that calls step() in a loop; submit() and cancel() may come from any thread")
+        self._driver = current
+
+    def _touches_generator_here(self) -> bool:
+        """Whether the calling thread may change mlx-lm's running batch now (the lock held): it steps the
+        engine, or no thread has stepped it yet."""
+        return self._driver is None or self._driver is threading.current_thread()
+
     def _step(self) -> None:
         """One batched model step, under the engine's lock; its completions are appended to ``_done``."""
+        while self._cancels:  # running requests another thread cancelled
+            uid = self._cancels.pop()
+            if uid in self._by_uid:
+                self.cancel(uid)
+        if self._close_requested:
+            self._close_requested = False
+            self._done.clear()
+            self._generator.close()
         self._admit()
         if self._running:
             try:
@@ -407,16 +470,25 @@ class BlockPoolBatchEngine:
 
     def generate(self, agent_id: str, prompt: Prompt, **kwargs) -> Completion:
         """Submit one request and run the engine until it finishes (other requests run along; their
-        completions are dropped). Raises the request's ``RequestFailedError`` if it failed, and
+        completions come with the next ``step()``, or to the step loop this is called in). Raises the request's ``RequestFailedError`` if it failed, and
         ``PoolExhaustedError`` naming the agents whose handles hold the pool if it cannot get its blocks
         (the request is then cancelled); never returns without a completion."""
+        with self._lock:  # refused before the request is queued
+            self._claim_driver("generate()")
         uid = self.submit(agent_id, prompt, **kwargs)
-        result = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PoolPressureWarning)  # raised as an error below instead
-            for completion in self.step():
-                if completion.uid == uid:
-                    result = completion
+        result, others = None, []
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PoolPressureWarning)  # raised as an error below instead
+                for completion in self.step():
+                    if completion.uid == uid:
+                        result = completion
+                    else:
+                        others.append(completion)
+        finally:
+            if others:  # for the next step(), or for the step loop this generate() was called in
+                with self._lock:
+                    self._done.extend(others)
         if result is None:
             with self._lock:
                 request = self._by_uid.get(uid)
@@ -425,19 +497,22 @@ class BlockPoolBatchEngine:
                 self.cancel(uid)
                 raise PoolExhaustedError(
                     request.new_blocks_bound, self.pool.available_blocks,
-                    f"(request {uid} of agent {agent_id!r} was cancelled: the blocks it needs are held by "
-                    f"handles you keep: {self._holders()}. Release some, or submit() and call step() again "
-                    "after releasing them)",
+                    f"(request {uid} of agent {agent_id!r} was cancelled: the blocks it needs are "
+                    f"{self._holders()}. Release some, or submit() and call step() again after releasing them)",
                 )
         if result.error is not None:
             raise result.error
         return result
 
     def _holders(self) -> str:
-        per_agent = sorted(self.pool.usage().per_agent.items(), key=lambda item: -item[1][0])
+        usage = self.pool.usage()
+        per_agent = sorted(usage.per_agent.items(), key=lambda item: -item[1][0])
         shown = ", ".join(f"agent {agent!r} {blocks} blocks" for agent, (blocks, _) in per_agent[:10])
         more = f" and {len(per_agent) - 10} more agents" if len(per_agent) > 10 else ""
-        return (shown + more) or "none (other requests' reservations)"
+        held = f"held by handles you keep: {shown + more or 'none'}"
+        if usage.reserved_blocks:
+            held += f"; {usage.reserved_blocks} free blocks are reserved by requests in flight (another engine's)"
+        return held
 
     def _recover(self, failure: adapter.StepFailed) -> None:
         """A batched step raised and the generator lost every sequence: fail the requests it is attributed
@@ -544,9 +619,13 @@ class BlockPoolBatchEngine:
                 _completed_through_interrupts(lambda: None if source.released else source.release())
 
     def cancel(self, uid: int) -> None:
-        """Drop a queued or running request and give back everything it held."""
+        """Drop a queued or running request and give back everything it held. From a thread other than the
+        one stepping the engine, a running request is dropped at that thread's next step."""
         with self._lock:
             request = self._request(uid)
+            if request.generator_uid is not None and not self._touches_generator_here():
+                self._cancels.append(request.uid)
+                return
             generator_uid, request.generator_uid = request.generator_uid, None
             try:  # out of the engine's queues first: an interrupt below must not leave a request no step ends
                 if generator_uid is None:
@@ -565,7 +644,8 @@ class BlockPoolBatchEngine:
             return len(self._by_uid) + len(self._done)
 
     def close(self) -> None:
-        """Cancel everything in flight and release what it held."""
+        """Cancel everything in flight and release what it held (from a thread other than the one stepping
+        the engine, running requests at that thread's next step)."""
         with self._lock:
             failures = []
             for uid in list(self._by_uid):
@@ -573,8 +653,11 @@ class BlockPoolBatchEngine:
                     self.cancel(uid)
                 except BaseException as exc:  # the others are still cancelled; then the first failure is raised
                     failures.append(exc)
-            self._done.clear()
-            self._generator.close()
+            if self._cancels:
+                self._close_requested = True
+            else:
+                self._done.clear()
+                self._generator.close()
             if failures:
                 raise failures[0]
 

@@ -37,6 +37,7 @@ import collections
 import functools
 import itertools
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -212,6 +213,7 @@ class BlockPool:
         self.total_blocks = total_blocks
         self.pool_id = next(_pool_ids)
         self._lock = threading.RLock()
+        self._blocks_back = threading.Condition(self._lock)  # blocks freed or a reservation given back
         self._free: List[int] = list(range(total_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refcount = [0] * total_blocks
         # Who holds the references, per agent: the raw ones of allocate / retain not given back (release_blocks
@@ -273,6 +275,28 @@ class BlockPool:
         with self._lock:
             self._drain()
             return len(self._free) - self._reserved
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Free blocks promised to reservations (requests in flight), not yet allocated."""
+        with self._lock:
+            return self._reserved
+
+    def wait_for_blocks(self, n_blocks: int, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, for ``n_blocks`` available blocks while reservations are out:
+        requests in flight (another engine's on this pool) give back what they did not use as they end. Returns
+        whether the blocks are available; at once if no reservation is out (then only handles hold blocks)."""
+        deadline = time.monotonic() + timeout
+        with self._blocks_back:
+            while True:
+                self._drain()
+                if len(self._free) - self._reserved >= n_blocks:
+                    return True
+                left = deadline - time.monotonic()
+                if not self._reserved or left <= 0:
+                    return False
+                # Polled too: a handle dropped to the garbage collector queues its blocks without a notify.
+                self._blocks_back.wait(min(left, 0.05))
 
     @property
     def used_blocks(self) -> int:
@@ -420,6 +444,7 @@ class BlockPool:
             self._reserved -= reservation.remaining
             reservation.remaining = 0
             reservation.cancelled = True
+            self._blocks_back.notify_all()
 
     def _promise_again(self, reservation: Reservation, n_blocks: int) -> None:
         """Give ``n_blocks`` just freed back to the reservation they were allocated from (the lock held)."""
@@ -536,6 +561,8 @@ class BlockPool:
             if not left:
                 freed.append(b)
         self._free.extend(reversed(freed))  # allocate pops from the end: a released run comes back in order
+        if freed:
+            self._blocks_back.notify_all()
 
     def _checked_id(self, block_id) -> int:
         if not is_int(block_id) or not 0 <= block_id < self.total_blocks:
