@@ -828,6 +828,17 @@ def test_an_interrupt_while_a_completion_is_made_still_ends_the_request(own_engi
 
 
 # ---- threads, engines sharing a pool, requests waiting for blocks ------------------------------------
+def on_a_thread_of_its_own(work):
+    """``work`` for a thread that ends after it: MLX's streams of a thread that ran mlx-lm must be cleared
+    before it ends, else the process may abort at exit (see README, "Threads")."""
+    def run(*args):
+        try:
+            work(*args)
+        finally:
+            mx.clear_streams()
+    return run
+
+
 def test_a_generate_inside_a_step_loop_leaves_the_completions_of_requests_still_running_to_it(engine):
     """Bob finishes while the loop body's generate() runs: before, that generate dropped his completion,
     and the loop never saw it (no error, pending 0)."""
@@ -869,7 +880,7 @@ def test_an_engine_waits_for_the_blocks_another_engines_requests_reserved(llama3
     first, second = (batch_engine.BlockPoolBatchEngine(model, tokenizer, pool) for _ in range(2))
     uid = first.submit("a", STORY, max_tokens=4)
     assert pool.reserved_blocks == spec.n_layers
-    threading.Timer(0.3, first.cancel, [uid]).start()  # its request ends meanwhile
+    threading.Timer(0.3, on_a_thread_of_its_own(first.cancel), [uid]).start()  # its request ends meanwhile
     second.generate("b", STORY, max_tokens=4).blocks.release()
     impatient = batch_engine.BlockPoolBatchEngine(model, tokenizer, pool, wait_for_blocks_s=0.2)
     uid = first.submit("a", STORY, max_tokens=4)  # never stepped: its reservation stays
@@ -896,7 +907,7 @@ def test_one_thread_steps_an_engine_while_requests_run_others_may_submit_and_can
         outcome["submitted"] = engine.submit("b", COUNTING, max_tokens=3)
         engine.cancel(running)  # dropped at this thread's next step
 
-    worker = threading.Thread(target=another_thread)
+    worker = threading.Thread(target=on_a_thread_of_its_own(another_thread))
     worker.start()
     worker.join()
     assert engine.pending == 2  # the refused generate() queued nothing
@@ -905,12 +916,13 @@ def test_one_thread_steps_an_engine_while_requests_run_others_may_submit_and_can
 
     engine.submit("a", STORY, max_tokens=30)
     engine.step_once()
-    worker = threading.Thread(target=engine.close)  # its running request: at this thread's next step
+    worker = threading.Thread(target=on_a_thread_of_its_own(engine.close))  # its running request: at our next step
     worker.start()
     worker.join()
     assert engine.step_once() == [] and engine.pending == 0 and whole(engine.pool)
 
-    worker = threading.Thread(target=lambda: outcome.update(idle=engine.generate("c", STORY, max_tokens=2)))
+    worker = threading.Thread(target=on_a_thread_of_its_own(
+        lambda: outcome.update(idle=engine.generate("c", STORY, max_tokens=2))))
     worker.start()  # nothing runs: the engine changes hands
     worker.join()
     assert len(outcome.pop("idle").token_ids) == 2
