@@ -871,22 +871,37 @@ def test_while_nothing_runs_a_request_that_does_not_fit_lets_smaller_ones_behind
     assert whole(engine.pool)
 
 
-def test_an_engine_waits_for_the_blocks_another_engines_requests_reserved(llama32):
-    """Two engines on one pool: the second's generate() raised PoolExhaustedError at once, and blamed
-    "handles you keep", while the blocks were only reserved by the first engine's running request."""
+def test_an_engine_waits_for_the_blocks_another_engines_running_requests_reserved(llama32):
+    """Two engines on one pool, each stepped by a thread of its own: the second's generate() raised
+    PoolExhaustedError at once, and blamed "handles you keep", while the blocks were only reserved by the
+    first engine's running request."""
     model, tokenizer = llama32
     spec = ModelCacheSpec.from_model(model)
     pool = BlockPool(spec, total_blocks=spec.n_layers * 3 // 2)  # one request's blocks, not two
     first, second = (batch_engine.BlockPoolBatchEngine(model, tokenizer, pool) for _ in range(2))
-    uid = first.submit("a", STORY, max_tokens=4)
-    assert pool.reserved_blocks == spec.n_layers
-    threading.Timer(0.3, on_a_thread_of_its_own(first.cancel), [uid]).start()  # its request ends meanwhile
-    second.generate("b", STORY, max_tokens=4).blocks.release()
     impatient = batch_engine.BlockPoolBatchEngine(model, tokenizer, pool, wait_for_blocks_s=0.2)
-    uid = first.submit("a", STORY, max_tokens=4)  # never stepped: its reservation stays
+    running, go_on = threading.Event(), threading.Event()
+
+    def first_engines_thread():  # runs a request, then, told to, cancels it: its reservation comes back
+        for _ in range(2):
+            uid = first.submit("a", STORY, max_tokens=20)  # within one block per layer
+            first.step_once()
+            running.set()
+            go_on.wait()
+            go_on.clear()
+            first.cancel(uid)
+
+    worker = threading.Thread(target=on_a_thread_of_its_own(first_engines_thread))
+    worker.start()
+    assert running.wait(60)
     with pytest.raises(PoolExhaustedError, match="reserved by requests in flight"):
-        impatient.generate("c", STORY, max_tokens=4)
-    first.cancel(uid)
+        impatient.generate("c", STORY, max_tokens=4)  # waits 0.2 s, no longer
+    running.clear()
+    go_on.set()
+    assert running.wait(60)  # the first engine's second request runs
+    threading.Timer(0.3, go_on.set).start()
+    second.generate("b", STORY, max_tokens=4).blocks.release()  # waits for it to end
+    worker.join()
     assert whole(pool)
 
 
@@ -927,4 +942,28 @@ def test_one_thread_steps_an_engine_while_requests_run_others_may_submit_and_can
     worker.join()
     assert len(outcome.pop("idle").token_ids) == 2
     assert len(engine.generate("d", STORY, max_tokens=2).token_ids) == 2  # and back
-    assert whole(engine.pool)
+
+    def submit_then_step():  # admitted by submit(), not yet stepped: it runs on no thread's streams yet
+        engine.submit("e", STORY, max_tokens=2)
+        outcome["stepped"] = [len(c.token_ids) for c in engine.step()]
+
+    worker = threading.Thread(target=on_a_thread_of_its_own(submit_then_step))
+    worker.start()
+    worker.join()
+    assert outcome["stepped"] == [2] and engine.pending == 0 and whole(engine.pool)
+
+
+def test_one_thread_stepping_two_engines_does_not_wait_for_itself(llama32, monkeypatch):
+    """The second engine's request holds the blocks and only this thread can step it: waiting for it (60 s
+    by default) could only end in the same PoolExhaustedError."""
+    model, tokenizer = llama32
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=spec.n_layers * 3 // 2)
+    first, second = (batch_engine.BlockPoolBatchEngine(model, tokenizer, pool) for _ in range(2))
+    uid = second.submit("b", STORY, max_tokens=4)
+    second.step_once()  # this thread steps it
+    monkeypatch.setattr(pool, "wait_for_blocks", lambda *args, **kwargs: pytest.fail("waited for itself"))
+    with pytest.raises(PoolExhaustedError, match="reserved by requests in flight"):
+        first.generate("a", STORY, max_tokens=4)
+    second.cancel(uid)
+    assert whole(pool)

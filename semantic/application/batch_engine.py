@@ -149,8 +149,8 @@ class BlockPoolBatchEngine:
     ``close``) from another thread is dropped at the stepping thread's next step. ``step`` yields each
     completion to the loop that ran the step finishing it.
 
-    Engines sharing one pool: requests that wait for blocks another engine's running requests have reserved
-    wait, in ``step``, up to ``wait_for_blocks_s`` seconds for those requests to end.
+    Engines sharing one pool: while another engine's requests run, stepped by another thread, requests that
+    wait for blocks wait in ``step`` (up to ``wait_for_blocks_s`` seconds) for them to end.
     """
 
     def __init__(self, model, tokenizer, pool: BlockPool, spec: Optional[ModelCacheSpec] = None, *,
@@ -195,7 +195,8 @@ class BlockPoolBatchEngine:
         self._finished: "weakref.WeakValueDictionary[int, AgentBlocks]" = weakref.WeakValueDictionary()
         self._driver: Optional[threading.Thread] = None  # the thread stepping the engine (see the class docstring)
         self._cancels: List[int] = []  # running requests another thread cancelled: dropped at the next step
-        self._close_requested = False  # close() from another thread: the generator closes at the next step
+        self._close_requested = False  # close() from another thread: the generator closes once nothing runs
+        _engines_on(pool).add(self)  # engines sharing a pool wait for each other's running requests (see step)
 
     # ---- submitting -------------------------------------------------------------------------------
     def submit(self, agent_id: str, prompt: Prompt, cache: Optional[AgentBlocks] = None, max_tokens: int = 256,
@@ -371,18 +372,18 @@ class BlockPoolBatchEngine:
         with the next ``step()`` or ``step_once()``. Requests waiting for blocks are admitted as finished
         contexts are released (a completion dropped inside the loop frees its blocks at once). Failed
         requests are yielded too, with ``error`` set (see the module docstring). If requests still wait
-        when nothing runs, the blocks they need are held by handles the caller keeps, or reserved by another
-        engine's requests on this pool: for those ``step`` waits up to ``wait_for_blocks_s`` seconds. Then it
-        returns, warns with ``PoolPressureWarning``, and ``pending`` says how many wait; release handles and
-        call ``step`` again.
+        when nothing runs, the blocks they need are held by handles the caller keeps, or by another engine's
+        requests on this pool: while those run on another thread, ``step`` waits for them (up to
+        ``wait_for_blocks_s`` seconds). Then it returns, warns with ``PoolPressureWarning``, and ``pending``
+        says how many wait; release handles and call ``step`` again.
         """
         while True:
             with self._lock:
-                self._claim_driver("step()")
                 self._admit()
                 idle = not self._done and not self._running
                 if not idle:
                     if not self._done:
+                        self._claim_driver("step()")
                         self._step()
                     done = self._take_done()  # out of _done: a generate() called inside this loop must not consume them
                 elif not self._waiting:
@@ -390,7 +391,9 @@ class BlockPoolBatchEngine:
                 else:
                     needs = min(request.new_blocks_bound for request in self._waiting)
             if idle:  # waiting outside the engine's lock: other threads may submit or cancel meanwhile
-                if self.pool.wait_for_blocks(needs, self._wait_for_blocks_s):
+                if self._others_run() and self.pool.wait_for_blocks(
+                        needs, self._wait_for_blocks_s,
+                        stop=lambda: self._running or self._done or not self._waiting or not self._others_run()):
                     continue
                 with self._lock:
                     waiting = len(self._waiting)
@@ -421,60 +424,84 @@ class BlockPoolBatchEngine:
         done, self._done = self._done, collections.deque()
         return done
 
+    def _others_run(self) -> bool:
+        """Whether another engine on this pool runs requests that a live thread other than this one steps:
+        those end, giving back blocks and reservations, without this thread doing anything."""
+        current = threading.current_thread()
+        return any(engine is not self and engine._running and engine._driver not in (None, current)
+                   and engine._driver.is_alive() for engine in list(_engines_on(self.pool)))
+
     def _claim_driver(self, call: str) -> None:
-        """Make the calling thread the one stepping the engine, or ``InvalidRequestError`` while requests run on
-        another (alive) thread's streams (the lock held)."""
+        """Make the calling thread the one stepping the engine (the lock held): see :meth:`_check_driver`."""
+        self._check_driver(call)
+        self._driver = threading.current_thread()
+
+    def _check_driver(self, call: str) -> None:
+        """``InvalidRequestError`` while requests another live thread stepped run on its streams. No thread
+        holds the engine once nothing runs (:meth:`_release_driver_if_idle`)."""
         current, driver = threading.current_thread(), self._driver
-        if driver is current:
-            return
-        if driver is not None and self._running and driver.is_alive():
+        if driver is not None and driver is not current and driver.is_alive():
             raise InvalidRequestError(
                 f"{call} from thread {current.name!r}, but requests run on thread {driver.name!r}, which steps this "
                 "engine (MLX keeps their work on that thread's streams): step an engine from one thread, e.g. a "
                 "worker that calls step() in a loop; submit() and cancel() may come from any thread")
-        self._driver = current
+
+    def _release_driver_if_idle(self) -> None:
+        if not self._running:
+            self._driver = None
 
     def _touches_generator_here(self) -> bool:
         """Whether the calling thread may change mlx-lm's running batch now (the lock held): it steps the
-        engine, or no thread has stepped it yet."""
-        return self._driver is None or self._driver is threading.current_thread()
+        engine, or no live thread does."""
+        return self._driver is None or self._driver is threading.current_thread() or not self._driver.is_alive()
 
     def _step(self) -> None:
         """One batched model step, under the engine's lock; its completions are appended to ``_done``."""
         while self._cancels:  # running requests another thread cancelled
-            uid = self._cancels.pop()
-            if uid in self._by_uid:
-                self.cancel(uid)
-        if self._close_requested:
-            self._close_requested = False
-            self._done.clear()
-            self._generator.close()
-        self._admit()
-        if self._running:
+            if self._cancels[-1] in self._by_uid:
+                self.cancel(self._cancels[-1])
+            self._cancels.pop()  # only once done: an interrupt must not lose a cancel
+        try:
+            self._admit()
+            if self._running:
+                self._step_generator()
+        finally:
+            self._release_driver_if_idle()
+            self._close_generator_if_asked()
+
+    def _step_generator(self) -> None:
+        try:
+            events = self._generator.next()
+        except adapter.StepFailed as failure:
+            self._recover(failure)
+            events = []
+        except BaseException:  # interrupted (KeyboardInterrupt): keep the engine usable, then stop
+            self._restart(list(self._running.values()))
+            raise
+        interrupt = None
+        for event in events:  # every finished request is stored or failed, even after an interrupt
             try:
-                events = self._generator.next()
-            except adapter.StepFailed as failure:
-                self._recover(failure)
-                events = []
-            except BaseException:  # interrupted (KeyboardInterrupt): keep the engine usable, then stop
-                self._restart(list(self._running.values()))
-                raise
-            interrupt = None
-            for event in events:  # every finished request is stored or failed, even after an interrupt
-                try:
-                    self._on_event(event)
-                except BaseException as exc:  # an interrupt while storing (the request is failed)
-                    interrupt = interrupt or exc
-            if interrupt is not None:
-                raise interrupt
+                self._on_event(event)
+            except BaseException as exc:  # an interrupt while storing (the request is failed)
+                interrupt = interrupt or exc
+        if interrupt is not None:
+            raise interrupt
+
+    def _close_generator_if_asked(self) -> None:
+        """The generator's close that ``close()`` from another thread left to this one, once nothing runs
+        (closing clears what mlx-lm and the adapter keep per running sequence)."""
+        if self._close_requested and not self._running:
+            self._close_requested = False
+            self._generator.close()
 
     def generate(self, agent_id: str, prompt: Prompt, **kwargs) -> Completion:
         """Submit one request and run the engine until it finishes (other requests run along; their
-        completions come with the next ``step()``, or to the step loop this is called in). Raises the request's ``RequestFailedError`` if it failed, and
-        ``PoolExhaustedError`` naming the agents whose handles hold the pool if it cannot get its blocks
-        (the request is then cancelled); never returns without a completion."""
+        completions come with the next ``step()``, or to the step loop this is called in). Raises the
+        request's ``RequestFailedError`` if it failed, ``PoolExhaustedError`` naming what holds the pool if
+        it cannot get its blocks (the request is then cancelled), and ``InvalidRequestError`` while another
+        thread steps the engine; never returns without a completion."""
         with self._lock:  # refused before the request is queued
-            self._claim_driver("generate()")
+            self._check_driver("generate()")
         uid = self.submit(agent_id, prompt, **kwargs)
         result, others = None, []
         try:
@@ -485,6 +512,16 @@ class BlockPoolBatchEngine:
                         result = completion
                     else:
                         others.append(completion)
+        except InvalidRequestError:  # another thread took the engine between the check and the step
+            with self._lock:
+                if result is None:  # that thread may have finished the request: its completion waits in _done
+                    result = next((c for c in self._done if c.uid == uid), None)
+                    if result is not None:
+                        self._done.remove(result)
+                if result is None and uid in self._by_uid:
+                    self.cancel(uid)
+            if result is None:
+                raise
         finally:
             if others:  # for the next step(), or for the step loop this generate() was called in
                 with self._lock:
@@ -636,6 +673,8 @@ class BlockPoolBatchEngine:
                     self._generator.remove(generator_uid)  # if interrupted, its next event removes it
             finally:
                 self._retire(request)
+                if self._driver is threading.current_thread():
+                    self._release_driver_if_idle()
 
     @property
     def pending(self) -> int:
@@ -653,11 +692,9 @@ class BlockPoolBatchEngine:
                     self.cancel(uid)
                 except BaseException as exc:  # the others are still cancelled; then the first failure is raised
                     failures.append(exc)
-            if self._cancels:
-                self._close_requested = True
-            else:
-                self._done.clear()
-                self._generator.close()
+            self._done.clear()
+            self._close_requested = True  # now if nothing runs any more, else at the stepping thread's next step
+            self._close_generator_if_asked()
             if failures:
                 raise failures[0]
 
@@ -718,6 +755,16 @@ class BlockPoolBatchEngine:
                 f"no request {uid!r} in flight (finished requests are found only while their blocks are alive)"
             )
         return request
+
+
+_ENGINES: "weakref.WeakKeyDictionary[BlockPool, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engines_on(pool: BlockPool) -> "weakref.WeakSet[BlockPoolBatchEngine]":
+    """The engines built on ``pool`` (and alive)."""
+    with _ENGINES_LOCK:
+        return _ENGINES.setdefault(pool, weakref.WeakSet())
 
 
 def _completed_through_interrupts(step: Callable[[], None]) -> None:

@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -282,10 +282,12 @@ class BlockPool:
         with self._lock:
             return self._reserved
 
-    def wait_for_blocks(self, n_blocks: int, timeout: float) -> bool:
-        """Wait, at most ``timeout`` seconds, for ``n_blocks`` available blocks while reservations are out:
-        requests in flight (another engine's on this pool) give back what they did not use as they end. Returns
-        whether the blocks are available; at once if no reservation is out (then only handles hold blocks)."""
+    def wait_for_blocks(self, n_blocks: int, timeout: float, stop: Callable[[], object] = lambda: False) -> bool:
+        """Wait, at most ``timeout`` seconds and until ``stop()`` is true, for ``n_blocks`` available blocks
+        (free, not promised to a reservation): for an engine whose requests wait on another engine's, which
+        give back blocks and reservations as they end. Returns whether the blocks are available. Woken as
+        blocks are freed or a reservation given back, and every 50 ms (``stop`` is polled, and a handle
+        dropped to the garbage collector queues its blocks without waking anyone)."""
         deadline = time.monotonic() + timeout
         with self._blocks_back:
             while True:
@@ -293,9 +295,8 @@ class BlockPool:
                 if len(self._free) - self._reserved >= n_blocks:
                     return True
                 left = deadline - time.monotonic()
-                if not self._reserved or left <= 0:
+                if left <= 0 or stop():
                     return False
-                # Polled too: a handle dropped to the garbage collector queues its blocks without a notify.
                 self._blocks_back.wait(min(left, 0.05))
 
     @property
