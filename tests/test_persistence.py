@@ -4,16 +4,21 @@ import errno
 import os
 import shutil
 import tempfile
+import warnings
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from semantic.application.batch_engine import BlockPoolBatchEngine
 from semantic.domain.errors import (IncompatibleCacheError, InvalidRequestError, PoolExhaustedError,
                                     ReleasedHandleError)
 from semantic.domain.services import BlockPool
-from semantic.persistence.directory import CacheDirectory
+from semantic.domain.value_objects import ModelCacheSpec
+from semantic.persistence import store as store_module
+from semantic.persistence.directory import CACHE_SUFFIX, CacheDirectory
+from semantic.testing.local_models import load_local_model
 from semantic.persistence import (
     AgentCacheStore,
     CacheBudgetWarning,
@@ -25,11 +30,13 @@ from semantic.persistence import (
 )
 from test_persistence_support import (
     SMALL_SPEC,
+    directory_state,
     loaded_snapshot,
     nothing_changes,
     open_store,
     random_handle,
     snapshot,
+    temp_files,
 )
 
 AGENT_BYTES = SMALL_SPEC.bytes_per_agent(11)  # 8 blocks: 3 + 2 (window) + 3
@@ -360,8 +367,6 @@ def test_put_keeps_its_promise_when_the_budget_cannot_be_met(tmp_path):
 
 def test_a_budget_warning_turned_into_an_error_leaves_the_put_handle_with_its_caller(tmp_path):
     """With warnings as errors, put raised the budget warning after it had released the caller's handle."""
-    import warnings
-
     store = open_store(tmp_path)
     put_new(store, "victim", seed=1)
     unwritable(store, "victim")
@@ -448,6 +453,267 @@ def test_make_room_for_a_count_that_is_not_one_is_refused(tmp_path, n_blocks):
     store = AgentCacheStore(tmp_path, BlockPool(SMALL_SPEC, 4), "model")
     with pytest.raises(InvalidRequestError, match="n_blocks"):
         store.make_room(n_blocks)
+
+
+# ---- faults at every step: typed errors, no leaked share, memory agreeing with the disk ----------------
+def eio() -> OSError:
+    return OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def fail_os(monkeypatch, name, when, error=eio, after=False):
+    """Make ``os.<name>`` raise ``error()`` on the calls whose arguments satisfy ``when``; with ``after``, once the
+    real call is done (an interrupt is raised as the call returns)."""
+    real = getattr(os, name)
+
+    def patched(*args, **kwargs):
+        if when(*args):
+            if after:
+                real(*args, **kwargs)
+            raise error()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, name, patched)
+
+
+def is_lock(path, *args) -> bool:
+    return str(path).endswith(".lock")
+
+
+def is_temp(path, *args) -> bool:
+    return str(path).endswith(".tmp")
+
+
+def always(*args) -> bool:
+    return True
+
+
+def interrupt():
+    raise KeyboardInterrupt
+
+
+def test_an_interrupt_as_put_replaces_a_resident_context_keeps_the_agent(store, monkeypatch):
+    """The previous context was popped before the new one went in: an interrupt in between lost the agent."""
+    old = put_new(store, "a", seed=1)
+    handle = random_handle(store.pool, "a", 7, seed=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "_Resident", lambda *args: interrupt())  # between the two steps
+        with nothing_changes(store), pytest.raises(KeyboardInterrupt):
+            store.put(handle)
+    assert store.resident == ("a",) and store.list() == ["a"] and current(store, "a") == old
+    assert not handle.released  # a put that raised leaves the handle with its caller
+    handle.release()
+    store.close()
+    assert store.pool.used_blocks == 0 and loaded_snapshot(store, "a") == old
+
+
+def test_a_budget_warning_turned_into_an_error_by_get_leaks_no_share(tmp_path):
+    """get made the caller's share, then raised the budget warning: the share stayed with the error."""
+    store = open_store(tmp_path)
+    put_new(store, "victim", seed=1)
+    unwritable(store, "victim")
+    with random_handle(store.pool, "a", 11, seed=2) as handle:
+        store.save(handle)
+    store.memory_budget_bytes = 0
+    victims_blocks = store.pool.used_blocks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheBudgetWarning)
+        with pytest.raises(CacheBudgetWarning) as raised:
+            store.get("a")
+    # "a" was read in, then moved out again by the budget: nothing of it may stay held, not even by the error.
+    assert isinstance(raised.value, CacheBudgetWarning) and store.pool.used_blocks == victims_blocks
+    assert store.resident == ("victim",) and store.list() == ["a", "victim"]
+    store.pool.check_invariants()
+
+
+def test_a_delete_whose_lock_file_cannot_be_removed_still_forgets_the_agent(store, monkeypatch):
+    """The file was gone, then unlinking the lock raised: the OSError came out and the agent stayed resident."""
+    put_new(store, "a")
+    store.flush()
+    with monkeypatch.context() as patch:
+        fail_os(patch, "unlink", is_lock)
+        assert store.delete("a")
+    assert "a" not in store and store.list() == [] and store.resident == () and store.pool.used_blocks == 0
+    assert (store.directory / ".a.lock").exists()  # left behind: advisory, the next save takes it
+    expected = put_new(store, "a", seed=3)
+    store.flush()
+    assert loaded_snapshot(store, "a") == expected
+
+
+def test_an_error_closing_a_lock_file_does_not_fail_what_the_lock_guarded(store, monkeypatch):
+    """The save or delete was done, then closing its lock raised a bare OSError."""
+    put_new(store, "b")
+    store.flush()
+    lock_fds, real_open, real_close = set(), os.open, os.close
+
+    def opening(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if is_lock(path):
+            lock_fds.add(fd)
+        return fd
+
+    def closing(fd):
+        real_close(fd)
+        if fd in lock_fds:
+            lock_fds.discard(fd)
+            raise eio()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", opening)
+        patch.setattr(os, "close", closing)
+        with random_handle(store.pool, "a", 11, seed=1) as handle:
+            store.save(handle)
+            expected = snapshot(handle)
+        assert store.delete("b")
+    assert store.list() == ["a"] and store.resident == () and store.pool.used_blocks == 0
+    assert loaded_snapshot(store, "a") == expected
+
+
+@pytest.mark.parametrize("when", ["as the rename returns", "in the directory sync"])
+@pytest.mark.parametrize("how", ["save", "write-through put"])
+def test_an_interrupt_after_the_rename_makes_the_new_context_current_until_written_again(tmp_path, monkeypatch,
+                                                                                          when, how):
+    """The file held the new context, but memory kept the old one marked as on disk (save) or not the new one at
+    all (put): get and load disagreed, and evicting the agent switched it to the file."""
+    store = open_store(tmp_path, write_through=how != "save")
+    put_new(store, "a", seed=1)
+    store.flush()
+    new = random_handle(store.pool, "a", 7, seed=9)
+    expected = snapshot(new)
+    with monkeypatch.context() as patch:
+        if when == "as the rename returns":
+            fail_os(patch, "replace", always, KeyboardInterrupt, after=True)
+        else:
+            patch.setattr(CacheDirectory, "_sync_directory", lambda self: interrupt())
+        with pytest.raises(KeyboardInterrupt):
+            (store.save if how == "save" else store.put)(new)
+    assert not new.released  # still the caller's
+    new.release()
+    assert store.resident == ("a",) and current(store, "a") == loaded_snapshot(store, "a") == expected
+    assert store.pool.used_blocks == SMALL_SPEC.blocks_per_agent(7)  # the old context was let go
+    renames, real_replace = [], os.replace
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", lambda *args: renames.append(args) or real_replace(*args))
+        store.flush()  # not durable yet: written again
+    assert len(renames) == 1
+    store.close()
+    assert store.pool.used_blocks == 0 and loaded_snapshot(store, "a") == expected
+
+
+@pytest.mark.parametrize("when", ["as the unlink returns", "in the directory sync"])
+def test_an_interrupt_after_a_delete_removed_the_file_forgets_the_agent(store, monkeypatch, when):
+    """The file was gone, but the agent stayed resident (and listed), marked as on disk."""
+    put_new(store, "a")
+    store.flush()
+    with monkeypatch.context() as patch:
+        if when == "as the unlink returns":
+            fail_os(patch, "unlink", lambda path: str(path).endswith(CACHE_SUFFIX), KeyboardInterrupt, after=True)
+        else:
+            patch.setattr(CacheDirectory, "_sync_directory", lambda self: interrupt())
+        with pytest.raises(KeyboardInterrupt):
+            store.delete("a")
+    assert "a" not in store and store.list() == [] and store.resident == () and store.pool.used_blocks == 0
+
+
+def test_a_failed_save_whose_temp_file_cannot_be_removed_is_still_a_write_error(store, monkeypatch):
+    """Removing the temp file raised, and its bare OSError replaced the save's CacheWriteError."""
+    old = put_new(store, "a", seed=1)
+    store.flush()
+    files = directory_state(store.directory)
+    with random_handle(store.pool, "a", 7, seed=2) as handle, monkeypatch.context() as patch:
+        fail_os(patch, "fsync", always)
+        fail_os(patch, "unlink", is_temp)
+        with pytest.raises(CacheWriteError, match="previous file, if any, is unchanged"):
+            store.save(handle)
+    assert len(temp_files(store.directory)) == 1  # left behind, never read
+    assert {k: v for k, v in directory_state(store.directory).items() if not is_temp(k)} == files
+    assert current(store, "a") == loaded_snapshot(store, "a") == old
+    reopened = open_store(store.directory)  # removes it
+    assert temp_files(store.directory) == [] and loaded_snapshot(reopened, "a") == old
+
+
+def test_a_store_opens_even_if_a_leftover_temp_file_cannot_be_removed(tmp_path, monkeypatch):
+    """The bare OSError of the unlink came out of the constructor: the directory could not be opened at all."""
+    expected = put_new(first := open_store(tmp_path), "a")
+    first.close()
+    (tmp_path / ".a.0123456789ab.tmp").write_bytes(b"half a save")
+    with monkeypatch.context() as patch:
+        fail_os(patch, "unlink", is_temp)
+        store = open_store(tmp_path)
+    assert store.list() == ["a"] and loaded_snapshot(store, "a") == expected
+    assert temp_files(tmp_path) == [".a.0123456789ab.tmp"]
+
+
+def test_an_interrupt_during_a_save_is_not_turned_into_a_write_error_by_a_failing_close(store, monkeypatch):
+    """Closing the temp file after the interrupt raised, and that error (a CacheWriteError) hid the interrupt."""
+    old = put_new(store, "a", seed=1)
+    store.flush()
+    temp_fds, real_open = set(), os.open
+
+    def opening(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if is_temp(path):
+            temp_fds.add(fd)
+        return fd
+
+    with random_handle(store.pool, "a", 7, seed=2) as handle, nothing_changes(store), monkeypatch.context() as patch:
+        patch.setattr(os, "open", opening)
+        fail_os(patch, "fsync", lambda fd: fd in temp_fds, KeyboardInterrupt)
+        fail_os(patch, "close", lambda fd: fd in temp_fds, after=True)
+        with pytest.raises(KeyboardInterrupt):
+            store.save(handle)
+    assert current(store, "a") == loaded_snapshot(store, "a") == old and temp_files(store.directory) == []
+
+
+def test_an_error_checking_the_lock_file_is_a_write_error(store, monkeypatch):
+    """A bare OSError came out of the lock (its stat after locking)."""
+    with random_handle(store.pool, "a", 7, seed=2) as handle, nothing_changes(store, except_file=".a.lock"):
+        with monkeypatch.context() as patch:
+            fail_os(patch, "stat", is_lock)
+            with pytest.raises(CacheWriteError, match="cannot check the lock file"):
+                store.save(handle)
+
+
+# ---- faults in a turn on a real model ------------------------------------------------------------------
+def tiny_engine(total_blocks: int) -> BlockPoolBatchEngine:
+    model, tokenizer = load_local_model("tiny-llama")
+    return BlockPoolBatchEngine(model, tokenizer, BlockPool(ModelCacheSpec.from_model(model), total_blocks))
+
+
+def test_a_write_through_turn_whose_write_fails_leaks_no_share(tmp_path, monkeypatch):
+    """generate shared the turn for put, and when put raised it kept that share and made another for the store."""
+    engine = tiny_engine(48)
+    store = AgentCacheStore.for_engine(tmp_path, engine, write_through=True)
+    with monkeypatch.context() as patch:
+        fail_os(patch, "replace", always)
+        with pytest.raises(CacheWriteError) as raised:
+            store.generate(engine, "a", "the old river ran past a quiet town", max_tokens=3)
+    turn = raised.value.completion
+    blocks = [block for ids in turn.blocks.all_block_ids for block in ids]
+    context = turn.blocks.token_ids
+    turn.blocks.release()
+    # While the error is alive, each block is held once: by the store's resident context.
+    assert [store.pool.refcount(block) for block in blocks] == [1] * len(blocks)
+    assert store.pool.used_blocks == len(set(blocks)) and engine.pending == 0
+    assert store.resident == ("a",) and store.list() == ["a"]
+    store.close()  # written now
+    assert store.pool.used_blocks == 0
+    with store.load("a") as saved:
+        assert saved.token_ids == context
+
+
+def test_a_turn_whose_eviction_cannot_write_is_cancelled(tmp_path):
+    """make_room's CacheWriteError came out of generate with the request still in the engine, holding blocks."""
+    engine = tiny_engine(12)
+    store = AgentCacheStore.for_engine(tmp_path, engine)
+    words = "the old river ran past a quiet town where people made bread and told long stories".split()
+    a, b = (" ".join(words[(offset + i) % len(words)] for i in range(300)) for offset in (0, 1))
+    store.generate(engine, "a", a, max_tokens=8).blocks.release()  # 8 of 12 blocks, resident
+    (store.directory / ".a.lock").mkdir()  # "a" cannot be moved to disk
+    with nothing_changes(store), pytest.raises(CacheWriteError, match="lock file"):
+        store.generate(engine, "b", b, max_tokens=8)
+    assert engine.pending == 0 and store.list() == ["a"]
+    (store.directory / ".a.lock").rmdir()
+    assert store.generate(engine, "b", b, max_tokens=8).token_ids  # now "a" can move to disk
 
 
 # ---- the state machine ------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Each bad-file test goes through ``AgentCacheStore.load`` / ``get`` on a real fil
 and then checks that the pool, the store and every other file are unchanged.
 """
 
+import errno
+import io
 import json
 import os
 import random
@@ -19,11 +21,13 @@ from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence import (
     AgentCacheStore,
     CacheCorruptionError,
+    CacheReadError,
     CacheWriteError,
     IncompatibleCacheFileError,
     InvalidAgentIdError,
     UnknownAgentError,
 )
+from semantic.persistence import directory as directory_module
 from semantic.persistence import file_format
 from test_persistence_support import (
     FINGERPRINT,
@@ -356,6 +360,73 @@ def test_a_read_only_store_with_a_leftover_temp_file_opens_and_loads(store, save
     assert {agent: snapshot(reader.load(agent)) for agent in ("a", "b")} == expected
     with random_handle(reader.pool, "a", 5, seed=9) as handle, pytest.raises(CacheWriteError):
         reader.save(handle)
+
+
+# ---- I/O errors while reading ------------------------------------------------------------------------
+def raise_eio(*args):
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+class FailingReads(io.FileIO):
+    """A cache file whose ``failing``-th read (``read`` or ``readinto``, from 1; 0: none) raises EIO, and
+    whose first close raises EIO (once closed) if ``close_fails``."""
+
+    def __init__(self, *args, failing: int, close_fails: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failing, self.reads, self.close_fails = failing, 0, close_fails
+
+    def close(self):
+        super().close()
+        if self.close_fails:
+            self.close_fails = False
+            raise_eio()
+
+    def _count(self) -> None:
+        self.reads += 1
+        if self.reads == self.failing:
+            raise_eio()
+
+    def read(self, *args):
+        self._count()
+        return super().read(*args)
+
+    def readinto(self, buffer):
+        self._count()
+        return super().readinto(buffer)
+
+
+def test_an_io_error_reading_a_file_is_a_read_error_that_leaves_it_as_it_is(store, saved, monkeypatch):
+    """Before, an EIO reading the header came out as a bare OSError, and one reading the tensors (MLX reads them
+    in mx.eval and reports a RuntimeError) as CacheCorruptionError: a file to throw away, though it reads later."""
+    opened = []
+
+    def open_failing(failing, close_fails=False):
+        def opening(path, mode, buffering, opener):
+            opened.append(FailingReads(os.fspath(path), mode, opener=opener, failing=failing,  # fspath: as open()
+                                       close_fails=close_fails))
+            return opened[-1]
+        return opening
+
+    with monkeypatch.context() as patch:
+        patch.setattr(directory_module, "open", open_failing(0), raising=False)
+        with store.load("a") as handle:
+            expected = snapshot(handle)
+    n_reads = opened[-1].reads
+    assert n_reads > 2  # the length, the header, the tensors
+    for failing in range(1, n_reads + 1):
+        with monkeypatch.context() as patch, nothing_changes(store):
+            patch.setattr(directory_module, "open", open_failing(failing), raising=False)
+            with pytest.raises(CacheReadError, match=r"could not read .*a\.safetensors: Input/output error; the file "
+                                                     r"was left as it is"):
+                store.get("a")
+    with monkeypatch.context() as patch, nothing_changes(store):
+        patch.setattr(os, "fstat", raise_eio)
+        with pytest.raises(CacheReadError, match="Input/output error"):
+            store.get("a")
+    with monkeypatch.context() as patch:
+        patch.setattr(directory_module, "open", open_failing(0, close_fails=True), raising=False)
+        with store.get("a") as handle:  # read and checked: an error closing the file loses nothing
+            assert snapshot(handle) == expected
 
 
 # ---- the header's bytes ------------------------------------------------------------------------------

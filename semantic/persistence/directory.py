@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import pathlib
 import re
@@ -42,6 +43,7 @@ from semantic.persistence.errors import (
     IncompatibleCacheFileError,
     InvalidAgentIdError,
     UnknownAgentError,
+    read_error,
 )
 
 CACHE_SUFFIX = ".safetensors"
@@ -134,7 +136,8 @@ class CacheDirectory:
             raise CacheReadError(f"cannot list the cache directory {self.path}: {exc.strerror}") from exc
         return found
 
-    def open_for_reading(self, agent_id: str):
+    @contextlib.contextmanager
+    def open_for_reading(self, agent_id: str) -> Iterator[io.FileIO]:
         """The agent's file, opened unbuffered: one open file stays one version even if a save replaces it."""
         path = self.file_for(agent_id)
         try:
@@ -151,42 +154,62 @@ class CacheDirectory:
                     f"{path} is a symbolic link; the store reads only its own files. Remove the link"
                 ) from None
             raise CacheReadError(f"cannot open {path}: {exc.strerror}") from exc
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            file.close()
-            raise _not_a_file(path)
-        return file
+        try:
+            try:
+                regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+            except OSError as exc:
+                raise read_error(path, exc) from exc
+            if not regular:
+                raise _not_a_file(path)
+            yield file
+        finally:
+            with contextlib.suppress(OSError):  # only read through: an error closing it loses nothing
+                file.close()
 
     # ---- writing ----------------------------------------------------------------------------------
-    def replace(self, agent_id: str, write: Callable[[int], None]) -> None:
+    def replace(self, agent_id: str, write: Callable[[int], None],
+                replaced: Callable[[], object] = lambda: None) -> None:
         """Make the agent's file hold what ``write(fd)`` writes, atomically and durably.
 
         The data goes to a temp file beside the target, is fsynced, renamed over
         the target, and the directory is fsynced, so a crash at any point leaves
-        the old file or the new one, never a mix; a failure removes the temp file.
+        the old file or the new one, never a mix; a failure removes the temp file
+        (or, if even that fails, the next store that opens the directory does).
+        ``replaced()`` runs as soon as the new file is in place, before the directory
+        sync, even when an interrupt comes with the rename: what its caller keeps in
+        memory about the file then agrees with the disk whatever happens next.
         """
         name = check_agent_id(agent_id)
         target = self.path / (name + CACHE_SUFFIX)
         with self.lock(agent_id):
             temp = self.path / f".{name}.{secrets.token_hex(_TEMP_BYTES)}.tmp"
+            renaming = False
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     write(fd)
                     os.fsync(fd)
-                finally:
-                    os.close(fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):  # the first failure is the one to report
+                        os.close(fd)
+                    raise
+                os.close(fd)  # an error here can mean lost writes (network file systems): a failed save
+                renaming = True
                 os.replace(temp, target)
-            except OSError as exc:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
-                raise CacheWriteError(
-                    f"could not save agent {agent_id!r} to {target}: {exc.strerror or exc}; "
-                    "its previous file, if any, is unchanged"
-                ) from exc
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
+            except BaseException as exc:
+                # An interrupt is raised as os.replace returns, after the rename: then the temp file is gone (the
+                # lock keeps other savers off its name) and the new file is in place.
+                if renaming and not os.path.lexists(temp):
+                    replaced()
+                    raise
+                _discard_temp(temp)
+                if isinstance(exc, OSError):
+                    raise CacheWriteError(
+                        f"could not save agent {agent_id!r} to {target}: {exc.strerror or exc}; "
+                        "its previous file, if any, is unchanged"
+                    ) from exc
                 raise
+            replaced()
             try:
                 self._sync_directory()
             except OSError as exc:  # after the rename: the new file is the one readers see now
@@ -196,18 +219,25 @@ class CacheDirectory:
                     "save again to make it durable"
                 ) from exc
 
-    def remove(self, agent_id: str) -> bool:
-        """Delete the agent's file (and lock file); whether there was one."""
+    def remove(self, agent_id: str, removed: Callable[[], object] = lambda: None) -> bool:
+        """Delete the agent's file (and lock file); whether there was one. ``removed()`` runs as soon as the
+        file is gone, before the directory sync, even when an interrupt comes with the unlink (see ``replace``)."""
         name = check_agent_id(agent_id)
+        path = self.path / (name + CACHE_SUFFIX)
         with self.lock(agent_id):
             try:
-                os.unlink(self.path / (name + CACHE_SUFFIX))
+                os.unlink(path)
             except FileNotFoundError:
                 existed = False
             except OSError as exc:
                 raise CacheWriteError(f"could not delete the cache file of agent {agent_id!r}: {exc.strerror}") from exc
+            except BaseException:  # an interrupt, raised as os.unlink returns: the file may be gone already
+                if not os.path.lexists(path):
+                    removed()
+                raise
             else:
                 existed = True
+                removed()
                 try:
                     self._sync_directory()
                 except OSError as exc:
@@ -215,8 +245,10 @@ class CacheDirectory:
                         f"deleted the cache file of agent {agent_id!r}, but syncing the directory failed "
                         f"({exc.strerror or exc}): a crash of the machine now could bring it back; delete again"
                     ) from exc
-            # Removed while held: a process waiting on it notices the unlink and retries (see ``lock``).
-            with contextlib.suppress(FileNotFoundError):
+            # Removed while held: a process waiting on it notices the unlink and retries (see ``lock``). The lock is
+            # advisory: one left behind (an I/O error) holds nothing and is reused by the next save, so the delete
+            # that is done stays done.
+            with contextlib.suppress(OSError):
                 os.unlink(self._lock_path(name))
         return existed
 
@@ -232,8 +264,7 @@ class CacheDirectory:
                 continue
             try:
                 with self.lock(agent_id, timeout=0):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(temp)
+                    _discard_temp(temp)
             except (CacheLockTimeoutError, CacheWriteError):
                 pass  # a live writer's file, or a lock path this store cannot use: that agent's problem alone
 
@@ -267,13 +298,13 @@ class CacheDirectory:
                 if self._acquired(fd, path, deadline, agent_id):
                     break
             except BaseException:
-                os.close(fd)
+                _close_lock(fd)
                 raise
-            os.close(fd)  # the file was deleted under us: lock the new one
+            _close_lock(fd)  # the file was deleted under us: lock the new one
         try:
             yield
         finally:
-            os.close(fd)  # closing releases the flock
+            _close_lock(fd)
 
     def _acquired(self, fd: int, path: pathlib.Path, deadline: float, agent_id: str) -> bool:
         while True:
@@ -293,3 +324,19 @@ class CacheDirectory:
             return os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise CacheWriteError(f"cannot check the lock file {path}: {exc.strerror}") from exc
+
+
+def _close_lock(fd: int) -> None:
+    """Close a lock file, which releases its flock. Errors are ignored: the descriptor is freed even when close
+    reports one (EIO on a network file system), and nothing was written through it that could be lost."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _discard_temp(temp: pathlib.Path) -> None:
+    """Remove a temp file of a save that did not finish. Errors are ignored: a temp file left behind is never
+    read, and is removed when a store next opens the directory; the save's own outcome is what to report."""
+    with contextlib.suppress(OSError):
+        os.unlink(temp)

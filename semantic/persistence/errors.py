@@ -31,7 +31,16 @@ class IncompatibleCacheFileError(CachePersistenceError, IncompatibleCacheError):
 
 
 class CacheReadError(CachePersistenceError):
-    """The agent's file exists but could not be opened (permissions, I/O error)."""
+    """The agent's file exists but could not be opened or read (permissions, I/O error). Unlike
+    ``CacheCorruptionError`` this says nothing about its content: the file is left as it is, and may read later."""
+
+
+def read_error(where, exc: OSError) -> CacheReadError:
+    """The error for an ``OSError`` raised reading the cache file ``where``."""
+    return CacheReadError(
+        f"could not read {where}: {exc.strerror or exc}; the file was left as it is (an I/O error, not damage "
+        "found in it): retry once the cause is fixed"
+    )
 
 
 class CacheWriteError(CachePersistenceError):

@@ -35,7 +35,7 @@ import numpy as np
 
 from semantic.domain.block_format import BlockFormat
 from semantic.domain.value_objects import ModelCacheSpec
-from semantic.persistence.errors import CacheCorruptionError, IncompatibleCacheFileError
+from semantic.persistence.errors import CacheCorruptionError, IncompatibleCacheFileError, read_error
 
 FORMAT = "semantic.agent_cache"
 FORMAT_VERSION = 1
@@ -165,8 +165,18 @@ def read_agent_cache(file, *, agent_id: str, model_fingerprint: str,
                      spec: ModelCacheSpec) -> Tuple[AgentCacheHeader, List[mx.array]]:
     """Read and check a whole file: its header, that it belongs to this model, agent and geometry,
     that its size is exact, and every tensor's checksum. Returns the header and the tensors in
-    ``tensor_table`` order, or raises ``CacheCorruptionError`` / ``IncompatibleCacheFileError``."""
+    ``tensor_table`` order, or raises ``CacheCorruptionError`` / ``IncompatibleCacheFileError``, or
+    ``CacheReadError`` if reading the file fails (an I/O error says nothing about its content)."""
     where = getattr(file, "name", "the cache file")
+    try:
+        return _read_checked(_ReadFaults(file), where, agent_id=agent_id, model_fingerprint=model_fingerprint,
+                             spec=spec)
+    except OSError as exc:
+        raise read_error(where, exc) from exc
+
+
+def _read_checked(file: "_ReadFaults", where: str, *, agent_id: str, model_fingerprint: str,
+                  spec: ModelCacheSpec) -> Tuple[AgentCacheHeader, List[mx.array]]:
     size = os.fstat(file.fileno()).st_size
     raw_header, data_start = _read_header_bytes(file, size, where)
     header_json = _parse_json(raw_header, where)
@@ -282,8 +292,8 @@ def _interpret(metadata: Dict[str, str], where: str, *, agent_id: str, model_fin
         )
     geometry = _field(metadata, "geometry", where, json.loads)
     expected_geometry = geometry_of(spec)
-    if isinstance(geometry, dict) and {**geometry, "block_format": None} == {**expected_geometry, "block_format": None} \
-            and geometry != expected_geometry:
+    if isinstance(geometry, dict) and geometry != expected_geometry \
+            and {**geometry, "block_format": None} == {**expected_geometry, "block_format": None}:
         raise IncompatibleCacheFileError(
             f"{where} holds {_format_name(geometry)} blocks, the pool keeps {_format_name(expected_geometry)} "
             "blocks; load it into a pool of that block format (ModelCacheSpec.with_format), or delete the file"
@@ -328,7 +338,7 @@ def _digest_map(text: str) -> Dict[str, str]:
     return digests
 
 
-def _load_tensors(file, table: Dict[str, Dict[str, Any]], where: str) -> List[mx.array]:
+def _load_tensors(file: "_ReadFaults", table: Dict[str, Dict[str, Any]], where: str) -> List[mx.array]:
     if not table:
         return []
     file.seek(0)
@@ -337,7 +347,48 @@ def _load_tensors(file, table: Dict[str, Dict[str, Any]], where: str) -> List[mx
         mx.eval(arrays)
         return [arrays[name] for name in table]
     except (RuntimeError, ValueError, KeyError) as exc:
+        if file.error is not None:  # not damage: reading failed (mx.eval reports it as a RuntimeError)
+            raise file.error from None
         raise CacheCorruptionError(f"{where}: MLX could not read the tensors ({exc})") from None
+
+
+class _ReadFaults:
+    """The binary file ``mx.load`` reads, keeping the ``OSError`` a read raised: MLX reads lazily, in
+    ``mx.eval``, and turns such an error into a ``RuntimeError`` that would otherwise pass for a damaged file."""
+
+    def __init__(self, file):
+        self._file = file
+        self.error = None
+
+    @property
+    def name(self) -> str:  # mx.load requires it
+        return self._file.name
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def read(self, n: int) -> bytes:
+        return self._file.read(n)
+
+    def readinto(self, buffer) -> int:
+        return self._kept(self._file.readinto, buffer)
+
+    def seek(self, *args) -> int:
+        return self._kept(self._file.seek, *args)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def _kept(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def _verify_tensors(table, tensors: Sequence[mx.array], expected: Dict[str, str], where: str) -> None:

@@ -23,19 +23,21 @@ not kept coherent; the last save of an agent wins.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import threading
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, OrderedDict, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, OrderedDict, Tuple
 
 from semantic.domain.entities import AgentBlocks
-from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, PoolExhaustedError
+from semantic.domain.errors import (IncompatibleCacheError, InvalidRequestError, PoolExhaustedError,
+                                    UnknownRequestError)
 from semantic.domain.request_checks import checked_int
 from semantic.domain.services import BlockPool
 from semantic.persistence.directory import CacheDirectory, check_agent_id
-from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheSyncError, CacheWriteError
+from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheWriteError
 from semantic.persistence.file_format import AgentCacheHeader, geometry_of, read_agent_cache, write_agent_cache
 from semantic.persistence.fingerprint import model_fingerprint
 
@@ -74,7 +76,8 @@ class AgentCacheStore:
             raise InvalidRequestError(f"pool must be a BlockPool, got {type(pool).__name__}")
         if not isinstance(model_fingerprint, str) or not model_fingerprint or not model_fingerprint.isprintable():
             raise InvalidRequestError(
-                f"model_fingerprint must be a non-empty printable string (see model_fingerprint()), got {model_fingerprint!r}"
+                "model_fingerprint must be a non-empty printable string (see model_fingerprint()), "
+                f"got {model_fingerprint!r}"
             )
         if memory_budget_bytes is not None:
             memory_budget_bytes = checked_int("memory_budget_bytes", memory_budget_bytes, 0)
@@ -120,14 +123,8 @@ class AgentCacheStore:
         # Our own reference while the file is written: a release elsewhere meanwhile must not let the
         # blocks be reused (the file would hold another agent's data, under valid checksums).
         with self._lock, handle.share() as pinned:
-            try:
-                self._write(pinned)
-            except CacheSyncError:  # the file holds it, not yet durably: current in memory, written again later
-                if pinned.agent_id in self._resident:
-                    self._set_resident(pinned.agent_id, pinned.share(), on_disk=False)
-                raise
+            self._write(pinned, adopt=lambda: pinned.agent_id in self._resident)
             if pinned.agent_id in self._resident:
-                self._set_resident(pinned.agent_id, pinned.share(), on_disk=True)
                 self._enforce_budget()
 
     def load(self, agent_id: str) -> AgentBlocks:
@@ -140,10 +137,8 @@ class AgentCacheStore:
         """Forget the agent in both tiers; whether the store had it."""
         with self._lock:
             try:
-                existed = self._directory.remove(agent_id)
-            except CacheSyncError:  # the file is gone (not yet durably): forget the agent in memory too
-                self._drop_resident(agent_id)
-                raise
+                # Forgotten in memory as soon as the file is gone, even if the sync then fails or an interrupt comes.
+                existed = self._directory.remove(agent_id, removed=lambda: self._drop_resident(agent_id))
             finally:
                 self._file_changed(agent_id)
             return self._drop_resident(agent_id) or existed
@@ -162,17 +157,15 @@ class AgentCacheStore:
     def put(self, agent_blocks: AgentBlocks) -> None:
         """Make the handle the agent's current context, kept in the pool: the store takes the handle over
         (it is released when this returns; the store keeps a share of its own, which no release of yours
-        can reach). If this raises, the handle is still yours (after a ``CacheSyncError`` of
-        ``write_through`` the store holds a share of it as the current context, as ``save`` does)."""
+        can reach). If this raises, the handle is still yours (if ``write_through`` had replaced the agent's
+        file, by a ``CacheSyncError`` or an interrupt, the store holds a share of it as the current context, as
+        ``save`` does)."""
         handle = self._checked_handle(agent_blocks)
         with self._lock:
             if self.write_through:
-                try:
-                    self._write(handle)
-                except CacheSyncError:  # the file holds it, not yet durably: current in memory too, as save does
-                    self._set_resident(handle.agent_id, handle.share(), on_disk=False)
-                    raise
-            self._set_resident(handle.agent_id, handle.share(), on_disk=self.write_through)
+                self._write(handle, adopt=lambda: True)
+            else:
+                self._set_resident(handle.agent_id, handle.share(), on_disk=False)
             self._enforce_budget()  # raises only as a warning turned into an error: the handle stays yours then
             handle.release()
 
@@ -188,7 +181,11 @@ class AgentCacheStore:
             # The store's fingerprint vouches for the model, as for a context read from its file: an engine of
             # another object of the same model (a reloaded one) takes it.
             shared.computed_by = None
-            self._enforce_budget()
+            try:
+                self._enforce_budget()
+            except BaseException:  # a budget warning turned into an error: the handle was never yours
+                shared.release()
+                raise
             return shared
 
     def evict(self, agent_id: str) -> bool:
@@ -281,28 +278,35 @@ class AgentCacheStore:
             if cache is not None:
                 cache.release()
         result = None
-        while result is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PoolPressureWarning)  # relieving that pressure is our job
-                for completion in engine.step():
-                    if completion.uid == uid:
-                        result = completion
-            # step() returned with our request still waiting: free at least one more block and retry.
-            wanted = self.pool.available_blocks + 1
-            if result is None and not self.make_room(wanted):
-                engine.cancel(uid)
-                raise PoolExhaustedError(
-                    wanted, self.pool.available_blocks,
-                    f"(agent {agent_id!r} waits for blocks that handles held outside the store pin; "
-                    "release them or use a larger pool)",
-                )
         try:
-            self.put(result.blocks.share())
-        except CachePersistenceError as exc:  # write_through's write failed: keep the turn in memory, say so
-            with self._lock:
-                self._set_resident(agent_id, result.blocks.share(), on_disk=False)
-            exc.completion = result
+            while result is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", PoolPressureWarning)  # relieving that pressure is our job
+                    for completion in engine.step():
+                        if completion.uid == uid:
+                            result = completion
+                # step() returned with our request still waiting: free at least one more block and retry.
+                wanted = self.pool.available_blocks + 1
+                if result is None and not self.make_room(wanted):
+                    raise PoolExhaustedError(
+                        wanted, self.pool.available_blocks,
+                        f"(agent {agent_id!r} waits for blocks that handles held outside the store pin; "
+                        "release them or use a larger pool)",
+                    )
+        except BaseException:  # no room, an eviction that could not write, an interrupt: the request holds blocks
+            if result is None:
+                with contextlib.suppress(UnknownRequestError):  # a step that raised had ended it already
+                    engine.cancel(uid)
             raise
+        # put takes the share over when it succeeds; when it raises the share is still ours, released on the way out.
+        with result.blocks.share() as kept:
+            try:
+                self.put(kept)
+            except CachePersistenceError as exc:  # write_through's write failed: keep the turn in memory, say so
+                with self._lock:
+                    self._set_resident(agent_id, kept.share(), on_disk=False)
+                exc.completion = result
+                raise
         return result
 
     # ---- internals --------------------------------------------------------------------------------
@@ -320,11 +324,20 @@ class AgentCacheStore:
                 "or the engine")
         return agent_blocks
 
-    def _set_resident(self, agent_id: str, handle: AgentBlocks, on_disk: bool) -> None:
-        previous = self._resident.pop(agent_id, None)
-        self._resident[agent_id] = _Resident(handle, on_disk)
+    def _set_resident(self, agent_id: str, handle: AgentBlocks, on_disk: bool) -> _Resident:
+        """Make ``handle`` (the store's own reference: released here if this fails) the agent's resident context,
+        most recently used. The new entry goes in before the previous one is let go, so an interrupt at any point
+        leaves the agent resident, with one of the two."""
+        previous = self._resident.get(agent_id)
+        try:
+            resident = self._resident[agent_id] = _Resident(handle, on_disk)
+        except BaseException:
+            handle.release()
+            raise
+        self._resident.move_to_end(agent_id)
         if previous is not None and previous.handle is not handle:
             previous.handle.release()
+        return resident
 
     def _drop_resident(self, agent_id: str) -> bool:
         """Release the agent's blocks, if resident, without writing them; whether it was."""
@@ -406,10 +419,21 @@ class AgentCacheStore:
                     refs[block] += 1
         return refs
 
-    def _write(self, handle: AgentBlocks, current: Optional[_Resident] = None) -> None:
+    def _write(self, handle: AgentBlocks, current: Optional[_Resident] = None,
+               adopt: Callable[[], bool] = lambda: False) -> None:
         """Write ``handle`` to its agent's file. Waiting for the file lock lets go of the store, so the state
         is read only once the lock is held. With ``current`` (a resident agent written back by flush or
-        eviction): skipped if meanwhile the agent's context was replaced or written, else marked on disk."""
+        eviction): skipped if meanwhile the agent's context was replaced or written, else marked on disk.
+        If ``adopt()`` (save, put) says so once the file holds ``handle``, a share of it becomes the agent's
+        resident context at once, marked on disk only when the directory sync made the file durable: after a
+        failed sync or an interrupt memory agrees with the disk, and the context is written again later."""
+        written = current
+
+        def replaced() -> None:
+            nonlocal written
+            if adopt():
+                written = self._set_resident(handle.agent_id, handle.share(), on_disk=False)
+
         def superseded() -> bool:
             return current is not None and (self._resident.get(handle.agent_id) is not current or current.on_disk)
 
@@ -425,13 +449,13 @@ class AgentCacheStore:
         if superseded():  # an earlier write-back of the same flush waited: this one need not take the lock
             return
         try:
-            self._directory.replace(handle.agent_id, write)
+            self._directory.replace(handle.agent_id, write, replaced)
         except _Superseded:
             return
         finally:
             self._file_changed(handle.agent_id)
-        if current is not None:
-            current.on_disk = True
+        if written is not None:
+            written.on_disk = True
 
     def _gather(self, handle: AgentBlocks) -> List["mx.array"]:
         """The stored parts (keys and values, or their packed forms) of every layer that holds blocks,
