@@ -66,8 +66,10 @@ def run(args) -> None:
     per_agent = spec.blocks_per_agent(1024 + args.turns * args.max_tokens)  # personas, questions, replies
     pool = BlockPool(spec, total_blocks=6 * per_agent)  # two agents, their next turns, the cold comparisons
     engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    # A template that refuses the personas' system prompts, or turns appended, fails now, not mid-conversation.
+    first_turn(tokenizer, "?", system="?")
     if args.turns > 1:
-        next_turn(tokenizer, [], "?")  # a template turns cannot be appended to fails now, not after turn 1
+        next_turn(tokenizer, [], "?")
     print(f"model: {args.model} ({path})\n       {spec.describe()}")
     print(f"pool:  {pool.total_blocks} blocks of {spec.block_size} tokens x 1 layer, {pool.nbytes / 2**20:.0f} MiB\n")
 

@@ -382,6 +382,31 @@ def test_next_turn_takes_a_plain_transformers_tokenizer_and_refuses_templates_it
         next_turn(plain, [plain.eos_token_id], "hi")
 
 
+def test_first_turn_checks_its_text_and_names_a_template_that_refuses_the_conversation(float_llama):
+    """A template raising on a system prompt (as Gemma's and Mistral's do for roles they refuse) came out as
+    jinja's TemplateError, and a message that was not a str as whatever the template or encoder made of it."""
+    from semantic.models.chat import first_turn, next_turn
+
+    tokenizer = float_llama[3]
+    assert first_turn(tokenizer, "hi", system="be brief") != first_turn(tokenizer, "hi")
+    for bad in ({"text": "hi"}, b"hi", None, 3):
+        with pytest.raises(InvalidRequestError, match="message must be a str"):
+            first_turn(tokenizer, bad)
+        with pytest.raises(InvalidRequestError, match="message must be a str"):
+            next_turn(tokenizer, [tokenizer.eos_token_id], bad)
+    with pytest.raises(InvalidRequestError, match="system must be a str"):
+        first_turn(tokenizer, "hi", system=["be brief"])
+    template = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                                   "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        assert first_turn(tokenizer, "hi")
+        with pytest.raises(InvalidRequestError, match="chat template failed.*System role not supported"):
+            first_turn(tokenizer, "hi", system="be brief")
+    finally:
+        tokenizer.chat_template = template
+
+
 def test_a_header_that_does_not_fit_its_file_is_refused_before_any_reader_sees_it(float_llama, byte_bpe, tmp_path):
     """One flipped bit in an array's type or length made ``gguf.GGUFReader`` loop ~1e18 times, its memory
     growing without end; a tensor of 9 dimensions made MLX's loader abort the process (SIGABRT)."""

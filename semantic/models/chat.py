@@ -19,22 +19,23 @@ _PROBE_REPLY = "\x00reply\x00"  # assistant content that no template writes by i
 
 def first_turn(tokenizer, message: str, system: Optional[str] = None) -> List[int]:
     """The prompt of a conversation's first user message, with the generation prompt."""
+    _check_text("message", message)
+    if system is not None:
+        _check_text("system", system)
     if not getattr(tokenizer, "chat_template", None):
         return tokenizer.encode(((system + "\n") if system else "") + _PLAIN_TURN.format(message=message).lstrip())
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return list(_apply_template(tokenizer, messages))
 
 
 def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
     """Tokens to append to ``context`` (which ends with the assistant's reply) for a new user message."""
+    _check_text("message", message)
     if not getattr(tokenizer, "chat_template", None):
         return tokenizer.encode(_PLAIN_TURN.format(message=message), add_special_tokens=False)
     conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE_REPLY},
                     {"role": "user", "content": message}]
-    try:
-        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # the template's own errors (jinja syntax, raise_exception)
-        raise InvalidRequestError(f"the chat template failed on a conversation ({type(exc).__name__}: {exc})") from exc
+    rendered = _apply_template(tokenizer, conversation, tokenize=False)
     end = tokenizer.eos_token
     if not isinstance(rendered, str) or _PROBE_REPLY not in rendered or not end:
         raise InvalidRequestError(
@@ -48,6 +49,19 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
     suffix = after_reply[len(end):]
     return tokenizer.encode(suffix if context and context[-1] in _end_ids(tokenizer) else end + suffix,
                             add_special_tokens=False)
+
+
+def _check_text(name: str, value) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"the {name} must be a str, not {type(value).__name__}")
+
+
+def _apply_template(tokenizer, messages, **options):
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **options)
+    except Exception as exc:  # the template's own errors (jinja syntax, raise_exception, a role it refuses)
+        raise InvalidRequestError(
+            f"the chat template failed on a conversation ({type(exc).__name__}: {exc})") from exc
 
 
 def _end_ids(tokenizer) -> Set[int]:
