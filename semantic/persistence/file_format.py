@@ -372,7 +372,7 @@ class _ReadFaults:
         return self._file.fileno()
 
     def read(self, n: int) -> bytes:
-        return self._file.read(n)
+        return self._kept(self._file.read, n)
 
     def readinto(self, buffer) -> int:
         return self._kept(self._file.readinto, buffer)
