@@ -574,7 +574,8 @@ def test_caches_of_another_dtype_are_refused_not_stored_as_other_bits():
 
 @pytest.mark.parametrize("caches,token_ids", [
     (None, list(range(300))), ([None, None], list(range(300))), ("nan offset", list(range(300))),
-    ("good", None), ("good", (t for t in range(300))),
+    ("good", None), ("good", (t for t in range(300))), ("good", [True] * 300), ("good", [1.0] * 300),
+    ("good", [0] * 299 + [-1]), ("good", np.arange(300.0)),
 ])
 def test_a_store_of_arguments_that_are_not_caches_and_token_ids_is_a_typed_error(caches, token_ids):
     pool, handle = small_pool_with_context()
@@ -587,6 +588,19 @@ def test_a_store_of_arguments_that_are_not_caches_and_token_ids_is_a_typed_error
     with pytest.raises((InvalidRequestError, IncompatibleCacheError, UnsupportedModelError)):
         cache_to_blocks(pool, "b", caches, token_ids)
     assert unchanged(pool, usage)
+
+
+def test_numpy_token_ids_are_stored_as_plain_ints_and_a_reused_prefix_as_the_source_holds_it():
+    pool, source = small_pool_with_context()
+    caches = random_caches(pool.spec, 300, seed=3)
+    stored = cache_to_blocks(pool, "b", caches, np.arange(300))
+    assert stored.token_ids == tuple(range(300)) and {type(t) for t in stored.token_ids} == {int}
+    tokens = [np.int64(t) for t in source.token_ids]
+    continued = cache_to_blocks(pool, "c", caches, tokens, source=source, reused_tokens=290)
+    assert continued.token_ids == source.token_ids and {type(t) for t in continued.token_ids} == {int}
+    with pytest.raises(InvalidRequestError, match="token_ids"):
+        cache_to_blocks(pool, "c", caches, [*source.token_ids[:290], *[True] * 10], source=source,
+                        reused_tokens=290)
 
 
 def test_a_failed_store_leaves_its_reservation_whole():
@@ -619,7 +633,7 @@ def test_a_handle_released_elsewhere_between_the_check_and_the_gather_is_refused
 
 
 @pytest.mark.parametrize("block_format,injected_at", [("dense", "build_handle"), ("q8", "build_handle"),
-                                                      ("q8", "write_many")])
+                                                      ("q8", "_write_checked")])
 def test_a_source_released_elsewhere_during_a_store_is_refused_not_shared_with_another_agent(block_format,
                                                                                              injected_at):
     """A store reads the source's block ids, then takes references on them (and, quantized, copies slots of

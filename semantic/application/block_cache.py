@@ -18,7 +18,7 @@ import numpy as np
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
-from semantic.domain.request_checks import checked_int
+from semantic.domain.request_checks import checked_int, int_items, plain_ints
 from semantic.domain.services import BlockPool, GatherRows, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -228,21 +228,32 @@ def _reuse_plan(spec: ModelCacheSpec, source_tokens: int, n_source_ids: int, reu
     return first, new_from, last, first - src_first, carried
 
 
-def _check_reuse(pool: BlockPool, token_ids: Sequence[int], source: Optional[AgentBlocks], reused_tokens) -> None:
-    """The source's blocks are shared as holding ``token_ids``' first ``reused_tokens`` tokens: they must."""
+def _checked_tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_tokens) -> Tuple[int, ...]:
+    """``token_ids`` as a tuple of plain ints >= 0, checked before a block is taken. The first
+    ``reused_tokens`` come from ``source``, whose blocks are shared as holding them: they must equal its
+    tokens (then they need no other check: the source's are checked)."""
     reused_tokens = checked_int("reused_tokens", reused_tokens, 0)
+    tokens = tuple(token_ids.tolist() if isinstance(token_ids, np.ndarray) else token_ids)
     if source is None:
         if reused_tokens:
             raise InvalidRequestError("reused_tokens > 0 needs source= (the handle they came from)")
-        return
-    pool.check_handle(source)
-    if reused_tokens > min(source.num_tokens, len(token_ids)):
-        raise InvalidRequestError(
-            f"reused_tokens={reused_tokens}, but the source holds {source.num_tokens} tokens and the context "
-            f"{len(token_ids)}")
-    if source.token_ids[:reused_tokens] != tuple(token_ids[:reused_tokens]):
-        raise IncompatibleCacheError(
-            f"the first {reused_tokens} tokens differ from the source's: only tokens it holds can be reused")
+        prefix = ()
+    else:
+        pool.check_handle(source)
+        if reused_tokens > min(source.num_tokens, len(tokens)):
+            raise InvalidRequestError(
+                f"reused_tokens={reused_tokens}, but the source holds {source.num_tokens} tokens and the context "
+                f"{len(tokens)}")
+        prefix = source.token_ids[:reused_tokens]
+        if prefix != tokens[:reused_tokens]:
+            raise IncompatibleCacheError(
+                f"the first {reused_tokens} tokens differ from the source's: only tokens it holds can be reused")
+    tail = tokens[reused_tokens:]
+    if not plain_ints(tail):
+        tail = tuple(int_items(tail, "token_ids"))
+    if tail and min(tail) < 0:
+        raise InvalidRequestError("token_ids must be non-negative")
+    return prefix + tail if prefix else tail
 
 
 def cache_to_blocks(
@@ -268,8 +279,8 @@ def cache_to_blocks(
                                   f"{type(caches).__name__} and {type(token_ids).__name__}")
     if len(caches) != spec.n_layers:
         raise IncompatibleCacheError(f"{len(caches)} layer caches for a {spec.n_layers}-layer pool")
+    token_ids = _checked_tokens(pool, token_ids, source, reused_tokens)
     n_tokens = len(token_ids)
-    _check_reuse(pool, token_ids, source, reused_tokens)
     quantized = spec.block_format.quantized
     reuse = source is not None and reused_tokens != 0
     source_tokens = source.num_tokens if reuse else 0
@@ -316,7 +327,7 @@ def cache_to_blocks(
                 writes.append((ids, new_from, keys, values, first_token, offset - first_token))
                 if carried is not None:
                     copies.append((ids[0], *carried))
-        pool.write_many(writes)
+        builder.write_new(writes)
         if copies:
             pool.copy_token_rows(copies, of=source)
-        return builder.finish(token_ids, layer_ids)
+        return builder.finish_store(token_ids, layer_ids)

@@ -110,6 +110,7 @@ class _HandleBuilder:
         self._reservation = reservation
         self._from_reservation = 0  # blocks allocated out of it: a rollback promises them to it again
         self._held: List[int] = []  # in the pool's _owned table from its first id on
+        self._allocated: List[int] = []  # the ids of allocate(), in order (a subset of _held)
 
     def allocate(self, n: int) -> List[int]:
         n = checked_int("n_blocks", n, 0)
@@ -122,7 +123,20 @@ class _HandleBuilder:
             if reservation is not None:
                 self._from_reservation += promised - reservation.remaining
             self._hold(ids)
+            self._allocated.extend(ids)
         return ids
+
+    def write_new(self, writes: List[tuple]) -> None:
+        """:meth:`BlockPool.write_many` for the blocks this builder allocated, every one of them, in the order
+        allocated (``writes``' ids one after another). Held by this builder alone since, they need none of the
+        pool's checks of ids and ownership (~40 us of a 16 x 30 store); the writes themselves are checked."""
+        pool = self._pool
+        writes = [pool._checked_write(write) for write in writes]
+        ids = list(itertools.chain.from_iterable(write[0] for write in writes))
+        if ids != self._allocated:
+            raise BlockOwnershipError("write_new writes every block this builder allocated, in order, and no other")
+        with pool._lock:
+            pool._write_checked(writes, ids)
 
     def retain(self, block_ids: Sequence[int], of: Optional[AgentBlocks] = None) -> None:
         """References on blocks in use. ``of``: the live handle they were read from, checked again under the
@@ -154,8 +168,20 @@ class _HandleBuilder:
             raise BlockOwnershipError(
                 "a handle must own exactly the references taken for it (allocate / retain on this builder)"
             )
-        handle = self._pool._adopt(self._agent_id, tuple(tokens), tuple(layers), self._held)
+        return self._adopt(tuple(tokens), tuple(layers))
+
+    def finish_store(self, token_ids: Tuple[int, ...], layer_block_ids: List[List[int]]) -> AgentBlocks:
+        """:meth:`finish` for a caller that built ``layer_block_ids`` from exactly the ids it retained and
+        allocated here and checked ``token_ids`` itself (a tuple of plain ints >= 0): ``cache_to_blocks``, at
+        its door, before any block is taken. :meth:`finish`'s checks of the same cost a 16 x 30 store ~0.1 ms."""
+        if len(layer_block_ids) != self._pool.spec.n_layers or sum(map(len, layer_block_ids)) != len(self._held):
+            raise BlockOwnershipError("a handle must own exactly the references taken for it")
+        return self._adopt(token_ids, tuple(map(tuple, layer_block_ids)))
+
+    def _adopt(self, token_ids: Tuple[int, ...], layer_block_ids: Tuple[Tuple[int, ...], ...]) -> AgentBlocks:
+        handle = self._pool._adopt(self._agent_id, token_ids, layer_block_ids, self._held)
         self._held = []
+        self._allocated = []
         return handle
 
     def __enter__(self) -> "_HandleBuilder":
@@ -677,31 +703,36 @@ class BlockPool:
             ids = self._checked_ids(list(itertools.chain.from_iterable(write[0] for write in writes)))
         else:
             ids = [b for write in writes for b in self._block_array(write[0], 1).tolist()]
-        host = writes_through_host()
         with self._lock:
             self._check_writable(ids)
-            if not ids:
-                return
-            if not host and self.writes_in_place:
-                write_blocks_in_place(self._keys, self._values, [(w[2], w[3]) for w in writes],
-                                      _pack_plan(writes, self.spec.block_size), self.spec.block_size)
-                return
-            if not host:  # MLX writes replace the arrays: views of the old ones would show old data
-                self._whole_views.clear()
-                self._host_views = None
-            if self._quantized is not None:
-                # No pack kernel on the host: its plan (a row per new block) would be built for nothing.
-                if host or not self._write_packed(writes):
-                    self._quantized.write_many(writes)
-            elif host:
-                sources = host_views([a for w in writes for a in (w[2], w[3])])
-                arenas = self._host_arenas()
-                split_host_copies(lambda k: self._write_host(arenas, writes[k], sources[2 * k], sources[2 * k + 1]),
-                                  range(len(writes)), len(ids) * self.block_bytes)
-            else:
-                for write in writes:
-                    self._write_arena(*write)
-                mx.eval(self._keys, self._values)
+            self._write_checked(writes, ids)
+
+    def _write_checked(self, writes: List[tuple], ids: List[int]) -> None:
+        """:meth:`write_many` of checked ``writes`` into ``ids`` (theirs, one after another), each held
+        once (the lock held)."""
+        if not ids:
+            return
+        host = writes_through_host()
+        if not host and self.writes_in_place:
+            write_blocks_in_place(self._keys, self._values, [(w[2], w[3]) for w in writes],
+                                  _pack_plan(writes, self.spec.block_size), self.spec.block_size)
+            return
+        if not host:  # MLX writes replace the arrays: views of the old ones would show old data
+            self._whole_views.clear()
+            self._host_views = None
+        if self._quantized is not None:
+            # No pack kernel on the host: its plan (a row per new block) would be built for nothing.
+            if host or not self._write_packed(writes):
+                self._quantized.write_many(writes)
+        elif host:
+            sources = host_views([a for w in writes for a in (w[2], w[3])])
+            arenas = self._host_arenas()
+            split_host_copies(lambda k: self._write_host(arenas, writes[k], sources[2 * k], sources[2 * k + 1]),
+                              range(len(writes)), len(ids) * self.block_bytes)
+        else:
+            for write in writes:
+                self._write_arena(*write)
+            mx.eval(self._keys, self._values)
 
     def _checked_write(self, write) -> tuple:
         """``write`` with its token count, or a typed error: sources of another dtype or geometry would be
@@ -1004,22 +1035,26 @@ def _segments(n_blocks: int, first_index: int, first_token: int, n_tokens: int, 
 def _pack_plan(writes, size: int) -> np.ndarray:
     """What the pack kernel cuts for ``writes`` (:meth:`BlockPool.write_many`'s, with their token counts): per
     block, the row ``(source write, the source token in its slot 0, first data slot, end data slot, block id)``
-    of an int32 ``[n, 5]`` plan. Computed for all blocks at once: a store of 240 blocks spent ~0.2 ms building
-    these rows one by one."""
-    counts = [len(write[0]) for write in writes]
-    # Per write: its index, the source token in its first block's slot 0, its tokens.
-    per_write = np.fromiter(itertools.chain.from_iterable(
-        (source, write[1] * size - write[4], write[5]) for source, write in enumerate(writes)),
-        np.int64, 3 * len(writes))
-    source, base, tokens = np.repeat(per_write.reshape(-1, 3), counts, axis=0).T
-    index = np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts)  # each block's, in its write
-    plan = np.empty((len(index), 5), np.int32)
-    plan[:, 0] = source
-    plan[:, 1] = first = base + index * size
-    np.maximum(-first, 0, out=plan[:, 2])
-    np.minimum(tokens - first, size, out=plan[:, 3])
-    plan[:, 4] = np.fromiter(itertools.chain.from_iterable(write[0] for write in writes), np.int64, len(index))
+    of an int32 ``[n, 5]`` plan. A store's writes share a few layouts (one per window), so each layout's rows
+    are made once and stacked: building the rows per block, then per write, cost a 16 x 30 store 0.2 ms,
+    then 36 us (CPU), and this 22 us."""
+    rows = [_plan_rows(write[1], write[4], write[5], len(write[0]), size) for write in writes]
+    plan = np.concatenate(rows)
+    plan[:, 0] = np.repeat(np.arange(len(writes), dtype=np.int32), [len(r) for r in rows])
+    plan[:, 4] = np.fromiter(itertools.chain.from_iterable(write[0] for write in writes), np.int32, len(plan))
     return plan
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_rows(first_index: int, first_token: int, n_tokens: int, n_blocks: int, size: int) -> np.ndarray:
+    """:func:`_pack_plan`'s rows for one write, source and block id left 0 (read-only: shared by calls)."""
+    first = (first_index + np.arange(n_blocks)) * size - first_token
+    rows = np.zeros((n_blocks, 5), np.int32)
+    rows[:, 1] = first
+    rows[:, 2] = np.maximum(-first, 0)
+    rows[:, 3] = np.minimum(n_tokens - first, size)
+    rows.flags.writeable = False
+    return rows
 
 
 _MAX_SLICE_WRITES = 4
