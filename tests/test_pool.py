@@ -463,6 +463,34 @@ def test_only_a_block_held_once_is_written():
     pool.check_invariants()
 
 
+def test_a_builder_writes_exactly_the_blocks_it_allocated_in_order_or_nothing():
+    """write_new skips the pool's ownership checks because its blocks are the builder's own, just allocated:
+    a write of other blocks (another agent's, or only some of its own, or out of order) is refused."""
+    pool = BlockPool(SPEC, total_blocks=6)
+    other = pool.allocate(1, "b")
+    data = mx.ones((1, 1, 8, 4), dtype=mx.float32)
+    pool.write_blocks(other, 0, data, data, 0)
+    before = {b: written(pool, b) for b in range(6)}
+    usage = pool.usage()
+    for pick in (lambda ids: [other], lambda ids: ids[:1], lambda ids: ids[::-1], lambda ids: ids + other):
+        with pool.build_handle("a") as builder:
+            ids = builder.allocate(2)
+            with pytest.raises(BlockOwnershipError):
+                builder.write_new([([b], 0, data * 2, data * 2, 0) for b in pick(ids)])
+            with pytest.raises(BlockOwnershipError):
+                builder.finish_store((1,), [ids[:1], []])  # fewer blocks than it holds
+    after = {b: written(pool, b) for b in range(6)}
+    assert all(np.array_equal(before[b][k], after[b][k]) for b in range(6) for k in (0, 1))
+    assert pool.usage() == usage
+    with pool.build_handle("a") as builder:
+        ids = builder.allocate(2)
+        builder.write_new([([b], 0, data * 3, data * 3, 0) for b in ids])
+        handle = builder.finish_store((1,), [ids[:1], ids[1:]])
+    assert all((written(pool, b)[0][..., :8, :] == 3).all() and (written(pool, b)[0][..., 8:, :] == 0).all() for b in ids)
+    assert handle.all_block_ids == ((ids[0],), (ids[1],))
+    pool.check_invariants()
+
+
 def test_a_block_named_twice_in_one_write_is_refused_and_nothing_is_written():
     """Each write fills whole blocks: the same block twice would be written by two threads at once on CUDA."""
     pool = BlockPool(SPEC, total_blocks=4)
