@@ -905,6 +905,76 @@ def test_an_engine_waits_for_the_blocks_another_engines_running_requests_reserve
     assert whole(pool)
 
 
+def test_an_engine_waits_while_another_engines_finished_request_is_still_being_stored(llama32, monkeypatch):
+    """Two engines on one pool, each stepped by a thread of its own. A finishing request leaves the first
+    engine's running set before its context is stored and its source and reservation are given back: the
+    second engine's generate(), waiting for exactly those blocks, looked at that moment, saw nothing running
+    there, and raised PoolExhaustedError ("held by handles you keep") though the blocks came back a moment
+    later (natively ~1-3 % of handoffs; here the store is held until the waiting thread has looked). The
+    completion's handle, handed to the waiting thread, then resumes on the second engine."""
+    model, tokenizer = llama32
+    short_story = STORY[: len(STORY) // 3]
+    layers = ModelCacheSpec.from_model(model).n_layers
+    # The first engine's request holds its source (a block a layer, referred to by the request alone) and a
+    # reservation (a block a layer); the second's needs a block a layer: it fits once the first's has ended.
+    pool = BlockPool(ModelCacheSpec.from_model(model), 3 * layers - 1)
+    first = batch_engine.BlockPoolBatchEngine(model, tokenizer, pool)
+    second = batch_engine.BlockPoolBatchEngine(model, tokenizer, pool, wait_for_blocks_s=30)
+    first_runs, second_waits, armed, storing, second_looked = (threading.Event() for _ in range(5))
+    real_wait, real_store = pool.wait_for_blocks, batch_engine.cache_to_blocks
+
+    def wait_for_blocks(n_blocks, timeout, stop=lambda: False):  # the second engine's thread
+        def stop_polled():
+            answer = stop()
+            if storing.is_set():
+                second_looked.set()
+            return answer
+        second_waits.set()
+        return real_wait(n_blocks, timeout, stop_polled)
+
+    def store(*args, **kwargs):  # the first engine's finishing request, held until the other thread looked
+        if armed.is_set() and not storing.is_set():
+            storing.set()
+            second_looked.wait(10)
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "wait_for_blocks", wait_for_blocks)
+    monkeypatch.setattr(batch_engine, "cache_to_blocks", store)
+    handoff, errors = [], []
+
+    def first_engines_thread():
+        try:
+            source = first.generate("a", short_story, max_tokens=1).blocks
+            first.submit("a", " and then", cache=source, max_tokens=4)
+            source.release()  # the request's own share is now the only reference
+            assert first.step_once() == []  # this thread steps the first engine
+            first_runs.set()
+            assert second_waits.wait(30)
+            armed.set()
+            handoff.extend(first.step())  # the completion's handle, in transit to the other thread
+        except BaseException as exc:
+            errors.append(exc)
+            first_runs.set()
+
+    worker = threading.Thread(target=on_a_thread_of_its_own(first_engines_thread))
+    worker.start()
+    try:
+        assert first_runs.wait(60) and not errors, errors
+        second.generate("b", short_story, max_tokens=2).blocks.release()  # waits until the store is done
+    finally:
+        storing.set()
+        second_looked.set()
+        worker.join(60)
+    assert not worker.is_alive() and not errors, errors
+    (completion,) = handoff
+    resumed = second.generate("a", " again", cache=completion.blocks, max_tokens=2)
+    assert len(resumed.token_ids) == 2
+    completion.blocks.release()
+    resumed.blocks.release()
+    del completion, resumed, handoff
+    assert whole(pool)
+
+
 def test_one_thread_steps_an_engine_while_requests_run_others_may_submit_and_cancel(own_engine):
     """Several threads stepping one engine failed its requests ("There is no Stream(cpu, N) in current
     thread"), made generate() say a request nobody cancelled was cancelled, and close() raise a bare

@@ -196,6 +196,9 @@ class BlockPoolBatchEngine:
         self._driver: Optional[threading.Thread] = None  # the thread stepping the engine (see the class docstring)
         self._cancels: List[int] = []  # running requests another thread cancelled: dropped at the next step
         self._close_requested = False  # close() from another thread: the generator closes once nothing runs
+        # Requests holding a reservation, from admission until _retire has given back what they held (a finishing
+        # request leaves _running before its store and _retire): other engines' _others_run reads it unlocked.
+        self._holding = 0
         _engines_on(pool).add(self)  # engines sharing a pool wait for each other's running requests (see step)
 
     # ---- submitting -------------------------------------------------------------------------------
@@ -309,6 +312,7 @@ class BlockPoolBatchEngine:
             try:
                 if request.reservation is None:
                     request.reservation = self.pool.reserve(request.new_blocks_bound, f"request {request.uid}")
+                    self._holding += 1
             except PoolExhaustedError:
                 if self._running:
                     return
@@ -428,8 +432,13 @@ class BlockPoolBatchEngine:
         """Whether another engine on this pool runs requests that a live thread other than this one steps:
         those end, giving back blocks and reservations, without this thread doing anything."""
         current = threading.current_thread()
-        return any(engine is not self and engine._running and engine._driver not in (None, current)
-                   and engine._driver.is_alive() for engine in list(_engines_on(self.pool)))
+        for engine in list(_engines_on(self.pool)):
+            # _holding, not _running: a request leaves _running before its context is stored and its blocks given
+            # back. _driver read once: the other thread may set it to None in between.
+            driver = engine._driver
+            if engine is not self and engine._holding > 0 and driver not in (None, current) and driver.is_alive():
+                return True
+        return False
 
     def _claim_driver(self, call: str) -> None:
         """Make the calling thread the one stepping the engine (the lock held): see :meth:`_check_driver`."""
@@ -652,8 +661,12 @@ class BlockPoolBatchEngine:
             if reservation is not None:
                 _completed_through_interrupts(reservation.cancel)  # idempotent
         finally:
-            if source is not None:
-                _completed_through_interrupts(lambda: None if source.released else source.release())
+            try:
+                if source is not None:
+                    _completed_through_interrupts(lambda: None if source.released else source.release())
+            finally:
+                if reservation is not None:  # given back: no longer one another engine's thread waits for
+                    self._holding -= 1
 
     def cancel(self, uid: int) -> None:
         """Drop a queued or running request and give back everything it held. From a thread other than the
