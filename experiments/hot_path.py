@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--max-mib", type=float, default=4096, help="leave out copy cases larger than this")
     args = parser.parse_args()
+    if args.conversation_turns < 1:  # a conversation of no turns has no mean: NaN columns
+        parser.error("--conversation-turns must be at least 1")
     start = time.time()
     result = {"device": str(mx.default_device()), "copy": copy_cases(args.repeat, args.max_mib),
               "resume": resume_cases(args.preset, [int(t) for t in args.resume_tokens.split(",")], args.resume_repeat,
