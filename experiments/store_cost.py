@@ -7,8 +7,9 @@ Cases, smollm2-135m geometry: ``4x24``, ``8x30``, ``32x48`` (blocks x layers; ``
 block written) and ``warm``, the store after a warm resume (8,209 tokens x 30 layers from a source of 8,192:
 960 blocks shared, 30 written). Per case, 200 calls of store + release:
 
-* cProfile: per-call cumtime of ``cache_to_blocks``, and of it less ``BlockPool.write_many`` (the copies);
-* timeit with ``write_many`` a no-op on the pool (min and median of 7 x 200 calls): the bookkeeping alone,
+* cProfile: per-call cumtime of ``cache_to_blocks``, and of it less ``BlockPool._write_checked`` (the copies,
+  after the writes' checks; both a store's ``write_new`` and ``write_many`` end there);
+* timeit with ``_write_checked`` a no-op on the pool (min and median of 7 x 200 calls): the bookkeeping alone,
   which cProfile inflates. The machine is shared: compare commits by alternating runs.
 """
 
@@ -66,7 +67,7 @@ def profiled(store, calls: int = 200):
     def cumtime(name: str) -> float:
         return sum(row[3] for key, row in stats.stats.items() if key[2] == name) / calls * 1e3
 
-    return cumtime("cache_to_blocks"), cumtime("cache_to_blocks") - cumtime("write_many"), stats
+    return cumtime("cache_to_blocks"), cumtime("cache_to_blocks") - cumtime("_write_checked"), stats
 
 
 def main() -> None:
@@ -82,10 +83,10 @@ def main() -> None:
         for _ in range(20):
             store_and_release(store)
         total, besides, stats = profiled(store)
-        pool.write_many = lambda writes: None
+        pool._write_checked = lambda writes, ids: None
         fastest, median = timed(store)
-        del pool.write_many
-        print(f"{name:6s} cProfile cache_to_blocks {total:.3f} ms/call, besides write_many {besides:.3f} | "
+        del pool._write_checked
+        print(f"{name:6s} cProfile cache_to_blocks {total:.3f} ms/call, besides the copies {besides:.3f} | "
               f"bookkeeping (no-op writes) timeit min {fastest:.3f} median {median:.3f} ms/call", flush=True)
         if args.show:
             out = io.StringIO()
