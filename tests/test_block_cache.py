@@ -257,6 +257,41 @@ def test_the_pack_plan_puts_every_token_in_its_block_and_nothing_else():
         np.testing.assert_array_equal(cut, np.where(held, first + slots, -1))
 
 
+def described_rows(first_id, layouts, described, size):
+    """The CUDA kernel's ``_DESCRIBED_ROW``, block by block, in Python: the plan row each block derives."""
+    rows = []
+    n_blocks = sum(described[layout][3] for layout in layouts)
+    for block in range(n_blocks):
+        source, start = 0, 0
+        while block >= start + described[layouts[source]][3]:
+            start += described[layouts[source]][3]
+            source += 1
+        first_index, first_token, n_tokens, _ = described[layouts[source]]
+        tok0 = (first_index + block - start) * size - first_token
+        rows.append([source, tok0, max(-tok0, 0), min(n_tokens - tok0, size), first_id + block])
+    return np.array(rows, np.int32).reshape(-1, 5)
+
+
+@pytest.mark.parametrize("writes,ids_described", [
+    # gemma-like: full-attention and window layers interleaved, one run of ids
+    ([([10, 11, 12], 0, None, None, 0, 20), ([13, 14], 2, None, None, 19, 21), ([15, 16, 17], 0, None, None, 0, 20)],
+     True),
+    ([([3], 1, None, None, 8, 5)], True),  # a continuation's one new block, starting inside it
+    ([([10, 11], 0, None, None, 0, 16), ([13, 12], 0, None, None, 0, 16)], False),  # not one run
+    ([([1], 0, None, None, 0, 8), ([2], 1, None, None, 8, 8), ([3], 2, None, None, 16, 8)], False),  # 3 layouts
+])
+def test_a_store_described_by_a_few_numbers_writes_what_its_plan_says(writes, ids_described):
+    """CUDA stores whose new blocks are one run of ids pass the kernel a description, not a plan array: the rows
+    it derives are the plan's, row for row; other stores keep the plan."""
+    from semantic.domain import services
+
+    ids = [b for w in writes for b in w[0]]
+    described = services._described_writes(writes, ids)
+    assert (described is not None) == ids_described
+    if described is not None:
+        np.testing.assert_array_equal(described_rows(ids[0], *described, 8), services._pack_plan(writes, 8))
+
+
 # ---- rebuilds that view the pool's arrays (one dense block per layer) ------------------------------
 VIEW_CASES = [  # (model, tokens stored, tokens rebuilt)
     ("llama32", 200, 200),  # full attention: the whole block, offset inside it

@@ -1,6 +1,7 @@
 """BlockPool bookkeeping: property tests against a simple model, misuse, threads, geometry."""
 
 import collections
+import contextlib
 import copy
 import gc
 import threading
@@ -20,6 +21,7 @@ from semantic.domain.errors import (
     ReleasedHandleError,
     SemanticError,
 )
+from semantic.domain import services
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import PRESETS, ModelCacheSpec
 
@@ -488,6 +490,45 @@ def test_a_builder_writes_exactly_the_blocks_it_allocated_in_order_or_nothing():
         handle = builder.finish_store((1,), [ids[:1], ids[1:]])
     assert all((written(pool, b)[0][..., :8, :] == 3).all() and (written(pool, b)[0][..., 8:, :] == 0).all() for b in ids)
     assert handle.all_block_ids == ((ids[0],), (ids[1],))
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("ending", ["finished", "rolled back"])
+def test_a_builder_waits_for_its_queued_write_before_its_blocks_leave_it(monkeypatch, ending):
+    """On CUDA write_new only queues its kernel (the caller's Python runs while it copies): the handle, or a
+    rollback giving the blocks back for another agent to write, must come after the copy. Here the write
+    returns a lazy array as the CUDA path does, and the order of events is recorded."""
+    pool = BlockPool(SPEC, total_blocks=4)
+    events, queued = [], []
+    real_write, real_eval = BlockPool._write_checked, mx.eval
+
+    def queued_write(self, writes, ids):
+        real_write(self, writes, ids)
+        events.append("queued")
+        queued.append(mx.zeros((1,), mx.uint8) + 1)
+        return queued[-1]
+
+    def recorded_eval(*arrays):
+        if queued and arrays[0] is queued[-1]:
+            events.append("waited")
+        real_eval(*arrays)
+
+    monkeypatch.setattr(BlockPool, "_write_checked", queued_write)
+    monkeypatch.setattr(services.mx, "eval", recorded_eval)
+    monkeypatch.setattr(BlockPool, "_drop", lambda self, *a, real=BlockPool._drop: (events.append("given back"),
+                                                                                   real(self, *a))[1])
+    monkeypatch.setattr(BlockPool, "_adopt", lambda self, *a, real=BlockPool._adopt: (events.append("handle"),
+                                                                                     real(self, *a))[1])
+    data = mx.ones((1, 1, 8, 4), dtype=mx.float32)
+    with pytest.raises(InvalidRequestError) if ending == "rolled back" else contextlib.nullcontext():
+        with pool.build_handle("a") as builder:
+            ids = builder.allocate(2)
+            builder.write_new([([b], 0, data, data, 0) for b in ids])
+            if ending == "rolled back":
+                raise InvalidRequestError("a bad token found while the device copies")
+            builder.finish_store((1,), [ids[:1], ids[1:]]).release()
+    assert events[:3] == ["queued", "waited", "handle" if ending == "finished" else "given back"]
+    assert pool.usage().used_blocks == 0
     pool.check_invariants()
 
 

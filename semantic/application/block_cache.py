@@ -228,27 +228,33 @@ def _reuse_plan(spec: ModelCacheSpec, source_tokens: int, n_source_ids: int, reu
     return first, new_from, last, first - src_first, carried
 
 
-def _checked_tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_tokens) -> Tuple[int, ...]:
-    """``token_ids`` as a tuple of plain ints >= 0, checked before a block is taken. The first
-    ``reused_tokens`` come from ``source``, whose blocks are shared as holding them: they must equal its
-    tokens (then they need no other check: the source's are checked)."""
+def _tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_tokens) -> Tuple[tuple, tuple]:
+    """``(tokens, prefix)``: ``token_ids`` as a tuple, and the source's own tuple of its first ``reused_tokens``,
+    which the store's blocks share as holding them: the caller's must equal them (then they need no other
+    check: the source's are checked). :func:`_checked_tokens` checks the rest."""
     reused_tokens = checked_int("reused_tokens", reused_tokens, 0)
     tokens = tuple(token_ids.tolist() if isinstance(token_ids, np.ndarray) else token_ids)
     if source is None:
         if reused_tokens:
             raise InvalidRequestError("reused_tokens > 0 needs source= (the handle they came from)")
-        prefix = ()
-    else:
-        pool.check_handle(source)
-        if reused_tokens > min(source.num_tokens, len(tokens)):
-            raise InvalidRequestError(
-                f"reused_tokens={reused_tokens}, but the source holds {source.num_tokens} tokens and the context "
-                f"{len(tokens)}")
-        prefix = source.token_ids[:reused_tokens]
-        if prefix != tokens[:reused_tokens]:
-            raise IncompatibleCacheError(
-                f"the first {reused_tokens} tokens differ from the source's: only tokens it holds can be reused")
-    tail = tokens[reused_tokens:]
+        return tokens, ()
+    pool.check_handle(source)
+    if reused_tokens > min(source.num_tokens, len(tokens)):
+        raise InvalidRequestError(
+            f"reused_tokens={reused_tokens}, but the source holds {source.num_tokens} tokens and the context "
+            f"{len(tokens)}")
+    prefix = source.token_ids[:reused_tokens]
+    if prefix != tokens[:reused_tokens]:
+        raise IncompatibleCacheError(
+            f"the first {reused_tokens} tokens differ from the source's: only tokens it holds can be reused")
+    return tokens, prefix
+
+
+def _checked_tokens(tokens: tuple, prefix: tuple) -> Tuple[int, ...]:
+    """``tokens`` as plain ints >= 0 (NumPy integers converted; bools, floats, negatives refused), its
+    ``prefix`` as given. A store checks them after queueing its copy, while the device works: for 4,096 new
+    tokens the two passes take ~0.1 ms of Python (CPU), as long as a GPU store's whole copy."""
+    tail = tokens[len(prefix):]
     if not plain_ints(tail):
         tail = tuple(int_items(tail, "token_ids"))
     if tail and min(tail) < 0:
@@ -279,8 +285,8 @@ def cache_to_blocks(
                                   f"{type(caches).__name__} and {type(token_ids).__name__}")
     if len(caches) != spec.n_layers:
         raise IncompatibleCacheError(f"{len(caches)} layer caches for a {spec.n_layers}-layer pool")
-    token_ids = _checked_tokens(pool, token_ids, source, reused_tokens)
-    n_tokens = len(token_ids)
+    tokens, prefix = _tokens(pool, token_ids, source, reused_tokens)
+    n_tokens = len(tokens)
     quantized = spec.block_format.quantized
     reuse = source is not None and reused_tokens != 0
     source_tokens = source.num_tokens if reuse else 0
@@ -328,6 +334,7 @@ def cache_to_blocks(
                 if carried is not None:
                     copies.append((ids[0], *carried))
         builder.write_new(writes)
+        token_ids = _checked_tokens(tokens, prefix)  # while the device copies (a rollback waits for it)
         if copies:
             pool.copy_token_rows(copies, of=source)
         return builder.finish_store(token_ids, layer_ids)

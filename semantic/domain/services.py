@@ -45,9 +45,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import (gather_row_pairs, gather_row_pairs_apart, host_view, host_views,
-                                           pack_blocks, packs_blocks, split_host_copies, word_view,
-                                           write_blocks_in_place, writes_through_host)
+from semantic.adapters.mlx_kernels import (MAX_DESCRIBED_LAYOUTS, gather_row_pairs, gather_row_pairs_apart,
+                                           host_view, host_views, pack_blocks, packs_blocks, split_host_copies,
+                                           word_view, write_blocks_in_place, write_described_blocks_in_place,
+                                           writes_through_host)
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -111,6 +112,7 @@ class _HandleBuilder:
         self._from_reservation = 0  # blocks allocated out of it: a rollback promises them to it again
         self._held: List[int] = []  # in the pool's _owned table from its first id on
         self._allocated: List[int] = []  # the ids of allocate(), in order (a subset of _held)
+        self._pending: Optional[mx.array] = None  # write_new's kernel, queued: waited for before the blocks go
 
     def allocate(self, n: int) -> List[int]:
         n = checked_int("n_blocks", n, 0)
@@ -129,14 +131,22 @@ class _HandleBuilder:
     def write_new(self, writes: List[tuple]) -> None:
         """:meth:`BlockPool.write_many` for the blocks this builder allocated, every one of them, in the order
         allocated (``writes``' ids one after another). Held by this builder alone since, they need none of the
-        pool's checks of ids and ownership (~40 us of a 16 x 30 store); the writes themselves are checked."""
+        pool's checks of ids and ownership (~40 us of a 16 x 30 store); the writes themselves are checked.
+
+        Where the device writes them (CUDA), the kernel is only queued: the caller's Python goes on while it
+        copies, and :meth:`finish_store`, or a rollback, waits for it before the blocks leave the builder."""
         pool = self._pool
         writes = [pool._checked_write(write) for write in writes]
         ids = list(itertools.chain.from_iterable(write[0] for write in writes))
         if ids != self._allocated:
             raise BlockOwnershipError("write_new writes every block this builder allocated, in order, and no other")
         with pool._lock:
-            pool._write_checked(writes, ids)
+            self._pending = pool._write_checked(writes, ids)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            mx.eval(pending)
 
     def retain(self, block_ids: Sequence[int], of: Optional[AgentBlocks] = None) -> None:
         """References on blocks in use. ``of``: the live handle they were read from, checked again under the
@@ -179,6 +189,7 @@ class _HandleBuilder:
         return self._adopt(token_ids, tuple(map(tuple, layer_block_ids)))
 
     def _adopt(self, token_ids: Tuple[int, ...], layer_block_ids: Tuple[Tuple[int, ...], ...]) -> AgentBlocks:
+        self._wait()
         handle = self._pool._adopt(self._agent_id, token_ids, layer_block_ids, self._held)
         self._held = []
         self._allocated = []
@@ -188,6 +199,7 @@ class _HandleBuilder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._wait()  # blocks given back while the device still writes them could be another's by then
         if self._held:
             with self._pool._lock:
                 self._pool._drop(self._held, self._agent_id)
@@ -197,6 +209,7 @@ class _HandleBuilder:
 
     def __del__(self) -> None:
         # A builder dropped unfinished outside a ``with``: its references go back as a dropped handle's do.
+        self._wait()
         if self._held:
             self._pool._release_later(self._held, self._agent_id)
 
@@ -705,18 +718,23 @@ class BlockPool:
             ids = [b for write in writes for b in self._block_array(write[0], 1).tolist()]
         with self._lock:
             self._check_writable(ids)
-            self._write_checked(writes, ids)
+            pending = self._write_checked(writes, ids)
+            if pending is not None:
+                mx.eval(pending)
 
-    def _write_checked(self, writes: List[tuple], ids: List[int]) -> None:
+    def _write_checked(self, writes: List[tuple], ids: List[int]) -> Optional[mx.array]:
         """:meth:`write_many` of checked ``writes`` into ``ids`` (theirs, one after another), each held
-        once (the lock held)."""
+        once (the lock held). Returns the in-place kernel's output, queued but not evaluated (CUDA), for the
+        caller to evaluate before anything reads or frees the blocks; None where the writes are done."""
         if not ids:
-            return
+            return None
         host = writes_through_host()
         if not host and self.writes_in_place:
-            write_blocks_in_place(self._keys, self._values, [(w[2], w[3]) for w in writes],
-                                  _pack_plan(writes, self.spec.block_size), self.spec.block_size)
-            return
+            sources, size = [(w[2], w[3]) for w in writes], self.spec.block_size
+            described = _described_writes(writes, ids)
+            if described is not None:
+                return write_described_blocks_in_place(self._keys, self._values, sources, ids[0], *described, size)
+            return write_blocks_in_place(self._keys, self._values, sources, _pack_plan(writes, size), size)
         if not host:  # MLX writes replace the arrays: views of the old ones would show old data
             self._whole_views.clear()
             self._host_views = None
@@ -1030,6 +1048,19 @@ def _segments(n_blocks: int, first_index: int, first_token: int, n_tokens: int, 
     end_token = first_token + n_tokens
     return tuple((lo, hi, max((first_index + lo) * size, first_token), min((first_index + hi) * size, end_token),
                   (first_index + lo) * size) for lo, hi in zip(cuts, cuts[1:]))
+
+
+def _described_writes(writes, ids: List[int]) -> Optional[Tuple[Tuple[int, ...], Tuple[Tuple[int, int, int, int], ...]]]:
+    """``(layouts, described)`` for :func:`write_described_blocks_in_place`: each write's layout index, and the
+    distinct layouts ``(first block index, first token, token count, block count)``; None unless ``ids`` are
+    one run of consecutive ids (a store's single allocation from an unfragmented free list) and the writes
+    have at most ``MAX_DESCRIBED_LAYOUTS`` layouts (a store has one per window)."""
+    first = ids[0]
+    if ids[-1] - first != len(ids) - 1 or ids != list(range(first, first + len(ids))):
+        return None
+    kinds: Dict[Tuple[int, int, int, int], int] = {}
+    layouts = tuple(kinds.setdefault((w[1], w[4], w[5], len(w[0])), len(kinds)) for w in writes)
+    return (layouts, tuple(kinds)) if len(kinds) <= MAX_DESCRIBED_LAYOUTS else None
 
 
 def _pack_plan(writes, size: int) -> np.ndarray:
