@@ -104,18 +104,30 @@ int main() {{}}
 """, tmp_path)
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_the_block_writer_cuts_each_block_from_its_source_and_puts_it_in_its_place(tmp_path, in_place):
+@pytest.mark.parametrize("in_place,described", [(False, False), (True, False), (True, True)])
+def test_the_block_writer_cuts_each_block_from_its_source_and_puts_it_in_its_place(tmp_path, in_place, described):
     """The store's kernel, as MLX instantiates it, run over its whole grid: each new block gets its write's
     tokens (the source read through its strides: a contiguous source in 16-byte words, a transposed one
     element by element) and zeros in the slots outside them; into new arrays in the plan's order, or
-    (``in_place``) into the pool's own arrays at each block's id, every other block of them untouched."""
+    (``in_place``) into the pool's own arrays at each block's id, every other block of them untouched.
+    ``described``: the rows come from a store's description (one run of ids), not from a plan array."""
     from semantic.domain import services
 
     heads, size, k_dim, v_dim, threads, n_pool = 2, 8, 8, 16, 3, 9
     lengths = (20, 21)  # source 0: tokens 0..19 in blocks 0..2; source 1: tokens 19..39 in blocks 2..5
-    writes = [([5, 6, 7], 0, None, None, 0, 20), ([1, 8, 3, 0], 2, None, None, 19, 21)]
+    ids = ([2, 3, 4], [5, 6, 7, 8]) if described else ([5, 6, 7], [1, 8, 3, 0])
+    writes = [(ids[0], 0, None, None, 0, 20), (ids[1], 2, None, None, 19, 21)]
     plan = services._pack_plan(writes, size)
+    if described:
+        layouts, layout_numbers = services._described_writes(writes, [*ids[0], *ids[1]])
+        numbers = [ids[0][0], *(n for layout in layout_numbers for n in layout)]
+        row_inputs = "const int32_t* layouts, const int64_t* desc_strides"
+        row_arrays = (f"static const int32_t layouts[] = {{{', '.join(map(str, layouts))}}};\n"
+                      f"    static const int64_t desc_strides[] = {{{', '.join(map(str, numbers))}}};")
+        row_args, row = "layouts, desc_strides", mlx_kernels._DESCRIBED_ROW
+    else:
+        row_inputs, row_args, row = "const int32_t* plan", "plan", mlx_kernels._PLAN_ROW
+        row_arrays = f"static const int32_t plan[] = {{{', '.join(map(str, plan.ravel()))}}};"
     rng = np.random.default_rng(0)
     data = [(rng.integers(1, 60000, (heads, n, k_dim)), rng.integers(1, 60000, (heads, n, v_dim))) for n in lengths]
 
@@ -136,12 +148,12 @@ def test_the_block_writer_cuts_each_block_from_its_source_and_puts_it_in_its_pla
 {source_arrays(0)}
 {source_arrays(1)}
 template <typename T, int HEADS, int BLOCK_SIZE, int K_DIM, int V_DIM>
-void kernel(const T* k0, const T* k1, const T* v0, const T* v1, const int32_t* plan, {pointers}) {{
-{mlx_kernels._pack_source(2, destination)}
+void kernel(const T* k0, const T* k1, const T* v0, const T* v1, {row_inputs}, {pointers}) {{
+{mlx_kernels._pack_source(2, destination, row)}
 }}
 
 int main() {{
-    static const int32_t plan[] = {{{", ".join(map(str, plan.ravel()))}}};
+    {row_arrays}
     alignas(16) static uint16_t k[{rows * heads * size * k_dim}], v[{rows * heads * size * v_dim}];
     for (auto& x : k) x = 65535;
     for (auto& x : v) x = 65535;
@@ -152,7 +164,7 @@ int main() {{
             for (unsigned t = 0; t < {threads}; t++) {{
                 blockIdx = {{x, y, 0}};
                 threadIdx = {{t, 0, 0}};
-                kernel<uint16_t, {heads}, {size}, {k_dim}, {v_dim}>(k0, k1, v0, v1, plan, k, v);
+                kernel<uint16_t, {heads}, {size}, {k_dim}, {v_dim}>(k0, k1, v0, v1, {row_args}, k, v);
             }}
     for (auto x : k) printf("%d ", x);
     for (auto x : v) printf("%d ", x);
