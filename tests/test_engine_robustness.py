@@ -6,6 +6,7 @@ the engine's generator, samplers and the store step), never by production code.
 
 import gc
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.adapters import mlx_threads
 from semantic.application import batch_engine
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
 from semantic.domain.errors import (
@@ -830,12 +832,12 @@ def test_an_interrupt_while_a_completion_is_made_still_ends_the_request(own_engi
 # ---- threads, engines sharing a pool, requests waiting for blocks ------------------------------------
 def on_a_thread_of_its_own(work):
     """``work`` for a thread that ends after it: MLX's streams of a thread that ran mlx-lm must be cleared
-    before it ends, else the process may abort at exit (see README, "Threads")."""
+    before it ends, and on CUDA not while another thread evaluates (see README, "Threads")."""
     def run(*args):
         try:
             work(*args)
         finally:
-            mx.clear_streams()
+            mlx_threads.end_thread()
     return run
 
 
@@ -869,6 +871,78 @@ def test_while_nothing_runs_a_request_that_does_not_fit_lets_smaller_ones_behind
     for completion in (kept, small):
         completion.blocks.release()
     assert whole(engine.pool)
+
+
+def test_a_thread_ends_only_once_no_engine_step_runs_on_another_thread(engine):
+    """On CUDA a thread clearing its streams while another thread's engine evaluated aborted the process (MLX
+    0.32.4: the evaluating thread's CUDA graph capture was invalidated). end_thread() waits for a step running
+    on another thread, and a step that starts meanwhile waits behind it."""
+    in_step, go_on = threading.Event(), threading.Event()
+    real_next = engine._generator.next
+
+    def held_next():  # the engine's step, held inside its device work
+        in_step.set()
+        assert go_on.wait(30)
+        return real_next()
+
+    engine._generator.next = held_next
+    ended, ended_before_late_work = threading.Event(), []
+    stepper = threading.Thread(target=lambda: engine.generate("a", STORY, max_tokens=2).blocks.release())
+    stepper.start()
+    assert in_step.wait(60)
+    ender = threading.Thread(target=lambda: (mlx_threads.end_thread(), ended.set()))
+    ender.start()
+
+    def late_work():
+        with mlx_threads.device_work():
+            ended_before_late_work.append(ended.is_set())
+
+    time.sleep(0.2)  # the ender waits by now
+    late = threading.Thread(target=late_work)
+    late.start()
+    assert not ended.wait(0.3)  # the step on the other thread still runs
+    go_on.set()
+    for thread in (stepper, ender, late):
+        thread.join(60)
+    assert ended.is_set() and ended_before_late_work == [True]
+    assert whole(engine.pool)
+
+
+def collect_errors(errors):
+    """A thread's body whose exception (an assertion) is kept in ``errors`` for the test's own thread."""
+    def wrap(work):
+        def run():
+            try:
+                work()
+            except BaseException as exc:
+                errors.append(exc)
+        return run
+    return wrap
+
+
+def test_a_step_inside_a_step_does_not_wait_behind_a_thread_ending():
+    """A thread in the engine's device work enters it again at once (generate() inside a step loop's body),
+    even while another thread waits to end: else each would wait for the other."""
+    ended, nested_done, errors = threading.Event(), threading.Event(), []
+
+    @collect_errors(errors)
+    def holder():
+        with mlx_threads.device_work():
+            ender.start()
+            time.sleep(0.2)  # the ender waits now
+            with mlx_threads.device_work():
+                nested_done.set()
+            assert not ended.is_set()
+            with pytest.raises(InvalidRequestError, match="after its last step"):
+                mlx_threads.end_thread()
+
+    # daemons: if either waited for the other, the test fails instead of hanging the process at exit
+    ender = threading.Thread(target=lambda: (mlx_threads.end_thread(), ended.set()), daemon=True)
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    thread.join(30)
+    ender.join(30)
+    assert not errors and nested_done.is_set() and ended.is_set()
 
 
 def test_an_engine_waits_for_the_blocks_another_engines_running_requests_reserved(llama32):

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 from semantic.adapters import mlx_lm_adapter as adapter
+from semantic.adapters import mlx_threads
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, can_trim, layer_ids_for
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import (
@@ -382,7 +383,7 @@ class BlockPoolBatchEngine:
         says how many wait; release handles and call ``step`` again.
         """
         while True:
-            with self._lock:
+            with self._lock, mlx_threads.device_work():
                 self._admit()
                 idle = not self._done and not self._running
                 if not idle:
@@ -419,7 +420,7 @@ class BlockPoolBatchEngine:
     def step_once(self) -> List[Completion]:
         """One batched model step (a prefill chunk or one token for every running sequence);
         returns the requests that finished in it (and any an earlier ``step`` loop left untaken)."""
-        with self._lock:
+        with self._lock, mlx_threads.device_work():
             self._claim_driver("step_once()")
             self._step()
             return list(self._take_done())
@@ -683,7 +684,8 @@ class BlockPoolBatchEngine:
                         self._waiting.remove(request)
                 else:
                     del self._running[generator_uid]
-                    self._generator.remove(generator_uid)  # if interrupted, its next event removes it
+                    with mlx_threads.device_work():
+                        self._generator.remove(generator_uid)  # if interrupted, its next event removes it
             finally:
                 self._retire(request)
                 if self._driver is threading.current_thread():
@@ -698,7 +700,7 @@ class BlockPoolBatchEngine:
     def close(self) -> None:
         """Cancel everything in flight and release what it held (from a thread other than the one stepping
         the engine, running requests at that thread's next step)."""
-        with self._lock:
+        with self._lock, mlx_threads.device_work():
             failures = []
             for uid in list(self._by_uid):
                 try:
