@@ -873,6 +873,15 @@ def test_while_nothing_runs_a_request_that_does_not_fit_lets_smaller_ones_behind
     assert whole(engine.pool)
 
 
+def wait_until_a_thread_waits_to_end():
+    """Until an end_thread() waits for the device work to stop (read from the lock: a sleep could be too short
+    on a loaded machine, and the test would then check nothing)."""
+    deadline = time.monotonic() + 30
+    while not mlx_threads._streams_in_use._exclusive_waiting:
+        assert time.monotonic() < deadline, "end_thread() never started waiting"
+        time.sleep(0.005)
+
+
 def test_a_thread_ends_only_once_no_engine_step_runs_on_another_thread(engine):
     """On CUDA a thread clearing its streams while another thread's engine evaluated aborted the process (MLX
     0.32.4: the evaluating thread's CUDA graph capture was invalidated). end_thread() waits for a step running
@@ -897,7 +906,7 @@ def test_a_thread_ends_only_once_no_engine_step_runs_on_another_thread(engine):
         with mlx_threads.device_work():
             ended_before_late_work.append(ended.is_set())
 
-    time.sleep(0.2)  # the ender waits by now
+    wait_until_a_thread_waits_to_end()
     late = threading.Thread(target=late_work)
     late.start()
     assert not ended.wait(0.3)  # the step on the other thread still runs
@@ -929,7 +938,7 @@ def test_a_step_inside_a_step_does_not_wait_behind_a_thread_ending():
     def holder():
         with mlx_threads.device_work():
             ender.start()
-            time.sleep(0.2)  # the ender waits now
+            wait_until_a_thread_waits_to_end()
             with mlx_threads.device_work():
                 nested_done.set()
             assert not ended.is_set()

@@ -301,8 +301,14 @@ def write_blocks_in_place(k_pool: mx.array, v_pool: mx.array, sources: Sequence[
     same arrays, in the same memory: views of them (cached rebuilds) stay valid, and no other array is made.
     Returns the kernel's token output, queued (``mx.async_eval``): the writes are done once it is evaluated,
     and until then nothing may read the blocks or give them to anyone."""
-    (done,) = _pack_launch(_write_in_place_kernel(len(sources)), sources, len(plan), block_size,
-                           [mx.array(plan, dtype=mx.int32), k_pool, v_pool], [(1,)], [mx.uint8])
+    return _queued_pool_write(_write_in_place_kernel(len(sources)), sources, len(plan), block_size,
+                              [mx.array(plan, dtype=mx.int32), k_pool, v_pool])
+
+
+def _queued_pool_write(kernel, sources: Sequence[Tuple[mx.array, mx.array]], n_blocks: int, block_size: int,
+                       inputs: List[mx.array]) -> mx.array:
+    """A pool-writing kernel launched and queued (``mx.async_eval``); its one-byte token output returned."""
+    (done,) = _pack_launch(kernel, sources, n_blocks, block_size, inputs, [(1,)], [mx.uint8])
     mx.async_eval(done)
     return done
 
@@ -324,10 +330,8 @@ def write_described_blocks_in_place(k_pool: mx.array, v_pool: mx.array,
     numbers = (first_id, *itertools.chain.from_iterable(described))
     desc = mx.as_strided(_one_int(), (1,) * len(numbers), numbers)
     n_blocks = sum(described[layout][3] for layout in layouts)
-    (done,) = _pack_launch(_write_described_kernel(len(sources)), sources, n_blocks, block_size,
-                           [_layout_array(layouts), desc, k_pool, v_pool], [(1,)], [mx.uint8])
-    mx.async_eval(done)
-    return done
+    return _queued_pool_write(_write_described_kernel(len(sources)), sources, n_blocks, block_size,
+                              [_layout_array(layouts), desc, k_pool, v_pool])
 
 
 @functools.lru_cache(maxsize=None)
