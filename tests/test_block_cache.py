@@ -607,6 +607,41 @@ def test_caches_of_another_dtype_are_refused_not_stored_as_other_bits():
         assert unchanged(pool, usage)
 
 
+def _corrupt(cache, how):
+    keys, values = cache.keys, cache.values
+    if how == "heads":
+        cache.keys = mx.concatenate([keys, keys[:, :1]], axis=1)
+    elif how == "head dim":
+        cache.values = mx.concatenate([values, values], axis=3)
+    elif how == "buffer shorter than offset":
+        cache.keys, cache.values = keys[:, :, : cache.offset - 1], values[:, :, : cache.offset - 1]
+    elif how == "values shorter than keys":
+        cache.values = values[:, :, : cache.offset - 1]
+    elif how == "float16":
+        cache.keys, cache.values = keys.astype(mx.float16), values.astype(mx.float16)
+    elif how == "numpy":
+        cache.keys = np.array(keys.astype(mx.float32))
+
+
+@pytest.mark.parametrize("how", ["heads", "head dim", "buffer shorter than offset", "values shorter than keys",
+                                 "float16", "numpy"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_store_refuses_one_layer_unlike_the_others_and_changes_nothing(how, layer):
+    """A store checks its layers' arrays once per distinct shape, not once per layer: a single layer that
+    differs from the rest (here the first or a later one) is still refused, by name, with nothing taken.
+    A buffer shorter than the tokens it claims would be read past its end by the device's copy."""
+    pool, _ = small_pool_with_context()
+    usage = pool.usage()
+    caches = random_caches(pool.spec, 300, seed=3)
+    _corrupt(caches[layer], how)
+    with pytest.raises((IncompatibleCacheError, InvalidRequestError)):
+        cache_to_blocks(pool, "b", caches, list(range(300)))
+    assert unchanged(pool, usage)
+    stored = cache_to_blocks(pool, "b", random_caches(pool.spec, 300, seed=3), list(range(300)))
+    stored.release()
+    assert unchanged(pool, usage)
+
+
 @pytest.mark.parametrize("caches,token_ids", [
     (None, list(range(300))), ([None, None], list(range(300))), ("nan offset", list(range(300))),
     ("good", None), ("good", (t for t in range(300))), ("good", [True] * 300), ("good", [1.0] * 300),

@@ -228,12 +228,13 @@ def _reuse_plan(spec: ModelCacheSpec, source_tokens: int, n_source_ids: int, reu
     return first, new_from, last, first - src_first, carried
 
 
-def _tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_tokens) -> Tuple[tuple, tuple]:
-    """``(tokens, prefix)``: ``token_ids`` as a tuple, and the source's own tuple of its first ``reused_tokens``,
-    which the store's blocks share as holding them: the caller's must equal them (then they need no other
-    check: the source's are checked). :func:`_checked_tokens` checks the rest."""
+def _tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_tokens) -> Tuple[Sequence, tuple]:
+    """``(tokens, prefix)``: ``token_ids`` as given (a NumPy array as a list), and the source's own tuple of its
+    first ``reused_tokens``, which the store's blocks share as holding them: the caller's must equal them (then
+    they need no other check: the source's are checked). :func:`_checked_tokens` checks the rest."""
     reused_tokens = checked_int("reused_tokens", reused_tokens, 0)
-    tokens = tuple(token_ids.tolist() if isinstance(token_ids, np.ndarray) else token_ids)
+    # A tuple is made only after the launch (_checked_tokens): copying 4,096 ids costs ~10 us.
+    tokens = token_ids.tolist() if isinstance(token_ids, np.ndarray) else token_ids
     if source is None:
         if reused_tokens:
             raise InvalidRequestError("reused_tokens > 0 needs source= (the handle they came from)")
@@ -244,17 +245,17 @@ def _tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_to
             f"reused_tokens={reused_tokens}, but the source holds {source.num_tokens} tokens and the context "
             f"{len(tokens)}")
     prefix = source.token_ids[:reused_tokens]
-    if prefix != tokens[:reused_tokens]:
+    if prefix != tuple(tokens[:reused_tokens]):
         raise IncompatibleCacheError(
             f"the first {reused_tokens} tokens differ from the source's: only tokens it holds can be reused")
     return tokens, prefix
 
 
-def _checked_tokens(tokens: tuple, prefix: tuple) -> Tuple[int, ...]:
-    """``tokens`` as plain ints >= 0 (NumPy integers converted; bools, floats, negatives refused), its
+def _checked_tokens(tokens: Sequence, prefix: tuple) -> Tuple[int, ...]:
+    """``tokens`` as a tuple of plain ints >= 0 (NumPy integers converted; bools, floats, negatives refused), its
     ``prefix`` as given. A store checks them after queueing its copy, while the device works: for 4,096 new
     tokens the two passes take ~0.1 ms of Python (CPU), as long as a GPU store's whole copy."""
-    tail = tokens[len(prefix):]
+    tail = tuple(tokens[len(prefix):] if prefix else tokens)
     if not plain_ints(tail):
         tail = tuple(int_items(tail, "token_ids"))
     if tail and min(tail) < 0:
@@ -317,8 +318,9 @@ def cache_to_blocks(
             carried = (source_ids[carried[0]], carried[1], carried[2])
         layouts.append((keys, values, first_token, shared_ids, new_from, last - new_from, carried, offset))
     with pool.build_handle(agent_id, reservation) as builder:
-        shared = list(itertools.chain.from_iterable(layout[3] for layout in layouts))
-        builder.retain(shared, of=source if reuse else None)  # released since its ids were read: refused
+        if reuse:
+            shared = list(itertools.chain.from_iterable(layout[3] for layout in layouts))
+            builder.retain(shared, of=source)  # released since its ids were read: refused
         # One allocation for every layer: consecutive ids, so each layer's new blocks are one slice.
         new_ids = builder.allocate(sum(layout[5] for layout in layouts))
         layer_ids: List[List[int]] = []
@@ -333,7 +335,7 @@ def cache_to_blocks(
                 writes.append((ids, new_from, keys, values, first_token, offset - first_token))
                 if carried is not None:
                     copies.append((ids[0], *carried))
-        builder.write_new(writes)
+        builder.write_store(writes)
         token_ids = _checked_tokens(tokens, prefix)  # while the device copies (a rollback waits for it)
         if copies:
             pool.copy_token_rows(copies, of=source)

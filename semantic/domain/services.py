@@ -135,11 +135,22 @@ class _HandleBuilder:
 
         Where the device writes them (CUDA), the kernel is only queued: the caller's Python goes on while it
         copies, and :meth:`finish_store`, or a rollback, waits for it before the blocks leave the builder."""
+        self._write_allocated([self._pool._checked_write(write) for write in writes])
+
+    def write_store(self, writes: List[tuple]) -> None:
+        """:meth:`write_new` of a store's own writes (``cache_to_blocks``): ``(ids, first_index, keys, values,
+        first_token, n_tokens)``, the numbers from the pool's own block arithmetic. Only what the caller brought,
+        the arrays, is checked, once per distinct shape (:meth:`BlockPool._check_store_sources`): each write's
+        own checks were a third of a store's Python before its kernel launch (4 x 24 on CPU, the CUDA path's
+        Python: 66 -> 47 us)."""
+        self._pool._check_store_sources(writes)
+        self._write_allocated(writes)
+
+    def _write_allocated(self, writes: List[tuple]) -> None:
         pool = self._pool
-        writes = [pool._checked_write(write) for write in writes]
         ids = list(itertools.chain.from_iterable(write[0] for write in writes))
         if ids != self._allocated:
-            raise BlockOwnershipError("write_new writes every block this builder allocated, in order, and no other")
+            raise BlockOwnershipError("a builder writes every block it allocated, in order, and no other")
         with pool._lock:
             self._pending = pool._write_checked(writes, ids)
 
@@ -780,6 +791,25 @@ class BlockPool:
             write = (*write, tokens)
         self._check_span(write[0], write[1], write[4], write[5])
         return write
+
+    def _check_store_sources(self, writes: List[tuple]) -> None:
+        """:meth:`_checked_write`'s checks of the arrays of :meth:`_HandleBuilder.write_store`'s writes, made
+        once per distinct (shapes, dtypes, token count): a store's layers share one or two. Any mismatch
+        goes through :meth:`_checked_write`, which names it."""
+        spec, dtype = self.spec, self._dtype
+        if {(type(w[2]), type(w[3])) for w in writes} <= {(mx.array, mx.array)}:
+            for k_shape, v_shape, k_dtype, v_dtype, n_tokens in {
+                    (w[2].shape, w[3].shape, w[2].dtype, w[3].dtype, w[5]) for w in writes}:
+                if not (k_dtype == dtype and v_dtype == dtype and len(k_shape) == 4
+                        and k_shape == (1, spec.n_kv_heads, k_shape[2], spec.k_head_dim)
+                        and v_shape == (1, spec.n_kv_heads, k_shape[2], spec.v_head_dim)
+                        and 0 <= n_tokens <= k_shape[2]):
+                    break
+            else:
+                return
+        for write in writes:
+            self._checked_write(write)
+        raise AssertionError("a store's sources failed a check that each write's own checks passed")
 
     def _check_span(self, block_ids, first_index: int, first_token: int, n_tokens: int) -> None:
         """The blocks of a write hold its tokens' end, each block some of its tokens: more blocks would be left
