@@ -10,28 +10,22 @@ from semantic.adapters import mlx_kernels as kernels
 from semantic.domain import services
 
 marks = {}
-launch = services.write_described_blocks_in_place
-pack_launch = kernels._pack_launch
 
 
-def marked_pack(*args, **kwargs):
-    marks["node"] = time.perf_counter()
-    out = pack_launch(*args, **kwargs)
-    marks["node_done"] = time.perf_counter()
-    return out
+def marked(owner, name, enter, leave):
+    """``owner.name`` wrapped to stamp ``marks[enter]`` and ``marks[leave]`` around each call."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        marks[enter] = time.perf_counter()
+        out = original(*args, **kwargs)
+        marks[leave] = time.perf_counter()
+        return out
+    setattr(owner, name, wrapper)
 
 
-kernels._pack_launch = marked_pack
-
-
-def marked(*args, **kwargs):
-    marks["enter"] = time.perf_counter()
-    out = launch(*args, **kwargs)
-    marks["exit"] = time.perf_counter()
-    return out
-
-
-services.write_described_blocks_in_place = marked
+marked(kernels, "_pack_launch", "node", "node_done")  # the kernel call, inside the launch
+marked(services, "write_described_blocks_in_place", "enter", "exit")  # the launch
 results = {}
 for case in cases.TARGET_CASES[:4]:
     ctx = cases.context(case.geometry, case.blocks, case.layers, spare_blocks=case.blocks)
