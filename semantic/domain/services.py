@@ -56,6 +56,7 @@ from semantic.domain.errors import (
     InvalidRequestError,
     PoolExhaustedError,
 )
+from semantic.domain.free_runs import FreeRuns
 from semantic.domain.request_checks import checked_int, int_items, is_int, plain_ints
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
 from semantic.domain.value_objects import ModelCacheSpec
@@ -264,7 +265,7 @@ class BlockPool:
         self.pool_id = next(_pool_ids)
         self._lock = threading.RLock()
         self._blocks_back = threading.Condition(self._lock)  # blocks freed or a reservation given back
-        self._free: List[int] = list(range(total_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free = FreeRuns(total_blocks)
         self._refcount = [0] * total_blocks
         # Who holds the references, per agent: the raw ones of allocate / retain not given back (release_blocks
         # may give back only these) ...
@@ -377,8 +378,8 @@ class BlockPool:
         """Raise ``AssertionError`` if the bookkeeping is inconsistent (used by the tests)."""
         with self._lock:
             self._drain()
+            self._free.check()
             free = set(self._free)
-            assert len(free) == len(self._free), "a block is on the free list twice"
             used = {b for b, c in enumerate(self._refcount) if c > 0}
             assert free.isdisjoint(used), "a referenced block is on the free list"
             assert len(free) + len(used) == self.total_blocks, "free + used != total"
@@ -403,7 +404,9 @@ class BlockPool:
 
     # ---- raw references -----------------------------------------------------------------------
     def allocate(self, n_blocks: int, agent_id: str, *, reservation: Optional[Reservation] = None) -> List[int]:
-        """Take ``n_blocks`` free blocks (reference count 1, attributed to ``agent_id``). All or nothing."""
+        """Take ``n_blocks`` free blocks (reference count 1, attributed to ``agent_id``). All or nothing. They
+        are one run of consecutive ids whenever the free blocks hold one that long (the shortest such run:
+        :class:`~semantic.domain.free_runs.FreeRuns`)."""
         n_blocks = checked_int("n_blocks", n_blocks, 0)
         _check_agent_id(agent_id)
         self._check_reservation(reservation)
@@ -425,8 +428,7 @@ class BlockPool:
         if from_reservation:
             reservation.remaining -= from_reservation
             self._reserved -= from_reservation
-        ids = self._free[: -n_blocks - 1 : -1] if n_blocks else []
-        del self._free[len(self._free) - n_blocks :]
+        ids = self._free.take(n_blocks)
         refcount = self._refcount
         for b in ids:
             refcount[b] = 1
@@ -611,7 +613,7 @@ class BlockPool:
             refcount[b] = left
             if not left:
                 freed.append(b)
-        self._free.extend(reversed(freed))  # allocate pops from the end: a released run comes back in order
+        self._free.give_back(freed)
         if freed:
             self._blocks_back.notify_all()
 
@@ -720,7 +722,7 @@ class BlockPool:
         On CPU the blocks are written through NumPy views of the pool's arrays; on CUDA, in a dense pool,
         by one kernel writing every new block into the arrays (:func:`write_blocks_in_place`). Elsewhere
         each run of consecutive block ids is written as one slice of rows (a plain strided copy on every
-        backend); :meth:`allocate` hands out consecutive ids whenever the free list has them.
+        backend); :meth:`allocate` hands out consecutive ids whenever the free blocks hold such a run.
         """
         writes = [self._checked_write(write) for write in writes]
         if all(type(write[0]) is list for write in writes):  # a store's own lists: one pass of C builtins for all
