@@ -613,24 +613,36 @@ def _corrupt(cache, how):
         cache.keys = mx.concatenate([keys, keys[:, :1]], axis=1)
     elif how == "head dim":
         cache.values = mx.concatenate([values, values], axis=3)
-    elif how == "buffer shorter than offset":
-        cache.keys, cache.values = keys[:, :, : cache.offset - 1], values[:, :, : cache.offset - 1]
+    elif how == "buffer shorter than offset":  # one token short of what the cache says it holds
+        short = min(cache.offset, keys.shape[2]) - 1
+        cache.keys, cache.values = keys[:, :, :short], values[:, :, :short]
     elif how == "values shorter than keys":
-        cache.values = values[:, :, : cache.offset - 1]
+        cache.values = values[:, :, : min(cache.offset, keys.shape[2]) - 1]
     elif how == "float16":
         cache.keys, cache.values = keys.astype(mx.float16), values.astype(mx.float16)
     elif how == "numpy":
         cache.keys = np.array(keys.astype(mx.float32))
+    elif how == "no values":
+        cache.values = None
+    elif how == "3-D keys":
+        cache.keys = keys[0]
+    elif how == "write position":
+        cache._idx = 1.5
 
 
-@pytest.mark.parametrize("how", ["heads", "head dim", "buffer shorter than offset", "values shorter than keys",
-                                 "float16", "numpy"])
-@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("how,layer", [
+    (how, layer) for layer in (0, 1) for how in ("heads", "head dim", "buffer shorter than offset",
+                                                 "values shorter than keys", "float16", "numpy", "no values",
+                                                 "3-D keys", "write position")
+    if not (how == "write position" and layer == 0)])  # a full-attention cache has no write position
 def test_a_store_refuses_one_layer_unlike_the_others_and_changes_nothing(how, layer):
     """A store checks its layers' arrays once per distinct shape, not once per layer: a single layer that
-    differs from the rest (here the first or a later one) is still refused, by name, with nothing taken.
-    A buffer shorter than the tokens it claims would be read past its end by the device's copy."""
-    pool, _ = small_pool_with_context()
+    differs from the rest (here the first, full-attention, or the second, a sliding window's) is still
+    refused with a typed error, with nothing taken. A buffer shorter than the tokens it claims would be
+    read past its end by the device's copy."""
+    spec = ModelCacheSpec.preset("smollm2-135m").with_layers(2)
+    spec = ModelCacheSpec(**{**spec.__dict__, "layer_windows": (None, 128)})
+    pool = BlockPool(spec, total_blocks=20)
     usage = pool.usage()
     caches = random_caches(pool.spec, 300, seed=3)
     _corrupt(caches[layer], how)
@@ -645,7 +657,7 @@ def test_a_store_refuses_one_layer_unlike_the_others_and_changes_nothing(how, la
 @pytest.mark.parametrize("caches,token_ids", [
     (None, list(range(300))), ([None, None], list(range(300))), ("nan offset", list(range(300))),
     ("good", None), ("good", (t for t in range(300))), ("good", [True] * 300), ("good", [1.0] * 300),
-    ("good", [0] * 299 + [-1]), ("good", np.arange(300.0)),
+    ("good", [0] * 299 + [-1]), ("good", np.arange(300.0)), ("good", np.array(5)), ("good", np.zeros((1, 300), int)),
 ])
 def test_a_store_of_arguments_that_are_not_caches_and_token_ids_is_a_typed_error(caches, token_ids):
     pool, handle = small_pool_with_context()

@@ -167,21 +167,37 @@ def read_layer_cache(cache: LayerCache, *, whole_buffer: bool = False) -> Tuple[
     offset = cache.offset
     if type(offset) is not int or offset < 0:  # set by hand, e.g. to a float
         raise IncompatibleCacheError(f"a cache's offset must be an int >= 0, got {offset!r}")
-    if type(cache) is KVCache:
-        if cache.keys is None:
-            return None, None, 0, 0
-        keys = cache.keys
-        if keys.shape[2] == offset or whole_buffer:
-            return keys, cache.values, 0, offset
-        # Plain slices of the token axis: MLX builds them in half the time of ``[..., :offset, :]``.
-        return keys[:, :, :offset], cache.values[:, :, :offset], 0, offset
-    if cache.keys is None:  # a RotatingKVCache
+    if cache.keys is None:
         return None, None, 0, 0
+    keys, values = cache.keys, cache.values
+    if type(cache) is KVCache and whole_buffer:
+        # As they are, unchecked: a store checks its layers' arrays once per distinct shape, where a check
+        # here would cost every layer (~0.2 us each); nothing below would touch them.
+        return keys, values, 0, offset
+    if type(keys) is not mx.array or type(values) is not mx.array or keys.ndim != 4 or values.ndim != 4:
+        raise IncompatibleCacheError(
+            f"a cache's keys and values must be mx.arrays [1, heads, tokens, head_dim], got "
+            f"{_array_description(keys)} and {_array_description(values)}")
+    if type(cache) is KVCache:
+        if keys.shape[2] == offset:
+            return keys, values, 0, offset
+        # Plain slices of the token axis: MLX builds them in half the time of ``[..., :offset, :]``.
+        return keys[:, :, :offset], values[:, :, :offset], 0, offset
+    if type(cache._idx) is not int or not 0 <= cache._idx <= keys.shape[2] or keys.shape[2] != values.shape[2]:
+        raise IncompatibleCacheError(
+            f"a RotatingKVCache's write position ({cache._idx!r}) must be an int within its buffers of "
+            f"{keys.shape[2]} (keys) and {values.shape[2]} (values) tokens")
     visible = min(offset, cache.max_size)
-    keys, values = cache._temporal_order(cache.keys), cache._temporal_order(cache.values)
+    keys, values = cache._temporal_order(keys), cache._temporal_order(values)
     if keys.shape[2] != visible:
         keys, values = keys[:, :, -visible:], values[:, :, -visible:]
     return keys, values, offset - visible, offset
+
+
+def _array_description(value) -> str:
+    if type(value) is mx.array:
+        return f"an mx.array of shape {value.shape}"
+    return f"{type(value).__name__} {getattr(value, 'shape', '')}".rstrip()
 
 
 def vocab_size(model) -> int:

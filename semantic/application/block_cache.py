@@ -233,6 +233,8 @@ def _tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_to
     first ``reused_tokens``, which the store's blocks share as holding them: the caller's must equal them (then
     they need no other check: the source's are checked). :func:`_checked_tokens` checks the rest."""
     reused_tokens = checked_int("reused_tokens", reused_tokens, 0)
+    if isinstance(token_ids, np.ndarray) and token_ids.ndim != 1:
+        raise InvalidRequestError(f"token_ids must be one list of ints, got an array of shape {token_ids.shape}")
     # A tuple is made only after the launch (_checked_tokens): copying 4,096 ids costs ~10 us.
     tokens = token_ids.tolist() if isinstance(token_ids, np.ndarray) else token_ids
     if source is None:
