@@ -379,8 +379,8 @@ def test_under_agents_coming_and_going_an_allocation_is_the_best_fitting_run_of_
     """A store's blocks are one run of consecutive ids whenever the free blocks hold one that long (the CUDA
     store then needs no plan array; other backends write a run as one slice). A free list used as a stack
     gave one run to about a fifth of such allocations. Checked against a model of the free ids after every
-    step of a seeded churn: one run whenever one fits, the shortest that fits (the lowest among equals),
-    else the fewest runs, longest first."""
+    step of a seeded churn: one run whenever one fits, from the start of a shortest run that fits, else
+    whole runs, longest first, and the first ids of the next."""
     rng = np.random.default_rng(7)
     pool = BlockPool(SPEC, total_blocks=600)
     free, held = set(range(600)), []
@@ -393,21 +393,21 @@ def test_under_agents_coming_and_going_an_allocation_is_the_best_fitting_run_of_
             n = int(rng.choice([1, 3, 12, 40, 96]))
             if n > len(free):
                 continue
-            runs = _free_runs(free)
+            runs = dict(_free_runs(free))  # start -> length
             ids = pool.allocate(n, "a")
-            fitting = [(length, start) for start, length in runs if length >= n]
-            if fitting:
-                length, start = min(fitting)
-                assert ids == list(range(start, start + n))
+            taken = []  # (start, length) of each piece, in the order handed out
+            for i, b in enumerate(ids):
+                if i and ids[i - 1] + 1 == b:
+                    taken[-1] = (taken[-1][0], taken[-1][1] + 1)
+                else:
+                    taken.append((b, 1))
+            assert all(start in runs for start, _ in taken), "a piece that does not begin a free run"
+            if max(runs.values()) >= n:
+                assert len(taken) == 1 and runs[ids[0]] == min(length for length in runs.values() if length >= n)
             else:
-                longest_first = sorted(((length, start) for start, length in runs), reverse=True)
-                want, left = [], n
-                for length, start in longest_first:
-                    want.extend(range(start, start + min(length, left)))
-                    left -= min(length, left)
-                    if not left:
-                        break
-                assert ids == want
+                used = sorted((runs[start] for start, _ in taken), reverse=True)
+                assert used == sorted(runs.values(), reverse=True)[: len(taken)]
+                assert all(length == runs[start] for start, length in taken[:-1]), "a run not taken whole"
             free.difference_update(ids)
             held.append(ids)
         pool.check_invariants()

@@ -9,22 +9,29 @@ only 21-22 % of allocations were one run, and 57-59 % were six runs or more. Bes
 made 98-99 % of the same allocations one run (``experiments/results/cpu-free-runs/``).
 
 Invariants (``check``): runs are disjoint and never adjacent (a freed run merges with its neighbours), every
-run is indexed by its start, by its end and in the length order, and the count is the sum of the lengths.
+run is indexed by its start, by its end and by its length, and the count is the sum of the lengths.
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Set, Tuple
 
 
 class FreeRuns:
-    """Free ids ``0 .. total - 1`` to start with; :meth:`take` and :meth:`give_back` move ids out and in."""
+    """Free ids ``0 .. total - 1`` to start with; :meth:`take` and :meth:`give_back` move ids out and in.
+
+    Runs are found by length through one set of starts per length and a sorted list of the lengths present:
+    a run added or removed costs a set operation, and a list operation only when its length is the first or
+    last of its kind. Taking back 2,000 scattered ids into a pool of 100,000 blocks in ~48,000 runs took 18.8 ms
+    with one sorted list of all runs, 2.2 ms this way (CPU).
+    """
 
     def __init__(self, total: int):
         self._length: Dict[int, int] = {}  # run start -> its length
         self._start_of_end: Dict[int, int] = {}  # run end (exclusive) -> its start
-        self._by_length: List[Tuple[int, int]] = []  # (length, start), sorted: best fit by bisection
+        self._starts: Dict[int, Set[int]] = {}  # length -> the starts of the runs that long
+        self._lengths: List[int] = []  # the keys of _starts, sorted: best fit by bisection
         self._count = 0
         if total:
             self._add(0, total)
@@ -38,21 +45,21 @@ class FreeRuns:
             yield from range(start, start + length)
 
     def take(self, n: int) -> List[int]:
-        """``n`` free ids (at most ``len(self)``), ascending within each run: the first ``n`` of the shortest
-        run that holds them (the lowest such run among equals), else of the longest runs, fewest runs."""
+        """``n`` free ids (at most ``len(self)``), ascending within each run: the first ``n`` of a shortest run
+        that holds them, else of the longest runs, fewest runs."""
         if n > self._count:
             raise AssertionError(f"{n} ids asked of {self._count} free")
         ids: List[int] = []
-        by_length = self._by_length
-        index = bisect.bisect_left(by_length, (n, -1))
+        lengths = self._lengths
+        index = bisect.bisect_left(lengths, n)
         while len(ids) < n:
-            length, start = by_length[index] if index < len(by_length) else by_length[-1]
+            length = lengths[index] if index < len(lengths) else lengths[-1]
+            start = self._pop(length)
             used = min(length, n - len(ids))
-            self._remove(start, length)
             if length > used:
                 self._add(start + used, length - used)
             ids.extend(range(start, start + used))
-            index = len(by_length)  # what is left comes from the longest runs
+            index = len(lengths)  # what is left comes from the longest runs
         self._count -= n
         return ids
 
@@ -90,7 +97,10 @@ class FreeRuns:
     def check(self) -> None:
         """Raise ``AssertionError`` unless the invariants of this module's docstring hold."""
         runs = self.runs()
-        assert sorted((length, start) for start, length in runs) == self._by_length, "length order out of step"
+        by_length: Dict[int, Set[int]] = {}
+        for start, length in runs:
+            by_length.setdefault(length, set()).add(start)
+        assert self._starts == by_length and self._lengths == sorted(by_length), "length index out of step"
         assert self._start_of_end == {start + length: start for start, length in runs}, "end index out of step"
         assert all(length > 0 for _, length in runs), "an empty run"
         for (start, length), (next_start, _) in zip(runs, runs[1:]):
@@ -100,9 +110,26 @@ class FreeRuns:
     def _add(self, start: int, length: int) -> None:
         self._length[start] = length
         self._start_of_end[start + length] = start
-        bisect.insort(self._by_length, (length, start))
+        starts = self._starts.get(length)
+        if starts is None:
+            starts = self._starts[length] = set()
+            bisect.insort(self._lengths, length)
+        starts.add(start)
+
+    def _pop(self, length: int) -> int:
+        """The start of a run ``length`` long, removed."""
+        start = self._starts[length].pop()
+        self._forget(start, length)
+        return start
 
     def _remove(self, start: int, length: int) -> None:
+        self._starts[length].remove(start)
+        self._forget(start, length)
+
+    def _forget(self, start: int, length: int) -> None:
+        """The rest of removing a run whose start has left its length's set."""
         del self._length[start]
         del self._start_of_end[start + length]
-        del self._by_length[bisect.bisect_left(self._by_length, (length, start))]
+        if not self._starts[length]:
+            del self._starts[length]
+            del self._lengths[bisect.bisect_left(self._lengths, length)]
