@@ -4,8 +4,8 @@ A store writes its new blocks fastest when they are one run of consecutive ids: 
 takes its block ids from a few numbers in the launch instead of a plan array made per store (whose copy to
 the device spread the kernel's p95 several-fold, H100), and the other backends write each run as one slice.
 A free list used as a stack hands back whatever was freed last: under agents coming and going (random
-allocations of 12-480 blocks and releases, a pool 2,000-8,000 blocks large held at least a quarter full),
-only 21-22 % of allocations were one run, and 57-59 % were six runs or more. Best fit over coalesced runs
+allocations of 12-480 blocks and releases in pools of 2,000 and 8,000 blocks, a release whenever fewer than
+500 were free), only 21-22 % of allocations were one run, and 57-59 % were six runs or more. Best fit over coalesced runs
 made 98-99 % of the same allocations one run (``experiments/results/cpu-free-runs/``).
 
 Invariants (``check``): runs are disjoint and never adjacent (a freed run merges with its neighbours), every
