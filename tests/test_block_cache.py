@@ -217,7 +217,7 @@ def test_the_device_write_path_stores_what_the_host_path_stores(monkeypatch, fra
         patch.setattr(services, "writes_through_host", lambda: False)
         on_device = cache_to_blocks(pool, "device", sources, tokens)
     on_host = cache_to_blocks(pool, "host", sources, tokens)
-    runs = len(list(services._id_runs([b for ids in on_device.all_block_ids for b in ids], 0, on_device.num_blocks)))
+    runs = len(list(services.id_runs([b for ids in on_device.all_block_ids for b in ids], 0, on_device.num_blocks)))
     assert (runs > services._MAX_SLICE_WRITES) == fragmented
     for original, a, b in zip(caches, blocks_to_cache(pool, on_host), blocks_to_cache(pool, on_device)):
         for x, y, z in zip(visible(original)[:2], visible(a)[:2], visible(b)[:2]):

@@ -364,10 +364,11 @@ def test_allocation_is_all_or_nothing():
     assert pool.free_blocks == 2 and "b" not in pool.usage().per_agent
 
 
-def _free_runs(free: set) -> list:
-    """The maximal runs of consecutive ids in ``free``, as ``(start, length)``."""
+def _runs(ids) -> list:
+    """``(start, length)`` of each run of consecutive ids in ``ids``, in their order (the test's own model,
+    not the pool's helper)."""
     runs = []
-    for b in sorted(free):
+    for b in ids:
         if runs and runs[-1][0] + runs[-1][1] == b:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
@@ -393,14 +394,9 @@ def test_under_agents_coming_and_going_an_allocation_is_the_best_fitting_run_of_
             n = int(rng.choice([1, 3, 12, 40, 96]))
             if n > len(free):
                 continue
-            runs = dict(_free_runs(free))  # start -> length
+            runs = dict(_runs(sorted(free)))  # start -> length of the free runs
             ids = pool.allocate(n, "a")
-            taken = []  # (start, length) of each piece, in the order handed out
-            for i, b in enumerate(ids):
-                if i and ids[i - 1] + 1 == b:
-                    taken[-1] = (taken[-1][0], taken[-1][1] + 1)
-                else:
-                    taken.append((b, 1))
+            taken = _runs(ids)  # the pieces, in the order handed out
             assert all(start in runs for start, _ in taken), "a piece that does not begin a free run"
             if max(runs.values()) >= n:
                 assert len(taken) == 1 and runs[ids[0]] == min(length for length in runs.values() if length >= n)

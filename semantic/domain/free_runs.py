@@ -18,6 +18,15 @@ import bisect
 from typing import Dict, Iterator, List, Sequence, Set, Tuple
 
 
+def id_runs(block_ids: Sequence[int], lo: int, hi: int) -> Iterator[Tuple[int, int, int]]:
+    """Split ``block_ids[lo:hi]`` into runs of consecutive ids: yields ``(run_lo, run_hi, first id)``."""
+    start = lo
+    for k in range(lo + 1, hi + 1):
+        if k == hi or block_ids[k] != block_ids[k - 1] + 1:
+            yield start, k, block_ids[start]
+            start = k
+
+
 class FreeRuns:
     """Free ids ``0 .. total - 1`` to start with; :meth:`take` and :meth:`give_back` move ids out and in.
 
@@ -72,11 +81,7 @@ class FreeRuns:
         if ids[-1] - ids[0] == n - 1:  # the usual case: a handle's blocks, allocated as one run
             runs = [(ids[0], n)]
         else:
-            runs, first = [], 0
-            for i in range(1, n + 1):
-                if i == n or ids[i] != ids[i - 1] + 1:
-                    runs.append((ids[first], i - first))
-                    first = i
+            runs = [(first_id, hi - lo) for lo, hi, first_id in id_runs(ids, 0, n)]
         for start, length in runs:
             before = self._start_of_end.get(start)
             if before is not None:

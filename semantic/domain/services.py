@@ -56,7 +56,7 @@ from semantic.domain.errors import (
     InvalidRequestError,
     PoolExhaustedError,
 )
-from semantic.domain.free_runs import FreeRuns
+from semantic.domain.free_runs import FreeRuns, id_runs
 from semantic.domain.request_checks import checked_int, int_items, is_int, plain_ints
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
 from semantic.domain.value_objects import ModelCacheSpec
@@ -777,9 +777,7 @@ class BlockPool:
                                       f"{type(values).__name__}")
         spec, k_shape = self.spec, keys.shape
         tokens = k_shape[2] if len(k_shape) == 4 else -1
-        if (k_shape != (1, spec.n_kv_heads, tokens, spec.k_head_dim)
-                or values.shape != (1, spec.n_kv_heads, tokens, spec.v_head_dim)
-                or keys.dtype != self._dtype or values.dtype != self._dtype):
+        if not self._fits_blocks(k_shape, values.shape, keys.dtype, values.dtype):
             raise IncompatibleCacheError(
                 f"keys {k_shape} and values {values.shape} of {keys.dtype} and {values.dtype} cannot be stored "
                 f"in blocks of [1, {spec.n_kv_heads}, tokens, {spec.k_head_dim} / {spec.v_head_dim}] {spec.dtype}; "
@@ -794,18 +792,23 @@ class BlockPool:
         self._check_span(write[0], write[1], write[4], write[5])
         return write
 
+    def _fits_blocks(self, k_shape: tuple, v_shape: tuple, k_dtype: mx.Dtype, v_dtype: mx.Dtype) -> bool:
+        """Whether keys and values of these shapes and dtypes are ``[1, heads, tokens, dim]`` of this pool's
+        geometry and dtype: others would be stored as reinterpreted bits, or read out of bounds on CUDA."""
+        spec = self.spec
+        tokens = k_shape[2] if len(k_shape) == 4 else -1
+        return (k_shape == (1, spec.n_kv_heads, tokens, spec.k_head_dim)
+                and v_shape == (1, spec.n_kv_heads, tokens, spec.v_head_dim)
+                and k_dtype == self._dtype and v_dtype == self._dtype)
+
     def _check_store_sources(self, writes: List[tuple]) -> None:
         """:meth:`_checked_write`'s checks of the arrays of :meth:`_HandleBuilder.write_store`'s writes, made
         once per distinct (shapes, dtypes, token count): a store's layers share one or two. Any mismatch
         goes through :meth:`_checked_write`, which names it."""
-        spec, dtype = self.spec, self._dtype
         if {(type(w[2]), type(w[3])) for w in writes} <= {(mx.array, mx.array)}:
             for k_shape, v_shape, k_dtype, v_dtype, n_tokens in {
                     (w[2].shape, w[3].shape, w[2].dtype, w[3].dtype, w[5]) for w in writes}:
-                if not (k_dtype == dtype and v_dtype == dtype and len(k_shape) == 4
-                        and k_shape == (1, spec.n_kv_heads, k_shape[2], spec.k_head_dim)
-                        and v_shape == (1, spec.n_kv_heads, k_shape[2], spec.v_head_dim)
-                        and 0 <= n_tokens <= k_shape[2]):
+                if not (self._fits_blocks(k_shape, v_shape, k_dtype, v_dtype) and 0 <= n_tokens <= k_shape[2]):
                     break
             else:
                 return
@@ -861,7 +864,7 @@ class BlockPool:
         packed_ids = plan[:, 4].tolist()
         parts = self._quantized.quantize(*pack_blocks([(w[2], w[3]) for w in writes], plan, size))
         arenas = self._quantized.arenas
-        runs = list(_id_runs(packed_ids, 0, len(packed_ids)))
+        runs = list(id_runs(packed_ids, 0, len(packed_ids)))
         # Slices are written as wide words (new blocks are contiguous: viewing them costs nothing); MLX's CUDA
         # scatter, for a fragmented free list, takes the arena's own dtype. The arrays are replaced by their
         # written views before the evaluation: a reference to an old one left then would make MLX copy the
@@ -894,7 +897,7 @@ class BlockPool:
                 rows = data[0, :, a - first_token : b - first_token, :]
                 if b - a == (hi - lo) * size:
                     rows = rows.reshape(rows.shape[0], hi - lo, size, -1).transpose(1, 0, 2, 3)
-                    for run_lo, run_hi, first_id in _id_runs(block_ids, lo, hi):
+                    for run_lo, run_hi, first_id in id_runs(block_ids, lo, hi):
                         arena[first_id : first_id + run_hi - run_lo] = rows[run_lo - lo : run_hi - lo]
                 else:  # one partly filled block: zero the slots outside the data
                     arena[block_ids[lo]] = 0
@@ -904,7 +907,7 @@ class BlockPool:
         size = self.spec.block_size
         for lo, hi, a, b, seg_start in _segments(len(block_ids), first_index, first_token, n_tokens, size):
             pad = [(0, 0), (a - seg_start, seg_start + (hi - lo) * size - b), (0, 0)]
-            runs = list(_id_runs(block_ids, lo, hi))
+            runs = list(id_runs(block_ids, lo, hi))
             for arena_name, data in (("_keys", keys), ("_values", values)):
                 chunk = data[0, :, a - first_token : b - first_token, :]
                 if pad[1] != (0, 0):
@@ -1124,19 +1127,10 @@ _MAX_SLICE_WRITES = 4
 """Runs of consecutive block ids per segment written as slices; more runs are written by one scatter."""
 
 
-def _id_runs(block_ids: Sequence[int], lo: int, hi: int):
-    """Split ``block_ids[lo:hi]`` into runs of consecutive ids: yields ``(run_lo, run_hi, first id)``."""
-    start = lo
-    for k in range(lo + 1, hi + 1):
-        if k == hi or block_ids[k] != block_ids[k - 1] + 1:
-            yield start, k, block_ids[start]
-            start = k
-
-
 def _write_rows(arena: mx.array, block_ids: Sequence[int], lo: int, runs, rows: mx.array) -> mx.array:
     """``rows[k]`` into block ``block_ids[lo + k]`` of ``arena``, in place (the arena is donated): one slice
-    per run of consecutive ids (``runs`` from :func:`_id_runs`), or, for a fragmented free list, one row
-    scatter instead of many small copies. Returns ``arena``, written."""
+    per run of consecutive ids (``runs`` from :func:`~semantic.domain.free_runs.id_runs`), or, for a
+    fragmented free list, one row scatter instead of many small copies. Returns ``arena``, written."""
     if len(runs) <= _MAX_SLICE_WRITES:
         for run_lo, run_hi, first_id in runs:
             arena[first_id : first_id + run_hi - run_lo] = rows[run_lo - lo : run_hi - lo]
