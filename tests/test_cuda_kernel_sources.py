@@ -119,7 +119,7 @@ def test_the_block_writer_cuts_each_block_from_its_source_and_puts_it_in_its_pla
     writes = [(ids[0], 0, None, None, 0, 20), (ids[1], 2, None, None, 19, 21)]
     plan = services._pack_plan(writes, size)
     if described:
-        layouts, layout_numbers = services._described_writes(writes, [*ids[0], *ids[1]])
+        layouts, layout_numbers = services._described_writes(writes, [*ids[0], *ids[1]], one_run=True)
         numbers = [ids[0][0], *(n for layout in layout_numbers for n in layout)]
         row_inputs = "const int32_t* layouts, const int64_t* desc_strides"
         row_arrays = (f"static const int32_t layouts[] = {{{', '.join(map(str, layouts))}}};\n"

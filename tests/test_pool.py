@@ -410,6 +410,25 @@ def test_under_agents_coming_and_going_an_allocation_is_the_best_fitting_run_of_
         assert pool.free_blocks == len(free)
 
 
+def test_a_builder_claims_one_run_of_ids_only_when_its_blocks_are_one():
+    """A CUDA store whose builder took its blocks as one run of ids writes them by their first id without
+    comparing them: a claim for ids that are not one run would write blocks into other agents' ids."""
+    pool = BlockPool(SPEC, total_blocks=40)
+    with pool.build_handle("a") as builder:
+        assert builder.allocate(5) == list(range(5)) and builder._one_run
+        assert builder.allocate(2) == [5, 6] and not builder._one_run, "a second allocation: two pieces"
+    singles = [pool.allocate(1, "a") for _ in range(40)]
+    for ids in singles[::2]:
+        pool.release_blocks(ids, "a")  # free: 0, 2, 4, ...: no two consecutive
+    with pool.build_handle("b") as builder:
+        assert len(_runs(builder.allocate(3))) == 3 and not builder._one_run
+    pool.release_blocks(singles[1], "a")  # 0, 1, 2 free: one run of three
+    with pool.build_handle("b") as builder:
+        assert builder.allocate(3) == [0, 1, 2] and builder._one_run
+    pool.check_invariants()
+    assert type(pool.allocate(2, "c")) is list  # the public call hands out a list, whatever the pool holds
+
+
 def test_blocks_given_back_merge_with_their_free_neighbours():
     pool = BlockPool(SPEC, total_blocks=30)
     a, b, c = (pool.allocate(10, agent) for agent in AGENTS)
@@ -558,8 +577,8 @@ def test_a_builder_waits_for_its_queued_write_before_its_blocks_leave_it(monkeyp
     events, queued = [], []
     real_write, real_eval = BlockPool._write_checked, mx.eval
 
-    def queued_write(self, writes, ids):
-        real_write(self, writes, ids)
+    def queued_write(self, writes, ids, **kwargs):
+        real_write(self, writes, ids, **kwargs)
         events.append("queued")
         queued.append(mx.zeros((1,), mx.uint8) + 1)
         return queued[-1]

@@ -53,22 +53,31 @@ class FreeRuns:
         for start, length in self._length.items():
             yield from range(start, start + length)
 
-    def take(self, n: int) -> List[int]:
+    def take(self, n: int) -> Sequence[int]:
         """``n`` free ids (at most ``len(self)``), ascending within each run: the first ``n`` of a shortest run
-        that holds them, else of the longest runs, fewest runs."""
+        that holds them, as a ``range`` (a store's writes then know they are one run without comparing ids),
+        else a list of the first ids of the longest runs, fewest runs."""
         if n > self._count:
             raise AssertionError(f"{n} ids asked of {self._count} free")
-        ids: List[int] = []
         lengths = self._lengths
         index = bisect.bisect_left(lengths, n)
-        while len(ids) < n:
-            length = lengths[index] if index < len(lengths) else lengths[-1]
+        if n == 0:
+            return range(0)
+        if index < len(lengths):
+            length = lengths[index]
+            start = self._pop(length)
+            if length > n:
+                self._add(start + n, length - n)
+            self._count -= n
+            return range(start, start + n)
+        ids: List[int] = []
+        while len(ids) < n:  # no run is long enough: the longest ones
+            length = lengths[-1]
             start = self._pop(length)
             used = min(length, n - len(ids))
             if length > used:
                 self._add(start + used, length - used)
             ids.extend(range(start, start + used))
-            index = len(lengths)  # what is left comes from the longest runs
         self._count -= n
         return ids
 
