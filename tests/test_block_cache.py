@@ -630,13 +630,19 @@ def _corrupt(cache, how):
         cache.keys = keys[0]
     elif how == "write position":
         cache._idx = 1.5
+    elif how == "window size not an int":  # a float reached the pool's cached block arithmetic, and every
+        cache.max_size = float(cache.max_size)  # later store of that layout failed
+    elif how == "kept tokens":  # stored with the kept tokens as the window's oldest, before
+        cache.keep = 4
 
 
 @pytest.mark.parametrize("how,layer", [
     (how, layer) for layer in (0, 1) for how in ("heads", "head dim", "buffer shorter than offset",
                                                  "values shorter than keys", "float16", "numpy", "no values",
-                                                 "3-D keys", "write position")
-    if not (how == "write position" and layer == 0)])  # a full-attention cache has no write position
+                                                 "3-D keys", "write position", "window size not an int",
+                                                 "kept tokens")
+    # a full-attention cache has no write position, window size or kept tokens
+    if not (how in ("write position", "window size not an int", "kept tokens") and layer == 0)])
 def test_a_store_refuses_one_layer_unlike_the_others_and_changes_nothing(how, layer):
     """A store checks its layers' arrays once per distinct shape, not once per layer: a single layer that
     differs from the rest (here the first, full-attention, or the second, a sliding window's) is still
@@ -660,17 +666,21 @@ def test_a_store_refuses_one_layer_unlike_the_others_and_changes_nothing(how, la
     (None, list(range(300))), ([None, None], list(range(300))), ("nan offset", list(range(300))),
     ("good", None), ("good", (t for t in range(300))), ("good", [True] * 300), ("good", [1.0] * 300),
     ("good", [0] * 299 + [-1]), ("good", np.arange(300.0)), ("good", np.array(5)), ("good", np.zeros((1, 300), int)),
+    ("good", range(2**64)), ("not a pool", list(range(300))),
 ])
 def test_a_store_of_arguments_that_are_not_caches_and_token_ids_is_a_typed_error(caches, token_ids):
     pool, handle = small_pool_with_context()
     usage = pool.usage()
-    if caches in ("good", "nan offset"):
+    target = pool
+    if caches in ("good", "nan offset", "not a pool"):
         made = random_caches(pool.spec, 300, seed=3)
         if caches == "nan offset":
             made[0].offset = float("nan")
+        elif caches == "not a pool":
+            target = "pool"
         caches = made
     with pytest.raises((InvalidRequestError, IncompatibleCacheError, UnsupportedModelError)):
-        cache_to_blocks(pool, "b", caches, token_ids)
+        cache_to_blocks(target, "b", caches, token_ids)
     assert unchanged(pool, usage)
 
 

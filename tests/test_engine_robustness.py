@@ -87,6 +87,7 @@ BAD_SUBMISSIONS = {
     "repetition_penalty inf": dict(repetition_penalty=float("inf")),
     "repetition_penalty 1e-40 (logits overflowed to inf, then NaN)": dict(repetition_penalty=1e-40, temperature=0.7),
     "a prompt of 10**12 ids (MemoryError before)": dict(prompt=range(10**12)),
+    "a prompt of 2**64 ids (OverflowError from len() before)": dict(prompt=range(2**64)),
     "max_tokens True": dict(max_tokens=True),
     "max_tokens float": dict(max_tokens=2.0),
     "max_tokens text": dict(max_tokens="3"),

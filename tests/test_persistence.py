@@ -192,6 +192,28 @@ def test_a_handle_whose_blocks_do_not_fit_its_tokens_is_refused_before_any_file_
     handle.release()
 
 
+def test_a_token_id_no_file_can_hold_is_refused_at_the_door_and_the_store_goes_on(tmp_path):
+    """Python's JSON writer refuses ints of over 4,300 digits: such a context was put, and its eviction then
+    failed with a ValueError, and with it every later put and get that needed room."""
+    store = open_store(tmp_path, memory_budget_bytes=AGENT_BYTES)
+    with store.pool.build_handle("a") as builder:
+        handle = builder.finish([10**5000] * 11, [builder.allocate(n) for n in SMALL_SPEC.blocks_per_layer(11)])
+    for call in (store.save, store.put):
+        with nothing_changes(store), pytest.raises(InvalidRequestError, match="token id"):
+            call(handle)
+    handle.release()
+    expected = {agent: put_new(store, agent, seed=i) for i, agent in enumerate("bc")}  # c's put evicts b
+    assert store.resident == ("c",) and {agent: current(store, agent) for agent in "bc"} == expected
+
+
+def test_a_lock_timeout_beyond_a_float_waits_without_limit(tmp_path):
+    """10**400 seconds has no float: the first save's deadline raised OverflowError, and so did every save."""
+    store = open_store(tmp_path, lock_timeout=10**400)
+    with random_handle(store.pool, "a", 11, seed=0) as handle:
+        store.save(handle)
+        assert loaded_snapshot(store, "a") == snapshot(handle)
+
+
 def test_a_put_handle_released_by_its_caller_breaks_nothing_for_the_other_agents(tmp_path):
     """The store keeps a share of its own: a caller releasing the handle it gave (a misuse) gets the error
     itself, and every other agent's put, get, flush and close go on working."""

@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import copy
+import dataclasses
 import gc
 import threading
 
@@ -235,6 +236,7 @@ def test_misuse_raises_typed_errors_and_changes_nothing():
     with other.build_handle("a") as b:
         b.retain(foreign_ids)
         foreign = b.finish([1], [foreign_ids, []])
+    reservation = pool.reserve(1, "x")
     before = pool.usage()
     for error, call in [
         (BlockOwnershipError, lambda: pool.release_blocks([5], "a")),  # free block
@@ -252,6 +254,25 @@ def test_misuse_raises_typed_errors_and_changes_nothing():
         (InvalidRequestError, lambda: pool.gather(rows=BlockPool(SPEC, total_blocks=4096).gather_rows([[4000]]))),
         (InvalidRequestError, lambda: pool.gather_apart(other.gather_rows([foreign_ids]))),
         (InvalidRequestError, lambda: pool.gather(rows=mx.array([[[0]]]))),
+        # Made by hand, or a real one edited: the kernels read past the arrays (a segmentation fault).
+        (InvalidRequestError, lambda: pool.gather(rows=services.GatherRows(mx.array([[[10**8]]], mx.int32),
+                                                                          pool.pool_id))),
+        (InvalidRequestError, lambda: pool.gather_apart(rows=dataclasses.replace(
+            pool.gather_rows([ids, []][:1] * 2), index=mx.array([[[10**8]], [[10**8]]], mx.int32)))),
+        # A reservation the pool never made promised blocks it never set aside: later allocations failed.
+        (InvalidRequestError, lambda: pool.allocate(2, "a", reservation=services.Reservation(pool, 2, "x"))),
+        (AttributeError, lambda: setattr(reservation, "remaining", 50)),
+        # A NaN timeout was never reached: the wait hung.
+        (InvalidRequestError, lambda: pool.wait_for_blocks(100, float("nan"))),
+        (InvalidRequestError, lambda: pool.wait_for_blocks(100, 10**400)),
+        (InvalidRequestError, lambda: pool.wait_for_blocks("1", 0.01)),
+        (InvalidRequestError, lambda: pool.wait_for_blocks(100, 0.01, stop=5)),
+        # Writes of another shape: IndexError, ValueError, TypeError from inside the pool before.
+        (InvalidRequestError, lambda: pool.write_stored(5)),
+        (IncompatibleCacheError, lambda: pool.write_stored([(ids, 0, [mx.zeros((1, 1, 8, 4))], 0)])),
+        (InvalidRequestError, lambda: pool.write_stored([(ids, 0, [])])),
+        (InvalidRequestError, lambda: pool.write_stored([(ids, 0, None, 0)])),
+        (InvalidRequestError, lambda: pool.write_many(5)),
         (InvalidRequestError, lambda: handle.layer_block_ids(2)),  # IndexError before
         (InvalidRequestError, lambda: handle.layer_block_ids(-1)),  # the last layer before
         (InvalidRequestError, lambda: pool.block_views(ids, 0.5, 3)),
@@ -261,6 +282,8 @@ def test_misuse_raises_typed_errors_and_changes_nothing():
             call()
         assert pool.usage() == before
         pool.check_invariants()
+    assert reservation.remaining == 1
+    reservation.cancel()
     handle.release()
     pool.release_blocks(ids, "a")
     assert pool.usage().used_blocks == 0

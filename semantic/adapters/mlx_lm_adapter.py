@@ -183,6 +183,12 @@ def read_layer_cache(cache: LayerCache, *, whole_buffer: bool = False) -> Tuple[
             return keys, values, 0, offset
         # Plain slices of the token axis: MLX builds them in half the time of ``[..., :offset, :]``.
         return keys[:, :, :offset], values[:, :, :offset], 0, offset
+    if type(cache.max_size) is not int or cache.max_size <= 0 or cache.keep != 0:
+        # A float size would reach the pool's block arithmetic (and its caches) as a float; kept tokens
+        # (keep > 0) sit at the front of the buffer, not in temporal order, and would be stored as the oldest.
+        raise IncompatibleCacheError(
+            f"a RotatingKVCache must have an int max_size > 0 and keep=0 (semantic stores plain sliding "
+            f"windows), got max_size={cache.max_size!r}, keep={cache.keep!r}")
     if type(cache._idx) is not int or not 0 <= cache._idx <= keys.shape[2] or keys.shape[2] != values.shape[2]:
         raise IncompatibleCacheError(
             f"a RotatingKVCache's write position ({cache._idx!r}) must be an int within its buffers of "

@@ -18,7 +18,7 @@ import numpy as np
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
-from semantic.domain.request_checks import checked_int, int_items, plain_ints
+from semantic.domain.request_checks import checked_int, int_items, length, plain_ints
 from semantic.domain.services import BlockPool, GatherRows, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -92,6 +92,11 @@ def _gather_plan(pool: BlockPool, handle: AgentBlocks, n_tokens: int, views: boo
     return tuple(plan)
 
 
+def _check_pool(pool) -> None:
+    if not isinstance(pool, BlockPool):
+        raise InvalidRequestError(f"pool must be a BlockPool, got {type(pool).__name__}")
+
+
 def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int] = None, *,
                     views: bool = True, room: int = 0) -> List[adapter.LayerCache]:
     """Rebuild one evaluated cache object per layer from ``handle``'s first ``n_tokens`` tokens (default all).
@@ -136,6 +141,7 @@ def blocks_to_cache(pool: BlockPool, handle: AgentBlocks, n_tokens: Optional[int
     Quantized pools always dequantize (a copy); so do groups needing more than one block per layer,
     and every group with ``views=False``.
     """
+    _check_pool(pool)
     pool.check_handle(handle)
     room = checked_int("room", room, 0)
     n_tokens = handle.num_tokens if n_tokens is None else checked_int("n_tokens", n_tokens, 0, handle.num_tokens)
@@ -235,6 +241,7 @@ def _tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_to
     reused_tokens = checked_int("reused_tokens", reused_tokens, 0)
     if isinstance(token_ids, np.ndarray) and token_ids.ndim != 1:
         raise InvalidRequestError(f"token_ids must be one list of ints, got an array of shape {token_ids.shape}")
+    length(token_ids, "token_ids")
     # A tuple is made only after the launch (_checked_tokens): copying 4,096 ids costs ~10 us.
     tokens = token_ids.tolist() if isinstance(token_ids, np.ndarray) else token_ids
     if source is None:
@@ -282,6 +289,7 @@ def cache_to_blocks(
     In a quantized pool, the reused tokens of the first new block are copied packed
     from ``source`` (quantizing their dequantized values again would change them).
     """
+    _check_pool(pool)
     spec = pool.spec
     if not isinstance(caches, (list, tuple)) or not isinstance(token_ids, (list, tuple, range, np.ndarray)):
         raise InvalidRequestError(f"caches must be a list of layer caches and token_ids a list of ints, got "

@@ -13,8 +13,9 @@ import math
 import numbers
 import os
 import pathlib
+import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence, Sized
 
 import numpy as np
 
@@ -54,8 +55,15 @@ def checked_int(name: str, value: Any, low: int, high: Optional[int] = None) -> 
     number = int(value)
     if number < low or (high is not None and number > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InvalidRequestError(f"{name} must be {bounds}, got {number}")
+        raise InvalidRequestError(f"{name} must be {bounds}, got {_shown(number)}")
     return number
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, but a huge int by its size: ``str`` of an int of over 4,300 digits raises ValueError."""
+    if type(value) is int and abs(value) >= 10**40:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
 
 
 def checked_real(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
@@ -71,7 +79,7 @@ def checked_real(name: str, value: Any, low: float, high: float = math.inf, *, l
             interval = f"> {low}" if low_open else f">= {low}"
         else:
             interval = f"in {'(' if low_open else '['}{low}, {high}]"
-        raise InvalidRequestError(f"{name} must be a finite number {interval}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a finite number {interval}, got {_shown(value)}")
     return number
 
 
@@ -91,6 +99,15 @@ def int_items(items: list, what: str) -> List[int]:
             raise InvalidRequestError(
                 f"{what} must be ints (Python, NumPy or MLX integers), got {type(item).__name__} {item!r}")
     return [int(item) for item in items]
+
+
+def length(items: Sized, name: str) -> int:
+    """``len(items)``, or ``InvalidRequestError`` for a range longer than ``len`` can say (``range(2**64)``
+    raises ``OverflowError``)."""
+    try:
+        return len(items)
+    except OverflowError:
+        raise InvalidRequestError(f"{name} holds more than {sys.maxsize} items") from None
 
 
 def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) -> List[int]:
@@ -113,8 +130,9 @@ def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) ->
             "the prompt is bytes; decode it to str (the tokenizer encodes text), or pass a list of token ids"
         )
     elif isinstance(prompt, (list, tuple, range)):
-        if max_tokens is not None and len(prompt) > max_tokens:  # before a list of them is made (range(10**12))
-            raise InvalidRequestError(f"the prompt has {len(prompt)} tokens, more than the {max_tokens} every "
+        n = length(prompt, "the prompt")
+        if max_tokens is not None and n > max_tokens:  # before a list of them is made (range(10**12))
+            raise InvalidRequestError(f"the prompt has {n} tokens, more than the {max_tokens} every "
                                       "block of the pool could hold")
         ids = int_items(list(prompt), "token ids")
     else:

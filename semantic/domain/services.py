@@ -57,7 +57,7 @@ from semantic.domain.errors import (
     PoolExhaustedError,
 )
 from semantic.domain.free_runs import FreeRuns, id_runs
-from semantic.domain.request_checks import checked_int, int_items, is_int, plain_ints
+from semantic.domain.request_checks import checked_int, checked_real, int_items, is_int, plain_ints
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -88,13 +88,20 @@ class PoolUsage:
 
 
 class Reservation:
-    """Free blocks promised to one request; allocations drawn from it cannot fail."""
+    """Free blocks promised to one request; allocations drawn from it cannot fail. Made by
+    :meth:`BlockPool.reserve` only: the pool refuses any other (one made by hand would promise blocks the
+    pool never set aside)."""
 
     def __init__(self, pool: "BlockPool", blocks: int, owner: str):
         self._pool = pool
         self.owner = owner
-        self.remaining = blocks
+        self._remaining = blocks
         self.cancelled = False
+
+    @property
+    def remaining(self) -> int:
+        """Blocks still promised (the pool's count: read-only)."""
+        return self._remaining
 
     def cancel(self) -> None:
         """Give back what was not used. Idempotent."""
@@ -122,10 +129,10 @@ class _HandleBuilder:
         with pool._lock:
             pool._drain()
             reservation = self._reservation
-            promised = reservation.remaining if reservation is not None else 0
+            promised = reservation._remaining if reservation is not None else 0
             ids, one_run = pool._take(n, reservation)
             if reservation is not None:
-                self._from_reservation += promised - reservation.remaining
+                self._from_reservation += promised - reservation._remaining
             self._hold(ids)
             self._one_run = one_run and not self._allocated
             self._allocated.extend(ids)
@@ -270,6 +277,9 @@ class BlockPool:
         self._blocks_back = threading.Condition(self._lock)  # blocks freed or a reservation given back
         self._free = FreeRuns(total_blocks)
         self._refcount = [0] * total_blocks
+        # What this pool handed out, by identity: only these are taken back (see GatherRows, Reservation).
+        self._issued_rows: "weakref.WeakSet[GatherRows]" = weakref.WeakSet()
+        self._issued_reservations: "weakref.WeakSet[Reservation]" = weakref.WeakSet()
         # Who holds the references, per agent: the raw ones of allocate / retain not given back (release_blocks
         # may give back only these) ...
         self._loose_refs: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -342,6 +352,10 @@ class BlockPool:
         give back blocks and reservations as they end. Returns whether the blocks are available. Woken as
         blocks are freed or a reservation given back, and every 50 ms (``stop`` is polled, and a handle
         dropped to the garbage collector queues its blocks without waking anyone)."""
+        n_blocks = checked_int("n_blocks", n_blocks, 0)
+        timeout = checked_real("timeout", timeout, 0)  # a NaN deadline is never reached: the wait would hang
+        if not callable(stop):
+            raise InvalidRequestError(f"stop must be a callable, got {type(stop).__name__}")
         deadline = time.monotonic() + timeout
         with self._blocks_back:
             while True:
@@ -423,14 +437,14 @@ class BlockPool:
         """``n_blocks`` free blocks at reference count 1, and whether they are one run of consecutive ids; or
         ``PoolExhaustedError`` (the lock held)."""
         if reservation is not None:
-            from_reservation = min(n_blocks, reservation.remaining)
+            from_reservation = min(n_blocks, reservation._remaining)
         else:
             from_reservation = 0
         available = len(self._free) - self._reserved
         if n_blocks - from_reservation > available:
             raise PoolExhaustedError(n_blocks, available + from_reservation)
         if from_reservation:
-            reservation.remaining -= from_reservation
+            reservation._remaining -= from_reservation
             self._reserved -= from_reservation
         taken = self._free.take(n_blocks)
         one_run = type(taken) is range
@@ -488,6 +502,7 @@ class BlockPool:
             if n_blocks > available:
                 raise PoolExhaustedError(n_blocks, available, f"(reserving for {owner})")
             reservation = Reservation(self, n_blocks, owner)  # first: an interrupt in its __init__ reserves nothing
+            self._issued_reservations.add(reservation)
             self._reserved += n_blocks
             return reservation
 
@@ -498,18 +513,21 @@ class BlockPool:
             raise InvalidRequestError(f"reservation must be a Reservation from reserve(), got {type(reservation).__name__}")
         if reservation._pool is not self:
             raise IncompatibleCacheError("that reservation belongs to another pool")
+        if reservation not in self._issued_reservations:
+            raise InvalidRequestError("that reservation was not made by this pool's reserve(): it promises blocks "
+                                      "the pool never set aside; reserve them with pool.reserve(n, owner)")
 
     def _cancel_reservation(self, reservation: Reservation) -> None:
         with self._lock:
-            self._reserved -= reservation.remaining
-            reservation.remaining = 0
+            self._reserved -= reservation._remaining
+            reservation._remaining = 0
             reservation.cancelled = True
             self._blocks_back.notify_all()
 
     def _promise_again(self, reservation: Reservation, n_blocks: int) -> None:
         """Give ``n_blocks`` just freed back to the reservation they were allocated from (the lock held)."""
         if not reservation.cancelled:
-            reservation.remaining += n_blocks
+            reservation._remaining += n_blocks
             self._reserved += n_blocks
 
     # ---- handles ------------------------------------------------------------------------------
@@ -731,7 +749,7 @@ class BlockPool:
         each run of consecutive block ids is written as one slice of rows (a plain strided copy on every
         backend); :meth:`allocate` hands out consecutive ids whenever the free blocks hold such a run.
         """
-        writes = [self._checked_write(write) for write in writes]
+        writes = [self._checked_write(write) for write in _sequence("writes", writes)]
         if all(type(write[0]) is list for write in writes):  # a store's own lists: one pass of C builtins for all
             ids = self._checked_ids(list(itertools.chain.from_iterable(write[0] for write in writes)))
         else:
@@ -932,16 +950,19 @@ class BlockPool:
         gather the same blocks again (an immutable handle) make it once and pass it as ``rows``."""
         heads = self.spec.n_kv_heads
         ids = self._block_array(layer_block_ids, 2)
-        return GatherRows(mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None]),
+        rows = GatherRows(mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None]),
                           self.pool_id)
+        self._issued_rows.add(rows)
+        return rows
 
     def _checked_rows(self, rows) -> mx.array:
         """The index of ``rows``, made by this pool's :meth:`gather_rows` (the kernels read it unchecked: an
         index of a larger pool would read past the arrays)."""
-        if type(rows) is not GatherRows or rows.pool_id != self.pool_id:
+        if type(rows) is not GatherRows or rows not in self._issued_rows:
             raise InvalidRequestError(
-                f"rows must come from this pool's gather_rows (pool #{self.pool_id}), got {type(rows).__name__}"
-                + (f" of pool #{rows.pool_id}" if type(rows) is GatherRows else ""))
+                f"rows must be what this pool's gather_rows returned (pool #{self.pool_id}), got "
+                f"{type(rows).__name__}" + (f" of pool #{rows.pool_id}" if type(rows) is GatherRows else "")
+                + " (made or changed elsewhere, or another pool's)")
         return rows.index
 
     def gather(self, layer_block_ids: Sequence[Sequence[int]] = (), *, evaluate: bool = True,
@@ -1007,8 +1028,20 @@ class BlockPool:
 
     def write_stored(self, writes: Iterable[StoredWrite]) -> None:
         """Write blocks given in their stored form (what :meth:`gather_stored` returned), without
-        converting them: a quantized block read from a file is the block that was saved."""
-        writes = list(writes)
+        converting them: a quantized block read from a file is the block that was saved. Each write is
+        ``(block_ids, first_index, parts, first_token)``, ``parts`` one array per :attr:`ModelCacheSpec.stored_parts
+        <semantic.domain.value_objects.ModelCacheSpec.stored_parts>`."""
+        writes = _sequence("writes", writes)
+        names = [part.name for part in self.spec.stored_parts]
+        for write in writes:
+            if type(write) is not tuple or len(write) != 4 or not isinstance(write[2], (list, tuple)):
+                raise InvalidRequestError(
+                    f"a stored write is a tuple (block_ids, first_index, parts, first_token), parts a list of "
+                    f"arrays, got {type(write).__name__}"
+                    + (f" of {[type(item).__name__ for item in write]}" if isinstance(write, tuple) else ""))
+            if len(write[2]) != len(names):
+                raise IncompatibleCacheError(f"{len(write[2])} stored parts for a pool of "
+                                             f"{self.spec.block_format.name} blocks, stored as {names}")
         if self._quantized is None:
             self.write_many([(ids, first_index, parts[0], parts[1], first_token)
                              for ids, first_index, parts, first_token in writes])
@@ -1052,10 +1085,12 @@ class BlockPool:
         return f"BlockPool(#{self.pool_id}, {u.used_blocks}/{u.total_blocks} used, {self.spec.describe()})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GatherRows:
     """A row index made by :meth:`BlockPool.gather_rows`: ``index`` ``[layers, heads, n_blocks]`` (int32) and
-    the pool it is valid for. A pool's gathers take only their own (its size bounds the ids)."""
+    the pool it is valid for. A pool's gathers take only the very objects its ``gather_rows`` made (compared
+    by identity): the kernels read the index unchecked, and one made or edited by hand (``dataclasses.replace``)
+    could read outside the pool's arrays."""
 
     index: mx.array
     pool_id: int

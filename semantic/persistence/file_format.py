@@ -115,6 +115,10 @@ class AgentCacheHeader:
         return header
 
 
+MAX_TOKEN_ID = 2**63 - 1
+"""The largest token id a file holds (int64's): Python's JSON writer refuses ints of over 4,300 digits."""
+
+
 def _compact(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -326,8 +330,8 @@ def _field(metadata: Dict[str, str], key: str, where: str, parse):
 
 def _int_list(text: str) -> List[int]:
     values = json.loads(text)
-    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
-        raise ValueError("not a list of non-negative ints")
+    if not isinstance(values, list) or not all(type(v) is int and 0 <= v <= MAX_TOKEN_ID for v in values):
+        raise ValueError(f"not a list of ints in [0, {MAX_TOKEN_ID}]")
     return values
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
+import math
 import threading
 import warnings
 from collections import defaultdict
@@ -38,7 +39,8 @@ from semantic.domain.request_checks import checked_int
 from semantic.domain.services import BlockPool
 from semantic.persistence.directory import CacheDirectory, check_agent_id
 from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheWriteError
-from semantic.persistence.file_format import AgentCacheHeader, geometry_of, read_agent_cache, write_agent_cache
+from semantic.persistence.file_format import (MAX_TOKEN_ID, AgentCacheHeader, geometry_of, read_agent_cache,
+                                              write_agent_cache)
 from semantic.persistence.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,6 +85,7 @@ class AgentCacheStore:
             memory_budget_bytes = checked_int("memory_budget_bytes", memory_budget_bytes, 0)
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
             raise InvalidRequestError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
+        lock_timeout = float(lock_timeout) if lock_timeout < 1e300 else math.inf  # an int of 10**400 has no float
         if not isinstance(write_through, bool):
             raise InvalidRequestError(f"write_through must be True or False, got {write_through!r}")
         self.pool = pool
@@ -322,6 +325,12 @@ class AgentCacheStore:
                 f"agent {agent_blocks.agent_id!r}: blocks per layer {list(held)} do not fit a context of "
                 f"{agent_blocks.num_tokens} tokens ({list(expected)}); store handles made by cache_to_blocks "
                 "or the engine")
+        if agent_blocks.token_ids and max(agent_blocks.token_ids) > MAX_TOKEN_ID:
+            # Checked here, not at write time: an agent that could not be written would fail every later
+            # eviction, and with it every put and get that needs room.
+            raise InvalidRequestError(  # not the id itself: str() of an int of 5,000 digits raises
+                f"agent {agent_blocks.agent_id!r}: a token id is above {MAX_TOKEN_ID}, the largest an agent's "
+                "file holds; no tokenizer makes such ids")
         return agent_blocks
 
     def _set_resident(self, agent_id: str, handle: AgentBlocks, on_disk: bool) -> _Resident:
