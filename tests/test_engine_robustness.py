@@ -705,6 +705,20 @@ def test_a_context_computed_by_another_model_on_the_same_pool_is_refused(llama32
         with store.get("a") as resumed:
             assert same_weights.generate("a", " and then", cache=resumed, max_tokens=2).token_ids == expected, tier
         store.evict("a")
+    # The store vouches for its own model only: another model's engine continued its contexts silently, and
+    # store.generate then kept that model's keys and values under this model's fingerprint.
+    with pytest.raises(IncompatibleCacheError, match="fingerprinted for another model"):  # read from disk
+        with store.get("a") as resumed:
+            second.submit("a", " and then", cache=resumed, max_tokens=2)
+    gc.collect()
+    before = first.pool.usage()  # "a" resident again
+    for take in (lambda: store.load("a"), lambda: store.get("a")):  # the file, the memory tier
+        with take() as resumed, pytest.raises(IncompatibleCacheError, match="fingerprinted for another model"):
+            second.submit("a", " and then", cache=resumed, max_tokens=2)
+    with pytest.raises(IncompatibleCacheError, match="fingerprinted for another model"):
+        store.generate(second, "a", " and then", max_tokens=2)
+    gc.collect()
+    assert second.pending == 0 and "a" in store.resident and first.pool.usage() == before
 
 
 def _interrupted_once_after(real):

@@ -396,6 +396,10 @@ def test_first_turn_checks_its_text_and_names_a_template_that_refuses_the_conver
             next_turn(tokenizer, [tokenizer.eos_token_id], bad)
     with pytest.raises(InvalidRequestError, match="system must be a str"):
         first_turn(tokenizer, "hi", system=["be brief"])
+    for call in (lambda: first_turn(tokenizer, "hi \ud800"), lambda: first_turn(tokenizer, "hi", system="\udfff"),
+                 lambda: next_turn(tokenizer, [tokenizer.eos_token_id], "x\ud800")):  # the encoder's TypeError
+        with pytest.raises(InvalidRequestError, match="lone surrogate"):
+            call()
     template = tokenizer.chat_template
     try:
         tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "

@@ -43,6 +43,12 @@ def test_formats_parse_and_weigh_what_they_store():
     for bad in ("q3", "fp8", "q4g48", 16):
         with pytest.raises(InvalidRequestError):
             BlockFormat.parse(bad)
+    # 8.0 failed inside MLX when a pool was made; a NumPy group size failed every JSON write of a store.
+    for bits, group_size in ((8.0, 32), (4, 32.0), (True, 32), (8, None), ("8", 32)):
+        with pytest.raises(InvalidRequestError, match="must be an int"):
+            BlockFormat(bits, group_size)
+    numpy_made = BlockFormat(np.int64(8), np.int32(32))
+    assert numpy_made == BlockFormat(8, 32) and {type(numpy_made.bits), type(numpy_made.group_size)} == {int}
     with pytest.raises(InvalidRequestError, match="divisible by its group size"):
         ModelCacheSpec(2, 2, 32, 32).with_format("q4")  # group 64 > head dim 32
 

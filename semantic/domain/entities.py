@@ -59,7 +59,7 @@ class AgentBlocks:
     """
 
     __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_flat_ids", "_finalizer", "_memo",
-                 "computed_by", "__weakref__")
+                 "computed_by", "vouched_for", "__weakref__")
 
     def __init__(
         self,
@@ -89,6 +89,9 @@ class AgentBlocks:
         # A weak reference to the model whose engine computed these keys and values: another model's engine
         # on the same pool refuses them. None: not known (stored by hand, or read from a file).
         self.computed_by: Optional[weakref.ref] = None
+        # The model fingerprint of the AgentCacheStore that handed these out (get, load) with computed_by
+        # cleared: an engine whose model has another fingerprint refuses them.
+        self.vouched_for: Optional[str] = None
 
     # ---- identity -----------------------------------------------------------------------------
     @property

@@ -110,6 +110,15 @@ def length(items: Sized, name: str) -> int:
         raise InvalidRequestError(f"{name} holds more than {sys.maxsize} items") from None
 
 
+def check_text(name: str, text: str) -> None:
+    """``InvalidRequestError`` unless ``text`` encodes as UTF-8 (tokenizers raise ``TypeError`` on a lone
+    surrogate such as ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"the {name} is not valid Unicode text ({exc.reason}, a lone surrogate)") from None
+
+
 def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) -> List[int]:
     """A prompt given as token ids -> a list of Python ints, each in ``[0, vocab_size)``; ``max_tokens``, if
     given, bounds its length.

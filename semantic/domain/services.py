@@ -566,6 +566,7 @@ class BlockPool:
             # from a share made per request, which would otherwise plan every resume afresh.
             shared._memo = handle._memo
             shared.computed_by = handle.computed_by
+            shared.vouched_for = handle.vouched_for
             self._owned[agent][id(shared._flat_ids)] = shared._flat_ids
             self._handles.add(shared)
             return shared

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Set
 
 from semantic.domain.errors import InvalidRequestError
+from semantic.domain.request_checks import check_text
 
 _PLAIN_TURN = "\nUser: {message}\nAssistant:"
 _PROBE_REPLY = "\x00reply\x00"  # assistant content that no template writes by itself
@@ -54,6 +55,7 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
 def _check_text(name: str, value) -> None:
     if not isinstance(value, str):
         raise InvalidRequestError(f"the {name} must be a str, not {type(value).__name__}")
+    check_text(name, value)
 
 
 def _apply_template(tokenizer, messages, **options):

@@ -39,13 +39,31 @@ SCHEME = "sha256-all-weights"
 def model_fingerprint(model, tokenizer=None) -> str:
     """``"<model type>-<layers>x<kv heads>x<head dim>-<dtype>:<SCHEME>:<128-bit hex digest>"``; equal for the
     same weights, config and vocabulary in any process, different when any of them differ."""
+    return _fingerprints(model, (tokenizer,))[0]
+
+
+def fingerprint_fits(fingerprint: str, model, tokenizer) -> bool:
+    """Whether ``fingerprint`` is ``model_fingerprint`` of ``model``, with ``tokenizer`` or without it (a store
+    may be fingerprinted either way); True for a string of another form, which names no weights to compare.
+    Hashes the weights once."""
+    if fingerprint.count(":") < 2 or fingerprint.rsplit(":", 2)[1] != SCHEME:
+        return True
+    return fingerprint in _fingerprints(model, (tokenizer, None))
+
+
+def _fingerprints(model, tokenizers) -> List[str]:
+    """:func:`model_fingerprint` of ``model`` with each of ``tokenizers``, its weights hashed once."""
     spec = ModelCacheSpec.from_model(model)
-    digest = hashlib.sha256()
-    for part in (_config(model), geometry_of(spec), _weights(model), _vocabulary(tokenizer)):
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode("utf-8"))
-        digest.update(b"\x00")
+    shared = [_config(model), geometry_of(spec), _weights(model)]
     label = f"{spec.name or 'model'}-{spec.n_layers}x{spec.n_kv_heads}x{spec.k_head_dim}-{spec.dtype}"
-    return f"{label}:{SCHEME}:{digest.hexdigest()[:32]}"
+    fingerprints = []
+    for tokenizer in tokenizers:
+        digest = hashlib.sha256()
+        for part in (*shared, _vocabulary(tokenizer)):
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode("utf-8"))
+            digest.update(b"\x00")
+        fingerprints.append(f"{label}:{SCHEME}:{digest.hexdigest()[:32]}")
+    return fingerprints
 
 
 def _config(model) -> Any:

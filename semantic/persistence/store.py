@@ -134,7 +134,9 @@ class AgentCacheStore:
         """The context in the agent's file, read into new pool blocks: a handle for you to release.
         Reads the file even if the agent is resident (``get`` returns the current context)."""
         with self._lock:
-            return self._read_into_pool(agent_id)
+            handle = self._read_into_pool(agent_id)
+            handle.vouched_for = self.model_fingerprint  # what the file's fingerprint was checked against
+            return handle
 
     def delete(self, agent_id: str) -> bool:
         """Forget the agent in both tiers; whether the store had it."""
@@ -182,8 +184,9 @@ class AgentCacheStore:
             self._resident.move_to_end(agent_id)
             shared = self._resident[agent_id].handle.share()
             # The store's fingerprint vouches for the model, as for a context read from its file: an engine of
-            # another object of the same model (a reloaded one) takes it.
+            # another object of the same model (a reloaded one) takes it, an engine of another model refuses it.
             shared.computed_by = None
+            shared.vouched_for = self.model_fingerprint
             try:
                 self._enforce_budget()
             except BaseException:  # a budget warning turned into an error: the handle was never yours
