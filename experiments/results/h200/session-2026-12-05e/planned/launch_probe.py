@@ -44,6 +44,23 @@ for n in (2, 8, 32, 64):
                "synced": synced(call), "burst": burst(call)}
         results[f"{n}_inputs_{'strides' if strides else 'pointers'}"] = row
         print(n, strides, row, flush=True)
+# The store's launch also takes a description: a fresh mx.as_strided view (10 dims) per call, a graph node of
+# its own. Its cost: 64 inputs plus such a view made per call, against the same view made and evaluated once.
+arrays = [mx.zeros((1, 3, 1024, 64), mx.bfloat16) + i for i in range(64)]
+base = mx.zeros((1,), mx.int32)
+mx.eval(arrays, base)
+kernel = mx.fast.cuda_kernel(name="launch_probe_desc", input_names=[f"in{i}" for i in range(64)] + ["desc"],
+                             output_names=["done"], source="if (threadIdx.x == 0 && blockIdx.x == 0) { done[0] = (uint8_t)desc_strides[0]; }",
+                             ensure_row_contiguous=False)
+numbers = (7, 0, 0, 1024, 4, 0, 0, 1024, 4, 0)
+made_once = mx.as_strided(base, (1,) * 10, numbers); mx.eval(made_once)
+for name, desc in (("desc_fresh", lambda: mx.as_strided(base, (1,) * 10, numbers)), ("desc_made_once", lambda: made_once)):
+    call = lambda: kernel(inputs=arrays + [desc()], template=[("T", mx.uint16)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                          output_shapes=[(1,)], output_dtypes=[mx.uint8])[0]
+    row = {"graph_only": med(call), "graph_and_async_eval": med(lambda: mx.async_eval(call())),
+           "synced": synced(call), "burst": burst(call)}
+    results[name] = row
+    print(name, row, flush=True)
 one = mx.zeros((1,), mx.uint16); mx.eval(one)
 results["sync_only"] = med(lambda: None)
 results["copy_tiny_synced"] = synced(lambda: one | 0)
