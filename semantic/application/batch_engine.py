@@ -53,7 +53,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters import mlx_threads
@@ -178,7 +178,7 @@ class BlockPoolBatchEngine:
         self._wait_for_blocks_s = checked_real("wait_for_blocks_s", wait_for_blocks_s, 0.0)
         self.model = model
         self._model_ref = weakref.ref(model)  # stamped on the contexts this engine computes
-        self._fitting_fingerprints: Dict[str, bool] = {}  # a store's fingerprint -> whether it is this model's
+        self._fingerprints: Optional[Tuple[str, str]] = None  # the model's, with and without the vocabulary
         self.tokenizer = tokenizer
         self.pool = pool
         self.spec = pool.spec
@@ -763,14 +763,16 @@ class BlockPoolBatchEngine:
             return self._stamped(builder.finish(request.context_tokens, ids))
 
     def _fits(self, fingerprint: str) -> bool:
-        """Whether a store's ``fingerprint`` is this engine's model's: its weights hashed once per fingerprint
-        (0.3-0.4 s for a 111M-parameter model on this project's 2-core CPU, at the first context of that store)."""
-        fits = self._fitting_fingerprints.get(fingerprint)
-        if fits is None:
-            from semantic.persistence.fingerprint import fingerprint_fits  # persistence stays optional here
+        """Whether a store's ``fingerprint`` is this engine's model's (True for one that names no weights). The
+        model's own are made at the first store context it is given: its weights hashed once (0.3-0.4 s for a
+        111M-parameter model on this project's 2-core CPU)."""
+        from semantic.persistence.fingerprint import fingerprints_of, names_weights  # persistence stays optional
 
-            fits = self._fitting_fingerprints[fingerprint] = fingerprint_fits(fingerprint, self.model, self.tokenizer)
-        return fits
+        if not names_weights(fingerprint):
+            return True
+        if self._fingerprints is None:
+            self._fingerprints = fingerprints_of(self.model, self.tokenizer)
+        return fingerprint in self._fingerprints
 
     def _stamped(self, handle: AgentBlocks) -> AgentBlocks:
         handle.computed_by = self._model_ref

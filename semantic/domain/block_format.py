@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 from semantic.domain.errors import InvalidRequestError
-from semantic.domain.request_checks import is_int
+from semantic.domain.request_checks import checked_int
 
 QUANTIZED_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
@@ -45,12 +45,9 @@ class BlockFormat:
     def __post_init__(self):
         # Plain ints only (NumPy's converted): 8.0 passed the membership tests below and failed inside MLX,
         # a NumPy int failed every JSON write of the persistence store.
-        for name in ("bits", "group_size"):
-            value = getattr(self, name)
-            if value is not None and is_int(value):
-                object.__setattr__(self, name, int(value))
-            elif value is not None or name == "group_size":
-                raise InvalidRequestError(f"block format {name} must be an int, got {type(value).__name__} {value!r}")
+        if self.bits is not None:
+            object.__setattr__(self, "bits", checked_int("block format bits", self.bits, 0))
+        object.__setattr__(self, "group_size", checked_int("block format group_size", self.group_size, 0))
         if self.bits is not None and self.bits not in QUANTIZED_BITS:
             raise InvalidRequestError(f"block format bits must be None (model dtype) or one of {QUANTIZED_BITS}, "
                                       f"got {self.bits!r}")

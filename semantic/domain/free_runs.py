@@ -59,10 +59,10 @@ class FreeRuns:
         else a list of the first ids of the longest runs, fewest runs."""
         if n > self._count:
             raise AssertionError(f"{n} ids asked of {self._count} free")
-        lengths = self._lengths
-        index = bisect.bisect_left(lengths, n)
         if n == 0:
             return range(0)
+        lengths = self._lengths
+        index = bisect.bisect_left(lengths, n)
         if index < len(lengths):
             length = lengths[index]
             start = self._pop(length)

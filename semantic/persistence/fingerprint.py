@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from mlx.utils import tree_flatten
 
@@ -42,13 +42,17 @@ def model_fingerprint(model, tokenizer=None) -> str:
     return _fingerprints(model, (tokenizer,))[0]
 
 
-def fingerprint_fits(fingerprint: str, model, tokenizer) -> bool:
-    """Whether ``fingerprint`` is ``model_fingerprint`` of ``model``, with ``tokenizer`` or without it (a store
-    may be fingerprinted either way); True for a string of another form, which names no weights to compare.
-    Hashes the weights once."""
-    if fingerprint.count(":") < 2 or fingerprint.rsplit(":", 2)[1] != SCHEME:
-        return True
-    return fingerprint in _fingerprints(model, (tokenizer, None))
+def fingerprints_of(model, tokenizer) -> Tuple[str, str]:
+    """:func:`model_fingerprint` of ``model`` with ``tokenizer`` and without it (a store may be fingerprinted
+    either way), its weights hashed once."""
+    with_vocabulary, without = _fingerprints(model, (tokenizer, None))
+    return with_vocabulary, without
+
+
+def names_weights(fingerprint: str) -> bool:
+    """Whether ``fingerprint`` has :func:`model_fingerprint`'s form: another string (a store may be given any)
+    names no weights to compare with."""
+    return fingerprint.count(":") >= 2 and fingerprint.rsplit(":", 2)[1] == SCHEME
 
 
 def _fingerprints(model, tokenizers) -> List[str]:
