@@ -665,7 +665,7 @@ def test_a_store_refuses_one_layer_unlike_the_others_and_changes_nothing(how, la
 @pytest.mark.parametrize("caches,token_ids", [
     (None, list(range(300))), ([None, None], list(range(300))), ("nan offset", list(range(300))),
     ("good", None), ("good", (t for t in range(300))), ("good", [True] * 300), ("good", [1.0] * 300),
-    ("good", [0] * 299 + [-1]), ("good", np.arange(300.0)), ("good", np.array(5)), ("good", np.zeros((1, 300), int)),
+    ("good", [0] * 299 + [-1]), ("good", [2**64] * 299 + [-1]), ("good", np.arange(300.0)), ("good", np.array(5)), ("good", np.zeros((1, 300), int)),
     ("good", range(2**64)), ("not a pool", list(range(300))),
 ])
 def test_a_store_of_arguments_that_are_not_caches_and_token_ids_is_a_typed_error(caches, token_ids):
@@ -695,6 +695,15 @@ def test_numpy_token_ids_are_stored_as_plain_ints_and_a_reused_prefix_as_the_sou
     with pytest.raises(InvalidRequestError, match="token_ids"):
         cache_to_blocks(pool, "c", caches, [*source.token_ids[:290], *[True] * 10], source=source,
                         reused_tokens=290)
+
+
+def test_token_ids_too_large_for_a_machine_word_are_stored_as_given():
+    """The pool bounds no id (a store on disk does: ``AgentCacheStore.put``); the non-negative check's C fast path
+    overflows on them and must not refuse them."""
+    pool, _ = small_pool_with_context()
+    tokens = [2**64 + t for t in range(300)]
+    stored = cache_to_blocks(pool, "b", random_caches(pool.spec, 300, seed=3), tokens)
+    assert stored.token_ids == tuple(tokens)
 
 
 def test_a_failed_store_leaves_its_reservation_whole():

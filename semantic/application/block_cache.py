@@ -18,7 +18,7 @@ import numpy as np
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError
-from semantic.domain.request_checks import checked_int, int_items, length, plain_ints
+from semantic.domain.request_checks import all_non_negative, checked_int, int_items, length, plain_ints
 from semantic.domain.services import BlockPool, GatherRows, Reservation
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -263,11 +263,11 @@ def _tokens(pool: BlockPool, token_ids, source: Optional[AgentBlocks], reused_to
 def _checked_tokens(tokens: Sequence, prefix: tuple) -> Tuple[int, ...]:
     """``tokens`` as a tuple of plain ints >= 0 (NumPy integers converted; bools, floats, negatives refused), its
     ``prefix`` as given. A store checks them after queueing its copy, while the device works: for 4,096 new
-    tokens the two passes take ~0.1 ms of Python (CPU), as long as a GPU store's whole copy."""
+    tokens these passes take ~0.1 ms of Python (CPU), as long as a GPU store's whole copy."""
     tail = tuple(tokens[len(prefix):] if prefix else tokens)
     if not plain_ints(tail):
         tail = tuple(int_items(tail, "token_ids"))
-    if tail and min(tail) < 0:
+    if not all_non_negative(tail):
         raise InvalidRequestError("token_ids must be non-negative")
     return prefix + tail if prefix else tail
 

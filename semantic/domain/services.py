@@ -57,7 +57,7 @@ from semantic.domain.errors import (
     PoolExhaustedError,
 )
 from semantic.domain.free_runs import FreeRuns, id_runs
-from semantic.domain.request_checks import checked_int, checked_real, int_items, is_int, plain_ints
+from semantic.domain.request_checks import all_non_negative, checked_int, checked_real, int_items, is_int, plain_ints
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
 from semantic.domain.value_objects import ModelCacheSpec
 
@@ -188,7 +188,7 @@ class _HandleBuilder:
 
     def finish(self, token_ids: Sequence[int], layer_block_ids: Sequence[Sequence[int]]) -> AgentBlocks:
         tokens = _int_list("token_ids", token_ids)
-        if tokens and min(tokens) < 0:
+        if not all_non_negative(tokens):
             raise InvalidRequestError("token_ids must be non-negative")
         layers = _sequence("layer_block_ids", layer_block_ids)
         if len(layers) != self._pool.spec.n_layers:
