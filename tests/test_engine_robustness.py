@@ -7,6 +7,7 @@ the engine's generator, samplers and the store step), never by production code.
 import gc
 import threading
 import time
+from fractions import Fraction
 
 import mlx.core as mx
 import numpy as np
@@ -95,6 +96,14 @@ BAD_SUBMISSIONS = {
     "max_tokens 10**400 (OverflowError before)": dict(max_tokens=10**400),
     "match_prefix text": dict(match_prefix="yes"),
     "agent id bytes": dict(agent_id=b"a"),
+    # Review 2: str() of an int of over 4,300 digits raises ValueError, which came out of the error's message.
+    "id 10**5000 (ValueError before)": dict(prompt=[5, 10**5000]),
+    "a list holding 10**5000 as an id (ValueError before)": dict(prompt=[[10**5000]]),
+    "agent id 10**5000 (ValueError before)": dict(agent_id=10**5000),
+    "match_prefix 10**5000 (ValueError before)": dict(match_prefix=10**5000),
+    "max_tokens [10**5000] (ValueError before)": dict(max_tokens=[10**5000]),
+    "temperature Fraction(10**5000) (ValueError before)": dict(temperature=Fraction(10**5000)),
+    "a broadcast array of 10**12 ids (MemoryError before)": dict(prompt=np.broadcast_to(np.int32(1), (10**12,))),
 }
 
 
@@ -145,6 +154,65 @@ def test_a_cached_context_of_ids_past_the_vocabulary_is_refused_before_mlx_lm_re
     assert engine.generate("a", [5], cache=good.blocks, max_tokens=3, repetition_penalty=1.5).token_ids
     good.blocks.release()
     assert whole(engine.pool)
+
+
+def test_cancelling_an_int_too_long_to_print_is_an_unknown_request(engine):
+    """The message quoted the uid: str() of an int of over 4,300 digits raised ValueError instead."""
+    with pytest.raises(UnknownRequestError, match="an int of 16610 bits"):
+        engine.cancel(10**5000)
+
+
+class _Tokenizer:
+    """``tokenizer`` whose ``encode`` answers ``encode(text)`` instead."""
+
+    def __init__(self, tokenizer, encode):
+        self._tokenizer, self.encode = tokenizer, encode
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_a_tokenizer_that_fails_or_gives_odd_ids_is_a_typed_error_or_works(engine, monkeypatch):
+    """A tokenizer raising came out of submit as its own error (a RuntimeError, or TypeError for a None it
+    returned); NumPy ids failed the request in its prefill (MLX refused an int64 list), floats there too."""
+    real = engine.tokenizer
+    ids = real.encode("hello world")
+    expected = engine.generate("a", ids, max_tokens=3).token_ids
+    for encode, error in ((lambda *a, **k: _raise(RuntimeError("broken tokenizer")), "broken tokenizer"),
+                          (lambda *a, **k: None, "NoneType"), (lambda *a, **k: [5.0, 6], "must be ints")):
+        monkeypatch.setattr(engine, "tokenizer", _Tokenizer(real, encode))
+        before = engine.pool.usage()
+        with pytest.raises(InvalidRequestError, match=error):
+            engine.submit("a", "hello world", max_tokens=3)
+        assert engine.pending == 0 and engine.pool.usage() == before
+    for as_numpy in (np.array, lambda ids: [np.int64(t) for t in ids]):
+        monkeypatch.setattr(engine, "tokenizer", _Tokenizer(real, lambda text, **k: as_numpy(ids)))
+        assert engine.generate("a", "hello world", max_tokens=3).token_ids == expected
+    monkeypatch.undo()
+    assert whole(engine.pool)
+
+
+CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}</s>"
+          "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_next_turn_refuses_a_context_that_is_not_token_ids_with_a_typed_error(llama32, monkeypatch):
+    """An array's truth value (ValueError), a set or an int (not subscriptable) and an unhashable last item
+    (TypeError) came out untyped; a 1-d integer array is token ids like a list."""
+    from semantic.models.chat import next_turn
+
+    tokenizer = llama32[1]
+    monkeypatch.setattr(tokenizer._tokenizer, "chat_template", CHATML, raising=False)  # the wrapper reads it there
+    end = tokenizer.eos_token_id
+    after_end = next_turn(tokenizer, [5, end], "hi")
+    assert after_end != next_turn(tokenizer, [5, 6], "hi")
+    for context in (np.array([5, end]), mx.array([5, end]), (5, end), range(end - 1, end + 1)):
+        assert next_turn(tokenizer, context, "hi") == after_end
+    assert next_turn(tokenizer, np.array([], dtype=np.int64), "hi") == next_turn(tokenizer, [], "hi")
+    for context in (np.array([]), np.array([[5, 2]]), 5, {1, 2}, iter([1]), "abc", b"\x02",
+                    [[1]], [5, 2.0], [None]):
+        with pytest.raises(InvalidRequestError, match="context"):
+            next_turn(tokenizer, context, "hi")
 
 
 @pytest.mark.parametrize("option", ["prefill_step_size", "prefill_batch_size", "completion_batch_size"])
@@ -808,6 +876,20 @@ def test_an_interrupt_as_a_request_gives_back_its_reservation_still_gives_back_e
     base.blocks.release()
     del base, completions
     assert whole(engine.pool)
+
+
+@pytest.mark.parametrize("interrupted", [_interrupted_once_before, _interrupted_once_after])
+def test_an_interrupt_as_a_request_is_started_leaves_it_to_run_or_end(own_engine, reference, interrupted):
+    """Ctrl-C as _start began, after admission took the request out of the queue with its reservation and before
+    _start's own handler: the request stayed in flight, in no queue, holding its blocks; no step ran or ended it."""
+    own_engine._start = interrupted(own_engine._start)
+    with pytest.raises(KeyboardInterrupt):
+        own_engine.submit("b", STORY, max_tokens=10)
+    (completion,) = _steps_until_idle(own_engine)
+    assert completion.token_ids == reference[0]["alice"]
+    completion.blocks.release()
+    del completion
+    assert whole(own_engine.pool)
 
 
 def test_an_error_completion_does_not_keep_alive_what_the_failed_store_held(own_engine, monkeypatch):

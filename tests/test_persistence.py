@@ -234,7 +234,9 @@ def test_a_put_handle_released_by_its_caller_breaks_nothing_for_the_other_agents
                                     {"memory_budget_bytes": True}, {"lock_timeout": None}, {"lock_timeout": "1"},
                                     {"model_fingerprint": ""}, {"model_fingerprint": "a\x00b"},
                                     {"model_fingerprint": 5}, {"write_through": "no"}, {"write_through": 1},
-                                    {"directory": None}, {"directory": "/tmp/x\x00y"}])
+                                    {"directory": None}, {"directory": "/tmp/x\x00y"},
+                                    # str() of an int of over 4,300 digits: ValueError from the message before
+                                    {"model_fingerprint": 10**5000}, {"write_through": 10**5000}])
 def test_bad_construction_arguments_are_refused(tmp_path, kwargs):
     arguments = {"directory": tmp_path, "model_fingerprint": "model", **kwargs}
     with pytest.raises(InvalidRequestError):
@@ -245,6 +247,24 @@ def test_bad_construction_arguments_are_refused(tmp_path, kwargs):
 def test_membership_of_something_that_is_not_an_agent_id_is_a_typed_error(store, agent_id):
     with pytest.raises(InvalidAgentIdError):
         agent_id in store  # noqa: B015 (TypeError "unhashable" for a list before)
+
+
+@pytest.mark.parametrize("agent_id", [[], {}, 10**5000, [10**5000]],
+                         ids=["list", "dict", "huge int", "list of a huge int"])
+@pytest.mark.parametrize("call", ["get", "load", "delete", "evict", "contains"])
+def test_every_call_refuses_what_is_not_an_agent_id_with_a_typed_error(store, agent_id, call):
+    """delete of a list raised TypeError (unhashable, from its bookkeeping after the refusal); an int of over
+    4,300 digits made the refusal's own message raise ValueError."""
+    put_new(store, "a")
+    with nothing_changes(store), pytest.raises(InvalidAgentIdError):
+        agent_id in store if call == "contains" else getattr(store, call)(agent_id)  # noqa: B015
+
+
+def test_generate_refuses_an_engine_that_is_not_one_with_a_typed_error(store):
+    """An AttributeError (None has no pool) before."""
+    for engine in (None, store.pool, "engine"):
+        with nothing_changes(store), pytest.raises(InvalidRequestError, match="BlockPoolBatchEngine"):
+            store.generate(engine, "a", "hello", max_tokens=2)
 
 
 def test_listing_a_directory_removed_under_the_store_is_a_typed_error(tmp_path):

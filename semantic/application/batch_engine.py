@@ -72,7 +72,9 @@ from semantic.domain.request_checks import (
     check_vocabulary,
     checked_int,
     checked_real,
+    int_items,
     is_int,
+    shown,
     token_ids,
 )
 from semantic.domain.services import BlockPool, Reservation
@@ -217,10 +219,10 @@ class BlockPoolBatchEngine:
         None or > 0; all finite. Anything else raises ``InvalidRequestError`` and reserves nothing.
         """
         if not isinstance(agent_id, str) or not agent_id:
-            raise InvalidRequestError(f"agent_id must be a non-empty string, got {agent_id!r}")
+            raise InvalidRequestError(f"agent_id must be a non-empty string, got {shown(agent_id)}")
         max_tokens = checked_int("max_tokens", max_tokens, 1)
         if not isinstance(match_prefix, bool):
-            raise InvalidRequestError(f"match_prefix must be True or False, got {match_prefix!r}")
+            raise InvalidRequestError(f"match_prefix must be True or False, got {shown(match_prefix)}")
         sampling = SamplingParams.checked(
             self._generator.vocab_size, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty,
@@ -276,7 +278,14 @@ class BlockPoolBatchEngine:
         vocab = self._generator.vocab_size
         if isinstance(prompt, str):
             check_text("prompt", prompt)
-            tokens = list(self.tokenizer.encode(prompt, add_special_tokens=not continuation)) if prompt else []
+            try:
+                tokens = list(self.tokenizer.encode(prompt, add_special_tokens=not continuation)) if prompt else []
+            except Exception as exc:  # the tokenizer's own error (or a non-list it returned): nothing is queued yet
+                raise InvalidRequestError(
+                    f"the tokenizer failed on the prompt ({type(exc).__name__}: {exc}); pass token ids instead, or "
+                    "fix the tokenizer") from exc
+            # Python ints: NumPy ids (or floats) from a tokenizer failed the request later, in its prefill.
+            tokens = int_items(tokens, "the tokenizer's token ids")
             check_vocabulary(tokens, vocab)  # a tokenizer of another model
         else:  # a length no pool could hold is refused before a list is made (the exact bound comes later)
             tokens = token_ids(prompt, vocab, max_tokens=self.pool.total_blocks * self.spec.block_size)
@@ -323,7 +332,15 @@ class BlockPoolBatchEngine:
                 index += 1
                 continue
             del self._waiting[index]
-            self._start(request)
+            try:
+                self._start(request)
+            except BaseException:
+                # An interrupt as _start began, before its handler could end the request: back to the queue (its
+                # reservation kept), else nothing would ever run, end or release it.
+                if request.uid in self._by_uid and all(r is not request for r in self._running.values()):
+                    request.generator_uid = None  # a sequence mlx-lm queued meanwhile is stopped at its first event
+                    self._waiting.insert(index, request)
+                raise
 
     def _start(self, request: _Request) -> None:
         """Put a request with its reservation into the generator: from its source context, fed its prompt
@@ -782,7 +799,7 @@ class BlockPoolBatchEngine:
         request = self._by_uid.get(_uid(uid))
         if request is None:
             raise UnknownRequestError(
-                f"no request {uid!r} in flight (finished requests are found only while their blocks are alive)"
+                f"no request {shown(uid)} in flight (finished requests are found only while their blocks are alive)"
             )
         return request
 

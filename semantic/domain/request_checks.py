@@ -36,6 +36,11 @@ def is_int(value: Any) -> bool:
     return _array_kind(value) == "int" and getattr(value, "ndim", None) == 0
 
 
+def is_int_vector(value: Any) -> bool:
+    """A 1-d integer NumPy or MLX array."""
+    return _array_kind(value) == "int" and value.ndim == 1
+
+
 def _array_kind(value: Any) -> Optional[str]:
     """``"int"`` / ``"other"`` for NumPy and MLX arrays, ``None`` for anything else."""
     name = f"{type(value).__module__}.{type(value).__qualname__}"
@@ -52,25 +57,29 @@ def _is_real(value: Any) -> bool:
 def checked_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
     """``value`` as a Python int in ``[low, high]``, or ``InvalidRequestError``."""
     if not is_int(value):
-        raise InvalidRequestError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise InvalidRequestError(f"{name} must be an int, got {type(value).__name__} {shown(value)}")
     number = int(value)
     if number < low or (high is not None and number > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InvalidRequestError(f"{name} must be {bounds}, got {_shown(number)}")
+        raise InvalidRequestError(f"{name} must be {bounds}, got {shown(number)}")
     return number
 
 
-def _shown(value: Any) -> str:
-    """``repr(value)``, but a huge int by its size: ``str`` of an int of over 4,300 digits raises ValueError."""
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, but a huge int by its size: ``str`` of an int of over 4,300 digits
+    raises ValueError, as does ``repr`` of anything holding one (a list, a Fraction): those are named by type."""
     if type(value) is int and abs(value) >= 10**40:
         return f"an int of {value.bit_length()} bits"
-    return repr(value)
+    try:
+        return repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} holding an int too long to print"
 
 
 def checked_real(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
     """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
     if not _is_real(value):
-        raise InvalidRequestError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        raise InvalidRequestError(f"{name} must be a number, got {type(value).__name__} {shown(value)}")
     try:
         number = float(value)
     except OverflowError:
@@ -80,7 +89,7 @@ def checked_real(name: str, value: Any, low: float, high: float = math.inf, *, l
             interval = f"> {low}" if low_open else f">= {low}"
         else:
             interval = f"in {'(' if low_open else '['}{low}, {high}]"
-        raise InvalidRequestError(f"{name} must be a finite number {interval}, got {_shown(value)}")
+        raise InvalidRequestError(f"{name} must be a finite number {interval}, got {shown(value)}")
     return number
 
 
@@ -108,7 +117,7 @@ def int_items(items: list, what: str) -> List[int]:
     for item in items:
         if not is_int(item):  # a loop, not next(..., None): None itself is a bad item
             raise InvalidRequestError(
-                f"{what} must be ints (Python, NumPy or MLX integers), got {type(item).__name__} {item!r}")
+                f"{what} must be ints (Python, NumPy or MLX integers), got {type(item).__name__} {shown(item)}")
     return [int(item) for item in items]
 
 
@@ -144,16 +153,14 @@ def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) ->
             raise InvalidRequestError(
                 f"a prompt array must be 1-d of an integer dtype, got shape {tuple(prompt.shape)} {prompt.dtype}"
             )
+        _check_length(prompt.shape[0], max_tokens)  # a broadcast array of 10**12 ids takes no memory
         ids = [int(t) for t in np.asarray(prompt).tolist()]
     elif isinstance(prompt, (bytes, bytearray, memoryview)):
         raise InvalidRequestError(
             "the prompt is bytes; decode it to str (the tokenizer encodes text), or pass a list of token ids"
         )
     elif isinstance(prompt, (list, tuple, range)):
-        n = length(prompt, "the prompt")
-        if max_tokens is not None and n > max_tokens:  # before a list of them is made (range(10**12))
-            raise InvalidRequestError(f"the prompt has {n} tokens, more than the {max_tokens} every "
-                                      "block of the pool could hold")
+        _check_length(length(prompt, "the prompt"), max_tokens)  # range(10**12)
         ids = int_items(list(prompt), "token ids")
     else:
         raise InvalidRequestError(
@@ -163,13 +170,21 @@ def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) ->
     return ids
 
 
+def _check_length(n: int, max_tokens: Optional[int]) -> None:
+    """Refuses a prompt longer than ``max_tokens`` before a list of its ids is made."""
+    if max_tokens is not None and n > max_tokens:
+        raise InvalidRequestError(f"the prompt has {n} tokens, more than the {max_tokens} every "
+                                  "block of the pool could hold")
+
+
 def check_vocabulary(ids: Sequence[int], vocab_size: int, whose: str = "",
                      fix: str = "encode prompts with this model's tokenizer") -> None:
     """``InvalidRequestError`` unless every id is in ``[0, vocab_size)``; ``whose`` names where they came from,
     ``fix`` what to do."""
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
         bad = next(t for t in ids if not 0 <= t < vocab_size)
-        raise InvalidRequestError(f"{whose}token id {bad} is outside the model's vocabulary [0, {vocab_size}); {fix}")
+        raise InvalidRequestError(
+            f"{whose}token id {shown(bad)} is outside the model's vocabulary [0, {vocab_size}); {fix}")
 
 
 GREEDY_BELOW_TEMPERATURE = 1e-30  # a positive temperature below this samples greedily, its limit

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Set
 
 from semantic.domain.errors import InvalidRequestError
-from semantic.domain.request_checks import check_text
+from semantic.domain.request_checks import check_text, is_int, is_int_vector, length, shown
 
 _PLAIN_TURN = "\nUser: {message}\nAssistant:"
 _PROBE_REPLY = "\x00reply\x00"  # assistant content that no template writes by itself
@@ -32,6 +32,7 @@ def first_turn(tokenizer, message: str, system: Optional[str] = None) -> List[in
 def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
     """Tokens to append to ``context`` (which ends with the assistant's reply) for a new user message."""
     _check_text("message", message)
+    last = _last_token(context)
     if not getattr(tokenizer, "chat_template", None):
         return tokenizer.encode(_PLAIN_TURN.format(message=message), add_special_tokens=False)
     conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE_REPLY},
@@ -48,7 +49,7 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
             f"the chat template does not end an assistant reply with the end token {end!r} (Gemma-it and Phi-3 "
             "templates end turns with a token of their own); cannot append turns")
     suffix = after_reply[len(end):]
-    return tokenizer.encode(suffix if context and context[-1] in _end_ids(tokenizer) else end + suffix,
+    return tokenizer.encode(suffix if last is not None and last in _end_ids(tokenizer) else end + suffix,
                             add_special_tokens=False)
 
 
@@ -56,6 +57,22 @@ def _check_text(name: str, value) -> None:
     if not isinstance(value, str):
         raise InvalidRequestError(f"the {name} must be a str, not {type(value).__name__}")
     check_text(name, value)
+
+
+def _last_token(context) -> Optional[int]:
+    """The last of the context's token ids, None if it has none; a typed error for what is not token ids (an
+    array's truth value, a set's index or an unhashable item raised ValueError or TypeError)."""
+    if context is None:
+        return None
+    if not isinstance(context, (list, tuple, range)) and not is_int_vector(context):
+        raise InvalidRequestError(
+            f"the context must be token ids (a list, tuple or 1-d integer array), got {type(context).__name__}")
+    if not length(context, "the context"):
+        return None
+    last = context[-1]
+    if not is_int(last):
+        raise InvalidRequestError(f"the context's token ids must be ints, got {type(last).__name__} {shown(last)}")
+    return int(last)
 
 
 def _apply_template(tokenizer, messages, **options):

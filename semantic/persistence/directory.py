@@ -34,7 +34,7 @@ import time
 import unicodedata
 from typing import Callable, Iterator, List, Optional
 
-from semantic.domain.request_checks import checked_path
+from semantic.domain.request_checks import checked_path, shown
 from semantic.persistence.errors import (
     CacheLockTimeoutError,
     CacheReadError,
@@ -59,7 +59,7 @@ _TEMP_NAME = re.compile(r"\.([^.]+)\.[0-9a-f]{" + str(2 * _TEMP_BYTES) + r"}\.tm
 def check_agent_id(agent_id) -> str:
     """``agent_id`` escaped into a file name, or ``InvalidAgentIdError`` for an id that could leave the directory."""
     if not isinstance(agent_id, str) or not agent_id:
-        raise InvalidAgentIdError(f"an agent id must be a non-empty string, got {agent_id!r}")
+        raise InvalidAgentIdError(f"an agent id must be a non-empty string, got {shown(agent_id)}")
     if any(unicodedata.category(c) in ("Cc", "Cs") for c in agent_id):
         raise InvalidAgentIdError(
             f"agent id {agent_id!r} contains a control character (NUL, newline, ...) or a lone surrogate; "

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, OrderedDict, T
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import (IncompatibleCacheError, InvalidRequestError, PoolExhaustedError,
                                     UnknownRequestError)
-from semantic.domain.request_checks import checked_int
+from semantic.domain.request_checks import checked_int, shown
 from semantic.domain.services import BlockPool
 from semantic.persistence.directory import CacheDirectory, check_agent_id
 from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheWriteError
@@ -79,15 +79,15 @@ class AgentCacheStore:
         if not isinstance(model_fingerprint, str) or not model_fingerprint or not model_fingerprint.isprintable():
             raise InvalidRequestError(
                 "model_fingerprint must be a non-empty printable string (see model_fingerprint()), "
-                f"got {model_fingerprint!r}"
+                f"got {shown(model_fingerprint)}"
             )
         if memory_budget_bytes is not None:
             memory_budget_bytes = checked_int("memory_budget_bytes", memory_budget_bytes, 0)
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
-            raise InvalidRequestError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
+            raise InvalidRequestError(f"lock_timeout must be a number of seconds >= 0, got {shown(lock_timeout)}")
         lock_timeout = float(lock_timeout) if lock_timeout < 1e300 else math.inf  # an int of 10**400 has no float
         if not isinstance(write_through, bool):
-            raise InvalidRequestError(f"write_through must be True or False, got {write_through!r}")
+            raise InvalidRequestError(f"write_through must be True or False, got {shown(write_through)}")
         self.pool = pool
         self.model_fingerprint = model_fingerprint
         self.memory_budget_bytes = memory_budget_bytes
@@ -140,6 +140,7 @@ class AgentCacheStore:
 
     def delete(self, agent_id: str) -> bool:
         """Forget the agent in both tiers; whether the store had it."""
+        check_agent_id(agent_id)  # before the finally below meets a non-string (unhashable: TypeError)
         with self._lock:
             try:
                 # Forgotten in memory as soon as the file is gone, even if the sync then fails or an interrupt comes.
@@ -267,8 +268,10 @@ class AgentCacheStore:
         cancelled) if handles held outside the store pin the blocks it needs. With ``write_through``, a
         failed write raises its error after the turn: the new context stays resident (written by the next
         ``flush``) and the error's ``completion`` is the turn's."""
-        from semantic.application.batch_engine import PoolPressureWarning  # the engine's module is loaded
+        from semantic.application.batch_engine import BlockPoolBatchEngine, PoolPressureWarning  # already loaded
 
+        if not isinstance(engine, BlockPoolBatchEngine):  # else an AttributeError below
+            raise InvalidRequestError(f"engine must be a BlockPoolBatchEngine, got {type(engine).__name__}")
         if engine.pool is not self.pool:
             raise IncompatibleCacheError("the engine uses another pool than this store; use one pool for both")
         if "cache" in submit_kwargs:
