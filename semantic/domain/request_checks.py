@@ -147,9 +147,8 @@ def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) ->
     arrays), or a 1-d integer NumPy / MLX array. ``bytes`` and bools are refused:
     both are ints to Python but never token ids a caller meant.
     """
-    kind = _array_kind(prompt)
-    if kind is not None:
-        if kind != "int" or prompt.ndim != 1:
+    if _array_kind(prompt) is not None:
+        if not is_int_vector(prompt):
             raise InvalidRequestError(
                 f"a prompt array must be 1-d of an integer dtype, got shape {tuple(prompt.shape)} {prompt.dtype}"
             )
