@@ -4,6 +4,7 @@ Faults are injected by this module only (monkeypatching the model's forward pass
 the engine's generator, samplers and the store step), never by production code.
 """
 
+import collections
 import gc
 import threading
 import time
@@ -890,6 +891,42 @@ def test_an_interrupt_as_a_request_is_started_leaves_it_to_run_or_end(own_engine
     completion.blocks.release()
     del completion
     assert whole(own_engine.pool)
+
+
+class _QueueInterruptedOnce(collections.deque):
+    """The engine's waiting queue, interrupted (KeyboardInterrupt) as its first append begins."""
+    interrupted = False
+
+    def append(self, item):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        super().append(item)
+
+
+def test_an_interrupt_as_a_request_is_queued_leaves_nothing_known_or_pinned(own_engine, reference):
+    """Ctrl-C after submit registered the request and before it was queued: the request stayed known, in no
+    queue, pending forever, and the share of its cache pinned that cache's blocks."""
+    engine = own_engine
+    base = engine.generate("a", STORY, max_tokens=2)
+    def references():
+        return [engine.pool.refcount(b) for ids in base.blocks.all_block_ids for b in ids]
+
+    before = references()
+    engine._waiting = _QueueInterruptedOnce()
+    with pytest.raises(KeyboardInterrupt) as interrupt:  # its traceback keeps submit's frame, and its locals
+        engine.submit("a", " more", cache=base.blocks, max_tokens=3)
+    assert engine.pending == 0 and references() == before
+    del interrupt
+    with pytest.raises(UnknownRequestError):
+        engine.cancel(base.uid + 1)  # the uid the interrupted submit drew
+    engine.submit("b", STORY, max_tokens=10)
+    (completion,) = _steps_until_idle(engine)
+    assert completion.token_ids == reference[0]["alice"]
+    completion.blocks.release()
+    base.blocks.release()
+    del completion, base
+    assert whole(engine.pool)
 
 
 def test_an_error_completion_does_not_keep_alive_what_the_failed_store_held(own_engine, monkeypatch):

@@ -270,7 +270,13 @@ class BlockPoolBatchEngine:
                 sampling=sampling, new_blocks_bound=bound, submitted_at=time.perf_counter(),
             )
             self._by_uid[request.uid] = request
-            self._waiting.append(request)
+            try:
+                self._waiting.append(request)
+            except BaseException:  # e.g. Ctrl-C: the caller gets no uid, so nothing may stay known or pinned
+                del self._by_uid[request.uid]
+                if request.source is not None:
+                    request.source.release()
+                raise
             self._admit()
             return request.uid
 
