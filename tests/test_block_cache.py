@@ -787,6 +787,28 @@ def test_a_cache_that_lacks_tokens_its_layer_keeps_is_refused():
     assert unchanged(pool, usage)
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("fault", ["fewer tokens", "a shorter window"])
+def test_a_store_names_the_layer_whose_cache_does_not_hold_the_context(layer, fault):
+    """The layers are checked all at once; one that fails (the first, full-attention, or the second, a window
+    of 128) is still named, with nothing taken."""
+    spec = ModelCacheSpec.preset("smollm2-135m").with_layers(2)
+    pool = BlockPool(ModelCacheSpec(**{**spec.__dict__, "layer_windows": (None, 128)}), total_blocks=20)
+    usage = pool.usage()
+    caches = random_caches(pool.spec, 300, seed=3)
+    if fault == "fewer tokens":
+        caches[layer] = random_caches(pool.spec, 299, seed=3)[layer]
+        expected = f"layer {layer} holds 299 tokens, expected 300"
+    else:
+        caches[layer] = adapter.RotatingKVCache(max_size=64, keep=0)
+        full = random_caches(pool.spec, 300, seed=3)[0]
+        caches[layer].update_and_fetch(full.keys[:, :, :300], full.values[:, :, :300])
+        expected = f"layer {layer} holds tokens 236..299 of 300, but keeps tokens {(0, 172)[layer]}.."
+    with pytest.raises(IncompatibleCacheError, match=expected):
+        cache_to_blocks(pool, "b", caches, list(range(300)))
+    assert unchanged(pool, usage)
+
+
 def test_rebuilds_from_several_threads_at_once_are_bit_exact():
     """On CPU a gather's values are taken on a second stream; MLX streams belong to the thread that made
     them, so each thread needs its own (one shared stream failed in every thread but its maker's)."""

@@ -272,6 +272,24 @@ def _checked_tokens(tokens: Sequence, prefix: tuple) -> Tuple[int, ...]:
     return prefix + tail if prefix else tail
 
 
+def _check_layers_hold(spec: ModelCacheSpec, reads: List[tuple], n_tokens: int) -> None:
+    """``IncompatibleCacheError`` unless every layer's cache (``read_layer_cache``'s ``(keys, values,
+    first_token, offset)``) holds ``n_tokens`` tokens and keeps at least the tokens its layer keeps in this pool.
+    Checked for all layers at once, then layer by layer only to name the first that fails."""
+    if {read[3] for read in reads} <= {n_tokens} and not any(read[2] for read in reads):
+        return  # each holds the context, from its first token (which every layer keeps)
+    for layer, (_, _, first_token, offset) in enumerate(reads):
+        if offset != n_tokens:
+            raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
+        kept_from, _ = spec.visible_range(layer, n_tokens)
+        if first_token > kept_from:  # e.g. a sliding window's cache for a full-attention layer
+            window = spec.layer_windows[layer]
+            raise IncompatibleCacheError(
+                f"layer {layer} holds tokens {first_token}..{offset - 1} of {n_tokens}, but keeps tokens "
+                f"{kept_from}.. in this pool ({'full attention' if window is None else f'window {window}'}); "
+                "store caches of this pool's model")
+
+
 def cache_to_blocks(
     pool: BlockPool,
     agent_id: str,
@@ -301,50 +319,39 @@ def cache_to_blocks(
     quantized = spec.block_format.quantized
     reuse = source is not None and reused_tokens != 0
     source_tokens = source.num_tokens if reuse else 0
-    plans: Dict[Tuple[Optional[int], int], tuple] = {}  # (window, source ids) -> _reuse_plan, the same for its layers
-    # Per layer: (keys, values, first_token, shared ids, first new block index, new blocks, carried, offset).
-    # Keys and values may hold more than the layer's tokens (a buffer's unused tail): the writes say how many.
-    layouts = []
-    kept_from: Dict[Optional[int], int] = {}  # window -> the first token its layers keep
-    for layer, (cache, window) in enumerate(zip(caches, spec.layer_windows)):
-        keys, values, first_token, offset = adapter.read_layer_cache(cache, whole_buffer=True)
-        if offset != n_tokens:
-            raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
-        if window not in kept_from:
-            kept_from[window] = spec.visible_range(layer, n_tokens)[0]
-        if first_token > kept_from[window]:  # e.g. a sliding window's cache for a full-attention layer
-            raise IncompatibleCacheError(
-                f"layer {layer} holds tokens {first_token}..{offset - 1} of {n_tokens}, but keeps tokens "
-                f"{kept_from[window]}.. in this pool ({'full attention' if window is None else f'window {window}'}); "
-                "store caches of this pool's model")
-        source_ids = source.layer_block_ids(layer) if reuse else ()
-        plan = plans.get((window, len(source_ids)))
+    reads = [adapter.read_layer_cache(cache, whole_buffer=True) for cache in caches]
+    _check_layers_hold(spec, reads, n_tokens)
+    # Per layer: its blocks' plan (_reuse_plan), the same for every layer of a window and source list length.
+    plans: Dict[Tuple[Optional[int], int], tuple] = {}
+    layer_plans = []
+    source_ids = [source.layer_block_ids(layer) for layer in range(spec.n_layers)] if reuse else None
+    for layer, window in enumerate(spec.layer_windows):
+        n_source_ids = len(source_ids[layer]) if reuse else 0
+        plan = plans.get((window, n_source_ids))
         if plan is None:
-            plan = plans[window, len(source_ids)] = _reuse_plan(
-                spec, source_tokens, len(source_ids), reused_tokens, layer, n_tokens, quantized)
-        first, new_from, last, source_offset, carried = plan
-        shared_ids = source_ids[source_offset : source_offset + new_from - first]
-        if carried is not None:
-            carried = (source_ids[carried[0]], carried[1], carried[2])
-        layouts.append((keys, values, first_token, shared_ids, new_from, last - new_from, carried, offset))
+            plan = plans[window, n_source_ids] = _reuse_plan(
+                spec, source_tokens, n_source_ids, reused_tokens, layer, n_tokens, quantized)
+        layer_plans.append(plan)
     with pool.build_handle(agent_id, reservation) as builder:
         if reuse:
-            shared = list(itertools.chain.from_iterable(layout[3] for layout in layouts))
-            builder.retain(shared, of=source)  # released since its ids were read: refused
+            # Per layer, the source's blocks it shares: (first, new_from) of its plan, from source_offset on.
+            shared = [ids[plan[3] : plan[3] + plan[1] - plan[0]] for ids, plan in zip(source_ids, layer_plans)]
+            builder.retain(list(itertools.chain.from_iterable(shared)), of=source)  # released since: refused
         # One allocation for every layer: consecutive ids, so each layer's new blocks are one slice.
-        new_ids = builder.allocate(sum(layout[5] for layout in layouts))
+        new_ids = builder.allocate(sum(plan[2] - plan[1] for plan in layer_plans))
         layer_ids: List[List[int]] = []
         writes, copies = [], []
         taken = 0
-        for keys, values, first_token, shared_ids, new_from, n_new, carried, offset in layouts:
-            ids = new_ids[taken : taken + n_new]
-            taken += n_new
-            layer_ids.append([*shared_ids, *ids])
+        for layer, ((keys, values, first_token, offset), (_, new_from, last, _, carried)) in enumerate(
+                zip(reads, layer_plans)):
+            ids = new_ids[taken : taken + last - new_from]
+            taken += last - new_from
+            layer_ids.append([*shared[layer], *ids] if reuse else ids)
             if ids:  # the whole buffer, unsliced: the writes read only the new blocks' tokens of it, and a
                 # slice would be strided (an extra operation, and a copy before a kernel needing contiguous input)
                 writes.append((ids, new_from, keys, values, first_token, offset - first_token))
                 if carried is not None:
-                    copies.append((ids[0], *carried))
+                    copies.append((ids[0], source_ids[layer][carried[0]], carried[1], carried[2]))
         builder.write_store(writes)
         token_ids = _checked_tokens(tokens, prefix)  # while the device copies (a rollback waits for it)
         if copies:
