@@ -894,38 +894,48 @@ def test_an_interrupt_as_a_request_is_started_leaves_it_to_run_or_end(own_engine
 
 
 class _QueueInterruptedOnce(collections.deque):
-    """The engine's waiting queue, interrupted (KeyboardInterrupt) as its first append begins."""
-    interrupted = False
+    """The engine's waiting queue, its first append interrupted (KeyboardInterrupt) before or after it
+    queued the item: a real Ctrl-C is raised once the append returned; the other order stands for any
+    failure before the request was queued."""
+    def __init__(self, queued: bool):
+        super().__init__()
+        self.queued, self.interrupted = queued, False
 
     def append(self, item):
-        if not self.interrupted:
-            self.interrupted = True
-            raise KeyboardInterrupt
-        super().append(item)
+        if self.interrupted:
+            return super().append(item)
+        self.interrupted = True
+        if self.queued:
+            super().append(item)
+        raise KeyboardInterrupt
 
 
-def test_an_interrupt_as_a_request_is_queued_leaves_nothing_known_or_pinned(own_engine, reference):
-    """Ctrl-C after submit registered the request and before it was queued: the request stayed known, in no
-    queue, pending forever, and the share of its cache pinned that cache's blocks."""
+@pytest.mark.parametrize("queued", [False, True])
+def test_an_interrupt_as_a_request_is_queued_leaves_it_to_run_or_nothing_known_or_pinned(own_engine, queued):
+    """Ctrl-C after submit registered the request: not yet queued, it stayed known, in no queue, pending
+    forever, and the share of its cache pinned that cache's blocks; queued, it must run as any request."""
     engine = own_engine
     base = engine.generate("a", STORY, max_tokens=2)
+
     def references():
         return [engine.pool.refcount(b) for ids in base.blocks.all_block_ids for b in ids]
 
     before = references()
-    engine._waiting = _QueueInterruptedOnce()
+    engine._waiting = _QueueInterruptedOnce(queued)
     with pytest.raises(KeyboardInterrupt) as interrupt:  # its traceback keeps submit's frame, and its locals
         engine.submit("a", " more", cache=base.blocks, max_tokens=3)
-    assert engine.pending == 0 and references() == before
+    if queued:
+        (completion,) = _steps_until_idle(engine)
+        assert completion.uid == base.uid + 1 and completion.error is None and len(completion.token_ids) == 3
+        completion.blocks.release()
+        del completion
+    else:
+        assert engine.pending == 0 and references() == before
+        with pytest.raises(UnknownRequestError):
+            engine.cancel(base.uid + 1)  # the uid the interrupted submit drew
     del interrupt
-    with pytest.raises(UnknownRequestError):
-        engine.cancel(base.uid + 1)  # the uid the interrupted submit drew
-    engine.submit("b", STORY, max_tokens=10)
-    (completion,) = _steps_until_idle(engine)
-    assert completion.token_ids == reference[0]["alice"]
-    completion.blocks.release()
     base.blocks.release()
-    del completion, base
+    del base
     assert whole(engine.pool)
 
 

@@ -564,19 +564,23 @@ def test_only_a_block_held_once_is_written():
 
 
 def test_a_builder_writes_exactly_the_blocks_it_allocated_in_order_or_nothing():
-    """write_new skips the pool's ownership checks because its blocks are the builder's own, just allocated:
-    a write of other blocks (another agent's, or only some of its own, or out of order) is refused."""
+    """write_new and write_store skip the pool's ownership checks because their blocks are the builder's own,
+    just allocated: a write of other blocks (another agent's, in place of one of its own or beside them, only
+    some of its own, or out of order) is refused."""
     pool = BlockPool(SPEC, total_blocks=6)
     other = pool.allocate(1, "b")
     data = mx.ones((1, 1, 8, 4), dtype=mx.float32)
     pool.write_blocks(other, 0, data, data, 0)
     before = {b: written(pool, b) for b in range(6)}
     usage = pool.usage()
-    for pick in (lambda ids: [other], lambda ids: ids[:1], lambda ids: ids[::-1], lambda ids: ids + other):
+    for pick in (lambda ids: [other], lambda ids: [ids[0], *other], lambda ids: ids[:1], lambda ids: ids[::-1],
+                 lambda ids: ids + other):
         with pool.build_handle("a") as builder:
             ids = builder.allocate(2)
             with pytest.raises(BlockOwnershipError):
                 builder.write_new([([b], 0, data * 2, data * 2, 0) for b in pick(ids)])
+            with pytest.raises(BlockOwnershipError):
+                builder.write_store([([b], 0, data * 2, data * 2, 0, 8) for b in pick(ids)])
             with pytest.raises(BlockOwnershipError):
                 builder.finish_store((1,), [ids[:1], []])  # fewer blocks than it holds
     after = {b: written(pool, b) for b in range(6)}

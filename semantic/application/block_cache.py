@@ -277,7 +277,7 @@ def _check_layers_hold(spec: ModelCacheSpec, reads: List[tuple], n_tokens: int) 
     first_token, offset)``) holds ``n_tokens`` tokens and keeps at least the tokens its layer keeps in this pool.
     Checked for all layers at once, then layer by layer only to name the first that fails."""
     if {read[3] for read in reads} <= {n_tokens} and not any(read[2] for read in reads):
-        return  # each holds the context, from its first token (which every layer keeps)
+        return  # each holds the whole context, from token 0: at or before the first token any layer keeps
     for layer, (_, _, first_token, offset) in enumerate(reads):
         if offset != n_tokens:
             raise IncompatibleCacheError(f"layer {layer} holds {offset} tokens, expected {n_tokens}")
@@ -348,7 +348,8 @@ def cache_to_blocks(
             taken += last - new_from
             layer_ids.append([*shared[layer], *ids] if reuse else ids)
             if ids:  # the whole buffer, unsliced: the writes read only the new blocks' tokens of it, and a
-                # slice would be strided (an extra operation, and a copy before a kernel needing contiguous input)
+                # slice would be strided (an extra operation, and a copy before a kernel needing contiguous input).
+                # It may hold more than the layer's tokens (a buffer's unused tail): the write says how many.
                 writes.append((ids, new_from, keys, values, first_token, offset - first_token))
                 if carried is not None:
                     copies.append((ids[0], source_ids[layer][carried[0]], carried[1], carried[2]))
