@@ -275,10 +275,7 @@ class BlockPoolBatchEngine:
             except BaseException:  # e.g. Ctrl-C. Queued (a signal is handled once the append returned), the
                 # request runs as any does; not queued, nothing may stay known or pinned: the caller has no uid
                 if not (self._waiting and self._waiting[-1] is request):
-                    del self._by_uid[request.uid]
-                    if request.source is not None:
-                        _completed_through_interrupts(lambda: None if request.source.released
-                                                      else request.source.release())
+                    self._retire(request)
                 raise
             self._admit()
             return request.uid
