@@ -830,6 +830,16 @@ def _steps_until_idle(engine, limit=200):
     raise AssertionError(f"{engine.pending} request(s) still pending after {limit} steps: the engine would hang")
 
 
+def _the_story_completes_and_gives_back_everything(engine, reference):
+    """The one request in flight (STORY, 10 tokens) runs to its reference tokens, and once its blocks are
+    released the pool holds nothing."""
+    (completion,) = _steps_until_idle(engine)
+    assert completion.token_ids == reference[0]["alice"]
+    completion.blocks.release()
+    del completion
+    assert whole(engine.pool)
+
+
 def test_an_interrupt_in_cancel_after_mlx_lm_dropped_the_sequence_ends_the_request(own_engine, reference,
                                                                                      monkeypatch):
     """The request stayed among the running ones with no sequence behind it: every later step() and
@@ -844,11 +854,7 @@ def test_an_interrupt_in_cancel_after_mlx_lm_dropped_the_sequence_ends_the_reque
     with pytest.raises(UnknownRequestError):
         engine.cancel(uid)
     engine.submit("b", STORY, max_tokens=10)
-    (done,) = _steps_until_idle(engine)
-    assert done.token_ids == reference[0]["alice"]
-    done.blocks.release()
-    del done
-    assert whole(engine.pool)
+    _the_story_completes_and_gives_back_everything(engine, reference)
 
 
 @pytest.mark.parametrize("where", ["cancel", "finish"])
@@ -886,11 +892,7 @@ def test_an_interrupt_as_a_request_is_started_leaves_it_to_run_or_end(own_engine
     own_engine._start = interrupted(own_engine._start)
     with pytest.raises(KeyboardInterrupt):
         own_engine.submit("b", STORY, max_tokens=10)
-    (completion,) = _steps_until_idle(own_engine)
-    assert completion.token_ids == reference[0]["alice"]
-    completion.blocks.release()
-    del completion
-    assert whole(own_engine.pool)
+    _the_story_completes_and_gives_back_everything(own_engine, reference)
 
 
 class _QueueInterruptedOnce(collections.deque):
