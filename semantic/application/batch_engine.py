@@ -29,7 +29,7 @@ again: a failure costs one prefill of every running request.
 
 Blocks return to the pool when their last handle is released: call
 ``AgentBlocks.release()`` (or use it as a context manager), or drop the last
-reference to it (a finalizer gives its blocks back at the pool's next operation).
+reference to it (the pool watches it, and gives its blocks back at its next operation).
 The engine itself keeps only weak references to completed contexts.
 
 Two ways to resume an agent:

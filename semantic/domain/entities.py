@@ -58,8 +58,8 @@ class AgentBlocks:
     Create handles through the pool or the engine, never directly.
     """
 
-    __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_flat_ids", "_finalizer", "_memo",
-                 "computed_by", "vouched_for", "__weakref__")
+    __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_flat_ids", "_memo", "computed_by",
+                 "vouched_for", "__weakref__")
 
     def __init__(
         self,
@@ -82,9 +82,9 @@ class AgentBlocks:
         else:
             self.token_ids = tuple(map(int, token_ids))
             self._layer_block_ids = tuple(map(tuple, layer_block_ids))
-        # Every reference, one list: what the pool attributes to the agent and what it gives back on release.
+        # Every reference, one list: what the pool attributes to the agent and what it gives back on release
+        # (or once the handle is collected: the pool watches it).
         self._flat_ids: Optional[List[int]] = list(itertools.chain.from_iterable(self._layer_block_ids))
-        self._finalizer = weakref.finalize(self, pool._release_later, self._flat_ids, agent_id)
         self._memo: Dict[object, object] = {}
         # A weak reference to the model whose engine computed these keys and values: another model's engine
         # on the same pool refuses them. None: not known (stored by hand, or read from a file).

@@ -46,6 +46,13 @@ class FreeRuns:
             self._add(0, total)
             self._count = total
 
+    @classmethod
+    def of(cls, free_ids: Sequence[int]) -> "FreeRuns":
+        """Free runs holding exactly ``free_ids`` (distinct, ascending): the pool's recount after an interrupt."""
+        runs = cls(0)
+        runs.give_back(free_ids)
+        return runs
+
     def __len__(self) -> int:
         return self._count
 

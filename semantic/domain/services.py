@@ -26,9 +26,23 @@ and, unless ``grow_buffer_cache=False``, raises MLX's buffer-cache limit to four
 times that size (at least 1 GiB) so rebuilds reuse freed buffers instead of
 page-faulting fresh memory.
 
-Thread safety: every public method takes the pool's lock. Handles dropped without
-``release()`` are returned by a finalizer that only queues their blocks; the
-queue is drained, under the lock, at the start of the next pool operation.
+Thread safety: every public method takes the pool's lock. Handles, pins and
+unfinished builders dropped without ``release()`` are watched by weak references
+whose callback only queues them (:class:`_Watch`); the queue is drained, under the
+lock, at the start of the next pool operation. Reservations dropped uncancelled
+stop promising their blocks the same way.
+
+Interrupts (Ctrl-C, ``KeyboardInterrupt``) may come between any two steps of an
+operation. Who holds what (``_owned``, ``_loose_refs``, the live reservations)
+changes in single dictionary operations; the counts derived from it (reference
+counts, free runs, reserved blocks) are marked unsettled while they follow, and
+an operation that finds them unsettled recounts them from the holders first
+(``_recount``). So an interrupted operation leaves the counts agreeing with the
+holders, and what it made but did not return (a handle, a pin, a builder, a
+reservation) gives its blocks back once collected; raw references taken by
+``allocate`` / ``retain`` stay the agent's until ``release_blocks``
+(``tests/test_pool_interrupts.py`` interrupts each operation at every point
+where Python can).
 """
 
 from __future__ import annotations
@@ -97,6 +111,7 @@ class Reservation:
         self.owner = owner
         self._remaining = blocks
         self.cancelled = False
+        self._watch_key: Optional[int] = None  # of its watch in the pool (a reservation dropped uncancelled)
 
     @property
     def remaining(self) -> int:
@@ -122,6 +137,7 @@ class _HandleBuilder:
         self._allocated: List[int] = []  # the ids of allocate(), in order (a subset of _held)
         self._one_run = False  # whether _allocated came from one allocation, as one run of consecutive ids
         self._pending: Optional[mx.array] = None  # write_new's kernel, queued: waited for before the blocks go
+        self._watch: Optional[_Watch] = None  # gives _held back if the builder is dropped unfinished
 
     def allocate(self, n: int) -> List[int]:
         n = checked_int("n_blocks", n, 0)
@@ -130,10 +146,13 @@ class _HandleBuilder:
             pool._drain()
             reservation = self._reservation
             promised = reservation._remaining if reservation is not None else 0
-            ids, one_run = pool._take(n, reservation)
-            if reservation is not None:
-                self._from_reservation += promised - reservation._remaining
-            self._hold(ids)
+            try:
+                ids, one_run = pool._take(n, reservation)
+                self._hold(ids)
+                pool._settled = True
+            finally:  # also if interrupted: a rollback promises the reservation again what it gave
+                if reservation is not None:
+                    self._from_reservation += promised - reservation._remaining
             self._one_run = one_run and not self._allocated
             self._allocated.extend(ids)
         return ids
@@ -162,8 +181,11 @@ class _HandleBuilder:
         ids = list(itertools.chain.from_iterable(write[0] for write in writes))
         if ids != self._allocated:
             raise BlockOwnershipError("a builder writes every block it allocated, in order, and no other")
+        if not ids:
+            return
         with pool._lock:
-            self._pending = pool._write_checked(writes, ids, one_run=self._one_run)
+            # The watch keeps it too: a builder dropped unfinished gives its blocks back once the kernel is done.
+            self._pending = self._watch.pending = pool._write_checked(writes, ids, one_run=self._one_run)
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
@@ -181,9 +203,11 @@ class _HandleBuilder:
                 pool.check_handle(of)
             pool._ref_used(block_ids)
             self._hold(block_ids)
+            pool._settled = True
 
     def _hold(self, block_ids: List[int]) -> None:
         if block_ids and not self._held:
+            self._watch = self._pool._watch(self, self._held, self._agent_id)  # watched before it holds anything
             self._pool._owned[self._agent_id][id(self._held)] = self._held
         self._held.extend(block_ids)
 
@@ -213,6 +237,7 @@ class _HandleBuilder:
     def _adopt(self, token_ids: Tuple[int, ...], layer_block_ids: Tuple[Tuple[int, ...], ...]) -> AgentBlocks:
         self._wait()
         handle = self._pool._adopt(self._agent_id, token_ids, layer_block_ids, self._held)
+        self._pool._unwatch(self._held)
         self._held = []
         self._allocated = []
         self._one_run = False
@@ -224,17 +249,16 @@ class _HandleBuilder:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._wait()  # blocks given back while the device still writes them could be another's by then
         if self._held:
-            with self._pool._lock:
-                self._pool._drop(self._held, self._agent_id)
+            pool = self._pool
+            with pool._lock:
+                pool._drain()
+                pool._settled = False
+                pool._drop(self._held, self._agent_id)
                 if self._from_reservation:  # the blocks just freed: a failed build uses none of a reservation
-                    self._pool._promise_again(self._reservation, self._from_reservation)
+                    pool._promise_again(self._reservation, self._from_reservation)
+                pool._settled = True
+                pool._unwatch(self._held)
             self._held = []
-
-    def __del__(self) -> None:
-        # A builder dropped unfinished outside a ``with``: its references go back as a dropped handle's do.
-        self._wait()
-        if self._held:
-            self._pool._release_later(self._held, self._agent_id)
 
 
 class BlockPin:
@@ -242,10 +266,7 @@ class BlockPin:
     garbage-collected. Copies are the pin itself: a copied cache object still views the same memory
     (``copy.deepcopy`` of an ``mx.array`` shares its buffer)."""
 
-    __slots__ = ("_pool", "_ids", "_agent_id")
-
-    def __init__(self, pool: "BlockPool", ids: List[int], agent_id: str):
-        self._pool, self._ids, self._agent_id = pool, ids, agent_id
+    __slots__ = ("__weakref__",)
 
     def __copy__(self) -> "BlockPin":
         return self
@@ -253,9 +274,16 @@ class BlockPin:
     def __deepcopy__(self, memo) -> "BlockPin":
         return self
 
-    def __del__(self) -> None:
-        # Possibly inside another pool call (the garbage collector runs anywhere): only queue.
-        self._pool._release_later(self._ids, self._agent_id)
+
+class _Watch(weakref.ref):
+    """A weak reference to what holds references on blocks outside the pool (a handle, a pin, an unfinished
+    builder), with what to give back once it is collected: its list in ``_owned`` (``held``), its agent, and
+    a write kernel to wait for first (``pending``, a builder's). Its callback is the pool's queue's ``append``,
+    a C function: the holder's death queues the watch without running Python code, so no interrupt (Ctrl-C)
+    can come in between and lose the blocks, as one could at the start of a ``__del__`` or a
+    ``weakref.finalize`` callback. :meth:`BlockPool._drain` gives them back at the next pool operation."""
+
+    __slots__ = ("held", "agent_id", "pending")
 
 
 class BlockPool:
@@ -288,7 +316,14 @@ class BlockPool:
         # handle's references change hands in one dict operation, not one per block (~1,000 in a long context).
         self._owned: Dict[str, Dict[int, List[int]]] = collections.defaultdict(dict)
         self._reserved = 0
-        self._released_by_gc: collections.deque = collections.deque()
+        # False while the counts derived from who holds what (reference counts, free runs, reserved blocks) are
+        # being changed to follow a change of the holders: an interrupt (Ctrl-C) there leaves it False, and
+        # the next pool operation recounts them (_drain, _recount) before it reads them.
+        self._settled = True
+        self._released_by_gc: collections.deque = collections.deque()  # _Watch objects of collected holders
+        # Every holder's watch, by id() of its list in _owned: kept alive here, so that its callback runs. Made
+        # before the holder's references are attributed to it, and dropped only after they are given back.
+        self._watches: Dict[int, _Watch] = {}
         self._handles: "weakref.WeakSet[AgentBlocks]" = weakref.WeakSet()
 
         # Quantized blocks live in their own arrays; every storage method dispatches once on this.
@@ -345,6 +380,7 @@ class BlockPool:
     def reserved_blocks(self) -> int:
         """Free blocks promised to reservations (requests in flight), not yet allocated."""
         with self._lock:
+            self._drain()
             return self._reserved
 
     def wait_for_blocks(self, n_blocks: int, timeout: float, stop: Callable[[], object] = lambda: False) -> bool:
@@ -403,6 +439,7 @@ class BlockPool:
             assert len(free) + len(used) == self.total_blocks, "free + used != total"
             assert all(c >= 0 for c in self._refcount), "negative reference count"
             assert 0 <= self._reserved <= len(self._free), "reservations exceed free blocks"
+            assert self._reserved == self._promised(), "reserved blocks != what the live reservations promise"
             from_agents = collections.Counter()
             for refs in self._loose_refs.values():
                 from_agents.update(refs)
@@ -417,6 +454,8 @@ class BlockPool:
                     from_handles.update(b for ids in handle.all_block_ids for b in ids)
                     assert self._owned.get(handle.agent_id, {}).get(id(handle._flat_ids)) is handle._flat_ids, \
                         "a live handle's references are not attributed to its agent"
+            assert all(id(ids) in self._watches for owned in self._owned.values() for ids in owned.values()), \
+                "a holder's references would not go back when it is collected"
             for block, count in from_handles.items():
                 assert self._refcount[block] >= count, f"block {block}: fewer references than handles listing it"
 
@@ -432,11 +471,13 @@ class BlockPool:
             self._drain()
             ids = self._take(n_blocks, reservation)[0]
             self._loose_refs[agent_id].update(ids)
+            self._settled = True
             return ids
 
     def _take(self, n_blocks: int, reservation: Optional[Reservation]) -> Tuple[List[int], bool]:
         """``n_blocks`` free blocks at reference count 1, and whether they are one run of consecutive ids; or
-        ``PoolExhaustedError`` (the lock held)."""
+        ``PoolExhaustedError`` (the lock held). Leaves the counts unsettled: the caller attributes the ids to
+        their holder, then sets ``_settled``."""
         if reservation is not None:
             from_reservation = min(n_blocks, reservation._remaining)
         else:
@@ -444,6 +485,7 @@ class BlockPool:
         available = len(self._free) - self._reserved
         if n_blocks - from_reservation > available:
             raise PoolExhaustedError(n_blocks, available + from_reservation)
+        self._settled = False
         if from_reservation:
             reservation._remaining -= from_reservation
             self._reserved -= from_reservation
@@ -464,13 +506,16 @@ class BlockPool:
             self._drain()
             self._ref_used(block_ids)
             self._loose_refs[agent_id].update(block_ids)
+            self._settled = True
 
     def _ref_used(self, block_ids: List[int]) -> None:
-        """One more reference on each of ``block_ids`` (checked ids), all in use, or none (the lock held)."""
+        """One more reference on each of ``block_ids`` (checked ids), all in use, or none (the lock held). Leaves
+        the counts unsettled, as :meth:`_take` does."""
         refcount = self._refcount
         if 0 in map(refcount.__getitem__, block_ids):
             free = next(b for b in block_ids if refcount[b] == 0)
             raise BlockOwnershipError(f"block {free} is free; only blocks in use can be shared")
+        self._settled = False
         for b in block_ids:
             refcount[b] += 1
 
@@ -489,8 +534,10 @@ class BlockPool:
                         f"agent {agent_id!r} does not hold {n} reference(s) on block {b} outside a handle; "
                         "blocks are released once, by the agent that holds them (a handle's with the handle)"
                     )
+            self._settled = False
             _subtract(self._loose_refs, agent_id, wanted)
             self._unref(block_ids)
+            self._settled = True
 
     def reserve(self, n_blocks: int, owner: str) -> Reservation:
         """Promise ``n_blocks`` free blocks to ``owner``; raises ``PoolExhaustedError`` if they are not there."""
@@ -503,8 +550,11 @@ class BlockPool:
             if n_blocks > available:
                 raise PoolExhaustedError(n_blocks, available, f"(reserving for {owner})")
             reservation = Reservation(self, n_blocks, owner)  # first: an interrupt in its __init__ reserves nothing
-            self._issued_reservations.add(reservation)
+            reservation._watch_key = id(self._watch(reservation, None, owner))  # its promise ends when it is collected
+            self._settled = False
             self._reserved += n_blocks
+            self._issued_reservations.add(reservation)
+            self._settled = True
             return reservation
 
     def _check_reservation(self, reservation) -> None:
@@ -520,9 +570,13 @@ class BlockPool:
 
     def _cancel_reservation(self, reservation: Reservation) -> None:
         with self._lock:
+            self._drain()
+            self._settled = False
             self._reserved -= reservation._remaining
             reservation._remaining = 0
             reservation.cancelled = True
+            self._settled = True
+            self._watches.pop(reservation._watch_key, None)
             self._blocks_back.notify_all()
 
     def _promise_again(self, reservation: Reservation, n_blocks: int) -> None:
@@ -543,10 +597,16 @@ class BlockPool:
         if len(layer_block_ids) != self.spec.n_layers:
             raise AssertionError("one block list per layer")
         with self._lock:
+            self._drain()
             handle = AgentBlocks(self, agent_id, token_ids, layer_block_ids, normalized=True)
+            self._watch(handle, handle._flat_ids, agent_id)
             owned = self._owned[agent_id]
+            # The references change hands: between the two, no holder has them (an interrupt there frees them,
+            # and the unreturned handle's watch then finds nothing to give back).
+            self._settled = False
             owned.pop(id(held), None)  # absent for a handle of no blocks
             owned[id(handle._flat_ids)] = handle._flat_ids
+            self._settled = True
             self._handles.add(handle)
         return handle
 
@@ -557,9 +617,6 @@ class BlockPool:
             self.check_handle(handle)  # under the lock: a release in between would leave the copies dangling
             agent = handle.agent_id if agent_id is None else agent_id
             _check_agent_id(agent)
-            refcount = self._refcount
-            for b in handle._flat_ids:  # in use, as every block of a live handle is
-                refcount[b] += 1
             # The handle's own tuples: nothing to copy or check again (a context of 8K tokens on a
             # 30-layer model is ~1,000 blocks, and this runs on every resume).
             shared = AgentBlocks(self, agent, handle.token_ids, handle.all_block_ids, normalized=True)
@@ -568,7 +625,13 @@ class BlockPool:
             shared._memo = handle._memo
             shared.computed_by = handle.computed_by
             shared.vouched_for = handle.vouched_for
+            self._watch(shared, shared._flat_ids, agent)
+            refcount = self._refcount
+            self._settled = False
+            for b in shared._flat_ids:  # in use, as every block of a live handle is
+                refcount[b] += 1
             self._owned[agent][id(shared._flat_ids)] = shared._flat_ids
+            self._settled = True
             self._handles.add(shared)
             return shared
 
@@ -580,20 +643,30 @@ class BlockPool:
             self._drain()
             self.check_handle(handle)  # under the lock: a release in between would leave the pin dangling
             ids = list(handle._flat_ids)
+            pin = BlockPin()
+            self._watch(pin, ids, handle.agent_id)
             refcount = self._refcount
+            self._settled = False
             for b in ids:
                 refcount[b] += 1
             self._owned[handle.agent_id][id(ids)] = ids
-            return BlockPin(self, ids, handle.agent_id)
+            self._settled = True
+            return pin
 
     def release(self, handle: AgentBlocks) -> None:
         """Release a handle's references. A second release raises ``ReleasedHandleError``."""
         with self._lock:
             self._drain()
             self.check_handle(handle)  # under the lock: of two threads releasing one handle, one raises
-            self._drop(handle._flat_ids, handle.agent_id)
-            handle._finalizer.detach()
-            handle._layer_block_ids = handle._flat_ids = None
+            held = handle._flat_ids
+            self._settled = False
+            # Released before its references go: a handle that still looks live always holds them. Interrupted
+            # in between, its watch gives them back when the handle is collected.
+            handle._layer_block_ids = None
+            self._drop(held, handle.agent_id)
+            self._settled = True
+            self._unwatch(held)
+            handle._flat_ids = None
             handle._memo = {}  # not cleared: its shares may hold the same memo
             self._handles.discard(handle)
 
@@ -614,22 +687,72 @@ class BlockPool:
         if handle.released:
             handle.all_block_ids  # raises ReleasedHandleError with the agent's name
 
-    def _release_later(self, block_ids: List[int], agent_id: str) -> None:
-        # Runs from a weakref finalizer, possibly inside another pool call: only queue.
-        self._released_by_gc.append((block_ids, agent_id))
+    def _promised(self) -> int:
+        """Blocks the live reservations still promise: what ``_reserved`` counts."""
+        return sum(r._remaining for r in list(self._issued_reservations) if not r.cancelled)
+
+    def _watch(self, holder, held: Optional[List[int]], agent_id: str) -> "_Watch":
+        """Watch ``holder``, which is to hold the references in ``held`` (the lock held): once it is collected,
+        they go back at the next pool operation. ``held=None``: ``holder`` is a reservation, whose promise then
+        ends. The watch is kept in ``_watches`` under ``id(held)``, a reservation's under its own id."""
+        watch = _Watch(holder, self._released_by_gc.append)
+        watch.held, watch.agent_id, watch.pending = held, agent_id, None
+        self._watches[id(watch) if held is None else id(held)] = watch
+        return watch
+
+    def _unwatch(self, held: List[int]) -> None:
+        """Stop watching the holder of ``held``, whose references were given back or passed on."""
+        self._watches.pop(id(held), None)
 
     def _drain(self) -> None:
-        while self._released_by_gc:
-            ids, agent = self._released_by_gc.popleft()
-            self._drop(ids, agent)
+        """Recount after an interrupt, then give back the references of holders the garbage collector took (the
+        lock held). Every operation calls it first, before it reads or changes the counts."""
+        if not self._settled:
+            self._recount()
+        queue = self._released_by_gc
+        while queue:
+            watch = queue[0]  # taken off the queue only once given back: an interrupt loses nothing
+            if watch.held is None:  # a reservation collected uncancelled: what it still promised is free again
+                self._reserved = self._promised()
+                self._watches.pop(id(watch), None)
+            else:
+                if watch.pending is not None:  # a builder's write kernel: done before its blocks are taken again
+                    mx.eval(watch.pending)
+                self._settled = False
+                self._drop(watch.held, watch.agent_id)
+                self._settled = True
+                self._unwatch(watch.held)
+            queue.popleft()
 
     def _drop(self, held: List[int], agent_id: str) -> None:
-        """Give back the references of a handle or builder (``held``, its list in ``_owned``)."""
-        owned = self._owned[agent_id]
-        del owned[id(held)]
+        """Give back the references of a handle or builder (``held``, its list in ``_owned``), unless given back
+        already (an operation repeated after an interrupt, or a watch after one)."""
+        owned = self._owned.get(agent_id)
+        if owned is None or owned.pop(id(held), None) is None:
+            return
         if not owned:
             del self._owned[agent_id]
         self._unref(held)
+
+    def _recount(self) -> None:
+        """Derive the reference counts, the free runs and the reserved count again from who holds what (the
+        handles', builders' and pins' lists in ``_owned``, the raw references in ``_loose_refs``, the live
+        reservations): an interrupt (Ctrl-C) stopped a change of them half way. Built aside, then put in place,
+        so an interrupt here leaves the pool unsettled, to be recounted at its next operation."""
+        counts = [0] * self.total_blocks
+        for refs in self._loose_refs.values():
+            for block, n in refs.items():
+                counts[block] += n
+        for owned in self._owned.values():
+            for ids in owned.values():
+                for block in ids:
+                    counts[block] += 1
+        free = FreeRuns.of([block for block, n in enumerate(counts) if not n])
+        reserved = self._promised()
+        self._refcount[:] = counts
+        self._free, self._reserved = free, reserved
+        self._settled = True
+        self._blocks_back.notify_all()
 
     def _unref(self, block_ids: List[int]) -> None:
         """One reference fewer per id (held, so counted >= 1); blocks left with none go back on the free list."""
