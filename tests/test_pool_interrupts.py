@@ -1,16 +1,12 @@
 """Ctrl-C anywhere in a pool operation: the pool stays consistent and loses nothing.
 
-Each operation runs once per position an interrupt could reach: a trace function raises KeyboardInterrupt
-at the n-th bytecode that the pool's modules execute, for every n the operation reaches. That is finer than
-real signals (Python handles them at calls and at the ends of loops), so it covers them. After each run the
-test does what a caller does after Ctrl-C (drops what it got, or repeats a release as the engine does), then
-checks that the pool's counts agree with its holders, that exactly the blocks still held are used, that
-the blocks a survivor holds still hold its data, and that every free block can be taken again."""
+Each operation runs once per point where an interrupt could reach it (``interrupt_points``: every point of
+the pool's modules where CPython handles a signal). After each run the test does what a caller does after
+Ctrl-C (drops what it got, or repeats a release as the engine does), then checks that the pool's counts
+agree with its holders, that exactly the blocks still held are used, that the blocks a survivor holds
+still hold its data, and that every free block can be taken again."""
 
-import dis
-import functools
 import gc
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -23,55 +19,10 @@ from semantic.domain import entities, free_runs, services
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
+from interrupt_points import traced
+
 SPEC = ModelCacheSpec(n_layers=2, n_kv_heads=1, k_head_dim=4, v_head_dim=4, dtype="float32", name="tiny")
 TRACED = {module.__file__ for module in (services, free_runs, entities, block_cache)}
-
-
-@functools.lru_cache(maxsize=None)
-def signal_points(code) -> frozenset:
-    """The offsets in ``code`` where CPython (3.11, 3.12) handles a pending signal: a function's start, a
-    loop's jump back, and the instruction after a call (once the call returned). Raising elsewhere (inside an
-    exception handler's own bytecodes, say) would make states no Ctrl-C can."""
-    instructions = list(dis.get_instructions(code))
-    points = {i.offset for i in instructions if i.opname in ("RESUME", "JUMP_BACKWARD")}
-    points.update(after.offset for call, after in zip(instructions, instructions[1:])
-                  if call.opname in ("CALL", "CALL_FUNCTION_EX"))
-    return frozenset(points)
-
-
-class InterruptAt:
-    """A trace function raising KeyboardInterrupt at the ``at``-th point of the traced modules' bytecode
-    where a signal is handled (never, for ``at=None``: it only counts them)."""
-
-    def __init__(self, at=None):
-        self.at, self.count, self.fired = at, 0, False
-
-    def __call__(self, frame, event, arg):
-        if frame.f_code.co_filename not in TRACED:
-            return None
-        frame.f_trace_opcodes, frame.f_trace_lines = True, False
-        return self.opcode
-
-    def opcode(self, frame, event, arg):
-        if event == "opcode" and frame.f_lasti in signal_points(frame.f_code):
-            self.count += 1
-            if self.count == self.at:
-                self.fired = True
-                raise KeyboardInterrupt(f"at signal point {self.at}")
-        return self.opcode
-
-
-def traced(operation, at=None):
-    """``(result, interrupted, tracer)`` of ``operation()`` run under ``InterruptAt(at)``."""
-    tracer = InterruptAt(at)
-    sys.settrace(tracer)
-    try:
-        return operation(), False, tracer
-    except KeyboardInterrupt:
-        assert tracer.fired, "a KeyboardInterrupt that the test did not raise"
-        return None, True, tracer
-    finally:
-        sys.settrace(None)
 
 
 def caches_of(n_tokens, seed):
@@ -213,19 +164,17 @@ def test_an_interrupt_at_any_point_of_an_operation_leaves_the_pool_whole(make):
 def _interrupt_everywhere(make):
     world = World()
     operation, finish = make(world)
-    result, interrupted, counted = traced(operation)
+    result, interrupted, counted = traced(operation, TRACED)
     assert not interrupted and counted.count > 3
     finish(result)
     world.check_after()
-    interrupted_runs = 0
     for at in range(1, counted.count + 1):
         world = World()
         operation, finish = make(world)
-        result, interrupted, _ = traced(operation, at)
-        interrupted_runs += interrupted
+        result, interrupted, tracer = traced(operation, TRACED, at)
+        assert interrupted or not tracer.fired, f"{make.__name__}: the interrupt at point {at} was swallowed"
         finish(result)
         try:
             world.check_after()
         except AssertionError as error:
             raise AssertionError(f"{make.__name__}, interrupted at point {at} of {counted.count}: {error}")
-    assert interrupted_runs > counted.count // 2  # most positions do interrupt (some are in finalizers)

@@ -380,12 +380,31 @@ class Generator:
         if not sampling.greedy:  # greedy requests share mlx-lm's one sampler: one argmax for the whole batch
             sampler = _attributed(sampler, tag)
         processors = [_attributed(p, tag) for p in logits_processors_for(sampling)]
-        (uid,) = self._gen.insert(
-            [prompt_tokens], max_tokens=[max_tokens], caches=[cache] if cache is not None else None,
-            all_tokens=[list(context_tokens)], samplers=[sampler], logits_processors=[processors],
-        )
+        # Tagged before mlx-lm queues it, under the uid mlx-lm will give it: a sequence queued by an insert that
+        # an interrupt (Ctrl-C) cut short before it returned is still known, and remove_tagged finds it.
+        uid = self._gen._uid_count
         self._tags[uid] = tag
+        try:
+            (queued,) = self._gen.insert(
+                [prompt_tokens], max_tokens=[max_tokens], caches=[cache] if cache is not None else None,
+                all_tokens=[list(context_tokens)], samplers=[sampler], logits_processors=[processors],
+            )
+        except Exception:
+            if self._gen._uid_count == uid:  # refused before it was queued
+                self._tags.pop(uid, None)
+            raise
+        if queued != uid:
+            raise AssertionError(f"mlx-lm numbered the sequence {queued}, not {uid}: see check_mlx_lm_version")
         return uid
+
+    def remove_tagged(self, tag: Any) -> None:
+        """Remove every sequence inserted with ``tag``: one that an interrupted :meth:`insert` queued holds the
+        cache it was given (and what that cache pins) until removed."""
+        uids = [uid for uid, t in self._tags.items() if t == tag]
+        if uids:
+            self._gen.remove(uids)
+            for uid in uids:
+                self._tags.pop(uid, None)
 
     def merges_next_insert(self) -> bool:
         """Whether a sequence inserted now is merged into mlx-lm's batch at the next :meth:`next` (where

@@ -344,8 +344,10 @@ class BlockPoolBatchEngine:
                 # An interrupt as _start began, before its handler could end the request: back to the queue (its
                 # reservation kept), else nothing would ever run, end or release it.
                 if request.uid in self._by_uid and all(r is not request for r in self._running.values()):
-                    request.generator_uid = None  # a sequence mlx-lm queued meanwhile is stopped at its first event
+                    request.generator_uid = None
                     self._waiting.insert(index, request)
+                    # A sequence mlx-lm queued meanwhile goes now (else it is stopped at its first event).
+                    self._generator.remove_tagged(request.uid)
                 raise
 
     def _start(self, request: _Request) -> None:
@@ -355,7 +357,10 @@ class BlockPoolBatchEngine:
             request.generator_uid = self._insert(request, self._generator)
         except BaseException as exc:  # an interrupt too: the request must end, else its blocks stay held
             request.generator_uid = None
-            self._fail(request, "admission", exc)
+            try:  # a sequence queued by an insert interrupted before it returned: its cache pins the source
+                self._generator.remove_tagged(request.uid)
+            finally:
+                self._fail(request, "admission", exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -510,16 +515,28 @@ class BlockPoolBatchEngine:
             events = self._generator.next()
         except adapter.StepFailed as failure:
             self._recover(failure)
-            events = []
+            return
         except BaseException:  # interrupted (KeyboardInterrupt): keep the engine usable, then stop
-            self._restart(list(self._running.values()))
+            self._restart(list(self._running.values()))  # also as next() returned: its tokens were not taken
             raise
-        interrupt = None
-        for event in events:  # every finished request is stored or failed, even after an interrupt
-            try:
-                self._on_event(event)
-            except BaseException as exc:  # an interrupt while storing (the request is failed)
-                interrupt = interrupt or exc
+        # Requests an interrupt may have left out of step with mlx-lm (a token it generated and they lack): run
+        # again from what they have, as after an interrupted next().
+        interrupt, unsettled = None, []
+        try:
+            for event in events:  # every finished request is stored or failed, even after an interrupt
+                request = self._running.get(event.uid)
+                try:
+                    self._on_event(event)
+                except BaseException as exc:
+                    interrupt = interrupt or exc
+                    unsettled.append(request)
+        except BaseException:  # between two events: which ones reached their requests is not known
+            unsettled = list(self._running.values())
+            raise
+        finally:
+            unsettled = [r for r in unsettled if r is not None and self._running.get(r.generator_uid) is r]
+            if unsettled:
+                self._restart(unsettled)
         if interrupt is not None:
             raise interrupt
 
@@ -624,8 +641,9 @@ class BlockPoolBatchEngine:
         """Run ``requests`` again from their prompts and what they generated: back to the head of the queue
         with their reservations (no other thread can take those blocks meanwhile), then admitted in order,
         so an interrupt between two leaves the rest waiting, not lost."""
-        self._running.clear()
         for request in reversed(requests):
+            if self._running.pop(request.generator_uid, None) is request:  # still in mlx-lm, unless it was reset
+                self._generator.remove(request.generator_uid)
             request.generator_uid = None
             self._waiting.appendleft(request)
         self._admit()
@@ -650,18 +668,21 @@ class BlockPoolBatchEngine:
             return
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
-        request.generated.append(event.token)
         if event.finish_reason is None:
+            request.generated.append(event.token)
             return
-        del self._running[event.uid]
-        request.generator_uid = None
-        try:  # finishing: its text, then its context stored
+        try:  # finishing: its last token, its text, then its context stored (interrupted before, it runs again)
+            del self._running[event.uid]
+            request.generator_uid = None
+            request.generated.append(event.token)
             text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
             blocks = self._stamped(cache_to_blocks(
                 self.pool, request.agent_id, event.cache, event.context_tokens, source=request.source,
                 reused_tokens=request.reused_tokens, reservation=request.reservation,
             ))
         except BaseException as exc:  # out of _running, so it must end here: else its blocks stay reserved
+            self._running.pop(event.uid, None)
+            request.generator_uid = None
             self._fail(request, "store", exc)
             if not isinstance(exc, Exception):
                 raise

@@ -4,6 +4,7 @@ Whatever raises one of these has changed nothing: no block is leaked, no
 reference count moved, no file half-written.
 """
 
+import copy
 import traceback
 
 
@@ -78,4 +79,8 @@ class RequestFailedError(SemanticError):
         # The cause's traceback keeps its line numbers, not its frames' locals: the completion carrying this
         # error would otherwise keep alive whatever the failed code held (a store's new blocks, say).
         traceback.clear_frames(cause.__traceback__)
+        if not isinstance(cause, Exception):
+            # An interrupt (KeyboardInterrupt), which the engine raises again: up the stack it gathers the frames
+            # it passes, the caller's too, which no one could clear. A copy without a traceback says the same.
+            cause = copy.copy(cause).with_traceback(None)
         self.__cause__ = cause
