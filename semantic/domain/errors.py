@@ -64,7 +64,8 @@ class RequestFailedError(SemanticError):
 
     Raised by ``generate`` and carried by the request's ``Completion.error``. The
     request's blocks and reservation are back in the pool; the other requests in the
-    batch went on. ``__cause__`` is the original exception.
+    batch went on. ``__cause__`` is the original exception (a copy, for an interrupt), without its frames:
+    ``cause_traceback`` is its traceback as text.
     """
 
     def __init__(self, uid: int, agent_id: str, stage: str, cause: BaseException):
@@ -76,11 +77,14 @@ class RequestFailedError(SemanticError):
             "Its blocks and reservation went back to the pool and the other requests went on; "
             "fix the request (or the model) and submit it again"
         )
-        # The cause's traceback keeps its line numbers, not its frames' locals: the completion carrying this
-        # error would otherwise keep alive whatever the failed code held (a store's new blocks, say).
-        traceback.clear_frames(cause.__traceback__)
-        if not isinstance(cause, Exception):
-            # An interrupt (KeyboardInterrupt), which the engine raises again: up the stack it gathers the frames
-            # it passes, the caller's too, which no one could clear. A copy without a traceback says the same.
-            cause = copy.copy(cause).with_traceback(None)
-        self.__cause__ = cause
+        # The cause's traceback is kept as text (``cause_traceback``, and a note on the cause), not as frames: a
+        # frame keeps its locals and, through f_back, its callers', so the completion carrying this error would
+        # keep alive whatever the failed code held (a store's new blocks) and what its callers held (the
+        # completions a loop had collected when an interrupt cut it short).
+        self.cause_traceback = "".join(traceback.format_exception(cause)).rstrip()
+        # An interrupt (KeyboardInterrupt) goes on up the stack after this (the engine raises it again): a copy.
+        kept = cause if isinstance(cause, Exception) else copy.copy(cause)
+        kept.__traceback__ = kept.__context__ = kept.__cause__ = None
+        if hasattr(kept, "add_note"):  # Python 3.11+: printed with the cause
+            kept.add_note(f"(the cause's traceback, kept as text)\n{self.cause_traceback}")
+        self.__cause__ = kept
