@@ -304,7 +304,12 @@ class CacheDirectory:
         try:
             yield
         finally:
-            _close_lock(fd)
+            # Closed here, not through _close_lock: an interrupt (Ctrl-C) can come as a Python function starts,
+            # before its first line, and a lock left open is held until the process ends.
+            try:
+                os.close(fd)
+            except OSError:  # the descriptor is freed all the same (see _close_lock)
+                pass
 
     def _acquired(self, fd: int, path: pathlib.Path, deadline: float, agent_id: str) -> bool:
         while True:

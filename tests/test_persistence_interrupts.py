@@ -1,0 +1,86 @@
+"""Ctrl-C anywhere in an ``AgentCacheStore`` operation: the file holds the old context or the new one, whole;
+no temp file is left; the pool holds exactly what the store keeps resident.
+
+Each operation runs once per point of semantic's code where CPython can raise the interrupt
+(``interrupt_points``), on a store in which agent "a" has a context on disk. After each run the test closes
+the store (as a program ending after Ctrl-C would), then checks the pool, the directory, and what a new
+store on the same directory reads."""
+
+import gc
+import pathlib
+
+import pytest
+
+import semantic
+from semantic.persistence.errors import UnknownAgentError
+
+from interrupt_points import traced
+from test_persistence_support import open_store, random_handle, snapshot, snapshot_of, temp_files
+
+MODULES = {str(path) for path in pathlib.Path(semantic.__file__).parent.rglob("*.py")}
+
+
+def save(store, new):
+    store.save(new)
+
+
+def put_and_flush(store, new):
+    store.put(new)
+    store.flush()
+
+
+def get_from_disk(store, new):
+    with store.get("a"):
+        pass
+
+
+def put_then_evict(store, new):
+    store.put(new)
+    store.evict("a")
+
+
+def delete(store, new):
+    store.delete("a")
+
+
+OPERATIONS = {save: "new", put_and_flush: "new", get_from_disk: "old", put_then_evict: "new", delete: None}
+
+
+@pytest.mark.parametrize("operation", OPERATIONS, ids=[op.__name__ for op in OPERATIONS])
+def test_an_interrupt_at_any_point_of_a_store_operation_leaves_file_and_pool_whole(tmp_path, operation):
+    def run(directory, at=None):
+        store = open_store(directory)
+        old = snapshot_of(store.pool, "a", 11, seed=1)
+        with random_handle(store.pool, "a", 11, seed=1) as handle:
+            store.save(handle)
+        new_handle = random_handle(store.pool, "a", 13, seed=2)
+        new = snapshot(new_handle)
+        _, interrupted, tracer = traced(lambda: operation(store, new_handle), MODULES, at)
+        assert interrupted or not tracer.fired, f"the interrupt at point {at} was swallowed"
+        if not new_handle.released:  # put takes the caller's handle as the store's own
+            new_handle.release()
+        store.close()
+        del new_handle
+        gc.collect()
+        store.pool.check_invariants()
+        assert store.pool.used_blocks == 0 and temp_files(directory) == []
+        reopened = open_store(directory)
+        try:
+            with reopened.load("a") as handle:
+                on_disk = snapshot(handle)
+        except UnknownAgentError:
+            on_disk = None
+        finished = {"new": new, "old": old, None: None}[OPERATIONS[operation]]
+        assert on_disk in ((old, finished) if at is not None else (finished,)), f"interrupted at point {at}"
+        reopened.close()
+        return tracer.count
+
+    count = run(tmp_path / "first")
+    count = run(tmp_path / "counted")  # the first run readies the code for tracing (Python 3.12)
+    assert count > 20
+    gc.freeze()  # the collections after each run then scan only what the run made
+    try:
+        for at in range(1, count + 1):
+            run(tmp_path / str(at), at)
+    finally:
+        gc.unfreeze()
