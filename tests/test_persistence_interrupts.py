@@ -1,5 +1,6 @@
-"""Ctrl-C anywhere in an ``AgentCacheStore`` operation: the file holds the old context or the new one, whole;
-no temp file is left; the pool holds exactly what the store keeps resident.
+"""Ctrl-C anywhere in an ``AgentCacheStore`` operation, or in a stored agent's turn on the engine: the file holds
+the old context or the new one, whole; no temp file is left; the pool holds exactly what the store keeps
+resident.
 
 Each operation runs once per point of semantic's code where CPython can raise the interrupt
 (``interrupt_points``), on a store in which agent "a" has a context on disk. After each run the test closes
@@ -12,8 +13,10 @@ import pathlib
 import pytest
 
 import semantic
+from semantic.persistence import AgentCacheStore
 from semantic.persistence.errors import UnknownAgentError
 
+from conftest import make_engine
 from interrupt_points import traced
 from test_persistence_support import open_store, random_handle, snapshot, snapshot_of, temp_files
 
@@ -81,6 +84,51 @@ def test_an_interrupt_at_any_point_of_a_store_operation_leaves_file_and_pool_who
     gc.freeze()  # the collections after each run then scan only what the run made
     try:
         for at in range(1, count + 1):
+            run(tmp_path / str(at), at)
+    finally:
+        gc.unfreeze()
+
+
+def test_an_interrupt_at_any_point_of_a_stored_agents_turn_leaves_file_and_pool_whole(llama32, tmp_path):
+    """``store.generate``: the agent's context taken from the store, resumed by the engine, the new context
+    kept. Interrupted at every fourth point where Python can (every point passed here, in 76 s on 2 cores),
+    then the caller steps the engine until nothing is pending and closes the store: the pool holds nothing,
+    no temp file is left, and the agent's file holds its context before the turn or after it."""
+    engine = make_engine(llama32, total_blocks=64)
+    story = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire " * 6
+
+    def run(directory, at=None):
+        store = AgentCacheStore.for_engine(directory, engine)
+        store.generate(engine, "a", story, max_tokens=2).blocks.release()
+        with store.get("a") as handle:
+            old = handle.token_ids
+        turn, interrupted, tracer = traced(lambda: store.generate(engine, "a", " more", max_tokens=3), MODULES, at)
+        assert interrupted or not tracer.fired, f"the interrupt at point {at} was swallowed"
+        if turn is not None:
+            turn.blocks.release()
+        while engine.pending:  # what the caller does next
+            for completion in engine.step_once():
+                if completion.error is None:
+                    completion.blocks.release()
+        completion = turn = None
+        store.close()
+        gc.collect()
+        engine.pool.check_invariants()
+        assert engine.pool.used_blocks == 0 and engine.pool.reserved_blocks == 0, f"interrupted at point {at}"
+        assert temp_files(directory) == [], f"interrupted at point {at}"
+        reopened = AgentCacheStore.for_engine(directory, engine)
+        with reopened.load("a") as handle:
+            on_disk = handle.token_ids
+        reopened.close()
+        assert on_disk == old or (on_disk[: len(old)] == old and len(on_disk) > len(old)), f"at point {at}"
+        return tracer.count
+
+    run(tmp_path / "first")
+    count = run(tmp_path / "counted")  # the first run readies the code for tracing (Python 3.12)
+    assert count > 200
+    gc.freeze()
+    try:
+        for at in range(1, count + 1, 4):
             run(tmp_path / str(at), at)
     finally:
         gc.unfreeze()
