@@ -440,14 +440,7 @@ class BlockPool:
             assert all(c >= 0 for c in self._refcount), "negative reference count"
             assert 0 <= self._reserved <= len(self._free), "reservations exceed free blocks"
             assert self._reserved == self._promised(), "reserved blocks != what the live reservations promise"
-            from_agents = collections.Counter()
-            for refs in self._loose_refs.values():
-                from_agents.update(refs)
-            for owned in self._owned.values():
-                for ids in owned.values():
-                    from_agents.update(ids)
-            counted = {b: c for b, c in from_agents.items() if c}
-            assert counted == {b: c for b, c in enumerate(self._refcount) if c}, "refcounts != references held"
+            assert self._references_held() == self._refcount, "refcounts != references held"
             from_handles = collections.Counter()
             for handle in list(self._handles):
                 if not handle.released:
@@ -734,11 +727,9 @@ class BlockPool:
             del self._owned[agent_id]
         self._unref(held)
 
-    def _recount(self) -> None:
-        """Derive the reference counts, the free runs and the reserved count again from who holds what (the
-        handles', builders' and pins' lists in ``_owned``, the raw references in ``_loose_refs``, the live
-        reservations): an interrupt (Ctrl-C) stopped a change of them half way. Built aside, then put in place,
-        so an interrupt here leaves the pool unsettled, to be recounted at its next operation."""
+    def _references_held(self) -> List[int]:
+        """Per block, the references held on it: the raw ones in ``_loose_refs`` and one per list in ``_owned``
+        that names it (what its reference count must be)."""
         counts = [0] * self.total_blocks
         for refs in self._loose_refs.values():
             for block, n in refs.items():
@@ -747,6 +738,14 @@ class BlockPool:
             for ids in owned.values():
                 for block in ids:
                     counts[block] += 1
+        return counts
+
+    def _recount(self) -> None:
+        """Derive the reference counts, the free runs and the reserved count again from who holds what (the
+        handles', builders' and pins' lists in ``_owned``, the raw references in ``_loose_refs``, the live
+        reservations): an interrupt (Ctrl-C) stopped a change of them half way. Built aside, then put in place,
+        so an interrupt here leaves the pool unsettled, to be recounted at its next operation."""
+        counts = self._references_held()
         free = FreeRuns.of([block for block, n in enumerate(counts) if not n])
         reserved = self._promised()
         self._refcount[:] = counts
