@@ -35,7 +35,7 @@ from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
 from conftest import make_engine
-from interrupt_points import traced
+from interrupt_points import at_every_point, traced
 
 STORY = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire " * 6
 COUNTING = "numbers one two three four five six seven eight nine ten " * 5
@@ -825,13 +825,14 @@ def own_engine(llama32):
     return make_engine(llama32, total_blocks=64)
 
 
-def _steps_until_idle(engine, limit=200):
+def _steps_until_idle(engine, limit=200, where=""):
     completions = []
     for _ in range(limit):
         if not engine.pending:
             return completions
         completions += engine.step_once()
-    raise AssertionError(f"{engine.pending} request(s) still pending after {limit} steps: the engine would hang")
+    raise AssertionError(f"{where}{': ' if where else ''}{engine.pending} request(s) still pending after {limit} "
+                         "steps: the engine would hang")
 
 
 def _the_story_completes_and_gives_back_everything(engine, reference):
@@ -884,6 +885,34 @@ def test_an_interrupt_as_a_request_gives_back_its_reservation_still_gives_back_e
     with pytest.raises(UnknownRequestError):
         engine.cancel(uid)
     engine.close()
+    base.blocks.release()
+    del base, completions
+    assert whole(engine.pool)
+
+
+@pytest.mark.parametrize("where", ["cancel", "finish"])
+def test_a_request_an_interrupt_left_in_no_queue_ends_at_the_next_step(own_engine, where):
+    """Ctrl-C at the start of the call retiring a request (found once the interrupt sweep tried functions'
+    starts): the request stayed known in no queue, pending forever, holding its reservation and its source."""
+    engine = own_engine
+    base = engine.generate("a", STORY, max_tokens=2)
+    uid = engine.submit("a", " more", cache=base.blocks, max_tokens=3)
+    engine.step_once()
+    engine._retire = _interrupted_once_before(engine._retire)
+    with pytest.raises(KeyboardInterrupt):
+        if where == "cancel":
+            engine.cancel(uid)
+        else:
+            _steps_until_idle(engine)
+    completions = _steps_until_idle(engine)
+    assert [c.uid for c in completions] == [uid]
+    if where == "finish":  # its completion was out before the interrupt: not a second one
+        assert completions[0].error is None and len(completions[0].token_ids) == 3
+        completions[0].blocks.release()
+    else:
+        assert completions[0].error.stage == "an interrupted step"
+    with pytest.raises(UnknownRequestError):
+        engine.cancel(uid)
     base.blocks.release()
     del base, completions
     assert whole(engine.pool)
@@ -1129,6 +1158,31 @@ def test_a_step_inside_a_step_does_not_wait_behind_a_thread_ending():
     assert not errors and nested_done.is_set() and ended.is_set()
 
 
+def test_an_interrupt_at_any_point_of_taking_or_giving_back_the_device_work_lock_leaves_it_free():
+    """Ctrl-C while a step or a thread's end takes or gives back the lock between them. Before, an interrupt
+    there could leave a holder counted after it had gone, or the lock's own ``Condition`` held, and the next
+    ``end_thread()`` then waited forever (it hung this file's thread tests after the interrupt sweeps)."""
+    lock = mlx_threads._SharedExclusiveLock()
+
+    def a_step_inside_a_step_then_a_thread_end():
+        with lock.shared():
+            with lock.shared():
+                pass
+        with lock.exclusive():
+            pass
+
+    def run(at):
+        _, interrupted, tracer = traced(a_step_inside_a_step_then_a_thread_end, {mlx_threads.__file__}, at)
+        assert interrupted or not tracer.fired, f"the interrupt at point {at} was swallowed"
+        gc.collect()
+        assert lock.is_free(), f"interrupted at point {at}"
+        with lock.shared():  # and this thread is no longer counted as inside it
+            pass
+        return tracer.count
+
+    at_every_point(run, minimum=10)
+
+
 def test_an_engine_waits_for_the_blocks_another_engines_running_requests_reserved(llama32):
     """Two engines on one pool, each stepped by a thread of its own: the second's generate() raised
     PoolExhaustedError at once, and blamed "handles you keep", while the blocks were only reserved by the
@@ -1338,37 +1392,36 @@ def test_an_interrupt_at_any_point_of_a_run_loses_nothing(llama32, run):
         engine.cancel(uids[cancel])
         return completions + _steps_until_idle(engine)
 
-    for _ in range(2):  # the first run readies the code for tracing (Python 3.12 traced no opcode of it)
-        completions, interrupted, counted = traced(submit_and_step, ENGINE_MODULES)
-        assert not interrupted
-        expected = {agents[c.uid]: c.token_ids for c in completions}
-        assert len(expected) == len(requests) - (cancelled is not None)
-        for completion in completions:
-            completion.blocks.release()
-    assert counted.count > 500
+    expected = {}
     if cancelled is not None:  # interrupted before the cancel took, it completes as if never cancelled
         for completion in submit_and_step(cancel=None):
-            expected.setdefault(agents[completion.uid], completion.token_ids)
+            expected[agents[completion.uid]] = completion.token_ids
             completion.blocks.release()
-    gc.freeze()  # the collections after each run then scan only what the run made
-    try:
-        for at in range(1, counted.count + 1, stride):
-            completions, interrupted, tracer = traced(submit_and_step, ENGINE_MODULES, at)
-            assert interrupted or not tracer.fired, f"the interrupt at point {at} of {counted.count} was swallowed"
-            completions = (completions or []) + _steps_until_idle(engine)  # what the caller does next
-            where = f"interrupted at point {at} of {counted.count}"
-            assert len({c.uid for c in completions}) == len(completions), where
-            for completion in completions:  # the uid of a submit cut short is not known: by agent, if at all
-                agent = agents.get(completion.uid, completion.agent_id)
-                assert completion.error is not None or completion.token_ids == expected[agent], where
-                if completion.error is None:
-                    completion.blocks.release()
-            completions = completion = None
-            gc.collect()
-            engine.pool.check_invariants()
-            assert engine.pool.used_blocks == used and engine.pool.reserved_blocks == 0, where
-            assert [engine.pool.refcount(b) for ids in base.blocks.all_block_ids for b in ids] == references, where
-    finally:
-        gc.unfreeze()
+
+    def run(at):
+        completions, interrupted, tracer = traced(submit_and_step, ENGINE_MODULES, at)
+        assert interrupted or not tracer.fired, f"the interrupt at point {at} was swallowed"
+        where = f"interrupted at point {at}"
+        completions = (completions or []) + _steps_until_idle(engine, where=where)  # what the caller does next
+        if at is None:
+            assert len(completions) == len(requests) - (cancelled is not None)
+            for completion in completions:
+                assert completion.error is None
+                assert expected.setdefault(agents[completion.uid], completion.token_ids) == completion.token_ids
+        assert len({c.uid for c in completions}) == len(completions), where
+        for completion in completions:  # the uid of a submit cut short is not known: by agent, if at all
+            agent = agents.get(completion.uid, completion.agent_id)
+            assert completion.error is not None or completion.token_ids == expected[agent], where
+            if completion.error is None:
+                completion.blocks.release()
+        completions = completion = None
+        gc.collect()
+        engine.pool.check_invariants()
+        assert engine.pool.used_blocks == used and engine.pool.reserved_blocks == 0, where
+        assert [engine.pool.refcount(b) for ids in base.blocks.all_block_ids for b in ids] == references, where
+        assert mlx_threads._streams_in_use.is_free(), where
+        return tracer.count
+
+    at_every_point(run, minimum=500, stride=stride)
     finished = {agents[c.uid]: c.token_ids for c in submit_and_step()}  # the engine still works
     assert finished == {agent: tokens for agent, tokens in expected.items() if agent != cancelled}

@@ -9,15 +9,17 @@ store on the same directory reads."""
 
 import gc
 import pathlib
+import tempfile
 
 import pytest
 
 import semantic
+from semantic.adapters import mlx_threads
 from semantic.persistence import AgentCacheStore
 from semantic.persistence.errors import UnknownAgentError
 
 from conftest import make_engine
-from interrupt_points import traced
+from interrupt_points import at_every_point, traced
 from test_persistence_support import open_store, random_handle, snapshot, snapshot_of, temp_files
 
 MODULES = {str(path) for path in pathlib.Path(semantic.__file__).parent.rglob("*.py")}
@@ -51,7 +53,8 @@ OPERATIONS = {save: "new", put_and_flush: "new", get_from_disk: "old", put_then_
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[op.__name__ for op in OPERATIONS])
 def test_an_interrupt_at_any_point_of_a_store_operation_leaves_file_and_pool_whole(tmp_path, operation):
-    def run(directory, at=None):
+    def run(at):
+        directory = pathlib.Path(tempfile.mkdtemp(dir=tmp_path))
         store = open_store(directory)
         old = snapshot_of(store.pool, "a", 11, seed=1)
         with random_handle(store.pool, "a", 11, seed=1) as handle:
@@ -78,15 +81,7 @@ def test_an_interrupt_at_any_point_of_a_store_operation_leaves_file_and_pool_who
         reopened.close()
         return tracer.count
 
-    count = run(tmp_path / "first")
-    count = run(tmp_path / "counted")  # the first run readies the code for tracing (Python 3.12)
-    assert count > 20
-    gc.freeze()  # the collections after each run then scan only what the run made
-    try:
-        for at in range(1, count + 1):
-            run(tmp_path / str(at), at)
-    finally:
-        gc.unfreeze()
+    at_every_point(run, minimum=20)
 
 
 def test_an_interrupt_at_any_point_of_a_stored_agents_turn_leaves_file_and_pool_whole(llama32, tmp_path):
@@ -97,7 +92,8 @@ def test_an_interrupt_at_any_point_of_a_stored_agents_turn_leaves_file_and_pool_
     engine = make_engine(llama32, total_blocks=64)
     story = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire " * 6
 
-    def run(directory, at=None):
+    def run(at):
+        directory = pathlib.Path(tempfile.mkdtemp(dir=tmp_path))
         store = AgentCacheStore.for_engine(directory, engine)
         store.generate(engine, "a", story, max_tokens=2).blocks.release()
         with store.get("a") as handle:
@@ -116,6 +112,7 @@ def test_an_interrupt_at_any_point_of_a_stored_agents_turn_leaves_file_and_pool_
         engine.pool.check_invariants()
         assert engine.pool.used_blocks == 0 and engine.pool.reserved_blocks == 0, f"interrupted at point {at}"
         assert temp_files(directory) == [], f"interrupted at point {at}"
+        assert mlx_threads._streams_in_use.is_free(), f"interrupted at point {at}"
         reopened = AgentCacheStore.for_engine(directory, engine)
         with reopened.load("a") as handle:
             on_disk = handle.token_ids
@@ -123,12 +120,4 @@ def test_an_interrupt_at_any_point_of_a_stored_agents_turn_leaves_file_and_pool_
         assert on_disk == old or (on_disk[: len(old)] == old and len(on_disk) > len(old)), f"at point {at}"
         return tracer.count
 
-    run(tmp_path / "first")
-    count = run(tmp_path / "counted")  # the first run readies the code for tracing (Python 3.12)
-    assert count > 200
-    gc.freeze()
-    try:
-        for at in range(1, count + 1, 4):
-            run(tmp_path / str(at), at)
-    finally:
-        gc.unfreeze()
+    at_every_point(run, minimum=200, stride=4)

@@ -19,7 +19,7 @@ from semantic.domain import entities, free_runs, services
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
-from interrupt_points import traced
+from interrupt_points import at_every_point, traced
 
 SPEC = ModelCacheSpec(n_layers=2, n_kv_heads=1, k_head_dim=4, v_head_dim=4, dtype="float32", name="tiny")
 TRACED = {module.__file__ for module in (services, free_runs, entities, block_cache)}
@@ -154,23 +154,7 @@ OPERATIONS = [store_fresh, store_continuing, share, release, release_by_collecti
 
 @pytest.mark.parametrize("make", OPERATIONS, ids=[op.__name__ for op in OPERATIONS])
 def test_an_interrupt_at_any_point_of_an_operation_leaves_the_pool_whole(make):
-    gc.freeze()  # the collections after each run then scan only what the run made
-    try:
-        _interrupt_everywhere(make)
-    finally:
-        gc.unfreeze()
-
-
-def _interrupt_everywhere(make):
-    for _ in range(2):  # the first run readies the code for tracing (Python 3.12 traced no opcode of it)
-        world = World()
-        operation, finish = make(world)
-        result, interrupted, counted = traced(operation, TRACED)
-        assert not interrupted
-        finish(result)
-        world.check_after()
-    assert counted.count > 3
-    for at in range(1, counted.count + 1):
+    def run(at):
         world = World()
         operation, finish = make(world)
         result, interrupted, tracer = traced(operation, TRACED, at)
@@ -179,4 +163,7 @@ def _interrupt_everywhere(make):
         try:
             world.check_after()
         except AssertionError as error:
-            raise AssertionError(f"{make.__name__}, interrupted at point {at} of {counted.count}: {error}")
+            raise AssertionError(f"{make.__name__}, interrupted at point {at}: {error}")
+        return tracer.count
+
+    at_every_point(run, minimum=3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Iterator
 
 import mlx.core as mx
@@ -22,56 +23,77 @@ import mlx.core as mx
 from semantic.domain.errors import InvalidRequestError
 
 
+_POLL_S = 0.002  # a waiter's sleep between looks at the counts: waits are rare (a thread ending, or behind one)
+
+
 class _SharedExclusiveLock:
     """Many shared holders or one exclusive. A thread already holding it shared enters again at once (a step
     inside a step); other threads wait while an exclusive holder runs or waits, so a thread ending behind a
-    stream of steps still gets its turn."""
+    stream of steps still gets its turn.
+
+    Ctrl-C anywhere leaves the counts right: they change only under a plain lock taken by ``with`` (its C
+    ``__enter__`` and ``__exit__`` leave no point for an interrupt between taking the lock and the block that
+    gives it back), each count is taken inside the ``try`` that gives it back, with the flag saying so set in the
+    same run of bytecodes, and waiters poll instead of waiting on a ``Condition``, whose Python ``wait`` an
+    interrupt can leave with its lock held."""
 
     def __init__(self) -> None:
-        self._changed = threading.Condition(threading.Lock())
+        self._counts = threading.Lock()
         self._shared = 0
         self._exclusive_waiting = 0
         self._exclusive = False
         self._depth = threading.local()
 
+    def is_free(self) -> bool:
+        """No holder and no waiter (for tests that an interrupted holder gave it back)."""
+        with self._counts:
+            return not (self._shared or self._exclusive_waiting or self._exclusive)
+
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         depth = getattr(self._depth, "n", 0)
-        if depth == 0:
-            with self._changed:
-                while self._exclusive or self._exclusive_waiting:
-                    self._changed.wait()
-                self._shared += 1
-        self._depth.n = depth + 1
+        counted = False
         try:
+            while depth == 0 and not counted:
+                with self._counts:
+                    if not (self._exclusive or self._exclusive_waiting):
+                        self._shared += 1
+                        counted = True
+                if not counted:
+                    time.sleep(_POLL_S)
+            self._depth.n = depth + 1
             yield
         finally:
             self._depth.n = depth
-            if depth == 0:
-                with self._changed:
+            if counted:
+                with self._counts:
                     self._shared -= 1
-                    if self._shared == 0:
-                        self._changed.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         if getattr(self._depth, "n", 0):
             raise InvalidRequestError("end_thread() inside the engine's device work (a step, a cancel): a "
                                       "thread's streams are cleared after its last step, not during one")
-        with self._changed:
-            self._exclusive_waiting += 1
-            try:
-                while self._exclusive or self._shared:
-                    self._changed.wait()
-            finally:
-                self._exclusive_waiting -= 1
-            self._exclusive = True
+        waiting = held = False
         try:
+            with self._counts:
+                self._exclusive_waiting += 1
+                waiting = True
+            while not held:
+                with self._counts:
+                    if not (self._exclusive or self._shared):
+                        self._exclusive_waiting -= 1
+                        waiting = False
+                        self._exclusive = held = True
+                if not held:
+                    time.sleep(_POLL_S)
             yield
         finally:
-            with self._changed:
-                self._exclusive = False
-                self._changed.notify_all()
+            with self._counts:
+                if waiting:
+                    self._exclusive_waiting -= 1
+                if held:
+                    self._exclusive = False
 
 
 _streams_in_use = _SharedExclusiveLock()

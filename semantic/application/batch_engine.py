@@ -487,6 +487,20 @@ class BlockPoolBatchEngine:
                 "engine (MLX keeps their work on that thread's streams): step an engine from one thread, e.g. a "
                 "worker that calls step() in a loop; submit() and cancel() may come from any thread")
 
+    def _end_stranded(self) -> None:
+        """End the requests an interrupt stranded: known, but neither waiting nor running (Ctrl-C at the start of
+        the call that was to retire or queue one). Retired, with an error completion unless theirs is out."""
+        waiting = {id(request) for request in self._waiting}
+        stranded = [request for request in self._by_uid.values()
+                    if id(request) not in waiting and self._running.get(request.generator_uid) is not request]
+        if stranded:
+            out = {completion.uid for completion in self._done}
+            for request in stranded:
+                if request.uid in out:
+                    self._retire(request)
+                else:
+                    self._fail(request, "an interrupted step", KeyboardInterrupt("the request was cut off by it"))
+
     def _release_driver_if_idle(self) -> None:
         if not self._running:
             self._driver = None
@@ -498,6 +512,7 @@ class BlockPoolBatchEngine:
 
     def _step(self) -> None:
         """One batched model step, under the engine's lock; its completions are appended to ``_done``."""
+        self._end_stranded()
         while self._cancels:  # running requests another thread cancelled
             if self._cancels[-1] in self._by_uid:
                 self.cancel(self._cancels[-1])

@@ -60,7 +60,8 @@ class UnknownRequestError(SemanticError, KeyError):
 
 
 class RequestFailedError(SemanticError):
-    """A request failed while the engine ran it (``stage``: admission, prefill, decode or store).
+    """A request failed while the engine ran it (``stage``: admission, prefill, decode, store, or an interrupted
+    step that left it in none of the engine's queues).
 
     Raised by ``generate`` and carried by the request's ``Completion.error``. The
     request's blocks and reservation are back in the pool; the other requests in the

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 import os
 import re
 import struct
@@ -360,20 +361,15 @@ class _ReadFaults:
     """The binary file ``mx.load`` reads, keeping the ``OSError`` a read raised: MLX reads lazily, in
     ``mx.eval``, and turns such an error into a ``RuntimeError`` that would otherwise pass for a damaged file."""
 
+    # What mx.load only looks at, in C: it tests ``closed`` with hasattr, which would swallow a KeyboardInterrupt
+    # raised at the start of a Python getter and report "must be a file-like object" (read as a damaged file).
+    name = property(operator.attrgetter("_file.name"))
+    closed = property(operator.attrgetter("_file.closed"))
+
     def __init__(self, file):
         self._file = file
         self.error = None
-
-    @property
-    def name(self) -> str:  # mx.load requires it
-        return self._file.name
-
-    @property
-    def closed(self) -> bool:
-        return self._file.closed
-
-    def fileno(self) -> int:
-        return self._file.fileno()
+        self.fileno, self.tell = file.fileno, file.tell
 
     def read(self, n: int) -> bytes:
         return self._kept(self._file.read, n)
@@ -383,9 +379,6 @@ class _ReadFaults:
 
     def seek(self, *args) -> int:
         return self._kept(self._file.seek, *args)
-
-    def tell(self) -> int:
-        return self._file.tell()
 
     def _kept(self, call, *args):
         try:
