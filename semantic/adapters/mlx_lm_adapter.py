@@ -368,6 +368,7 @@ class Generator:
         self._gen = self._make()
         self._vocab = vocab_size(model)
         self._tags: Dict[int, Any] = {}
+        self.resets = 0  # how many times every sequence was dropped and the batch started over
 
     @property
     def vocab_size(self) -> int:
@@ -402,9 +403,7 @@ class Generator:
         cache it was given (and what that cache pins) until removed."""
         uids = [uid for uid, t in self._tags.items() if t == tag]
         if uids:
-            self._gen.remove(uids)
-            for uid in uids:
-                self._tags.pop(uid, None)
+            self._remove(uids)
 
     def merges_next_insert(self) -> bool:
         """Whether a sequence inserted now is merged into mlx-lm's batch at the next :meth:`next` (where
@@ -432,14 +431,14 @@ class Generator:
                 GenerationEvent(r.uid, int(r.token), r.finish_reason, r.prompt_cache, r.all_tokens) for r in responses
             ]
         except _SequenceError as exc:
-            self._reset()
+            self.reset()
             raise StepFailed([exc.tag], True, exc.cause) from exc.cause
         except Exception as exc:
             tags = list(self._tags.values())
-            self._reset()
+            self.reset()
             raise StepFailed(tags, False, exc) from exc
         except BaseException:
-            self._reset()
+            self.reset()
             raise
         for event in events:
             if event.finish_reason is not None:
@@ -449,11 +448,13 @@ class Generator:
     def empty_copy(self) -> "Generator":
         """A new, empty generator with the same model and settings."""
         copy = object.__new__(Generator)
-        copy._make, copy._vocab, copy._tags = self._make, self._vocab, {}
+        copy._make, copy._vocab, copy._tags, copy.resets = self._make, self._vocab, {}, 0
         copy._gen = self._make()
         return copy
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Drop every sequence: the batch starts over (``resets`` counts it)."""
+        self.resets += 1
         self._gen.close()
         self._gen = self._make()
         self._tags.clear()
@@ -467,8 +468,16 @@ class Generator:
         return cache, list(tokens)
 
     def remove(self, uid: int) -> None:
-        self._gen.remove([uid])
-        self._tags.pop(uid, None)
+        self._remove([uid])
+
+    def _remove(self, uids: List[int]) -> None:
+        try:
+            self._gen.remove(uids)
+        except BaseException:  # an interrupt inside mlx-lm's remove can leave its batches half filtered
+            self.reset()
+            raise
+        for uid in uids:
+            self._tags.pop(uid, None)
 
     def close(self) -> None:
         self._gen.close()

@@ -45,14 +45,16 @@ class _SharedExclusiveLock:
         self._depth = threading.local()
 
     def is_free(self) -> bool:
-        """No holder and no waiter (for tests that an interrupted holder gave it back)."""
+        """No holder, no waiter, and the calling thread in no device work (for tests that an interrupted holder
+        gave it back)."""
         with self._counts:
-            return not (self._shared or self._exclusive_waiting or self._exclusive)
+            held = self._shared or self._exclusive_waiting or self._exclusive
+        return not held and getattr(self._depth, "n", 0) == 0
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         depth = getattr(self._depth, "n", 0)
-        counted = False
+        counted = entered = False
         try:
             while depth == 0 and not counted:
                 with self._counts:
@@ -61,10 +63,14 @@ class _SharedExclusiveLock:
                         counted = True
                 if not counted:
                     time.sleep(_POLL_S)
-            self._depth.n = depth + 1
+            self._depth.n = getattr(self._depth, "n", 0) + 1
+            entered = True
             yield
         finally:
-            self._depth.n = depth
+            # Counted down, not set back to ``depth``: after an interrupt, an inner holder kept alive by the
+            # traceback may end after the outer one.
+            if entered:
+                self._depth.n -= 1
             if counted:
                 with self._counts:
                     self._shared -= 1

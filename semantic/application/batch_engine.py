@@ -204,6 +204,10 @@ class BlockPoolBatchEngine:
         # Requests holding a reservation, from admission until _retire has given back what they held (a finishing
         # request leaves _running before its store and _retire): other engines' _others_run reads it unlocked.
         self._holding = 0
+        # Set as an interrupt is handled, cleared once the requests it cut short are queued again: a second
+        # interrupt in between leaves the next step to run every running request again.
+        self._out_of_step = False
+        self._resets_known = self._generator.resets  # the generator's resets this engine has restarted after
         _engines_on(pool).add(self)  # engines sharing a pool wait for each other's running requests (see step)
 
     # ---- submitting -------------------------------------------------------------------------------
@@ -487,6 +491,14 @@ class BlockPoolBatchEngine:
                 "engine (MLX keeps their work on that thread's streams): step an engine from one thread, e.g. a "
                 "worker that calls step() in a loop; submit() and cancel() may come from any thread")
 
+    def _start_over(self) -> None:
+        """After an interrupt cut short the handling of another (or mlx-lm's own remove): mlx-lm's batch may
+        hold sequences no request owns, miss ones requests think it has, or be half changed. A new batch, and
+        every running request run again from what it has."""
+        self._generator.reset()
+        self._resets_known = self._generator.resets
+        self._restart(list(self._running.values()))
+
     def _end_stranded(self) -> None:
         """End the requests an interrupt stranded: known, but neither waiting nor running (Ctrl-C at the start of
         the call that was to retire or queue one). Retired, with an error completion unless theirs is out."""
@@ -512,6 +524,8 @@ class BlockPoolBatchEngine:
 
     def _step(self) -> None:
         """One batched model step, under the engine's lock; its completions are appended to ``_done``."""
+        if self._out_of_step or self._generator.resets != self._resets_known:
+            self._start_over()
         self._end_stranded()
         while self._cancels:  # running requests another thread cancelled
             if self._cancels[-1] in self._by_uid:
@@ -529,9 +543,12 @@ class BlockPoolBatchEngine:
         try:
             events = self._generator.next()
         except adapter.StepFailed as failure:
+            self._resets_known = self._generator.resets
             self._recover(failure)
             return
         except BaseException:  # interrupted (KeyboardInterrupt): keep the engine usable, then stop
+            self._out_of_step = True
+            self._resets_known = self._generator.resets
             self._restart(list(self._running.values()))  # also as next() returned: its tokens were not taken
             raise
         # Requests an interrupt may have left out of step with mlx-lm (a token it generated and they lack): run
@@ -543,15 +560,17 @@ class BlockPoolBatchEngine:
                 try:
                     self._on_event(event)
                 except BaseException as exc:
+                    self._out_of_step = True
                     interrupt = interrupt or exc
                     unsettled.append(request)
         except BaseException:  # between two events: which ones reached their requests is not known
-            unsettled = list(self._running.values())
+            self._out_of_step = True
+            unsettled = None  # all of them (no call here: a second interrupt cannot leave a partial list)
             raise
         finally:
-            unsettled = [r for r in unsettled if r is not None and self._running.get(r.generator_uid) is r]
-            if unsettled:
-                self._restart(unsettled)
+            if self._out_of_step:
+                self._restart(list(self._running.values()) if unsettled is None else
+                              [r for r in unsettled if r is not None and self._running.get(r.generator_uid) is r])
         if interrupt is not None:
             raise interrupt
 
@@ -661,6 +680,7 @@ class BlockPoolBatchEngine:
                 self._generator.remove(request.generator_uid)
             request.generator_uid = None
             self._waiting.appendleft(request)
+        self._out_of_step = False
         self._admit()
 
     def _fails_alone(self, request: _Request) -> bool:
@@ -747,7 +767,9 @@ class BlockPoolBatchEngine:
                 else:
                     del self._running[generator_uid]
                     with mlx_threads.device_work():
-                        self._generator.remove(generator_uid)  # if interrupted, its next event removes it
+                        # If interrupted: before mlx-lm's remove, the sequence's next event removes it; inside,
+                        # the adapter dropped the batch and the next step starts it over.
+                        self._generator.remove(generator_uid)
             finally:
                 self._retire(request)
                 if self._driver is threading.current_thread():

@@ -294,22 +294,22 @@ class CacheDirectory:
                         f"the lock file {path} is a symbolic link (not made by this store); remove it"
                     ) from None
                 raise CacheWriteError(f"cannot create the lock file {path}: {exc.strerror}") from exc
+            held = False
             try:
-                if self._acquired(fd, path, deadline, agent_id):
-                    break
-            except BaseException:
-                _close_lock(fd)
-                raise
-            _close_lock(fd)  # the file was deleted under us: lock the new one
-        try:
-            yield
-        finally:
-            # Closed here, not through _close_lock: an interrupt (Ctrl-C) can come as a Python function starts,
-            # before its first line, and a lock left open is held until the process ends.
-            try:
-                os.close(fd)
-            except OSError:  # the descriptor is freed all the same (see _close_lock)
-                pass
+                held = self._acquired(fd, path, deadline, agent_id)
+                if held:
+                    yield
+            finally:
+                # Closing releases the flock. Inline, not through a function: an interrupt (Ctrl-C, a second one
+                # while the first is handled) can come as a Python function starts, before its first line, and
+                # a lock left open is held until the process ends.
+                try:
+                    os.close(fd)
+                except OSError:  # the descriptor is freed even so (EIO on a network file system), and nothing
+                    pass  # was written through it that could be lost
+            if held:
+                return
+            # else the file was deleted under us: lock the new one
 
     def _acquired(self, fd: int, path: pathlib.Path, deadline: float, agent_id: str) -> bool:
         while True:
@@ -331,13 +331,6 @@ class CacheDirectory:
             return False
         except OSError as exc:
             raise CacheWriteError(f"cannot check the lock file {path}: {exc.strerror}") from exc
-
-
-def _close_lock(fd: int) -> None:
-    """Close a lock file, which releases its flock. Errors are ignored: the descriptor is freed even when close
-    reports one (EIO on a network file system), and nothing was written through it that could be lost."""
-    with contextlib.suppress(OSError):
-        os.close(fd)
 
 
 def _discard_temp(temp: pathlib.Path) -> None:
