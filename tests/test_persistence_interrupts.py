@@ -49,7 +49,13 @@ def delete(store, new):
     store.delete("a")
 
 
-OPERATIONS = {save: "new", put_and_flush: "new", get_from_disk: "old", put_then_evict: "new", delete: None}
+def put_then_close(store, new):
+    store.put(new)
+    store.close()
+
+
+OPERATIONS = {save: "new", put_and_flush: "new", get_from_disk: "old", put_then_evict: "new", delete: None,
+              put_then_close: "new"}
 
 
 @pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
