@@ -96,13 +96,13 @@ def traced(operation, files, at=None):
     try:
         result = operation()
         time.sleep(0)  # checks for signals, as the caller's code would soon: one sent at the last point is raised
-        tracer.done = True
         return result, False, tracer
     except KeyboardInterrupt:
-        tracer.done = True  # a second interrupt still to come would land in the caller, which this stands for
         assert tracer.fired, "a KeyboardInterrupt that the test did not raise"
         return None, True, tracer
     finally:
+        # Before the next check for signals (the call below): a second interrupt still to come would land in
+        # the caller, which this helper stands for.
         tracer.done = True
         sys.settrace(None)
         signal.signal(signal.SIGINT, previous)

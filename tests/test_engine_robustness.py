@@ -1354,10 +1354,9 @@ ENGINE_MODULES = {str(path) for path in pathlib.Path(semantic.__file__).parent.r
 
 # Requests submitted together and stepped to their ends: (agent, prompt, submit's keywords, resumed from blocks);
 # the agent whose request is cancelled after the first step, if any (CLOSE: the engine is closed then); every
-# how many points of the run an
-# interrupt is tried; and how many points after it a second one comes, if any (Ctrl-C pressed twice). Every
-# point of each run passed here, but all 2,011 of the second took 4.5 min on 2 cores: the suite tries every
-# fourth point of the two-request runs.
+# how many points of the run an interrupt is tried; and how many points after it a second one comes, if any
+# (Ctrl-C pressed twice). Every point of each run passed here, but all 2,011 of the two-request run took 4.5 min
+# on 2 cores: the suite tries every fourth point of the two-request runs.
 CLOSE = "close()"
 ONE_RESUMED = [("a", " more", dict(max_tokens=3), True)]
 TWO_REQUESTS = [("a", " more", dict(max_tokens=3), True), ("b", COUNTING, dict(max_tokens=5), False)]
@@ -1373,10 +1372,10 @@ INTERRUPTED_RUNS = {
 @pytest.mark.parametrize("run", INTERRUPTED_RUNS)
 def test_an_interrupt_at_any_point_of_a_run_loses_nothing(llama32, run):
     """Ctrl-C at every point of semantic's own code where Python handles signals (``interrupt_points``), once or
-    twice, while requests (one resumed from stored blocks) are submitted and stepped to their ends. After each, the caller
-    goes on stepping: each request either completes with the tokens an uninterrupted run gives, or ends with
-    an error completion, or (interrupted before it was queued) never runs; no uid completes twice; and once the
-    completions' blocks are released the pool holds exactly the resumed context's blocks, each with the
+    twice, while requests (one resumed from stored blocks) are submitted and stepped to their ends. After each,
+    the caller goes on stepping: each request either completes with the tokens an uninterrupted run gives, or
+    ends with an error completion, or (interrupted before it was queued) never runs; no uid completes twice; and
+    once the completions' blocks are released the pool holds exactly the resumed context's blocks, each with the
     references it had, and promises nothing."""
     engine = make_engine(llama32, total_blocks=64)
     base = engine.generate("a", STORY, max_tokens=2)
