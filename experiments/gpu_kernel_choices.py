@@ -8,10 +8,10 @@
   (``pack_then_slice``), and one slice write per layer straight from its source (``per_layer_writes``, as
   words: one pass over the bytes, but two launches per layer); all leave the cache's bytes (checked).
 - ``dequantize``, 32 blocks x 48 layers of gemma3-12b-full in q4: the shipped kernel
-  (``mlx_kernels._DEQUANTIZE_ROWS``, one packed word per thread and loop step) at 128/256/512 threads
-  against unrolled variants (several words loaded before their stores) and 16-byte packed loads
-  (four words per thread); each checked bit for bit against ``mx.dequantize``. The dense row gather
-  and rebuild of the same context are the baseline.
+  (``mlx_kernels._DEQUANTIZE_ROWS``, four packed words loaded per thread before their stores) at 128/256/512
+  threads against the same loop with other numbers of words in flight (``unrolled1``: one word, the kernel
+  shipped before) and 16-byte packed loads (four words per thread); each checked bit for bit against
+  ``mx.dequantize``. The dense row gather and rebuild of the same context are the baseline.
 - ``floor``: what a timed call costs when it does nothing but synchronize, and when it evaluates one
   slice of an evaluated array (no kernel): the floor under the 1 x 12 rebuild.
 
@@ -24,7 +24,7 @@ import argparse
 import functools
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -161,17 +161,23 @@ _WIDE_LOADS = _POINTERS + """
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, source: str):
-    return mx.fast.cuda_kernel(name=name, output_names=["k_out", "v_out"], source=source,
+def _kernel(name: str, source: str, output_names: Tuple[str, ...]):
+    return mx.fast.cuda_kernel(name=name, output_names=list(output_names), source=source,
                                input_names=["k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases",
                                             "rows"])
 
 
+# The shipped kernel writes one of several output pairs per thread block (``OUTPUT_SWITCH``); here one pair.
+_SHIPPED = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(1, "T*"))
+
+
 def _variant(name: str, source: str, threads: int):
+    outputs = tuple(mlx_kernels._output_names(1)) if source is _SHIPPED else ("k_out", "v_out")
+
     def run(keys, values, rows, group_size: int, bits: int):
         flat, tokens, dtype = rows.reshape(-1), keys[0].shape[1], keys[1].dtype
         dims = [t[0].shape[-1] * 32 // bits for t in (keys, values)]
-        return _kernel(name, source)(
+        return _kernel(name, source, outputs)(
             inputs=[*keys, *values, flat],
             template=[("T", dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("BLOCK_SIZE", tokens),
                       ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
@@ -182,9 +188,9 @@ def _variant(name: str, source: str, threads: int):
 
 
 def _variants() -> Dict[str, Callable]:
-    shipped = {f"shipped_{t}": _variant(f"choices_shipped_{t}", mlx_kernels._DEQUANTIZE_ROWS, t) for t in (128, 256, 512)}
+    shipped = {f"shipped_{t}": _variant(f"choices_shipped_{t}", _SHIPPED, t) for t in (128, 256, 512)}
     unrolled = {f"unrolled{u}_{t}": _variant(f"choices_unrolled{u}_{t}", f"constexpr int UNROLL = {u};" + _UNROLLED, t)
-                for u, t in ((2, 256), (4, 256), (2, 512), (4, 128), (8, 128), (4, 512))}
+                for u, t in ((1, 256), (2, 256), (4, 256), (2, 512), (4, 128), (8, 128), (4, 512))}
     wide = {f"wide_loads_{t}": _variant(f"choices_wide_{t}", _WIDE_LOADS, t) for t in (128, 256, 512)}
     return {**shipped, **unrolled, **wide}
 

@@ -87,21 +87,72 @@ int main() {{
 
 
 @pytest.mark.parametrize("n_outputs", [1, 2])
-def test_the_dequantizing_gather_compiles_as_mlx_instantiates_it(tmp_path, n_outputs):
-    """The dequantizing row kernel's source, with ``n_outputs`` output pairs, is valid C++ for a float ``T``
-    (its arithmetic is checked against ``mx.dequantize`` on a CUDA device)."""
+def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(tmp_path, n_outputs):
+    """Every packed word of every gathered row is dequantized into its place in its output pair, whatever the
+    grid's length, also in a row whose words do not fill the last round of a thread's four words (keys of 2 x 9
+    words and values of 2 x 4 over 5 threads). Scales are powers of two and biases integers, so float results
+    are exact on any host; a CUDA device checks the arithmetic against ``mx.dequantize``."""
+    bits, group, tokens, threads, table_rows = 4, 24, 2, 5, 3
+    k_words, v_words = 9, 4  # head dims 72 and 32: 3 and 2 groups of 24 (values: one group of 24 + 8 values)
+    k_groups, v_groups = 3, 2
+    rng = np.random.default_rng(n_outputs)
+    rows = rng.integers(0, table_rows, size=2 * n_outputs, dtype=np.int32)
+    tables = {}
+    for name, words, groups in (("k", k_words, k_groups), ("v", v_words, v_groups)):
+        tables[name] = (rng.integers(0, 2**32, size=(table_rows, tokens, words), dtype=np.uint32),
+                        np.exp2(rng.integers(-3, 4, size=(table_rows, tokens, groups))).astype(np.float32),
+                        rng.integers(-8, 8, size=(table_rows, tokens, groups)).astype(np.float32))
     outputs = [f"float* k_out{i}" for i in range(n_outputs)] + [f"float* v_out{i}" for i in range(n_outputs)]
     source = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(n_outputs, "T*"))
-    compile_and_run(f"""
+    per_output = len(rows) // n_outputs
+
+    def c_array(kind, name, values):
+        return f"const {kind} {name}[] = {{{', '.join(map(repr, values.ravel().tolist()))}}};"
+
+    main = f"""
 template <typename T, int BITS, int GROUP_SIZE, int BLOCK_SIZE, int K_WORDS, int V_WORDS, int K_GROUPS, int V_GROUPS>
 void kernel(const uint32_t* k_packed, const T* k_scales, const T* k_biases, const uint32_t* v_packed,
             const T* v_scales, const T* v_biases, const int32_t* rows, {", ".join(outputs)}) {{
 {source}
 }}
-template void kernel<float, 4, 32, 16, 8, 8, 2, 2>(const uint32_t*, const float*, const float*, const uint32_t*,
-    const float*, const float*, const int32_t*, {", ".join(["float*"] * 2 * n_outputs)});
-int main() {{}}
-""", tmp_path)
+
+int main() {{
+    {c_array("uint32_t", "k_packed", tables["k"][0])} {c_array("float", "k_scales", tables["k"][1])}
+    {c_array("float", "k_biases", tables["k"][2])} {c_array("uint32_t", "v_packed", tables["v"][0])}
+    {c_array("float", "v_scales", tables["v"][1])} {c_array("float", "v_biases", tables["v"][2])}
+    {c_array("int32_t", "rows", rows)}
+    const int K = {tokens * k_words * 8}, V = {tokens * v_words * 8};
+    static float k_out[{n_outputs}][{per_output} * K], v_out[{n_outputs}][{per_output} * V];
+    gridDim = {{{len(rows)}, 2, 1}};
+    blockDim = {{{threads}, 1, 1}};
+    for (unsigned y = 0; y < 2; y++)
+        for (unsigned x = 0; x < {len(rows)}; x++)
+            for (unsigned t = 0; t < {threads}; t++) {{
+                blockIdx = {{x, y, 0}};
+                threadIdx = {{t, 0, 0}};
+                kernel<float, {bits}, {group}, {tokens}, {k_words}, {v_words}, {k_groups}, {v_groups}>(
+                    k_packed, k_scales, k_biases, v_packed, v_scales, v_biases, rows,
+                    {", ".join([f"k_out[{i}]" for i in range(n_outputs)] + [f"v_out[{i}]" for i in range(n_outputs)])});
+            }}
+    for (int o = 0; o < {n_outputs}; o++) {{
+        for (int i = 0; i < {per_output} * K; i++) printf("%.9g ", k_out[o][i]);
+        for (int i = 0; i < {per_output} * V; i++) printf("%.9g ", v_out[o][i]);
+    }}
+}}
+"""
+    got = np.array(compile_and_run(main, tmp_path).split(), dtype=np.float32)
+
+    def dequantized(name, row):
+        packed, scales, biases = (table[row] for table in tables[name])
+        q = (packed[..., None] >> (bits * np.arange(32 // bits, dtype=np.uint32))) & (2**bits - 1)
+        q = q.reshape(tokens, -1).astype(np.float32)
+        group_of = np.arange(q.shape[1]) // group
+        return (scales[:, group_of] * q + biases[:, group_of]).ravel()
+
+    want = np.concatenate([np.concatenate([dequantized(name, row)
+                                           for row in rows[o * per_output : (o + 1) * per_output]])
+                           for o in range(n_outputs) for name in ("k", "v")])
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("in_place,described", [(False, False), (True, False), (True, True)])
