@@ -167,13 +167,21 @@ def _kernel(name: str, source: str, output_names: Tuple[str, ...]):
                                             "rows"])
 
 
-# The shipped kernel writes one of several output pairs per thread block (``OUTPUT_SWITCH``); here one pair.
-_SHIPPED = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(1, "T*"))
+def dequantize_sources() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
+    """Each dequantize variant's kernel source and output names, by variant (its thread counts aside). The
+    shipped kernel writes one of several output pairs per thread block (``OUTPUT_SWITCH``); here one pair."""
+    pair = ("k_out", "v_out")
+    shipped = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(1, "T*"))
+    return {"shipped": (shipped, tuple(mlx_kernels._output_names(1))),
+            **{f"unrolled{u}": (f"constexpr int UNROLL = {u};" + _UNROLLED, pair) for u in (1, 2, 4, 8)},
+            "wide_loads": (_WIDE_LOADS, pair)}
 
 
-def _variant(name: str, source: str, threads: int):
-    outputs = tuple(mlx_kernels._output_names(1)) if source is _SHIPPED else ("k_out", "v_out")
+_THREADS = {"shipped": (128, 256, 512), "unrolled1": (256,), "unrolled2": (256, 512), "unrolled4": (256, 128, 512),
+            "unrolled8": (128,), "wide_loads": (128, 256, 512)}
 
+
+def _variant(name: str, source: str, outputs: Tuple[str, ...], threads: int):
     def run(keys, values, rows, group_size: int, bits: int):
         flat, tokens, dtype = rows.reshape(-1), keys[0].shape[1], keys[1].dtype
         dims = [t[0].shape[-1] * 32 // bits for t in (keys, values)]
@@ -188,11 +196,9 @@ def _variant(name: str, source: str, threads: int):
 
 
 def _variants() -> Dict[str, Callable]:
-    shipped = {f"shipped_{t}": _variant(f"choices_shipped_{t}", _SHIPPED, t) for t in (128, 256, 512)}
-    unrolled = {f"unrolled{u}_{t}": _variant(f"choices_unrolled{u}_{t}", f"constexpr int UNROLL = {u};" + _UNROLLED, t)
-                for u, t in ((1, 256), (2, 256), (4, 256), (2, 512), (4, 128), (8, 128), (4, 512))}
-    wide = {f"wide_loads_{t}": _variant(f"choices_wide_{t}", _WIDE_LOADS, t) for t in (128, 256, 512)}
-    return {**shipped, **unrolled, **wide}
+    sources = dequantize_sources()
+    return {f"{name}_{t}": _variant(f"choices_{name}_{t}", *sources[name], t)
+            for name, threads in _THREADS.items() for t in threads}
 
 
 def dequantize_variants(repeat: int, geometry: str = "gemma3-12b-full", blocks: int = 32, layers: int = 48) -> dict:

@@ -13,6 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from experiments import gpu_kernel_choices
 from semantic.adapters import mlx_kernels
 
 GXX = shutil.which("g++")
@@ -153,6 +154,24 @@ int main() {{
                                            for row in rows[o * per_output : (o + 1) * per_output]])
                            for o in range(n_outputs) for name in ("k", "v")])
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("variant", sorted(gpu_kernel_choices.dequantize_sources()))
+def test_each_dequantize_variant_of_the_kernel_experiment_compiles(tmp_path, variant):
+    """``experiments.gpu_kernel_choices`` keeps its own copies of the dequantizing kernel's variants, shipped
+    one included: each is valid C++ as the experiment instantiates it (its copy of the shipped kernel once
+    kept ``OUTPUT_SWITCH`` unreplaced and failed only on the GPU)."""
+    source, outputs = gpu_kernel_choices.dequantize_sources()[variant]
+    compile_and_run(f"""
+template <typename T, int BITS, int GROUP_SIZE, int BLOCK_SIZE, int K_WORDS, int V_WORDS, int K_GROUPS, int V_GROUPS>
+void kernel(const uint32_t* k_packed, const T* k_scales, const T* k_biases, const uint32_t* v_packed,
+            const T* v_scales, const T* v_biases, const int32_t* rows, {", ".join(f"T* {name}" for name in outputs)}) {{
+{source}
+}}
+template void kernel<float, 4, 64, 256, 32, 32, 4, 4>(const uint32_t*, const float*, const float*, const uint32_t*,
+    const float*, const float*, const int32_t*, float*, float*);
+int main() {{}}
+""", tmp_path)
 
 
 @pytest.mark.parametrize("in_place,described", [(False, False), (True, False), (True, True)])
