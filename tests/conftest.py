@@ -38,6 +38,26 @@ def qwen3():
     return load_local_model("tiny-qwen3", dtype="float32")
 
 
+def run_in_threads(target, *args, count: int = 3) -> None:
+    """``target(*args)`` in ``count`` threads at once; the first error any of them raised fails the test here."""
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            target(*args)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:1]
+
+
 def make_engine(model_and_tokenizer, total_blocks=400, pool_format=None, **kwargs):
     from semantic.application.batch_engine import BlockPoolBatchEngine
 

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import run_in_threads
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters.mlx_kernels import host_view
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
@@ -812,24 +813,13 @@ def test_a_store_names_the_layer_whose_cache_does_not_hold_the_context(layer, fa
 def test_rebuilds_from_several_threads_at_once_are_bit_exact():
     """On CPU a gather's values are taken on a second stream; MLX streams belong to the thread that made
     them, so each thread needs its own (one shared stream failed in every thread but its maker's)."""
-    import threading
-
     pool, handle = small_pool_with_context(n_tokens=1000, blocks=40)
     expected = [visible(c)[:2] for c in blocks_to_cache(pool, handle, views=False)]
-    errors = []
 
     def rebuild(n):
-        try:
-            for i in range(n):
-                for want, cache in zip(expected, blocks_to_cache(pool, handle, views=False, room=(i % 2) * 300)):
-                    got = visible(cache)[:2]
-                    assert all(np.array_equal(a, b) for a, b in zip(want, got))
-        except BaseException as error:  # reported by the main thread
-            errors.append(error)
+        for i in range(n):
+            for want, cache in zip(expected, blocks_to_cache(pool, handle, views=False, room=(i % 2) * 300)):
+                got = visible(cache)[:2]
+                assert all(np.array_equal(a, b) for a, b in zip(want, got))
 
-    threads = [threading.Thread(target=rebuild, args=(20,)) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors[:1]
+    run_in_threads(rebuild, 20)

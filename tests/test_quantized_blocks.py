@@ -2,12 +2,13 @@
 and kept apart from blocks of other formats."""
 
 import json
+import threading
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import make_engine
+from conftest import make_engine, run_in_threads
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters.mlx_kernels import gather_dequantized_pairs, gather_dequantized_pairs_apart
 from semantic.application.batch_engine import BlockPoolBatchEngine
@@ -17,7 +18,7 @@ from semantic.domain.errors import BlockOwnershipError, IncompatibleCacheError, 
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence import AgentCacheStore, IncompatibleCacheFileError
-from test_block_cache import prefill, prompt_tokens
+from test_block_cache import prefill, prompt_tokens, visible
 from test_persistence_support import FINGERPRINT, nothing_changes, random_handle, run_python
 
 GIB = 1 << 30
@@ -122,7 +123,37 @@ def test_the_dequantizing_gather_equals_mx_dequantize_bit_for_bit(dtype, bits, g
             assert np.array_equal(np.array(result.view(mx.uint8)), np.array(want.reshape(shape).view(mx.uint8)))
 
 
-@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
+def test_quantized_stores_and_rebuilds_from_several_threads_at_once_are_bit_exact():
+    """On CPU a quantized pool's values are quantized and dequantized on a second stream of the calling
+    thread (MLX streams belong to the thread that made them): threads storing and rebuilding at once each
+    get exactly what one thread gets alone."""
+    spec = QSPEC.with_format("q4g32")
+    pool = BlockPool(spec, 400, grow_buffer_cache=False)
+    caches = [adapter.build_layer_cache(window, *(mx.random.normal((1, 2, 23 if window is None else 6, 32),
+                                                                    key=mx.random.key(3 * layer + part))
+                                                   .astype(mx.bfloat16) for part in (1, 2)), 23)
+              for layer, window in enumerate(spec.layer_windows)]
+    tokens = list(range(23))
+    first = cache_to_blocks(pool, "first", caches, tokens)
+    want_packed = packed(first)
+    want = [visible(cache)[:2] for cache in blocks_to_cache(pool, first, views=False)]
+
+    def store_and_rebuild(n):
+        for i in range(n):
+            handle = cache_to_blocks(pool, f"agent {threading.get_ident()}", caches, tokens)
+            got_packed = packed(handle)
+            assert [len(layer) for layer in got_packed] == [len(layer) for layer in want_packed]
+            assert all(np.array_equal(a, b) for got, exp in zip(got_packed, want_packed) for a, b in zip(got, exp))
+            rebuilt = blocks_to_cache(pool, handle, views=False, room=(i % 2) * 5)
+            for exp, cache in zip(want, rebuilt):
+                assert all(np.array_equal(a, b) for a, b in zip(visible(cache)[:2], exp))
+            handle.release()
+
+    run_in_threads(store_and_rebuild, 10)
+    first.release()
+    assert pool.free_blocks == pool.total_blocks
+
+
 def test_a_rebuilt_model_cache_is_the_dequantized_cache(request, model_name):
     model, _ = request.getfixturevalue(model_name)
     spec = ModelCacheSpec.from_model(model).with_format("q4g32")

@@ -1,7 +1,8 @@
 """Row gathers and block writes for the block pool, per MLX backend.
 
 On CPU, ``mx.take`` of whole rows runs at ~0.6x memcpy speed on one thread, so a
-gather's values are taken on a second CPU stream (another thread) beside its keys.
+gather's values are taken on a second CPU stream (another thread) beside its keys; a quantized
+pool's values are dequantized and quantized there too (MLX's CPU kernels for both use one thread).
 On CUDA, MLX's generic gather indexes every element and was measured at 7x a plain copy of the
 same bytes (H100, 3 GiB: 17 ms vs 2.4 ms), so there a small kernel copies each
 row with 16-byte loads and stores, one thread block per row, keys and values in
@@ -108,8 +109,8 @@ _streams = threading.local()
 
 def _second_stream() -> Optional[mx.Stream]:
     """On the CPU device, a second CPU stream of this thread (MLX streams belong to the thread that made
-    them), whose thread copies beside the default stream's: a gather's values are taken there while its
-    keys are taken on the default stream. None elsewhere. MLX never frees a stream: each Python thread
+    them), whose thread works beside the default stream's: a gather's values are taken (or dequantized,
+    or quantized) there while its keys are on the default stream. None elsewhere. MLX never frees a stream: each Python thread
     that rebuilds on CPU leaves two stream threads behind (its default stream's and this one's), so
     rebuild from long-lived threads, not one new thread per request."""
     if mx.default_device() != mx.cpu:
@@ -597,10 +598,12 @@ def gather_dequantized_pairs(keys: QuantizedTables, values: QuantizedTables, row
     ``gather_row_pairs``'s tables); each result is ``rows.shape + (tokens, head_dim)`` in the scales' dtype.
 
     On CUDA one kernel reads the packed rows and writes the dense cache (one pass, keys and values in
-    the same launch); elsewhere three row gathers and one dequantize per table.
+    the same launch); elsewhere three row gathers and one dequantize per table (on CPU the values' on a
+    second stream).
     """
     if not _dequantizes_rows(bits):
-        return tuple(_dequantized_take(tables, rows, group_size, bits) for tables in (keys, values))
+        return (_dequantized_take(keys, rows, group_size, bits),
+                _dequantized_take(values, rows, group_size, bits, _second_stream()))
     tokens = keys[0].shape[1]
     shapes = tuple(rows.shape + (tokens, dim) for dim in _dequantized_dims(keys, values, bits))
     ((k_out, v_out),) = _dequantized_rows(keys, values, rows, 1, shapes, group_size, bits)
@@ -614,10 +617,22 @@ def gather_dequantized_pairs_apart(keys: QuantizedTables, values: QuantizedTable
     array in a buffer of its own (see :func:`gather_row_pairs_apart`): one kernel on CUDA, elsewhere a
     dequantize per array."""
     if not _dequantizes_rows(bits):
+        second = _second_stream()
         return [(_dequantized_take(keys, r, group_size, bits).reshape(k_shape),
-                 _dequantized_take(values, r, group_size, bits).reshape(v_shape)) for r in rows]
+                 _dequantized_take(values, r, group_size, bits, second).reshape(v_shape)) for r in rows]
     return _dequantized_rows(keys, values, rows, rows.shape[0], (k_shape, v_shape), group_size, bits)
 
 
-def _dequantized_take(tables: QuantizedTables, rows: mx.array, group_size: int, bits: int) -> mx.array:
-    return mx.dequantize(*(mx.take(table, rows, axis=0) for table in tables), group_size=group_size, bits=bits)
+def quantize_pair(keys: mx.array, values: mx.array, *, group_size: int, bits: int) -> List[mx.array]:
+    """``mx.quantize`` of keys and of values (lazy): keys' packed words, scales and biases, then values'. On
+    CPU the values' on a second stream, beside the keys' (MLX's CPU quantize runs on one thread)."""
+    return [*mx.quantize(keys, group_size=group_size, bits=bits),
+            *mx.quantize(values, group_size=group_size, bits=bits, stream=_second_stream())]
+
+
+def _dequantized_take(tables: QuantizedTables, rows: mx.array, group_size: int, bits: int,
+                      stream: Optional[mx.Stream] = None) -> mx.array:
+    """The portable path: gather the packed rows, then ``mx.dequantize``; on ``stream`` if given (on CPU the
+    values' go to a second stream, whose thread works beside the keys': MLX's CPU dequantize runs on one thread)."""
+    return mx.dequantize(*(mx.take(table, rows, axis=0, stream=stream) for table in tables), group_size=group_size,
+                         bits=bits, stream=stream)

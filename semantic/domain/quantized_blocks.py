@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from semantic.adapters.mlx_kernels import (gather_dequantized_pairs, gather_dequantized_pairs_apart, host_view,
-                                           writes_through_host)
+                                           quantize_pair, writes_through_host)
 from semantic.domain.value_objects import ModelCacheSpec
 
 StoredWrite = Tuple[Sequence[int], int, Sequence[mx.array], int]
@@ -58,9 +58,7 @@ class QuantizedArenas:
     # ---- quantize / dequantize ----------------------------------------------------------------
     def quantize(self, keys: mx.array, values: mx.array) -> List[mx.array]:
         """``mx.quantize`` of keys and of values (lazy), as the six stored parts."""
-        fmt = self.format
-        return [part for data in (keys, values)
-                for part in mx.quantize(data, group_size=fmt.group_size, bits=fmt.bits)]
+        return quantize_pair(keys, values, group_size=self.format.group_size, bits=self.format.bits)
 
     def dequantize(self, parts: Sequence[mx.array]) -> Tuple[mx.array, mx.array]:
         """Keys and values of six stored parts (any leading shape)."""
