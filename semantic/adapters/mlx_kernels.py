@@ -110,9 +110,9 @@ _streams = threading.local()
 def _second_stream() -> Optional[mx.Stream]:
     """On the CPU device, a second CPU stream of this thread (MLX streams belong to the thread that made
     them), whose thread works beside the default stream's: a gather's values are taken (or dequantized,
-    or quantized) there while its keys are on the default stream. None elsewhere. MLX never frees a stream: each Python thread
-    that rebuilds on CPU leaves two stream threads behind (its default stream's and this one's), so
-    rebuild from long-lived threads, not one new thread per request."""
+    or quantized) there while its keys are on the default stream. None elsewhere. MLX never frees a
+    stream: each Python thread that rebuilds on CPU leaves two stream threads behind (its default
+    stream's and this one's), so rebuild from long-lived threads, not one new thread per request."""
     if mx.default_device() != mx.cpu:
         return None
     stream = getattr(_streams, "cpu", None)
