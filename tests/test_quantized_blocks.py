@@ -154,6 +154,7 @@ def test_quantized_stores_and_rebuilds_from_several_threads_at_once_are_bit_exac
     assert pool.free_blocks == pool.total_blocks
 
 
+@pytest.mark.parametrize("model_name", ["llama32", "gemma32"])
 def test_a_rebuilt_model_cache_is_the_dequantized_cache(request, model_name):
     model, _ = request.getfixturevalue(model_name)
     spec = ModelCacheSpec.from_model(model).with_format("q4g32")
