@@ -87,6 +87,18 @@ int main() {{
     np.testing.assert_array_equal(got, want)
 
 
+def dequantizing_kernel(source: str, outputs) -> str:
+    """A dequantizing row kernel's ``source`` as MLX instantiates it: a function template over its template
+    arguments, taking the tables, the rows and the ``outputs`` (names) as pointers."""
+    return f"""
+template <typename T, int BITS, int GROUP_SIZE, int BLOCK_SIZE, int K_WORDS, int V_WORDS, int K_GROUPS, int V_GROUPS>
+void kernel(const uint32_t* k_packed, const T* k_scales, const T* k_biases, const uint32_t* v_packed,
+            const T* v_scales, const T* v_biases, const int32_t* rows, {", ".join(f"T* {name}" for name in outputs)}) {{
+{source}
+}}
+"""
+
+
 @pytest.mark.parametrize("n_outputs", [1, 2])
 def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(tmp_path, n_outputs):
     """Every packed word of every gathered row is dequantized into its place in its output pair, whatever the
@@ -103,20 +115,14 @@ def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(t
         tables[name] = (rng.integers(0, 2**32, size=(table_rows, tokens, words), dtype=np.uint32),
                         np.exp2(rng.integers(-3, 4, size=(table_rows, tokens, groups))).astype(np.float32),
                         rng.integers(-8, 8, size=(table_rows, tokens, groups)).astype(np.float32))
-    outputs = [f"float* k_out{i}" for i in range(n_outputs)] + [f"float* v_out{i}" for i in range(n_outputs)]
+    outputs = mlx_kernels._output_names(n_outputs)
     source = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(n_outputs, "T*"))
     per_output = len(rows) // n_outputs
 
     def c_array(kind, name, values):
         return f"const {kind} {name}[] = {{{', '.join(map(repr, values.ravel().tolist()))}}};"
 
-    main = f"""
-template <typename T, int BITS, int GROUP_SIZE, int BLOCK_SIZE, int K_WORDS, int V_WORDS, int K_GROUPS, int V_GROUPS>
-void kernel(const uint32_t* k_packed, const T* k_scales, const T* k_biases, const uint32_t* v_packed,
-            const T* v_scales, const T* v_biases, const int32_t* rows, {", ".join(outputs)}) {{
-{source}
-}}
-
+    main = f"""{dequantizing_kernel(source, outputs)}
 int main() {{
     {c_array("uint32_t", "k_packed", tables["k"][0])} {c_array("float", "k_scales", tables["k"][1])}
     {c_array("float", "k_biases", tables["k"][2])} {c_array("uint32_t", "v_packed", tables["v"][0])}
@@ -162,12 +168,7 @@ def test_each_dequantize_variant_of_the_kernel_experiment_compiles(tmp_path, var
     one included: each is valid C++ as the experiment instantiates it (its copy of the shipped kernel once
     kept ``OUTPUT_SWITCH`` unreplaced and failed only on the GPU)."""
     source, outputs = gpu_kernel_choices.dequantize_sources()[variant]
-    compile_and_run(f"""
-template <typename T, int BITS, int GROUP_SIZE, int BLOCK_SIZE, int K_WORDS, int V_WORDS, int K_GROUPS, int V_GROUPS>
-void kernel(const uint32_t* k_packed, const T* k_scales, const T* k_biases, const uint32_t* v_packed,
-            const T* v_scales, const T* v_biases, const int32_t* rows, {", ".join(f"T* {name}" for name in outputs)}) {{
-{source}
-}}
+    compile_and_run(f"""{dequantizing_kernel(source, outputs)}
 template void kernel<float, 4, 64, 256, 32, 32, 4, 4>(const uint32_t*, const float*, const float*, const uint32_t*,
     const float*, const float*, const int32_t*, float*, float*);
 int main() {{}}
