@@ -2,9 +2,10 @@
 
 ``adapters/mlx_kernels.py`` builds its CUDA kernels from source strings that only a CUDA device compiles. Here
 the host C++ compiler compiles each source as MLX would instantiate it (CUDA's built-in ``blockIdx``,
-``threadIdx``, ``blockDim``, ``gridDim`` and ``uint4`` declared as plain C++), and the row gather runs over its
-whole grid, one thread block and thread at a time, against NumPy's gather of the same rows. Skipped without
-``g++``; a CUDA device runs the kernels themselves (``test_block_cache.py``, ``test_quantized_blocks.py``).
+``threadIdx``, ``blockDim``, ``gridDim`` and ``uint4`` declared as plain C++, bfloat16 as a struct rounding each
+operation to nearest even, as CUDA does), and the kernels run over their whole grid, one thread block and thread
+at a time, against NumPy. Skipped without ``g++``; a CUDA device runs the kernels themselves
+(``test_block_cache.py``, ``test_quantized_blocks.py``).
 """
 
 import shutil
@@ -23,10 +24,29 @@ CUDA_BUILTINS = """
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 struct uint4 { unsigned x, y, z, w; };
 struct dim3 { unsigned x, y, z; };
 dim3 blockIdx, threadIdx, blockDim, gridDim;
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+struct __nv_bfloat16 {
+    uint16_t bits;
+    __nv_bfloat16() = default;
+    __nv_bfloat16(float f) {
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        bits = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+    __nv_bfloat16(int i) : __nv_bfloat16((float)i) {}
+    operator float() const {
+        const uint32_t u = (uint32_t)bits << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    }
+};
+inline __nv_bfloat16 operator*(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16((float)a * (float)b); }
+inline __nv_bfloat16 operator+(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16((float)a + (float)b); }
 """
 
 
@@ -99,15 +119,20 @@ void kernel(const uint32_t* k_packed, const T* k_scales, const T* k_biases, cons
 """
 
 
+# bits -> (group size, key words, value words, key groups, value groups) per token slot: 4 bits, head dims 72
+# and 32 in groups of 24 (the values' last group 8 values); 2 bits, head dims 96 and 48 in groups of 32.
+DEQUANTIZE_GEOMETRY = {4: (24, 9, 4, 3, 2), 2: (32, 6, 3, 3, 2)}
+
+
 @pytest.mark.parametrize("n_outputs", [1, 2])
-def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(tmp_path, n_outputs):
+@pytest.mark.parametrize("dtype,bits", [("float", 4), ("__nv_bfloat16", 4), ("__nv_bfloat16", 2), ("float", 2)])
+def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(tmp_path, n_outputs, dtype, bits):
     """Every packed word of every gathered row is dequantized into its place in its output pair, whatever the
-    grid's length, also in a row whose words do not fill the last round of a thread's four words (keys of 2 x 9
-    words and values of 2 x 4 over 5 threads). Scales are powers of two and biases integers, so float results
-    are exact on any host; a CUDA device checks the arithmetic against ``mx.dequantize``."""
-    bits, group, tokens, threads, table_rows = 4, 24, 2, 5, 3
-    k_words, v_words = 9, 4  # head dims 72 and 32: 3 and 2 groups of 24 (values: one group of 24 + 8 values)
-    k_groups, v_groups = 3, 2
+    grid's length, also in a row whose words do not fill the last round of a thread's four words (over 5
+    threads), with 4 and 2 bits, in float and in bfloat16. Scales are powers of two and biases integers, so the
+    results are exact in either type on any host; a CUDA device checks the arithmetic against ``mx.dequantize``."""
+    tokens, threads, table_rows = 2, 5, 3
+    group, k_words, v_words, k_groups, v_groups = DEQUANTIZE_GEOMETRY[bits]
     rng = np.random.default_rng(n_outputs)
     rows = rng.integers(0, table_rows, size=2 * n_outputs, dtype=np.int32)
     tables = {}
@@ -120,16 +145,17 @@ def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(t
     per_output = len(rows) // n_outputs
 
     def c_array(kind, name, values):
-        return f"const {kind} {name}[] = {{{', '.join(map(repr, values.ravel().tolist()))}}};"
+        literals = [f"{v!r}f" if isinstance(v, float) else repr(v) for v in values.ravel().tolist()]
+        return f"const {kind} {name}[] = {{{', '.join(literals)}}};"
 
     main = f"""{dequantizing_kernel(source, outputs)}
 int main() {{
-    {c_array("uint32_t", "k_packed", tables["k"][0])} {c_array("float", "k_scales", tables["k"][1])}
-    {c_array("float", "k_biases", tables["k"][2])} {c_array("uint32_t", "v_packed", tables["v"][0])}
-    {c_array("float", "v_scales", tables["v"][1])} {c_array("float", "v_biases", tables["v"][2])}
+    {c_array("uint32_t", "k_packed", tables["k"][0])} {c_array(dtype, "k_scales", tables["k"][1])}
+    {c_array(dtype, "k_biases", tables["k"][2])} {c_array("uint32_t", "v_packed", tables["v"][0])}
+    {c_array(dtype, "v_scales", tables["v"][1])} {c_array(dtype, "v_biases", tables["v"][2])}
     {c_array("int32_t", "rows", rows)}
-    const int K = {tokens * k_words * 8}, V = {tokens * v_words * 8};
-    static float k_out[{n_outputs}][{per_output} * K], v_out[{n_outputs}][{per_output} * V];
+    const int K = {tokens * k_words * 32 // bits}, V = {tokens * v_words * 32 // bits};
+    static {dtype} k_out[{n_outputs}][{per_output} * K], v_out[{n_outputs}][{per_output} * V];
     gridDim = {{{len(rows)}, 2, 1}};
     blockDim = {{{threads}, 1, 1}};
     for (unsigned y = 0; y < 2; y++)
@@ -137,13 +163,13 @@ int main() {{
             for (unsigned t = 0; t < {threads}; t++) {{
                 blockIdx = {{x, y, 0}};
                 threadIdx = {{t, 0, 0}};
-                kernel<float, {bits}, {group}, {tokens}, {k_words}, {v_words}, {k_groups}, {v_groups}>(
+                kernel<{dtype}, {bits}, {group}, {tokens}, {k_words}, {v_words}, {k_groups}, {v_groups}>(
                     k_packed, k_scales, k_biases, v_packed, v_scales, v_biases, rows,
                     {", ".join([f"k_out[{i}]" for i in range(n_outputs)] + [f"v_out[{i}]" for i in range(n_outputs)])});
             }}
     for (int o = 0; o < {n_outputs}; o++) {{
-        for (int i = 0; i < {per_output} * K; i++) printf("%.9g ", k_out[o][i]);
-        for (int i = 0; i < {per_output} * V; i++) printf("%.9g ", v_out[o][i]);
+        for (int i = 0; i < {per_output} * K; i++) printf("%.9g ", (float)k_out[o][i]);
+        for (int i = 0; i < {per_output} * V; i++) printf("%.9g ", (float)v_out[o][i]);
     }}
 }}
 """
@@ -258,3 +284,4 @@ int main() {{
                     want[row, :, slot] = values[:, token - first_token]
     np.testing.assert_array_equal(got_k, want_k)
     np.testing.assert_array_equal(got_v, want_v)
+

@@ -514,7 +514,8 @@ def host_view(array: mx.array) -> np.ndarray:
 # bias`` in the scales' type), so the result is bit-identical to ``mx.dequantize``. A thread loads UNROLL words
 # (and their scales and biases) before it stores any: with one word in flight per thread, an H100 dequantized a
 # 3 GiB context no faster than the dense gather copies it (2.5-2.9 against 2.7 ms); with four, 1.84. On an H200
-# both ran at 1.43 ms (``experiments.gpu_kernel_choices``, part ``dequantize``).
+# both ran at 1.43 ms (``experiments.gpu_kernel_choices``, part ``dequantize``). Two values per instruction
+# (bfloat16 pairs, q made without a conversion) and streaming stores bought nothing on either GPU.
 _DEQUANTIZE_ROWS = """
     constexpr int PACK = 32 / BITS;
     constexpr int UNROLL = 4;
