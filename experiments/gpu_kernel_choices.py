@@ -12,7 +12,8 @@
   threads against the same loop with other numbers of words in flight (``unrolled1``: one word, the kernel
   shipped before) and 16-byte packed loads (four words per thread); each checked bit for bit against
   ``mx.dequantize``. Tried and not kept (no gain on an H100 or an H200; docs/results/exp-014.md): bfloat16 values
-  two per instruction with no integer conversion, streaming stores. The dense row gather and rebuild of the same context are the baseline.
+  two per instruction with no integer conversion, streaming stores. The dense row gather and rebuild of the same
+  context are the baseline.
 - ``floor``: what a timed call costs when it does nothing but synchronize, and when it evaluates one
   slice of an evaluated array (no kernel): the floor under the 1 x 12 rebuild.
 
