@@ -10,10 +10,10 @@
 - ``dequantize``, 32 blocks x 48 layers of gemma3-12b-full in q4: the shipped kernel
   (``mlx_kernels._DEQUANTIZE_ROWS``, four packed words loaded per thread before their stores) at 128/256/512
   threads against the same loop with other numbers of words in flight (``unrolled1``: one word, the kernel
-  shipped before) and 16-byte packed loads (four words per thread); each checked bit for bit against
-  ``mx.dequantize``. Tried and not kept (no gain on an H100 or an H200; docs/results/exp-014.md): bfloat16 values
-  two per instruction with no integer conversion, streaming stores. The dense row gather and rebuild of the same
-  context are the baseline.
+  shipped before), 16-byte packed loads (four words per thread) and a row staged in shared memory first
+  (``staged``); each checked bit for bit against ``mx.dequantize``. Tried and not kept (no gain on an H100 or an
+  H200; docs/results/exp-014.md): bfloat16 values two per instruction with no integer conversion, streaming
+  stores. The dense row gather and rebuild of the same context are the baseline.
 - ``floor``: what a timed call costs when it does nothing but synchronize, and when it evaluates one
   slice of an evaluated array (no kernel): the floor under the 1 x 12 rebuild.
 
@@ -162,6 +162,39 @@ _WIDE_LOADS = _POINTERS + """
 """
 
 
+# The row's packed words (16-byte loads; needs a row of whole 16-byte words), scales and biases staged in shared
+# memory first, then dequantized from there, one word per thread as in the shipped loop. On an H200 (2026-12-03,
+# a probe not kept) this ran 1.29-1.36 ms against the shipped kernel's 1.35-1.39; not yet run on an H100. Static
+# shared memory: a row of up to 48 KiB (gemma3-12b-full's is 36).
+_STAGED = _POINTERS + """
+    constexpr int MAX_WORDS = BLOCK_SIZE * (K_WORDS > V_WORDS ? K_WORDS : V_WORDS);
+    constexpr int MAX_GROUPS = BLOCK_SIZE * (K_GROUPS > V_GROUPS ? K_GROUPS : V_GROUPS);
+    __shared__ uint4 staged_words[MAX_WORDS / 4];
+    __shared__ T staged_scales[MAX_GROUPS], staged_biases[MAX_GROUPS];
+    const uint4* __restrict__ wide = reinterpret_cast<const uint4*>(packed);
+    for (int i = threadIdx.x; i < total / 4; i += blockDim.x) {
+        staged_words[i] = wide[i];
+    }
+    for (int i = threadIdx.x; i < BLOCK_SIZE * groups; i += blockDim.x) {
+        staged_scales[i] = scales[i];
+        staged_biases[i] = biases[i];
+    }
+    __syncthreads();
+    const uint32_t* words_of_row = reinterpret_cast<const uint32_t*>(staged_words);
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        const int group = (i / words) * groups + (i % words) * PACK / GROUP_SIZE;
+        const uint32_t bits = words_of_row[i];
+        Values values;
+#pragma unroll
+        for (int j = 0; j < PACK; j++) {
+            const uint8_t q = (bits >> (BITS * j)) & ((1u << BITS) - 1);
+            values.v[j] = staged_scales[group] * static_cast<T>(q) + staged_biases[group];
+        }
+        *reinterpret_cast<Values*>(out + (size_t)i * PACK) = values;
+    }
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, source: str, output_names: Tuple[str, ...]):
     return mx.fast.cuda_kernel(name=name, output_names=list(output_names), source=source,
@@ -176,11 +209,11 @@ def dequantize_sources() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     shipped = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(1, "T*"))
     return {"shipped": (shipped, tuple(mlx_kernels._output_names(1))),
             **{f"unrolled{u}": (f"constexpr int UNROLL = {u};" + _UNROLLED, pair) for u in (1, 2, 4, 8)},
-            "wide_loads": (_WIDE_LOADS, pair)}
+            "wide_loads": (_WIDE_LOADS, pair), "staged": (_STAGED, pair)}
 
 
 _THREADS = {"shipped": (128, 256, 512), "unrolled1": (256,), "unrolled2": (256, 512), "unrolled4": (256, 128, 512),
-            "unrolled8": (128,), "wide_loads": (128, 256, 512)}
+            "unrolled8": (128,), "wide_loads": (128, 256, 512), "staged": (256, 512)}
 
 
 def _variant(name: str, source: str, outputs: Tuple[str, ...], threads: int):

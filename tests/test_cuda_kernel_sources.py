@@ -25,6 +25,8 @@ CUDA_BUILTINS = """
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#define __shared__ static
+inline void __syncthreads() {}
 struct uint4 { unsigned x, y, z, w; };
 struct dim3 { unsigned x, y, z; };
 dim3 blockIdx, threadIdx, blockDim, gridDim;
@@ -122,16 +124,35 @@ void kernel(const uint32_t* k_packed, const T* k_scales, const T* k_biases, cons
 # bits -> (group size, key words, value words, key groups, value groups) per token slot: 4 bits, head dims 72
 # and 32 in groups of 24 (the values' last group 8 values); 2 bits, head dims 96 and 48 in groups of 32.
 DEQUANTIZE_GEOMETRY = {4: (24, 9, 4, 3, 2), 2: (32, 6, 3, 3, 2)}
+DTYPES_AND_BITS = [("float", 4), ("__nv_bfloat16", 4), ("__nv_bfloat16", 2), ("float", 2)]
 
 
 @pytest.mark.parametrize("n_outputs", [1, 2])
-@pytest.mark.parametrize("dtype,bits", [("float", 4), ("__nv_bfloat16", 4), ("__nv_bfloat16", 2), ("float", 2)])
+@pytest.mark.parametrize("dtype,bits", DTYPES_AND_BITS)
 def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(tmp_path, n_outputs, dtype, bits):
     """Every packed word of every gathered row is dequantized into its place in its output pair, whatever the
-    grid's length, also in a row whose words do not fill the last round of a thread's four words (over 5
-    threads), with 4 and 2 bits, in float and in bfloat16. Scales are powers of two and biases integers, so the
-    results are exact in either type on any host; a CUDA device checks the arithmetic against ``mx.dequantize``."""
-    tokens, threads, table_rows = 2, 5, 3
+    grid's length, also in a row whose words do not fill the last round of a thread's four words (keys of 4 x 9
+    words over 5 threads), with 4 and 2 bits, in float and in bfloat16. Scales are powers of two and biases
+    integers, so the results are exact in either type on any host; a CUDA device checks the arithmetic against
+    ``mx.dequantize``."""
+    source = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(n_outputs, "T*"))
+    run_dequantizing_kernel(tmp_path, source, mlx_kernels._output_names(n_outputs), n_outputs, dtype, bits, 5)
+
+
+@pytest.mark.parametrize("dtype,bits", DTYPES_AND_BITS)
+def test_the_staged_dequantize_variant_writes_scale_times_q_plus_bias_for_every_word(tmp_path, dtype, bits):
+    """The experiment's ``staged`` variant (the row in shared memory first) dequantizes like the shipped
+    kernel. One thread per block: run one thread at a time, a block of several would read shared memory before
+    its other threads wrote it (the host has no barrier)."""
+    source, outputs = gpu_kernel_choices.dequantize_sources()["staged"]
+    run_dequantizing_kernel(tmp_path, source, outputs, 1, dtype, bits, 1)
+
+
+def run_dequantizing_kernel(tmp_path, source: str, outputs, n_outputs: int, dtype: str, bits: int,
+                            threads: int) -> None:
+    """Run a dequantizing row kernel over its whole grid, ``threads`` per block, on random tables of
+    ``DEQUANTIZE_GEOMETRY[bits]`` (rows of whole 16-byte words), against NumPy's ``scale * q + bias``."""
+    tokens, table_rows = 4, 3
     group, k_words, v_words, k_groups, v_groups = DEQUANTIZE_GEOMETRY[bits]
     rng = np.random.default_rng(n_outputs)
     rows = rng.integers(0, table_rows, size=2 * n_outputs, dtype=np.int32)
@@ -140,8 +161,6 @@ def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(t
         tables[name] = (rng.integers(0, 2**32, size=(table_rows, tokens, words), dtype=np.uint32),
                         np.exp2(rng.integers(-3, 4, size=(table_rows, tokens, groups))).astype(np.float32),
                         rng.integers(-8, 8, size=(table_rows, tokens, groups)).astype(np.float32))
-    outputs = mlx_kernels._output_names(n_outputs)
-    source = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(n_outputs, "T*"))
     per_output = len(rows) // n_outputs
 
     def c_array(kind, name, values):
