@@ -303,4 +303,3 @@ int main() {{
                     want[row, :, slot] = values[:, token - first_token]
     np.testing.assert_array_equal(got_k, want_k)
     np.testing.assert_array_equal(got_v, want_v)
-
