@@ -10,8 +10,9 @@
 - ``dequantize``, 32 blocks x 48 layers of gemma3-12b-full in q4: the shipped kernel
   (``mlx_kernels._DEQUANTIZE_ROWS``, four packed words loaded per thread before their stores) at 128/256/512
   threads against the same loop with other numbers of words in flight (``unrolled1``: one word, the kernel
-  shipped before), 16-byte packed loads (four words per thread) and a row staged in shared memory first
-  (``staged``); each checked bit for bit against ``mx.dequantize``. Tried and not kept (no gain on an H100 or an
+  shipped before), 16-byte packed loads (four words per thread), a row staged in shared memory first
+  (``staged``) and only its scales and biases staged (``staged_scales``); each checked bit for bit against ``mx.dequantize``, then timed in three rounds that alternate
+  every variant with the baselines. Tried and not kept (no gain on an H100 or an
   H200; docs/results/exp-014.md): bfloat16 values two per instruction with no integer conversion, streaming
   stores. The dense row gather and rebuild of the same context are the baseline.
 - ``floor``: what a timed call costs when it does nothing but synchronize, and when it evaluates one
@@ -195,6 +196,43 @@ _STAGED = _POINTERS + """
 """
 
 
+# Only the row's scales and biases staged in shared memory (4 KiB for gemma3-12b-full, not 36: more blocks per
+# SM), the packed words read as in the shipped loop, four per thread before their stores.
+_STAGED_SCALES = _POINTERS + """
+    constexpr int UNROLL = 4;
+    constexpr int MAX_GROUPS = BLOCK_SIZE * (K_GROUPS > V_GROUPS ? K_GROUPS : V_GROUPS);
+    __shared__ T staged_scales[MAX_GROUPS], staged_biases[MAX_GROUPS];
+    for (int i = threadIdx.x; i < BLOCK_SIZE * groups; i += blockDim.x) {
+        staged_scales[i] = scales[i];
+        staged_biases[i] = biases[i];
+    }
+    __syncthreads();
+    for (int base = threadIdx.x; base < total; base += UNROLL * blockDim.x) {
+        uint32_t bits[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = base + u * blockDim.x;
+            if (i < total) bits[u] = packed[i];
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = base + u * blockDim.x;
+            if (i < total) {
+                const int group = (i / words) * groups + (i % words) * PACK / GROUP_SIZE;
+                const T scale = staged_scales[group], bias = staged_biases[group];
+                Values values;
+#pragma unroll
+                for (int j = 0; j < PACK; j++) {
+                    const uint8_t q = (bits[u] >> (BITS * j)) & ((1u << BITS) - 1);
+                    values.v[j] = scale * static_cast<T>(q) + bias;
+                }
+                *reinterpret_cast<Values*>(out + (size_t)i * PACK) = values;
+            }
+        }
+    }
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, source: str, output_names: Tuple[str, ...]):
     return mx.fast.cuda_kernel(name=name, output_names=list(output_names), source=source,
@@ -209,11 +247,12 @@ def dequantize_sources() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     shipped = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(1, "T*"))
     return {"shipped": (shipped, tuple(mlx_kernels._output_names(1))),
             **{f"unrolled{u}": (f"constexpr int UNROLL = {u};" + _UNROLLED, pair) for u in (1, 2, 4, 8)},
-            "wide_loads": (_WIDE_LOADS, pair), "staged": (_STAGED, pair)}
+            "wide_loads": (_WIDE_LOADS, pair), "staged": (_STAGED, pair), "staged_scales": (_STAGED_SCALES, pair)}
 
 
 _THREADS = {"shipped": (128, 256, 512), "unrolled1": (256,), "unrolled2": (256, 512), "unrolled4": (256, 128, 512),
-            "unrolled8": (128,), "wide_loads": (128, 256, 512), "staged": (256, 512)}
+            "unrolled8": (128,), "wide_loads": (128, 256, 512), "staged": (256, 512, 1024),
+            "staged_scales": (256, 512)}
 
 
 def _variant(name: str, source: str, outputs: Tuple[str, ...], threads: int):
@@ -236,15 +275,13 @@ def _variants() -> Dict[str, Callable]:
             for name, threads in _THREADS.items() for t in threads}
 
 
-def dequantize_variants(repeat: int, geometry: str = "gemma3-12b-full", blocks: int = 32, layers: int = 48) -> dict:
+def dequantize_variants(repeat: int, geometry: str = "gemma3-12b-full", blocks: int = 32, layers: int = 48,
+                        rounds: int = 3) -> dict:
+    """Each variant checked once, then timed in ``rounds`` rounds, each round going through the dense rebuild,
+    its gather kernel, the copy, the q4 rebuild and every variant in turn (a lent GPU drifts within minutes:
+    comparisons hold within a round)."""
     dense = cases.context(geometry, blocks, layers, 0, "dense")
-    rows = dense.pool.gather_rows(dense.handle.all_block_ids)
-    out = {"case": f"{geometry} {blocks}x{layers}", "dense_rebuild": percentiles(lambda: cases.reconstruct(dense), repeat),
-           "dense_gather_kernel": percentiles(lambda: mx.eval(dense.pool.gather(rows=rows)), repeat),
-           "device_copy": percentiles(cases.plain_copy(dense.nbytes), repeat)}
-    cases.context.cache_clear()
-    del dense
-    mx.clear_cache()
+    dense_rows = dense.pool.gather_rows(dense.handle.all_block_ids)
     ctx = cases.context(geometry, blocks, layers, 0, "q4")
     arenas = ctx.pool._quantized
     tables, fmt = arenas._row_tables(), arenas.format
@@ -253,14 +290,24 @@ def dequantize_variants(repeat: int, geometry: str = "gemma3-12b-full", blocks: 
     reference = [mx.dequantize(*(mx.take(t, rows.reshape(-1), axis=0) for t in part), group_size=fmt.group_size,
                                bits=fmt.bits) for part in (keys, values)]
     mx.eval(reference)
-    out["q4_rebuild"] = percentiles(lambda: cases.reconstruct(ctx), repeat)
-    for name, fn in _variants().items():
-        result = fn(keys, values, rows, fmt.group_size, fmt.bits)
-        exact = all(bool(mx.array_equal(a.view(mx.uint16), b.view(mx.uint16)).item()) for a, b in zip(result, reference))
-        del result
-        out[name] = {"bit_exact": exact,
-                     "p50_p95": percentiles(lambda: mx.eval(fn(keys, values, rows, fmt.group_size, fmt.bits)), repeat)}
-        print(name, out[name], file=sys.stderr, flush=True)
+    variants = _variants()
+    timed = {"dense_rebuild": lambda: cases.reconstruct(dense),
+             "dense_gather_kernel": lambda: mx.eval(dense.pool.gather(rows=dense_rows)),
+             "device_copy": cases.plain_copy(dense.nbytes), "q4_rebuild": lambda: cases.reconstruct(ctx),
+             **{name: functools.partial(lambda fn: mx.eval(fn(keys, values, rows, fmt.group_size, fmt.bits)), fn)
+                for name, fn in variants.items()}}
+    out = {"case": f"{geometry} {blocks}x{layers}", "rounds": rounds,
+           "bit_exact": {name: all(bool(mx.array_equal(a.view(mx.uint16), b.view(mx.uint16)).item())
+                                   for a, b in zip(fn(keys, values, rows, fmt.group_size, fmt.bits), reference))
+                         for name, fn in variants.items()},
+           "p50_p95_by_round": {name: [] for name in timed}}
+    del reference
+    for _ in range(rounds):
+        for name, fn in timed.items():
+            out["p50_p95_by_round"][name].append(percentiles(fn, repeat))
+        by_round = out["p50_p95_by_round"]
+        print("q4/dense rebuild", round(by_round["q4_rebuild"][-1][0] / by_round["dense_rebuild"][-1][0], 3),
+              {name: by_round[name][-1] for name in timed}, file=sys.stderr, flush=True)
     cases.context.cache_clear()
     return out
 

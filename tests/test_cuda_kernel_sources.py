@@ -139,12 +139,13 @@ def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(t
     run_dequantizing_kernel(tmp_path, source, mlx_kernels._output_names(n_outputs), n_outputs, dtype, bits, 5)
 
 
+@pytest.mark.parametrize("variant", ["staged", "staged_scales"])
 @pytest.mark.parametrize("dtype,bits", DTYPES_AND_BITS)
-def test_the_staged_dequantize_variant_writes_scale_times_q_plus_bias_for_every_word(tmp_path, dtype, bits):
-    """The experiment's ``staged`` variant (the row in shared memory first) dequantizes like the shipped
-    kernel. One thread per block: run one thread at a time, a block of several would read shared memory before
-    its other threads wrote it (the host has no barrier)."""
-    source, outputs = gpu_kernel_choices.dequantize_sources()["staged"]
+def test_the_staged_dequantize_variants_write_scale_times_q_plus_bias_for_every_word(tmp_path, variant, dtype, bits):
+    """The experiment's ``staged`` variants (the row, or its scales and biases, in shared memory first)
+    dequantize like the shipped kernel. One thread per block: run one thread at a time, a block of several would
+    read shared memory before its other threads wrote it (the host has no barrier)."""
+    source, outputs = gpu_kernel_choices.dequantize_sources()[variant]
     run_dequantizing_kernel(tmp_path, source, outputs, 1, dtype, bits, 1)
 
 
