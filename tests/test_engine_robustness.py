@@ -30,6 +30,7 @@ from semantic.domain.errors import (
     RequestFailedError,
     SemanticError,
     UnknownRequestError,
+    UnsupportedModelError,
 )
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
@@ -132,6 +133,27 @@ def test_integer_ids_of_numpy_and_mlx_work_like_python_ints(engine):
         assert engine.generate("a", prompt, max_tokens=np.int32(6)).token_ids == expected, type(prompt)
 
 
+def test_a_lazy_prompt_array_of_another_thread_is_a_typed_error(engine):
+    """MLX streams belong to the thread that made them: a slice another thread built but never evaluated cannot
+    run here (MLX's bare RuntimeError before). Evaluated there first, the same array is a good prompt."""
+    prompts = {}
+
+    def client():
+        ids = mx.array([5, 6, 7, 8, 9])
+        prompts["lazy"], prompts["evaluated"] = ids[1:], ids[1:]
+        mx.eval(prompts["evaluated"])
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    thread.join()
+    before = engine.pool.usage()
+    with pytest.raises(InvalidRequestError, match="another thread's stream.*evaluate it"):
+        engine.submit("a", prompts["lazy"], max_tokens=2)
+    assert engine.pending == 0 and engine.pool.usage() == before
+    assert engine.generate("a", prompts["evaluated"], max_tokens=3).token_ids == \
+        engine.generate("a", [6, 7, 8, 9], max_tokens=3).token_ids
+
+
 def test_the_edges_of_the_sampling_ranges_are_accepted(engine):
     greedy = engine.generate("a", STORY, max_tokens=4).token_ids
     assert engine.generate("a", STORY, max_tokens=4, top_k=VOCAB, top_p=1.0, min_p=0.0).token_ids == greedy
@@ -226,6 +248,37 @@ def test_batch_sizes_that_would_stall_mlx_lm_are_refused(llama32, option, value)
     """prefill_batch_size=0 admitted nothing and prefill_step_size=0 prefilled nothing: step() never returned."""
     with pytest.raises(InvalidRequestError, match=option):
         make_engine(llama32, total_blocks=8, **{option: value})
+
+
+def test_an_engine_of_something_not_a_model_pool_or_spec_is_a_typed_error(llama32):
+    """Each was a bare AttributeError from deep inside (the model's probe step, ``pool.spec``)."""
+    model, tokenizer = llama32
+    pool = BlockPool(ModelCacheSpec.from_model(model), 8)
+    for args, error, what in [((None, tokenizer, pool), UnsupportedModelError, "mlx-lm model"),
+                              (("model", tokenizer, pool), UnsupportedModelError, "mlx-lm model"),
+                              ((model, tokenizer, None), InvalidRequestError, "pool must be a BlockPool"),
+                              ((model, tokenizer, pool, "spec"), InvalidRequestError, "spec must be a ModelCacheSpec")]:
+        with pytest.raises(error, match=what):
+            batch_engine.BlockPoolBatchEngine(*args)
+    assert whole(pool)
+
+
+def test_a_prefill_chunk_larger_than_mlx_may_allocate_is_refused_at_the_door(llama32):
+    """On the CPU a prefill chunk's attention scores are made whole (query heads x chunk x context): a
+    100,000-token prompt prefilled in one chunk asked MLX for ~200 GiB, and its failed allocation killed the
+    process (SIGSEGV). Here 40,000 tokens, ~33 GiB. The error names a prefill step that fits; with the default
+    step the same prompt is taken."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("Metal and CUDA run attention as fused kernels: no scores made whole")
+    prompt = [5 + i % 1000 for i in range(40_000)]
+    whole_prompt = make_engine(llama32, total_blocks=800, prefill_step_size=10**9)
+    before = whole_prompt.pool.usage()
+    with pytest.raises(InvalidRequestError, match=r"40000 tokens .* prefill_step_size=\d+ or less"):
+        whole_prompt.submit("a", prompt, max_tokens=1)
+    assert whole_prompt.pending == 0 and whole_prompt.pool.usage() == before
+    chunked = make_engine(llama32, total_blocks=800)
+    chunked.cancel(chunked.submit("a", prompt, max_tokens=1))
+    assert chunked.pending == 0 and whole(chunked.pool)
 
 
 # ---- generate never returns None: finding 6 ----------------------------------------------------------

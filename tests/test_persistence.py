@@ -22,6 +22,7 @@ from semantic.testing.local_models import load_local_model
 from semantic.persistence import (
     AgentCacheStore,
     CacheBudgetWarning,
+    CacheCorruptionError,
     CacheReadError,
     CacheSyncError,
     CacheWriteError,
@@ -482,12 +483,23 @@ def test_a_delete_whose_directory_sync_fails_forgets_the_agent_and_says_so(tmp_p
 
 
 def test_loading_a_context_larger_than_the_whole_pool_says_it_can_never_fit(tmp_path):
-    """Before, the error told the caller to release handles, which could never help."""
+    """Before, the error told the caller to release handles, which could never help. It is decided from the
+    header, before any tensor is read: a file of a larger pool's context can be larger than MLX may allocate
+    (it crashed, reading 60 GiB into a pool of one block). So a damaged tensor is not even seen."""
     put_new(big := open_store(tmp_path), "a", n_tokens=14)
     big.close()
     small = open_store(tmp_path, total_blocks=SMALL_SPEC.blocks_per_agent(14) - 1)
     with nothing_changes(small), pytest.raises(PoolExhaustedError, match="can never fit this pool"):
         small.get("a")
+    with open(small.directory / "a.safetensors", "r+b") as file:
+        file.seek(-1, os.SEEK_END)
+        last = file.read(1)
+        file.seek(-1, os.SEEK_END)
+        file.write(bytes([last[0] ^ 0xFF]))
+    with nothing_changes(small), pytest.raises(PoolExhaustedError, match="can never fit this pool"):
+        small.get("a")
+    with pytest.raises(CacheCorruptionError, match="does not match its checksum"):
+        open_store(tmp_path).get("a")
 
 
 @pytest.mark.parametrize("n_blocks", ["5", None, -1, 1.5, True])

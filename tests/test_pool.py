@@ -89,7 +89,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(agent=st.sampled_from(AGENTS))
     def wrap_raw_blocks_in_a_handle(self, agent):
-        ids = sorted(self.refs[agent].elements())
+        ids = sorted(set(self.refs[agent].elements()))  # a handle lists each of its blocks once
         if not ids:
             return
         with self.pool.build_handle(agent) as builder:
@@ -330,6 +330,55 @@ def test_a_builders_references_are_its_own_until_finish():
     assert pool.usage().used_blocks == 0 and pool.usage().per_agent == {}
 
 
+def test_a_handle_listing_a_block_twice_is_refused_and_its_references_given_back():
+    """Listed twice, a block would make the handle's rebuild larger than the pool (listed 30,000 times in a
+    small pool, more than MLX could allocate: a crash, not an error)."""
+    pool = BlockPool(SPEC, total_blocks=6)
+    before = pool.usage()
+    with pytest.raises(BlockOwnershipError, match="block .* is listed 2 times"):
+        with pool.build_handle("a") as builder:
+            (block,) = builder.allocate(1)
+            builder.retain([block])
+            builder.finish([1] * SPEC.block_size, [[block], [block]])
+    assert pool.usage() == before
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("block_format", ["dense", "q8"])
+def test_a_gather_larger_than_mlx_may_allocate_is_refused_before_it_allocates(block_format):
+    """MLX crashes, rather than raising, when it cannot get the memory: a gather listing blocks enough times
+    to outgrow what it may allocate is an error first, whether dense or stored (quantized)."""
+    spec = dataclasses.replace(PRESETS["smollm2-135m"], n_layers=1, layer_windows=(None,))
+    spec = spec.with_format(block_format)
+    pool = BlockPool(spec, total_blocks=2)
+    (block,) = pool.allocate(1, "a")
+    before = pool.usage()
+    listed = np.full((1, mx.get_memory_limit() // spec.bytes_per_block_per_layer + 1), block, np.int32)
+    for gather in (pool.gather, pool.gather_stored, pool.gather_rows):
+        with pytest.raises(InvalidRequestError, match="more than MLX may still allocate"):
+            gather(listed)
+    assert pool.usage() == before
+    assert pool.gather([[block]])[0].shape == (1, spec.n_kv_heads, spec.block_size, spec.k_head_dim)
+
+
+def test_lazy_keys_of_another_thread_are_refused_and_change_nothing():
+    """MLX streams belong to the thread that made them: a write of arrays another thread built but never
+    evaluated is a typed error (MLX's bare RuntimeError before), the block's data as it was."""
+    pool = BlockPool(SPEC, total_blocks=4)
+    (block,) = pool.allocate(1, "a")
+    shape = (1, SPEC.n_kv_heads, SPEC.block_size, SPEC.k_head_dim)
+    pool.write_blocks([block], 0, mx.ones(shape), mx.ones(shape), 0)
+    sources = {}
+    thread = threading.Thread(target=lambda: sources.update(keys=mx.ones(shape) * 2, values=mx.ones(shape) * 3))
+    thread.start()
+    thread.join()
+    before = pool.usage()
+    with pytest.raises(InvalidRequestError, match="another thread's stream"):
+        pool.write_blocks([block], 0, sources["keys"], sources["values"], 0)
+    assert pool.usage() == before
+    assert all(bool(mx.all(array == 1)) for array in pool.gather([[block], [block]]))
+
+
 def test_a_builder_dropped_unfinished_gives_its_references_back():
     pool = BlockPool(SPEC, total_blocks=6)
     held = pool.allocate(1, "a")
@@ -517,9 +566,15 @@ def test_spec_presets_and_derived_sizes():
         ModelCacheSpec(2, 1, 4, 4, layer_windows=(None,))
     with pytest.raises(InvalidRequestError):
         ModelCacheSpec(2, 1, 4, 4, dtype="int8")
-    for bad in (dict(n_layers=True), dict(n_kv_heads=True), dict(layer_windows=(True, None))):
+    # A dtype of a list, windows of None or an int, a preset named by a list: bare TypeErrors before; a
+    # block of 2**31 tokens passed, then MLX's zeros raised OverflowError (its dimensions are 32-bit).
+    for bad in (dict(n_layers=True), dict(n_kv_heads=True), dict(layer_windows=(True, None)), dict(dtype=["float16"]),
+                dict(layer_windows=None), dict(layer_windows=5), dict(block_size=2**31), dict(k_head_dim=2**32 - 1)):
         with pytest.raises(InvalidRequestError):
             ModelCacheSpec(**{**dict(n_layers=2, n_kv_heads=1, k_head_dim=4, v_head_dim=4), **bad})
+    assert ModelCacheSpec(2, 1, 4, 4, layer_windows=(w for w in (None, 8))).layer_windows == (None, 8)
+    with pytest.raises(InvalidRequestError, match="known presets"):
+        ModelCacheSpec.preset(["gpt-5"])
     for n_layers in (0, 2.5, True, "2"):
         with pytest.raises(InvalidRequestError, match="n_layers"):
             gemma.with_layers(n_layers)
@@ -536,6 +591,10 @@ def test_a_pool_larger_than_mlx_may_allocate_is_refused_before_allocating():
     limit = mx.get_memory_limit() // SPEC.bytes_per_block_per_layer
     with pytest.raises(InvalidRequestError, match=f"at most {limit} blocks"):
         BlockPool(SPEC, total_blocks=limit + 1)
+    # Within memory, but more rows of one head than MLX's 32-bit dimensions count (OverflowError before).
+    one_token = ModelCacheSpec(n_layers=1, n_kv_heads=2, k_head_dim=1, v_head_dim=1, dtype="float16", block_size=1)
+    with pytest.raises(InvalidRequestError, match=f"at most {(2**31 - 1) // 2} blocks"):
+        BlockPool(one_token, total_blocks=2**30)
 
 
 def written(pool, block):

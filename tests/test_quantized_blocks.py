@@ -292,6 +292,16 @@ def test_the_quality_experiment_measures_dense_against_itself_as_exact(tmp_path)
 
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_an_empty_gather_is_empty_as_in_a_dense_pool(fmt):
+    """A gather of no blocks: empty arrays of the dense pool's shapes (MLX's reshape of an empty array raised)."""
+    spec = ModelCacheSpec(n_layers=1, n_kv_heads=2, k_head_dim=64, v_head_dim=64, dtype="float16")
+    dense, quantized = BlockPool(spec, 2), BlockPool(spec.with_format(fmt), 2)
+    assert [a.shape for a in quantized.gather([[]])] == [a.shape for a in dense.gather([[]])] == [(1, 2, 0, 64)] * 2
+    assert [a.shape for a in quantized.gather_stored([[]])] == [(1, 2, 0, part.width)
+                                                                for part in quantized.spec.stored_parts]
+
+
 @pytest.mark.parametrize("fmt", ["q8g32", "q4g32"])
 def test_stored_parts_are_written_only_into_blocks_held_once_and_only_in_the_pools_format(fmt):
     """The quantized path of write_stored skipped the dense path's checks: it rewrote a shared block (another
@@ -320,8 +330,32 @@ def test_stored_parts_are_written_only_into_blocks_held_once_and_only_in_the_poo
         assert all(np.array_equal(a, b) for now, then in zip(packed(alice), before) for a, b in zip(now, then))
         assert pool.usage() == usage
         pool.check_invariants()
-    pool.write_stored([([fresh], 0, parts(), 0)])  # its own fresh block, in the pool's format
+    pool.write_stored([([fresh], mx.array(0), parts(), np.int64(0))])  # 0-d MLX / NumPy ints: a bare ValueError before
     bob.release()
+    alice.release()
+
+
+def test_row_copies_and_views_that_cannot_be_are_typed_errors_that_change_nothing():
+    """copy_token_rows took malformed copies to bare TypeErrors and ValueErrors, and it and block_views
+    raised AssertionError for a pool of the other kind."""
+    pool = BlockPool(QSPEC.with_format("q8g32"), total_blocks=16)
+    alice = random_handle(pool, "alice", 11, seed=1)
+    source = alice.layer_block_ids(0)[0]
+    (fresh,) = pool.allocate(1, "carol")
+    before, usage = packed(alice), pool.usage()
+    for copies in ([(fresh, source, "x", 2)], [(fresh, source, 0.5, 2)], [(fresh, source)], [5],
+                   [(fresh, source, 3, 2)], [(fresh, source, 0, 10**30)], (c for c in [(fresh, source, 0, 2)])):
+        with pytest.raises(InvalidRequestError):
+            pool.copy_token_rows(copies)
+        assert pool.usage() == usage
+        assert all(np.array_equal(a, b) for now, then in zip(packed(alice), before) for a, b in zip(now, then))
+    with pytest.raises(IncompatibleCacheError, match="no dense view"):
+        pool.block_views([source], 0, 2)
+    with pytest.raises(IncompatibleCacheError, match="for quantized blocks"):
+        BlockPool(QSPEC, total_blocks=2).copy_token_rows([(0, 1, 0, 2)])
+    pool.copy_token_rows([(fresh, source, mx.array(0), np.int32(2))])
+    assert all(mx.array_equal(a[..., :2, :], b[..., :2, :]).item()
+               for a, b in zip(pool.gather_stored([[fresh]]), pool.gather_stored([[source]])))
     alice.release()
 
 

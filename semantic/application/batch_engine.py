@@ -160,6 +160,10 @@ class BlockPoolBatchEngine:
     def __init__(self, model, tokenizer, pool: BlockPool, spec: Optional[ModelCacheSpec] = None, *,
                  prefill_step_size: int = 2048, prefill_batch_size: int = 8, completion_batch_size: int = 32,
                  wait_for_blocks_s: float = 60.0):
+        if not isinstance(pool, BlockPool):
+            raise InvalidRequestError(f"pool must be a BlockPool, got {type(pool).__name__}")
+        if not isinstance(spec, (ModelCacheSpec, type(None))):
+            raise InvalidRequestError(f"spec must be a ModelCacheSpec (or None: the pool's), got {type(spec).__name__}")
         model_spec = ModelCacheSpec.from_model(model)
         spec = pool.spec if spec is None else spec
         for name, other in (("spec", spec), ("pool.spec", pool.spec)):
@@ -174,7 +178,7 @@ class BlockPoolBatchEngine:
                 "pass the pool's spec (or none)"
             )
         # mlx-lm loops forever on a prefill of 0 tokens or a batch admitting none, so these are checked here.
-        prefill_step_size = checked_int("prefill_step_size", prefill_step_size, 1)
+        self._prefill_step_size = prefill_step_size = checked_int("prefill_step_size", prefill_step_size, 1)
         prefill_batch_size = checked_int("prefill_batch_size", prefill_batch_size, 1)
         completion_batch_size = checked_int("completion_batch_size", completion_batch_size, 1)
         self._wait_for_blocks_s = checked_real("wait_for_blocks_s", wait_for_blocks_s, 0.0)
@@ -268,6 +272,7 @@ class BlockPoolBatchEngine:
                     f"(a context of {len(context) + len(tokens) + max_tokens} tokens can never fit this pool of "
                     f"{self.pool.total_blocks} blocks{resumed}; shorten the prompt or max_tokens)", ever=True,
                 )
+            self._check_prefill_memory(len(context), len(tokens))
             request = _Request(
                 uid=next(self._uids), agent_id=agent_id, prompt_tokens=tokens, context_tokens=context,
                 source=cache.share() if cache is not None and context else None, max_tokens=max_tokens,
@@ -283,6 +288,21 @@ class BlockPoolBatchEngine:
                 raise
             self._admit()
             return request.uid
+
+    def _check_prefill_memory(self, context: int, prompt: int) -> None:
+        """``InvalidRequestError`` for a prompt whose largest prefill chunk would need more memory than MLX may
+        still allocate (on the CPU its attention scores are made whole): MLX crashes, rather than raising, when it
+        cannot get the memory (a 100,000-token prompt in one chunk did). Prompts batched together with it are
+        not counted."""
+        step = self._prefill_step_size
+        needed = adapter.prefill_chunk_bytes(self.model, context, prompt, step, self.spec.dtype_bytes)
+        if needed > (room := adapter.allocatable_bytes()):
+            per_token = needed / min(step, prompt)
+            raise InvalidRequestError(
+                f"a prompt of {prompt} tokens after {context} cached ones, prefilled {step} tokens at a time, needs "
+                f"~{needed / 2**30:.1f} GiB for one chunk's attention, more than MLX may still allocate "
+                f"({room / 2**30:.1f} GiB); use an engine with prefill_step_size={max(1, int(room // per_token))} "
+                "or less, or a shorter prompt")
 
     def _tokenize(self, prompt: Prompt, continuation: bool) -> List[int]:
         vocab = self._generator.vocab_size

@@ -78,6 +78,9 @@ class QuantizedArenas:
         ``[blocks * heads]`` rows), each ``[layers, heads, n_blocks * block_size, dim]`` (lazy)."""
         tables = self._row_tables()
         n_layers, heads, n_blocks = rows.shape
+        if not n_blocks:  # as a dense pool's: mx.dequantize cannot reshape an empty array
+            return tuple(mx.zeros((n_layers, heads, 0, dim), getattr(mx, self.spec.dtype))
+                         for dim in (self.spec.k_head_dim, self.spec.v_head_dim))
         keys, values = gather_dequantized_pairs(tuple(tables[:3]), tuple(tables[3:]), rows,
                                                 group_size=self.format.group_size, bits=self.format.bits)
         tokens = n_blocks * self.spec.block_size
@@ -95,7 +98,8 @@ class QuantizedArenas:
     def gather_stored(self, rows: mx.array) -> List[mx.array]:
         """The packed parts of ``rows`` as stored, each ``[layers, heads, n_blocks * block_size, width]`` (lazy)."""
         n_layers, heads, n_blocks = rows.shape
-        return [mx.take(table, rows, axis=0).reshape(n_layers, heads, n_blocks * self.spec.block_size, -1)
+        tokens = n_blocks * self.spec.block_size
+        return [mx.take(table, rows, axis=0).reshape(n_layers, heads, tokens, table.shape[-1])
                 for table in self._row_tables()]
 
     # ---- writes -------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ import os
 import pathlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Sequence, Sized
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Sized, TypeVar
 
 import numpy as np
 
 from semantic.domain.errors import InvalidRequestError
+
+T = TypeVar("T")
 
 _ARRAY_TYPES = ("mlx.core.array", "numpy.ndarray")
 
@@ -141,6 +143,19 @@ def check_text(name: str, text: str) -> None:
         raise InvalidRequestError(f"the {name} is not valid Unicode text ({exc.reason}, a lone surrogate)") from None
 
 
+def of_this_thread(evaluate: Callable[[], T], what: str) -> T:
+    """``evaluate()``, whose MLX error for a lazy array built on another thread's stream (MLX streams belong to
+    the thread that made them) becomes ``InvalidRequestError`` naming ``what``."""
+    try:
+        return evaluate()
+    except RuntimeError as exc:
+        if "Stream" not in str(exc):
+            raise
+        raise InvalidRequestError(
+            f"{what}: a lazy MLX array computed on another thread's stream, which this thread cannot run ({exc}); "
+            "evaluate it (mx.eval) on the thread that made it before handing it over") from None
+
+
 def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) -> List[int]:
     """A prompt given as token ids -> a list of Python ints, each in ``[0, vocab_size)``; ``max_tokens``, if
     given, bounds its length.
@@ -155,7 +170,7 @@ def token_ids(prompt: Any, vocab_size: int, max_tokens: Optional[int] = None) ->
                 f"a prompt array must be 1-d of an integer dtype, got shape {tuple(prompt.shape)} {prompt.dtype}"
             )
         _check_length(prompt.shape[0], max_tokens)  # a broadcast array of 10**12 ids takes no memory
-        ids = [int(t) for t in np.asarray(prompt).tolist()]
+        ids = [int(t) for t in of_this_thread(lambda: np.asarray(prompt).tolist(), "the prompt")]
     elif isinstance(prompt, (bytes, bytearray, memoryview)):
         raise InvalidRequestError(
             "the prompt is bytes; decode it to str (the tokenizer encodes text), or pass a list of token ids"

@@ -71,9 +71,10 @@ from semantic.domain.errors import (
     PoolExhaustedError,
 )
 from semantic.domain.free_runs import FreeRuns, id_runs
-from semantic.domain.request_checks import all_non_negative, checked_int, checked_real, int_items, is_int, plain_ints
+from semantic.domain.request_checks import (all_non_negative, checked_int, checked_real, int_items, is_int,
+                                            of_this_thread, plain_ints, shown)
 from semantic.domain.quantized_blocks import QuantizedArenas, RowCopy, StoredWrite
-from semantic.domain.value_objects import ModelCacheSpec
+from semantic.domain.value_objects import MAX_ARRAY_DIM, ModelCacheSpec
 
 __all__ = ["BlockPool", "PoolUsage", "Reservation", "AgentBlocks", "KVBlock", "GatherRows"]
 
@@ -219,11 +220,18 @@ class _HandleBuilder:
         if len(layers) != self._pool.spec.n_layers:
             raise InvalidRequestError(f"layer_block_ids needs one list per layer ({self._pool.spec.n_layers}), got {len(layers)}")
         layers = _int_tuples("layer_block_ids", layers)
+        listed = sorted(itertools.chain.from_iterable(layers))
         # Equal to the references taken, which are checked ids of this pool, so these are too.
-        if sorted(itertools.chain.from_iterable(layers)) != sorted(self._held):
+        if listed != sorted(self._held):
             raise BlockOwnershipError(
                 "a handle must own exactly the references taken for it (allocate / retain on this builder)"
             )
+        # A block holds one layer's tokens of one stretch: listed twice, a handle would rebuild a context
+        # larger than the pool (MLX crashes, rather than raising, when it cannot get the memory).
+        repeated = next((a for a, b in zip(listed, listed[1:]) if a == b), None)
+        if repeated is not None:
+            raise BlockOwnershipError(f"block {repeated} is listed {listed.count(repeated)} times; a handle lists "
+                                      "each of its blocks once (one layer's tokens of one stretch)")
         return self._adopt(tuple(tokens), tuple(layers))
 
     def finish_store(self, token_ids: Tuple[int, ...], layer_block_ids: List[List[int]]) -> AgentBlocks:
@@ -299,6 +307,10 @@ class BlockPool:
                 f"{total_blocks} blocks of {spec.describe()} take {needed / 2**30:.1f} GiB, more than MLX may "
                 f"allocate here ({limit / 2**30:.1f} GiB, mx.get_memory_limit()); use at most "
                 f"{limit // spec.bytes_per_block_per_layer} blocks, or a quantized block format")
+        if total_blocks * spec.n_kv_heads >= MAX_ARRAY_DIM:  # the gathers view the arrays as rows of one head
+            raise InvalidRequestError(f"{total_blocks} blocks of {spec.n_kv_heads} KV heads make more than 2**31 "
+                                      f"rows, over MLX's 32-bit array dimensions; use at most "
+                                      f"{(MAX_ARRAY_DIM - 1) // spec.n_kv_heads} blocks")
         self.spec = spec
         self.total_blocks = total_blocks
         self.pool_id = next(_pool_ids)
@@ -816,7 +828,7 @@ class BlockPool:
         a 0.05 ms memcpy).
         """
         if self._quantized is not None:
-            raise AssertionError("quantized blocks have no dense view; gather them")
+            raise IncompatibleCacheError("quantized blocks have no dense view; gather them")
         if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= self.spec.block_size:
             lo, hi = checked_int("lo", lo, 0), checked_int("hi", hi, 0)
             if not lo < hi <= self.spec.block_size:
@@ -874,6 +886,7 @@ class BlockPool:
         backend); :meth:`allocate` hands out consecutive ids whenever the free blocks hold such a run.
         """
         writes = [self._checked_write(write) for write in _sequence("writes", writes)]
+        of_this_thread(lambda: mx.eval([array for write in writes for array in write[2:4]]), "keys or values")
         if all(type(write[0]) is list for write in writes):  # a store's own lists: one pass of C builtins for all
             ids = self._checked_ids(list(itertools.chain.from_iterable(write[0] for write in writes)))
         else:
@@ -1072,8 +1085,20 @@ class BlockPool:
     def gather_rows(self, layer_block_ids: Sequence[Sequence[int]]) -> "GatherRows":
         """The row index :meth:`gather` reads for these blocks (``[layers, heads, n_blocks]``); callers that
         gather the same blocks again (an immutable handle) make it once and pass it as ``rows``."""
+        spec = self.spec
+        dense_block_bytes = spec.n_kv_heads * spec.block_size * (spec.k_head_dim + spec.v_head_dim) * spec.dtype_bytes
+        return self._rows_fitting(layer_block_ids, dense_block_bytes)
+
+    def _rows_fitting(self, layer_block_ids: Sequence[Sequence[int]], bytes_per_block: int) -> "GatherRows":
+        """:meth:`gather_rows`, checked first against what MLX may still allocate for a result of
+        ``bytes_per_block`` per listed block: it crashes, rather than raising, when it cannot get the memory
+        (the same block listed many times makes a result larger than the pool)."""
         heads = self.spec.n_kv_heads
         ids = self._block_array(layer_block_ids, 2)
+        if (needed := ids.size * bytes_per_block) > (room := mx.get_memory_limit() - mx.get_active_memory()):
+            raise InvalidRequestError(
+                f"gathering {ids.size} layer blocks takes {needed / 2**30:.1f} GiB, more than MLX may still "
+                f"allocate here ({room / 2**30:.1f} GiB of mx.get_memory_limit()); gather fewer blocks at a time")
         rows = GatherRows(mx.array(ids[:, None, :] * heads + np.arange(heads, dtype=np.int32)[None, :, None]),
                           self.pool_id)
         self._issued_rows.add(rows)
@@ -1144,7 +1169,7 @@ class BlockPool:
         blocks, the packed parts for quantized ones."""
         if self._quantized is None:
             return list(self.gather(layer_block_ids))
-        rows = self.gather_rows(layer_block_ids).index
+        rows = self._rows_fitting(layer_block_ids, self.spec.bytes_per_block_per_layer).index
         with self._lock:
             parts = self._quantized.gather_stored(rows)
             mx.eval(parts)
@@ -1171,11 +1196,12 @@ class BlockPool:
                              for ids, first_index, parts, first_token in writes])
             return
         parts_wanted = [(getattr(mx, part.dtype), part.width) for part in self.spec.stored_parts]
-        ids = []
+        ids, checked = [], []
         for block_ids, first_index, parts, first_token in writes:
             ids.extend(self._block_array(block_ids, 1).tolist())
-            checked_int("first_index", first_index, 0)
-            checked_int("first_token", first_token, 0)
+            first_index = checked_int("first_index", first_index, 0)  # NumPy or 0-d MLX ints as plain ints
+            first_token = checked_int("first_token", first_token, 0)
+            checked.append((block_ids, first_index, parts, first_token))
             if len(parts) != len(parts_wanted) or any(
                     type(part) is not mx.array or part.dtype != dtype or part.ndim != 4
                     or part.shape[:2] != (1, self.spec.n_kv_heads) or part.shape[2:] != (parts[0].shape[2], width)
@@ -1187,14 +1213,23 @@ class BlockPool:
             self._check_span(block_ids, first_index, first_token, parts[0].shape[2])
         with self._lock:
             self._check_writable(ids)
-            self._quantized.write_stored(writes)
+            self._quantized.write_stored(checked)
+
+    def _checked_row_copy(self, copy) -> RowCopy:
+        size = self.spec.block_size
+        if type(copy) is not tuple or len(copy) != 4 or not all(map(is_int, copy)) or not (
+                0 <= copy[2] <= copy[3] <= size):
+            raise InvalidRequestError(f"a row copy is (to_block, from_block, first_slot, end_slot), ints with "
+                                      f"0 <= first_slot <= end_slot <= {size}, got {shown(copy)}")
+        return tuple(map(int, copy))
 
     def copy_token_rows(self, copies: Sequence[RowCopy], of: Optional[AgentBlocks] = None) -> None:
         """Copy token slots of used blocks into fresh blocks, as stored. For quantized blocks, whose
         tokens must be quantized only once; dense blocks rebuild bit-exact, so writing them is the same.
         ``of``: the live handle the source blocks were read from, checked again under the pool's lock."""
         if self._quantized is None:
-            raise AssertionError("copy_token_rows is for quantized blocks")
+            raise IncompatibleCacheError("copy_token_rows is for quantized blocks; write dense blocks with write_many")
+        copies = [self._checked_row_copy(copy) for copy in _sequence("copies", copies)]
         self._block_array([c[0] for c in copies] + [c[1] for c in copies], 1)
         with self._lock:
             if of is not None:

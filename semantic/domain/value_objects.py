@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from semantic.domain.block_format import DENSE, BlockFormat, StoredPart, part_bytes
 from semantic.domain.errors import InvalidRequestError
@@ -14,6 +14,7 @@ from semantic.domain.request_checks import checked_int
 BLOCK_SIZE = 256
 """Tokens per block. Equal to mlx-lm's ``KVCache.step``, so a rebuilt cache has the
 same buffer length a freshly prefilled one has."""
+MAX_ARRAY_DIM = 2**31  # MLX array dimensions are 32-bit ints
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -45,12 +46,16 @@ class ModelCacheSpec:
     def __post_init__(self):
         for attr in ("n_layers", "n_kv_heads", "k_head_dim", "v_head_dim", "block_size"):
             value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidRequestError(f"ModelCacheSpec.{attr} must be a positive int, got {value!r}")
-        if self.dtype not in _DTYPE_BYTES:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_ARRAY_DIM:
+                raise InvalidRequestError(f"ModelCacheSpec.{attr} must be a positive int below 2**31 (MLX's "
+                                          f"array dimensions are 32-bit), got {value!r}")
+        if not isinstance(self.dtype, str) or self.dtype not in _DTYPE_BYTES:
             raise InvalidRequestError(
                 f"ModelCacheSpec.dtype must be one of {sorted(_DTYPE_BYTES)}, got {self.dtype!r}"
             )
+        if isinstance(self.layer_windows, (str, bytes, dict)) or not isinstance(self.layer_windows, Iterable):
+            raise InvalidRequestError(f"layer_windows must be a sequence (None per full-attention layer, a window "
+                                      f"length per sliding one), got {type(self.layer_windows).__name__}")
         windows = tuple(self.layer_windows) or (None,) * self.n_layers
         if len(windows) != self.n_layers:
             raise InvalidRequestError(
@@ -78,7 +83,7 @@ class ModelCacheSpec:
         """A named geometry of a real model, e.g. ``"gemma-3-12b"``; see ``PRESETS``."""
         try:
             return PRESETS[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name
             raise InvalidRequestError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
 
     def with_layers(self, n_layers: int) -> "ModelCacheSpec":

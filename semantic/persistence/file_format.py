@@ -29,7 +29,7 @@ import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -166,22 +166,25 @@ def _write_all(fd: int, data, offset: int) -> None:
 
 
 # ---- reading --------------------------------------------------------------------------------------
-def read_agent_cache(file, *, agent_id: str, model_fingerprint: str,
-                     spec: ModelCacheSpec) -> Tuple[AgentCacheHeader, List[mx.array]]:
+def read_agent_cache(file, *, agent_id: str, model_fingerprint: str, spec: ModelCacheSpec,
+                     check_header: Callable[[AgentCacheHeader], None] = lambda header: None,
+                     ) -> Tuple[AgentCacheHeader, List[mx.array]]:
     """Read and check a whole file: its header, that it belongs to this model, agent and geometry,
     that its size is exact, and every tensor's checksum. Returns the header and the tensors in
     ``tensor_table`` order, or raises ``CacheCorruptionError`` / ``IncompatibleCacheFileError``, or
-    ``CacheReadError`` if reading the file fails (an I/O error says nothing about its content)."""
+    ``CacheReadError`` if reading the file fails (an I/O error says nothing about its content).
+    ``check_header`` sees the checked header before any tensor is read (a file too large for the pool
+    is refused before MLX tries to allocate its tensors)."""
     where = getattr(file, "name", "the cache file")
     try:
         return _read_checked(_ReadFaults(file), where, agent_id=agent_id, model_fingerprint=model_fingerprint,
-                             spec=spec)
+                             spec=spec, check_header=check_header)
     except OSError as exc:
         raise read_error(where, exc) from exc
 
 
-def _read_checked(file: "_ReadFaults", where: str, *, agent_id: str, model_fingerprint: str,
-                  spec: ModelCacheSpec) -> Tuple[AgentCacheHeader, List[mx.array]]:
+def _read_checked(file: "_ReadFaults", where: str, *, agent_id: str, model_fingerprint: str, spec: ModelCacheSpec,
+                  check_header: Callable[[AgentCacheHeader], None]) -> Tuple[AgentCacheHeader, List[mx.array]]:
     size = os.fstat(file.fileno()).st_size
     raw_header, data_start = _read_header_bytes(file, size, where)
     header_json = _parse_json(raw_header, where)
@@ -205,6 +208,7 @@ def _read_checked(file: "_ReadFaults", where: str, *, agent_id: str, model_finge
             f"{where} is {size} bytes, its header describes {expected_size}: "
             f"{'truncated' if size < expected_size else 'unexpected bytes at the end'}"
         )
+    check_header(header)
     tensors = _load_tensors(file, table, where)
     _verify_tensors(table, tensors, _field(metadata, "tensorsha256_hex", where, _digest_map), where)
     return header, tensors

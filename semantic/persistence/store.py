@@ -489,16 +489,19 @@ class AgentCacheStore:
     def _read_into_pool(self, agent_id: str, keep: Optional[str] = None) -> AgentBlocks:
         """Check the whole file first, then allocate (making room) and write the blocks through the pool."""
         spec = self.pool.spec
+
+        def fits_ever(header: AgentCacheHeader) -> None:  # checked before MLX allocates the tensors (it would crash)
+            if (needed := sum(header.layer_blocks)) > self.pool.total_blocks:
+                raise PoolExhaustedError(
+                    needed, self.pool.total_blocks,
+                    f"(agent {agent_id!r}'s context can never fit this pool of {self.pool.total_blocks} blocks; "
+                    "load it into a larger pool)", ever=True,
+                )
+
         with self._directory.open_for_reading(agent_id) as file:
             header, tensors = read_agent_cache(file, agent_id=agent_id, model_fingerprint=self.model_fingerprint,
-                                               spec=spec)
+                                               spec=spec, check_header=fits_ever)
         needed = sum(header.layer_blocks)
-        if needed > self.pool.total_blocks:
-            raise PoolExhaustedError(
-                needed, self.pool.total_blocks,
-                f"(agent {agent_id!r}'s context can never fit this pool of {self.pool.total_blocks} blocks; "
-                "load it into a larger pool)", ever=True,
-            )
         if not self._make_room(needed, keep):
             raise PoolExhaustedError(
                 needed, self.pool.available_blocks,
