@@ -1,0 +1,7 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader > $OUT/gpu.txt; cat $OUT/gpu.txt
+cd $R/h1
+PYTHONPATH=$R/h1 timeout 120 python -m experiments.gpu_kernel_choices --parts dequantize --repeat 30 --output $OUT/choices.json > $OUT/choices.log 2>&1; echo "choices rc=$? t=$SECONDS"; grep -v OpenBLAS $OUT/choices.log | tail -4 | cut -c1-700
+for t in h1 h2 h1 h2; do [ $SECONDS -gt 170 ] && break; cd $R/$t; PYTHONPATH=$R/$t timeout 50 python $R/rebuild_layers.py $OUT > $OUT/rl.log 2>&1; echo "$t rc=$? t=$SECONDS"; cat $OUT/rl.log >> $OUT/rebuild_layers_$t.log; cat $OUT/rebuild_layers.json >> $OUT/rebuild_layers_$t.jsonl; echo >> $OUT/rebuild_layers_$t.jsonl; grep '^{' $OUT/rl.log | cut -c1-300; done
+cd $R/h2; PYTHONPATH=$R/h2 timeout 300 python -X faulthandler -m pytest -q -p no:cacheprovider tests/test_quantized_blocks.py tests/test_engine.py tests/test_engine_robustness.py -k "not sweep" > $OUT/pytest_h2.log 2>&1; echo "pytest h2 rc=$? t=$SECONDS"; tail -4 $OUT/pytest_h2.log
+L=$((585 - SECONDS)); [ $L -gt 40 ] && { PYTHONPATH=$R/h2 timeout $L python -m experiments.hot_path --out $OUT/hp --max-mib 3200 --resume-tokens 1024,4096 --resume-repeat 6 --conversation-turns 4 > $OUT/hp.log 2>&1; echo "hp rc=$? t=$SECONDS"; grep -v OpenBLAS $OUT/hp.log | head -24; }
