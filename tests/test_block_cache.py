@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -598,6 +599,53 @@ def test_a_store_reuses_only_tokens_its_source_holds():
     assert unchanged(pool, usage)
     stored = cache_to_blocks(pool, "b", caches, tokens, source=source, reused_tokens=300)
     assert stored.layer_block_ids(0)[0] == source.layer_block_ids(0)[0]  # the whole first block is shared
+
+
+def test_a_context_shorter_than_its_source_shares_the_blocks_it_can_and_stores_the_rest():
+    """A 512-token window over 256-token blocks: 900 tokens of a 1,001-token source start their window (388)
+    before the source's (489), so the source's block 1 lacks tokens the new window needs while its blocks 2
+    and 3 hold all they need. Only a prefix of a layer's blocks is shared, so that layer stores all three
+    (a bare AssertionError before); the full-attention layer shares its first three."""
+    spec = ModelCacheSpec(2, 1, 8, 8, "float32", layer_windows=(None, 512))
+    pool = BlockPool(spec, total_blocks=24)
+    data = random_values((1, 1, 1001, 8), "float32", seed=5)
+
+    def caches_of(n_tokens):
+        caches = []
+        for layer, window in enumerate(spec.layer_windows):
+            start, end = spec.visible_range(layer, n_tokens)
+            keys = data[:, :, start:end]
+            if window is None:
+                keys = mx.pad(keys, [(0, 0), (0, 0), (0, spec.blocks_for_tokens(n_tokens) * 256 - n_tokens), (0, 0)])
+            caches.append(adapter.build_layer_cache(window, keys, keys * 2, n_tokens))
+        return caches
+
+    tokens = list(range(1001))
+    source = cache_to_blocks(pool, "a", caches_of(1001), tokens)
+    shorter = cache_to_blocks(pool, "b", caches_of(900), tokens[:900], source=source, reused_tokens=900)
+    assert shorter.layer_block_ids(0)[:3] == source.layer_block_ids(0)[:3]
+    assert not set(shorter.layer_block_ids(1)) & set(source.layer_block_ids(1))
+    for got, want in zip(blocks_to_cache(pool, shorter), caches_of(900)):
+        assert all(np.array_equal(a, b) for a, b in zip(visible(got), visible(want)))
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("block_format", ["dense", "q8"])
+def test_caches_computed_lazily_on_another_threads_stream_are_refused_and_change_nothing(block_format):
+    """MLX streams belong to the thread that made them: a store of caches whose arrays another thread built but
+    never evaluated raised MLX's bare RuntimeError."""
+    spec = ModelCacheSpec(2, 1, 64, 64, "float32")
+    pool = BlockPool(spec.with_format(block_format), total_blocks=8)
+    arrays = []
+    thread = threading.Thread(target=lambda: arrays.extend(
+        random_values((1, 1, 256, 64), "float32", seed=layer) * 2 for layer in range(2)))
+    thread.start()
+    thread.join()
+    caches = [adapter.build_layer_cache(None, keys, keys, 256) for keys in arrays]
+    usage = pool.usage()
+    with pytest.raises(InvalidRequestError, match="another thread's stream"):
+        cache_to_blocks(pool, "a", caches, list(range(256)))
+    assert unchanged(pool, usage)
 
 
 def test_caches_of_another_dtype_are_refused_not_stored_as_other_bits():

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import pathlib
 import shutil
 import tempfile
 import warnings
@@ -469,6 +470,29 @@ def test_a_write_through_put_whose_directory_sync_fails_makes_its_context_curren
     assert current(store, "a") == expected and loaded_snapshot(store, "a") == expected
     store.close()  # written again, durably
     assert loaded_snapshot(store, "a") == expected and store.pool.used_blocks == 0
+
+
+def test_asking_about_an_agent_in_a_directory_that_cannot_be_searched_is_a_read_error(tmp_path, monkeypatch):
+    """A directory without search permission made ``agent in store`` (and ``store.generate``) raise a bare
+    PermissionError, where ``get`` said CacheReadError. Root ignores permissions: the OSError is injected."""
+    store = open_store(tmp_path)
+    put_new(store, "resident")
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "exists", denied)
+        assert "resident" in store  # known without the directory
+        with pytest.raises(CacheReadError, match="Permission denied"):
+            "nobody" in store
+    assert "nobody" not in store
+
+
+def test_a_store_for_something_not_an_engine_is_a_typed_error(tmp_path):
+    for not_an_engine in (None, open_store(tmp_path).pool):
+        with pytest.raises(InvalidRequestError, match="engine must be a BlockPoolBatchEngine"):
+            AgentCacheStore.for_engine(tmp_path, not_an_engine)
 
 
 def test_a_delete_whose_directory_sync_fails_forgets_the_agent_and_says_so(tmp_path, monkeypatch):

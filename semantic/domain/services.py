@@ -186,7 +186,8 @@ class _HandleBuilder:
             return
         with pool._lock:
             # The watch keeps it too: a builder dropped unfinished gives its blocks back once the kernel is done.
-            self._pending = self._watch.pending = pool._write_checked(writes, ids, one_run=self._one_run)
+            self._pending = self._watch.pending = of_this_thread(
+                lambda: pool._write_checked(writes, ids, one_run=self._one_run), "keys or values")
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None

@@ -38,7 +38,7 @@ from semantic.domain.errors import (IncompatibleCacheError, InvalidRequestError,
 from semantic.domain.request_checks import checked_int, shown
 from semantic.domain.services import BlockPool
 from semantic.persistence.directory import CacheDirectory, check_agent_id
-from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheWriteError
+from semantic.persistence.errors import CacheBudgetWarning, CachePersistenceError, CacheWriteError, read_error
 from semantic.persistence.file_format import (MAX_TOKEN_ID, AgentCacheHeader, geometry_of, read_agent_cache,
                                               write_agent_cache)
 from semantic.persistence.fingerprint import model_fingerprint
@@ -100,6 +100,10 @@ class AgentCacheStore:
     @classmethod
     def for_engine(cls, directory, engine: "BlockPoolBatchEngine", **kwargs) -> "AgentCacheStore":
         """A store for ``engine``'s pool, fingerprinted with its model and tokenizer."""
+        from semantic.application.batch_engine import BlockPoolBatchEngine  # already loaded where an engine exists
+
+        if not isinstance(engine, BlockPoolBatchEngine):
+            raise InvalidRequestError(f"engine must be a BlockPoolBatchEngine, got {type(engine).__name__}")
         return cls(directory, engine.pool, model_fingerprint(engine.model, engine.tokenizer), **kwargs)
 
     @property
@@ -157,7 +161,13 @@ class AgentCacheStore:
     def __contains__(self, agent_id: str) -> bool:
         check_agent_id(agent_id)  # a typed error for a non-string, before it meets the dict
         with self._lock:
-            return agent_id in self._resident or self._directory.file_for(agent_id).exists()
+            if agent_id in self._resident:
+                return True
+            path = self._directory.file_for(agent_id)
+            try:
+                return path.exists()
+            except OSError as exc:  # a directory that may not be searched: as get() says, not a bare OSError
+                raise read_error(path, exc) from exc
 
     # ---- memory tier ------------------------------------------------------------------------------
     def put(self, agent_blocks: AgentBlocks) -> None:
