@@ -242,6 +242,26 @@ def test_next_turn_refuses_a_context_that_is_not_token_ids_with_a_typed_error(ll
             next_turn(tokenizer, context, "hi")
 
 
+def test_chat_turns_of_something_not_a_tokenizer_are_typed_errors(llama32, monkeypatch):
+    """None and a str (whose ``encode`` is str.encode) raised AttributeError and LookupError; a tokenizer
+    without an end token AttributeError, a template that gives no ids TypeError."""
+    from semantic.models.chat import first_turn, next_turn
+
+    for not_a_tokenizer in (None, "tokenizer", 5):
+        for turn in (lambda t: first_turn(t, "hi"), lambda t: next_turn(t, [5], "hi")):
+            with pytest.raises(InvalidRequestError, match="tokenizer must be the model's tokenizer"):
+                turn(not_a_tokenizer)
+    tokenizer = llama32[1]
+    monkeypatch.setattr(tokenizer._tokenizer, "chat_template", CHATML, raising=False)
+    assert first_turn(tokenizer, "hi") and next_turn(tokenizer, [5, tokenizer.eos_token_id], "hi")
+    monkeypatch.setattr(type(tokenizer), "eos_token", None, raising=False)
+    with pytest.raises(InvalidRequestError, match="no end token"):
+        next_turn(tokenizer, [5], "hi")
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *args, **kwargs: None, raising=False)
+    with pytest.raises(InvalidRequestError, match="gave NoneType"):
+        first_turn(tokenizer, "hi")
+
+
 @pytest.mark.parametrize("option", ["prefill_step_size", "prefill_batch_size", "completion_batch_size"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "8"])
 def test_batch_sizes_that_would_stall_mlx_lm_are_refused(llama32, option, value):

@@ -20,17 +20,22 @@ _PROBE_REPLY = "\x00reply\x00"  # assistant content that no template writes by i
 
 def first_turn(tokenizer, message: str, system: Optional[str] = None) -> List[int]:
     """The prompt of a conversation's first user message, with the generation prompt."""
+    _check_tokenizer(tokenizer)
     _check_text("message", message)
     if system is not None:
         _check_text("system", system)
     if not getattr(tokenizer, "chat_template", None):
         return tokenizer.encode(((system + "\n") if system else "") + _PLAIN_TURN.format(message=message).lstrip())
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
-    return list(_apply_template(tokenizer, messages))
+    ids = _apply_template(tokenizer, messages)
+    if not isinstance(ids, (list, tuple)):
+        raise InvalidRequestError(f"the chat template gave {type(ids).__name__}, not a list of token ids")
+    return list(ids)
 
 
 def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
     """Tokens to append to ``context`` (which ends with the assistant's reply) for a new user message."""
+    _check_tokenizer(tokenizer)
     _check_text("message", message)
     last = _last_token(context)
     if not getattr(tokenizer, "chat_template", None):
@@ -38,7 +43,7 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
     conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE_REPLY},
                     {"role": "user", "content": message}]
     rendered = _apply_template(tokenizer, conversation, tokenize=False)
-    end = tokenizer.eos_token
+    end = getattr(tokenizer, "eos_token", None)
     if not isinstance(rendered, str) or _PROBE_REPLY not in rendered or not end:
         raise InvalidRequestError(
             "the chat template does not write an assistant's reply into the conversation, or the tokenizer has no "
@@ -51,6 +56,12 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
     suffix = after_reply[len(end):]
     return tokenizer.encode(suffix if last is not None and last in _end_ids(tokenizer) else end + suffix,
                             add_special_tokens=False)
+
+
+def _check_tokenizer(tokenizer) -> None:
+    if isinstance(tokenizer, (str, bytes)) or not callable(getattr(tokenizer, "encode", None)):
+        raise InvalidRequestError(f"tokenizer must be the model's tokenizer (with encode, as mlx_lm.load returns), "
+                                  f"got {type(tokenizer).__name__}")
 
 
 def _check_text(name: str, value) -> None:
@@ -85,5 +96,5 @@ def _apply_template(tokenizer, messages, **options):
 
 def _end_ids(tokenizer) -> Set[int]:
     """mlx-lm's wrapper gives a set of ids, a plain transformers tokenizer may give one int."""
-    ids = getattr(tokenizer, "eos_token_ids", None) or tokenizer.eos_token_id
+    ids = getattr(tokenizer, "eos_token_ids", None) or getattr(tokenizer, "eos_token_id", None)
     return {ids} if isinstance(ids, int) else set(ids or ())
