@@ -70,6 +70,12 @@ def _on_cuda() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
+def allocatable_bytes() -> int:
+    """What MLX may still allocate: its memory limit less what its arrays hold now. MLX crashes, rather than
+    raising, when it cannot get memory: requests sized by their caller are checked against this first."""
+    return mx.get_memory_limit() - mx.get_active_memory()
+
+
 def _row_words(table: mx.array) -> int:
     """16-byte words per row of ``table``, or 0 if its rows are not whole words."""
     row_bytes = table.itemsize * math.prod(table.shape[1:])

@@ -214,11 +214,6 @@ def _array_description(value) -> str:
 _PREFILL_PEAK_OVER_SCORES = 1.4
 
 
-def allocatable_bytes() -> int:
-    """What MLX may still allocate: its memory limit less what its arrays hold now."""
-    return mx.get_memory_limit() - mx.get_active_memory()
-
-
 def prefill_chunk_bytes(model, context_tokens: int, prompt_tokens: int, step: int, dtype_bytes: int) -> int:
     """Memory a prompt's largest prefill chunk needs where MLX's attention materialises its scores: on the CPU,
     ``scaled_dot_product_attention`` is a matmul, a softmax and a matmul, ``[query heads, chunk, context]``

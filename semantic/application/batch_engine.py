@@ -57,6 +57,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tu
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters import mlx_threads
+from semantic.adapters.mlx_kernels import allocatable_bytes
 from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, can_trim, layer_ids_for
 from semantic.domain.entities import AgentBlocks
 from semantic.domain.errors import (
@@ -296,7 +297,7 @@ class BlockPoolBatchEngine:
         not counted."""
         step = self._prefill_step_size
         needed = adapter.prefill_chunk_bytes(self.model, context, prompt, step, self.spec.dtype_bytes)
-        if needed > (room := adapter.allocatable_bytes()):
+        if needed and needed > (room := allocatable_bytes()):  # 0 off the CPU: nothing to ask of MLX
             per_token = needed / min(step, prompt)
             raise InvalidRequestError(
                 f"a prompt of {prompt} tokens after {context} cached ones, prefilled {step} tokens at a time, needs "

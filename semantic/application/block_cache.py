@@ -223,8 +223,10 @@ def _reuse_plan(spec: ModelCacheSpec, source_tokens: int, n_source_ids: int, reu
         lo, hi = max(start, index * size), min(end, (index + 1) * size)
         if lo < hi and src_start <= lo and hi <= reused_tokens:
             shared.add(index)
-    new_from = first  # only a prefix is shared: a context shorter than its source can start its window before
-    while new_from in shared:  # the source's, so its first block is written and the reusable ones after it too
+    # Only a prefix is shared: a context shorter than its source can start its window before the source's, so
+    # its first block is written, and the reusable ones after it too.
+    new_from = first
+    while new_from in shared:
         new_from += 1
     carried = None
     if quantized:

@@ -59,10 +59,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import (MAX_DESCRIBED_LAYOUTS, gather_row_pairs, gather_row_pairs_apart,
-                                           host_view, host_views, pack_blocks, packs_blocks, split_host_copies,
-                                           word_view, write_blocks_in_place, write_described_blocks_in_place,
-                                           writes_through_host)
+from semantic.adapters.mlx_kernels import (MAX_DESCRIBED_LAYOUTS, allocatable_bytes, gather_row_pairs,
+                                           gather_row_pairs_apart, host_view, host_views, pack_blocks, packs_blocks,
+                                           split_host_copies, word_view, write_blocks_in_place,
+                                           write_described_blocks_in_place, writes_through_host)
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -1096,7 +1096,7 @@ class BlockPool:
         (the same block listed many times makes a result larger than the pool)."""
         heads = self.spec.n_kv_heads
         ids = self._block_array(layer_block_ids, 2)
-        if (needed := ids.size * bytes_per_block) > (room := mx.get_memory_limit() - mx.get_active_memory()):
+        if (needed := ids.size * bytes_per_block) and needed > (room := allocatable_bytes()):
             raise InvalidRequestError(
                 f"gathering {ids.size} layer blocks takes {needed / 2**30:.1f} GiB, more than MLX may still "
                 f"allocate here ({room / 2**30:.1f} GiB of mx.get_memory_limit()); gather fewer blocks at a time")
