@@ -301,6 +301,36 @@ def test_a_prefill_chunk_larger_than_mlx_may_allocate_is_refused_at_the_door(lla
     assert chunked.pending == 0 and whole(chunked.pool)
 
 
+def test_prompts_too_large_to_prefill_together_are_prefilled_one_after_the_other(llama32):
+    """mlx-lm prefills the prompts in its batch together, their scores at once: each prompt fitting alone
+    did not mean that two fit. With MLX's limit set to 1.5x one prompt's chunk, the second prompt waits until
+    the first has prefilled (together they peaked at 2.2x), and each gets the tokens it gets alone."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("Metal and CUDA run attention as fused kernels: no scores made whole")
+    engine = make_engine(llama32, total_blocks=200)
+    prompts = {agent: [5 + (i * k) % 900 for i in range(1500)] for agent, k in (("a", 7), ("b", 13))}
+    alone = {}
+    for agent, prompt in prompts.items():
+        completion = engine.generate(agent, prompt, max_tokens=4)
+        alone[agent] = completion.token_ids
+        completion.blocks.release()
+    one = adapter.prefill_chunk_bytes(llama32[0], [(0, 1500)], 2048, engine.spec.dtype_bytes)
+    limit, base = mx.get_memory_limit(), mx.get_active_memory()
+    mx.set_memory_limit(base + int(1.5 * one))
+    try:
+        mx.reset_peak_memory()
+        agents = {engine.submit(agent, prompt, max_tokens=4): agent for agent, prompt in prompts.items()}
+        done = {agents[c.uid]: c for c in _steps_until_idle(engine)}
+        peak = mx.get_peak_memory() - base
+    finally:
+        mx.set_memory_limit(limit)
+    assert {agent: c.token_ids for agent, c in done.items()} == alone
+    assert peak < 1.5 * one, f"peak {peak / one:.2f}x one prompt's chunk"
+    for completion in done.values():
+        completion.blocks.release()
+    assert whole(engine.pool)
+
+
 # ---- generate never returns None: finding 6 ----------------------------------------------------------
 def test_generate_names_the_agents_holding_the_pool_instead_of_returning_none(llama32):
     layers = ModelCacheSpec.from_model(llama32[0]).n_layers

@@ -578,6 +578,10 @@ def test_spec_presets_and_derived_sizes():
     for n_layers in (0, 2.5, True, "2"):
         with pytest.raises(InvalidRequestError, match="n_layers"):
             gemma.with_layers(n_layers)
+    for n_tokens in ("8192", 8192.0, None, -1):  # a str, a float or None raised a bare TypeError
+        with pytest.raises(InvalidRequestError, match="n_tokens"):
+            gemma.blocks_per_agent(n_tokens)
+    assert gemma.blocks_per_agent(np.int64(8192)) == gemma.blocks_per_agent(8192) and gemma.bytes_per_agent(0) == 0
 
 
 # ---- what only the pool can check: sizes, who may be written, reservations after a failure ----------------

@@ -214,16 +214,18 @@ def _array_description(value) -> str:
 _PREFILL_PEAK_OVER_SCORES = 1.4
 
 
-def prefill_chunk_bytes(model, context_tokens: int, prompt_tokens: int, step: int, dtype_bytes: int) -> int:
-    """Memory a prompt's largest prefill chunk needs where MLX's attention materialises its scores: on the CPU,
-    ``scaled_dot_product_attention`` is a matmul, a softmax and a matmul, ``[query heads, chunk, context]``
-    scores at once (Metal and CUDA run fused kernels: 0 there). 0 for a model whose config names no
-    ``num_attention_heads``."""
+def prefill_chunk_bytes(model, sequences: Sequence[Tuple[int, int]], step: int, dtype_bytes: int) -> int:
+    """Memory the largest prefill chunk of ``sequences`` (``(cached tokens, prompt tokens)`` each) needs when
+    mlx-lm prefills them together, where MLX's attention materialises its scores: on the CPU,
+    ``scaled_dot_product_attention`` is a matmul, a softmax and a matmul, ``[batch, query heads, chunk,
+    context]`` scores at once, every sequence padded to the longest chunk and context (Metal and CUDA run fused
+    kernels: 0 there). 0 for a model whose config names no ``num_attention_heads``."""
     heads = getattr(getattr(model, "args", None), "num_attention_heads", None)
-    if mx.default_device() != mx.cpu or not isinstance(heads, int):
+    if mx.default_device() != mx.cpu or not isinstance(heads, int) or not sequences:
         return 0
-    scores = heads * min(step, prompt_tokens) * (context_tokens + prompt_tokens) * dtype_bytes
-    return int(scores * _PREFILL_PEAK_OVER_SCORES)
+    longest_prompt = max(prompt for _, prompt in sequences)
+    context = max(cached for cached, _ in sequences) + longest_prompt  # caches merged left-padded, prompts padded
+    return int(len(sequences) * heads * min(step, longest_prompt) * context * dtype_bytes * _PREFILL_PEAK_OVER_SCORES)
 
 
 def vocab_size(model) -> int:

@@ -138,6 +138,12 @@ class _Request:
     generated: List[int] = field(default_factory=list)
     first_token_at: Optional[float] = None
     unattributed_failures: int = 0
+    prefilling: bool = False  # in mlx-lm's batch, its first token (since it went in) not out yet
+
+    @property
+    def prefill(self) -> Tuple[int, int]:
+        """Tokens cached and tokens to prefill when it goes into mlx-lm's batch."""
+        return self.reused_tokens, len(self.prompt_tokens) + len(self.generated)
 
     @property
     def reused_tokens(self) -> int:
@@ -293,10 +299,10 @@ class BlockPoolBatchEngine:
     def _check_prefill_memory(self, context: int, prompt: int) -> None:
         """``InvalidRequestError`` for a prompt whose largest prefill chunk would need more memory than MLX may
         still allocate (on the CPU its attention scores are made whole): MLX crashes, rather than raising, when it
-        cannot get the memory (a 100,000-token prompt in one chunk did). Prompts batched together with it are
-        not counted."""
+        cannot get the memory (a 100,000-token prompt in one chunk did). Prompts that would not fit beside it in
+        one batch are kept apart by :meth:`_admit`."""
         step = self._prefill_step_size
-        needed = adapter.prefill_chunk_bytes(self.model, context, prompt, step, self.spec.dtype_bytes)
+        needed = adapter.prefill_chunk_bytes(self.model, [(context, prompt)], step, self.spec.dtype_bytes)
         if needed and needed > (room := allocatable_bytes()):  # 0 off the CPU: nothing to ask of MLX
             per_token = needed / min(step, prompt)
             raise InvalidRequestError(
@@ -349,10 +355,14 @@ class BlockPoolBatchEngine:
         """Move waiting requests into the generator, first come first served, while blocks can be reserved
         (a restarted request keeps the reservation it has). While nothing runs, a request that does not fit
         no longer holds up those behind it that do: no step of this engine would free blocks for it (handles
-        the caller keeps, or another engine's requests, hold them)."""
+        the caller keeps, or another engine's requests, hold them). A request whose prompt would not fit in
+        memory beside those still prefilling (mlx-lm prefills them as one batch) waits, with those behind it,
+        until they have prefilled."""
         index = 0
         while index < len(self._waiting):
             request = self._waiting[index]
+            if not self._prefills_beside_running(request):
+                return
             try:
                 if request.reservation is None:
                     request.reservation = self.pool.reserve(request.new_blocks_bound, f"request {request.uid}")
@@ -375,6 +385,16 @@ class BlockPoolBatchEngine:
                     self._generator.remove_tagged(request.uid)
                 raise
 
+    def _prefills_beside_running(self, request: _Request) -> bool:
+        """Whether ``request``'s prompt fits in memory in one prefill batch with the running requests still
+        prefilling (on the CPU; alone, it was checked at submit)."""
+        prefilling = [r.prefill for r in self._running.values() if r.prefilling]
+        if not prefilling:
+            return True
+        needed = adapter.prefill_chunk_bytes(self.model, prefilling + [request.prefill], self._prefill_step_size,
+                                             self.spec.dtype_bytes)
+        return not needed or needed <= allocatable_bytes()
+
     def _start(self, request: _Request) -> None:
         """Put a request with its reservation into the generator: from its source context, fed its prompt
         and whatever it generated before (a restart after a failed step), to generate the rest."""
@@ -389,6 +409,7 @@ class BlockPoolBatchEngine:
             if not isinstance(exc, Exception):
                 raise
             return
+        request.prefilling = True
         self._running[request.generator_uid] = request
 
     def _insert(self, request: _Request, generator: adapter.Generator) -> int:
@@ -724,6 +745,7 @@ class BlockPoolBatchEngine:
             return
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
+        request.prefilling = False
         if event.finish_reason is None:
             request.generated.append(event.token)
             return

@@ -163,6 +163,8 @@ class ModelCacheSpec:
     def blocks_per_agent(self, n_tokens: int) -> int:
         """Blocks (over all layers) a context of ``n_tokens`` occupies. Once per window, not per layer: every
         rebuild with room checks it (48 layers: 24 us -> a few)."""
+        if type(n_tokens) is not int or n_tokens < 0:  # public sizing arithmetic: a str raised a bare TypeError
+            n_tokens = checked_int("n_tokens", n_tokens, 0)
         return sum(n * (last - first) for layer, n in self._layers_per_window
                    for first, last in (self.layer_block_range(layer, n_tokens),))
 
