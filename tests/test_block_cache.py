@@ -11,7 +11,7 @@ import pytest
 from conftest import run_in_threads
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters.mlx_kernels import host_view
-from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, layer_ids_for
+from semantic.application.block_cache import blocks_to_cache, cache_to_blocks, can_trim, layer_ids_for
 from semantic.benchmarking.cases import random_caches, random_values
 from semantic.domain.errors import IncompatibleCacheError, InvalidRequestError, UnsupportedModelError
 from semantic.domain.services import BlockPool
@@ -871,3 +871,17 @@ def test_rebuilds_from_several_threads_at_once_are_bit_exact():
                 assert all(np.array_equal(a, b) for a, b in zip(want, got))
 
     run_in_threads(rebuild, 20)
+
+
+def test_can_trim_answers_for_a_spec_a_handle_and_a_token_count_and_refuses_anything_else():
+    """A str or None raised a bare TypeError, a str handle an AttributeError, and a float count was answered."""
+    spec = ModelCacheSpec(2, 1, 4, 4, "float32", block_size=16, layer_windows=(None, 20))
+    pool = BlockPool(spec, total_blocks=16)
+    handle = cache_to_blocks(pool, "a", random_caches(spec, 50), list(range(50)))
+    assert can_trim(spec, handle, 50) and can_trim(spec, handle, np.int64(50)) and can_trim(spec, handle, 0)
+    assert not can_trim(spec, handle, 40) and not can_trim(spec, handle, 51)  # before the window; past the end
+    for args in ((spec, handle, None), (spec, handle, "3"), (spec, handle, 20.5), (spec, "h", 1), (None, handle, 1)):
+        with pytest.raises(InvalidRequestError):
+            can_trim(*args)
+    handle.release()
+    pool.check_invariants()

@@ -582,6 +582,14 @@ def test_spec_presets_and_derived_sizes():
         with pytest.raises(InvalidRequestError, match="n_tokens"):
             gemma.blocks_per_agent(n_tokens)
     assert gemma.blocks_per_agent(np.int64(8192)) == gemma.blocks_per_agent(8192) and gemma.bytes_per_agent(0) == 0
+    # 2**31 layers: a 17 GB tuple of windows built, then refused (or MemoryError); a format name of 5,000
+    # digits and a NumPy array as format: bare ValueErrors.
+    for build in (lambda: ModelCacheSpec(2**31 - 1, 1, 4, 4), lambda: SPEC.with_layers(2**31),
+                  lambda: SPEC.with_layers(2**16 + 1), lambda: SPEC.with_format("q" + "9" * 5000),
+                  lambda: SPEC.with_format(np.array([8, 4])), lambda: SPEC.with_format("q\u0668")):
+        with pytest.raises(InvalidRequestError):
+            build()
+    assert SPEC.with_layers(2**16).n_layers == 2**16
 
 
 # ---- what only the pool can check: sizes, who may be written, reservations after a failure ----------------
@@ -655,6 +663,45 @@ def test_a_builder_writes_exactly_the_blocks_it_allocated_in_order_or_nothing():
         handle = builder.finish_store((1,), [ids[:1], ids[1:]])
     assert all((written(pool, b)[0][..., :8, :] == 3).all() and (written(pool, b)[0][..., 8:, :] == 0).all() for b in ids)
     assert handle.all_block_ids == ((ids[0],), (ids[1],))
+    pool.check_invariants()
+
+
+def test_a_store_builder_takes_only_its_own_blocks_each_once_and_numbers_that_fit_them():
+    """finish_store compared only how many ids it was given: a block listed twice ended at a reference count
+    of -1 (its other block lost), another agent's block went back on the free list while still in use, and a
+    str id was taken. write_store checked only the arrays: a 5-tuple raised IndexError, None TypeError, a
+    negative first token a bare broadcast ValueError, and a first block index past the tokens was written
+    (data where it did not belong; on CUDA, reads past the source)."""
+    pool = BlockPool(SPEC, total_blocks=6)
+    victim = pool.allocate(1, "victim")
+    data = mx.ones((1, 1, 8, 4), dtype=mx.float32)
+    pool.write_blocks(victim, 0, data, data, 0)
+    before, usage = {b: written(pool, b) for b in range(6)}, pool.usage()
+    for listing in (lambda x, y: [[x, x], []], lambda x, y: [[victim[0]], [y]], lambda x, y: [["x"], [y]],
+                    lambda x, y: [[x], [y, x]], lambda x, y: [[x], [y, 5]]):
+        with pool.build_handle("a") as builder:
+            x, y = builder.allocate(2)
+            with pytest.raises(BlockOwnershipError, match="each block once"):
+                builder.finish_store((1,), listing(x, y))
+        pool.check_invariants()
+        assert pool.usage() == usage
+    for writes in (lambda ids: [(ids, 0, data, data, 0)], lambda ids: None, lambda ids: (w for w in ()),
+                   lambda ids: [(ids, 0, data, data, -16, 8)], lambda ids: [(ids, 5, data, data, 0, 8)],
+                   lambda ids: [(ids, 0, data, data, 0, 9)], lambda ids: [(ids, 0, data, data, 0, 0)],
+                   lambda ids: [(ids, 0.0, data, data, 0, 8)], lambda ids: [(ids, 0, data, data, 0, None)]):
+        with pool.build_handle("a") as builder:
+            ids = builder.allocate(1)
+            with pytest.raises(InvalidRequestError):
+                builder.write_store(writes(ids))
+        pool.check_invariants()
+        assert pool.usage() == usage
+    assert all(np.array_equal(before[b][k], written(pool, b)[k]) for b in range(6) for k in (0, 1))
+    with pool.build_handle("a") as builder:  # NumPy numbers are taken as the ints they are
+        ids = builder.allocate(1)
+        builder.write_store([(ids, np.int64(0), data * 2, data * 2, np.int32(0), np.int64(8))])
+        handle = builder.finish_store((1,), [ids, []])
+    assert (written(pool, ids[0])[0][..., :8, :] == 2).all()
+    handle.release()
     pool.check_invariants()
 
 

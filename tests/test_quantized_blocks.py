@@ -300,6 +300,26 @@ def test_an_empty_gather_is_empty_as_in_a_dense_pool(fmt):
     assert [a.shape for a in quantized.gather([[]])] == [a.shape for a in dense.gather([[]])] == [(1, 2, 0, 64)] * 2
     assert [a.shape for a in quantized.gather_stored([[]])] == [(1, 2, 0, part.width)
                                                                 for part in quantized.spec.stored_parts]
+    apart = [[(k.shape, v.shape) for k, v in pool.gather_apart(pool.gather_rows([[], []][:1]))]
+             for pool in (quantized, dense)]  # a bare ValueError from MLX's reshape before
+    assert apart[0] == apart[1] == [((1, 2, 0, 64), (1, 2, 0, 64))]
+
+
+@pytest.mark.parametrize("fmt", ["dense", "q8", "q4"])
+def test_a_write_of_no_tokens_beside_others_writes_the_others(fmt):
+    """A write of no blocks and no tokens in a write_many: NumPy took its empty id list as float indices
+    (IndexError, quantized pools), and a memoryview of a source with no tokens could not be cast (TypeError,
+    dense pools on the host)."""
+    pool = BlockPool(ModelCacheSpec(2, 2, 64, 64, "float32", block_size=16).with_format(fmt), 4)
+    ids = pool.allocate(1, "a")
+    data = mx.arange(2 * 5 * 64, dtype=mx.float32).reshape(1, 2, 5, 64) / 64
+    empty = mx.zeros((1, 2, 0, 64))
+    pool.write_many([([], 0, empty, empty, 0), (ids, 0, data, data, 0)])
+    fresh = BlockPool(pool.spec, 4)
+    pool_ids = fresh.allocate(1, "a")
+    fresh.write_many([(pool_ids, 0, data, data, 0)])
+    assert all(mx.array_equal(a, b).item() for a, b in zip(pool.gather([ids]), fresh.gather([pool_ids])))
+    pool.check_invariants()
 
 
 @pytest.mark.parametrize("fmt", ["q8g32", "q4g32"])

@@ -391,7 +391,9 @@ def host_views(arrays: Sequence[mx.array]) -> List[np.ndarray]:
     strided = []
     for i, array in enumerate(arrays):
         buffer = memoryview(array)
-        if buffer.c_contiguous:
+        if not array.size:  # a memoryview of zeros in its shape cannot be cast
+            views[i] = np.empty(array.shape, dtype=f"u{array.itemsize}")
+        elif buffer.c_contiguous:
             views[i] = np.frombuffer(buffer.cast("B"), dtype=f"u{array.itemsize}").reshape(array.shape)
         else:
             strided.append(i)

@@ -38,6 +38,11 @@ def layer_ids_for(spec: ModelCacheSpec, handle: AgentBlocks, layer: int, n_token
 
 def can_trim(spec: ModelCacheSpec, handle: AgentBlocks, n_tokens: int) -> bool:
     """Whether every layer of ``handle`` still holds what a context of its first ``n_tokens`` needs."""
+    if not (isinstance(spec, ModelCacheSpec) and isinstance(handle, AgentBlocks)):
+        raise InvalidRequestError(f"can_trim takes a ModelCacheSpec and an AgentBlocks, got {type(spec).__name__} "
+                                  f"and {type(handle).__name__}")
+    if type(n_tokens) is not int:  # a str or None raised a bare TypeError, a float gave an answer
+        n_tokens = checked_int("n_tokens", n_tokens, 0)
     if not 0 <= n_tokens <= handle.num_tokens:
         return False
     return all(

@@ -21,7 +21,7 @@ QUANTIZED_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 DEFAULT_GROUP_SIZE = 64
 _PACKED_DTYPE = "uint32"
-_NAME = re.compile(r"^q(\d+)(?:g(\d+))?$")
+_NAME = re.compile(r"^q([0-9]{1,3})(?:g([0-9]{1,3}))?$")  # ASCII digits, a few: int() of 5,000 raised
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class BlockFormat:
         ``"q4g32"``: 4 bits in groups of 32; an int: those bits in groups of 64."""
         if isinstance(value, BlockFormat):
             return value
-        if value is None or value == "dense":
+        if value is None or (isinstance(value, str) and value == "dense"):  # == of a NumPy array is an array
             return DENSE
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(value)

@@ -91,6 +91,9 @@ class QuantizedArenas:
                      v_shape: Sequence[int]) -> List[Tuple[mx.array, mx.array]]:
         """:meth:`gather` per layer, reshaped to ``k_shape`` and ``v_shape``, each array in a buffer of its
         own (``BlockPool.gather_apart``)."""
+        if not rows.shape[-1]:  # as gather's: nothing to dequantize, and MLX cannot reshape an empty gather
+            dtype = getattr(mx, self.spec.dtype)
+            return [(mx.zeros(k_shape, dtype), mx.zeros(v_shape, dtype)) for _ in range(rows.shape[0])]
         tables = self._row_tables()
         return gather_dequantized_pairs_apart(tuple(tables[:3]), tuple(tables[3:]), rows, k_shape, v_shape,
                                               group_size=self.format.group_size, bits=self.format.bits)
@@ -127,6 +130,8 @@ class QuantizedArenas:
         planned = []
         for block_ids, first_index, parts, first_token in writes:
             n_blocks = len(block_ids)
+            if not n_blocks:  # no tokens either (checked): NumPy takes an empty id list for float indices
+                continue
             parts, first_token = self._clip(parts, first_index, n_blocks, first_token, parts[0].shape[2])
             before = first_token - first_index * size
             padded = []

@@ -15,6 +15,7 @@ BLOCK_SIZE = 256
 """Tokens per block. Equal to mlx-lm's ``KVCache.step``, so a rebuilt cache has the
 same buffer length a freshly prefilled one has."""
 MAX_ARRAY_DIM = 2**31  # MLX array dimensions are 32-bit ints
+MAX_LAYERS = 2**16  # far above any model; a spec keeps a tuple per layer (2**31 layers took 17 GB before refusal)
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -49,6 +50,8 @@ class ModelCacheSpec:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_ARRAY_DIM:
                 raise InvalidRequestError(f"ModelCacheSpec.{attr} must be a positive int below 2**31 (MLX's "
                                           f"array dimensions are 32-bit), got {value!r}")
+        if self.n_layers > MAX_LAYERS:
+            raise InvalidRequestError(f"ModelCacheSpec.n_layers must be at most {MAX_LAYERS}, got {self.n_layers}")
         if not isinstance(self.dtype, str) or self.dtype not in _DTYPE_BYTES:
             raise InvalidRequestError(
                 f"ModelCacheSpec.dtype must be one of {sorted(_DTYPE_BYTES)}, got {self.dtype!r}"
@@ -88,7 +91,7 @@ class ModelCacheSpec:
 
     def with_layers(self, n_layers: int) -> "ModelCacheSpec":
         """The same geometry cut or extended to ``n_layers``, repeating the layer pattern."""
-        n_layers = checked_int("n_layers", n_layers, 1)
+        n_layers = checked_int("n_layers", n_layers, 1, MAX_LAYERS)
         windows = tuple(self.layer_windows[i % self.n_layers] for i in range(n_layers))
         return replace(self, n_layers=n_layers, layer_windows=windows)
 
