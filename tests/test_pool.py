@@ -569,7 +569,8 @@ def test_spec_presets_and_derived_sizes():
     # A dtype of a list, windows of None or an int, a preset named by a list: bare TypeErrors before; a
     # block of 2**31 tokens passed, then MLX's zeros raised OverflowError (its dimensions are 32-bit).
     for bad in (dict(n_layers=True), dict(n_kv_heads=True), dict(layer_windows=(True, None)), dict(dtype=["float16"]),
-                dict(layer_windows=None), dict(layer_windows=5), dict(block_size=2**31), dict(k_head_dim=2**32 - 1)):
+                dict(layer_windows=None), dict(layer_windows=5), dict(block_size=2**31), dict(k_head_dim=2**32 - 1),
+                dict(layer_windows={None, 8})):
         with pytest.raises(InvalidRequestError):
             ModelCacheSpec(**{**dict(n_layers=2, n_kv_heads=1, k_head_dim=4, v_head_dim=4), **bad})
     assert ModelCacheSpec(2, 1, 4, 4, layer_windows=(w for w in (None, 8))).layer_windows == (None, 8)

@@ -56,7 +56,9 @@ class ModelCacheSpec:
             raise InvalidRequestError(
                 f"ModelCacheSpec.dtype must be one of {sorted(_DTYPE_BYTES)}, got {self.dtype!r}"
             )
-        if isinstance(self.layer_windows, (str, bytes, dict)) or not isinstance(self.layer_windows, Iterable):
+        # A set has no order: its windows would go to layers in hash order.
+        if isinstance(self.layer_windows, (str, bytes, dict, set, frozenset)) or not isinstance(self.layer_windows,
+                                                                                               Iterable):
             raise InvalidRequestError(f"layer_windows must be a sequence (None per full-attention layer, a window "
                                       f"length per sliding one), got {type(self.layer_windows).__name__}")
         windows = tuple(self.layer_windows) or (None,) * self.n_layers
