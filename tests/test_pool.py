@@ -706,6 +706,31 @@ def test_a_store_builder_takes_only_its_own_blocks_each_once_and_numbers_that_fi
     pool.check_invariants()
 
 
+@pytest.mark.parametrize("ending", ["finished", "dropped"])
+def test_a_queued_write_that_cannot_run_on_this_thread_ends_its_builder_cleanly(ending):
+    """On CUDA a builder's write is only queued; its sources are evaluated when it is waited for. Sources that
+    are lazy arrays of another thread's stream then raised MLX's bare RuntimeError from finish_store, and a
+    builder dropped unfinished made every later pool operation raise it (the pool waits for a dropped
+    builder's write before it takes its blocks back). Here the queued write is such an array."""
+    pool = BlockPool(SPEC, total_blocks=6)
+    lazy = []
+    thread = threading.Thread(target=lambda: lazy.append(mx.ones((4,)) * 2))
+    thread.start()
+    thread.join()
+    builder = pool.build_handle("a")
+    ids = builder.allocate(2)
+    builder._pending = builder._watch.pending = lazy[0]
+    if ending == "finished":
+        with pytest.raises(InvalidRequestError, match="another thread's stream"):
+            with builder:
+                builder.finish_store((1,), [ids[:1], ids[1:]])
+    del builder
+    gc.collect()
+    assert pool.usage().used_blocks == 0
+    pool.check_invariants()
+    assert len(pool.allocate(6, "b")) == 6
+
+
 @pytest.mark.parametrize("ending", ["finished", "rolled back"])
 def test_a_builder_waits_for_its_queued_write_before_its_blocks_leave_it(monkeypatch, ending):
     """On CUDA write_new only queues its kernel (the caller's Python runs while it copies): the handle, or a

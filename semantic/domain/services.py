@@ -190,8 +190,8 @@ class _HandleBuilder:
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:
-            mx.eval(pending)
+        if pending is not None:  # on CUDA the write's sources are first evaluated here
+            of_this_thread(lambda: mx.eval(pending), "keys or values")
 
     def retain(self, block_ids: Sequence[int], of: Optional[AgentBlocks] = None) -> None:
         """References on blocks in use. ``of``: the live handle they were read from, checked again under the
@@ -727,7 +727,10 @@ class BlockPool:
                 self._watches.pop(id(watch), None)
             else:
                 if watch.pending is not None:  # a builder's write kernel: done before its blocks are taken again
-                    mx.eval(watch.pending)
+                    try:
+                        of_this_thread(lambda: mx.eval(watch.pending), "a dropped builder's write")
+                    except InvalidRequestError:  # never ran (its sources are another thread's): nothing writes
+                        pass
                 self._settled = False
                 self._drop(watch.held, watch.agent_id)
                 self._settled = True
