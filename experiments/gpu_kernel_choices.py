@@ -242,9 +242,9 @@ def _kernel(name: str, source: str, output_names: Tuple[str, ...]):
 
 def dequantize_sources() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     """Each dequantize variant's kernel source and output names, by variant (its thread counts aside). The
-    shipped kernel writes one of several output pairs per thread block (``OUTPUT_SWITCH``); here one pair."""
+    shipped kernel writes one of several output pairs per thread block (``OUTPUT_SWITCH``); here its one-pair form."""
     pair = ("k_out", "v_out")
-    shipped = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(1, "T*"))
+    shipped = mlx_kernels.dequantize_rows_source(1)
     return {"shipped": (shipped, tuple(mlx_kernels._output_names(1))),
             **{f"unrolled{u}": (f"constexpr int UNROLL = {u};" + _UNROLLED, pair) for u in (1, 2, 4, 8)},
             "wide_loads": (_WIDE_LOADS, pair), "staged": (_STAGED, pair), "staged_scales": (_STAGED_SCALES, pair)}

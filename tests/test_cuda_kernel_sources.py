@@ -135,7 +135,7 @@ def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(t
     words over 5 threads), with 4 and 2 bits, in float and in bfloat16. Scales are powers of two and biases
     integers, so the results are exact in either type on any host; a CUDA device checks the arithmetic against
     ``mx.dequantize``."""
-    source = mlx_kernels._DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(n_outputs, "T*"))
+    source = mlx_kernels.dequantize_rows_source(n_outputs)
     run_dequantizing_kernel(tmp_path, source, mlx_kernels._output_names(n_outputs), n_outputs, dtype, bits, 5)
 
 

@@ -35,7 +35,7 @@ _ROW_PAIR_COPY = """
         + (size_t)rows[blockIdx.x] * vecs;
     void* out = nullptr;
 OUTPUT_SWITCH
-    uint4* dst = reinterpret_cast<uint4*>(out) + (size_t)(blockIdx.x % rows_per_output) * vecs;
+    uint4* dst = reinterpret_cast<uint4*>(out) + (size_t)row_in_output * vecs;
     for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
         dst[i] = src[i];
     }
@@ -44,14 +44,22 @@ _THREADS = 256
 
 
 def _output_switch(n_outputs: int, pointer: str) -> str:
-    """Kernel source setting ``rows_per_output`` (one thread block per row, the rows split evenly between
-    the output pairs) and ``out`` to this block's pair's key or value array. From the grid, not a template
-    argument: MLX compiles a kernel per set of template arguments, and the row count changes with every
-    context length."""
+    """Kernel source setting ``out`` to this thread block's pair's key or value array and ``row_in_output`` to
+    its row's place there (one thread block per row, the rows split evenly between the output pairs). From
+    the grid, not a template argument: MLX compiles a kernel per set of template arguments, and the row count
+    changes with every context length."""
     cases = "\n".join(f"        case {i}: out = is_value ? ({pointer})v_out{i} : ({pointer})k_out{i}; break;"
                       for i in range(n_outputs))
     return (f"    const unsigned int rows_per_output = gridDim.x / {n_outputs};\n"
+            "    const unsigned int row_in_output = blockIdx.x % rows_per_output;\n"
             f"    switch (blockIdx.x / rows_per_output) {{\n{cases}\n    }}")
+
+
+def _one_output(pointer: str) -> str:
+    """:func:`_output_switch` of one output pair, without the switch and its divisions: so the dequantizing
+    kernel ran 3-4 % faster on an H100 (2026-12-06, ``experiments/results/h200/session-2026-12-06g``), the row
+    copy 0.2-0.9 % slower (it keeps the switch)."""
+    return f"    out = is_value ? ({pointer})v_out0 : ({pointer})k_out0;\n    const unsigned int row_in_output = blockIdx.x;"
 
 
 def _output_names(n_outputs: int) -> List[str]:
@@ -88,15 +96,16 @@ def _copies_rows(k_table: mx.array, v_table: mx.array) -> bool:
 
 
 def _launch_pairs(kernel, inputs: List[mx.array], template, rows: mx.array, n_outputs: int,
-                  shapes: Tuple[Sequence[int], Sequence[int]], dtypes) -> List[Tuple[mx.array, mx.array]]:
-    """One launch of a row kernel (one thread block per row of ``rows``, keys and values as ``blockIdx.y``),
-    the rows split evenly into ``n_outputs`` output pairs of ``shapes`` and ``dtypes``."""
+                  shapes: Tuple[Sequence[int], Sequence[int]], dtypes,
+                  threads: int = _THREADS) -> List[Tuple[mx.array, mx.array]]:
+    """One launch of a row kernel (one thread block of ``threads`` per row of ``rows``, keys and values as
+    ``blockIdx.y``), the rows split evenly into ``n_outputs`` output pairs of ``shapes`` and ``dtypes``."""
     flat = rows.reshape(-1)
     outputs = kernel(
         inputs=[*inputs, flat],
         template=template,
-        grid=(flat.size * _THREADS, 2, 1),
-        threadgroup=(_THREADS, 1, 1),
+        grid=(flat.size * threads, 2, 1),
+        threadgroup=(threads, 1, 1),
         output_shapes=[tuple(shape) for shape in shapes for _ in range(n_outputs)],
         output_dtypes=[dtype for dtype in dtypes for _ in range(n_outputs)],
     )
@@ -523,7 +532,9 @@ def host_view(array: mx.array) -> np.ndarray:
 # (and their scales and biases) before it stores any: with one word in flight per thread, an H100 dequantized a
 # 3 GiB context no faster than the dense gather copies it (2.5-2.9 against 2.7 ms); with four, 1.84. On an H200
 # both ran at 1.43 ms (``experiments.gpu_kernel_choices``, part ``dequantize``). Two values per instruction
-# (bfloat16 pairs, q made without a conversion) and streaming stores bought nothing on either GPU.
+# (bfloat16 pairs, q made without a conversion) and streaming stores bought nothing on either GPU. 512 threads
+# per row ran 1-2 % faster than 256 on an H100 (2026-12-06), once the kernel lost its output switch.
+_DEQUANTIZE_THREADS = 512
 _DEQUANTIZE_ROWS = """
     constexpr int PACK = 32 / BITS;
     constexpr int UNROLL = 4;
@@ -536,7 +547,7 @@ _DEQUANTIZE_ROWS = """
     const T* __restrict__ biases = (is_value ? v_biases : k_biases) + row * BLOCK_SIZE * groups;
     T* out = nullptr;
 OUTPUT_SWITCH
-    T* __restrict__ dst = out + (size_t)(blockIdx.x % rows_per_output) * BLOCK_SIZE * words * PACK;
+    T* __restrict__ dst = out + (size_t)row_in_output * BLOCK_SIZE * words * PACK;
     struct alignas(sizeof(T) * PACK >= 16 ? 16 : sizeof(T) * PACK) Values { T v[PACK]; };
     const int total = BLOCK_SIZE * words;
     for (int base = threadIdx.x; base < total; base += UNROLL * blockDim.x) {
@@ -574,8 +585,13 @@ def _dequantize_rows_kernel(n_outputs: int):
     return mx.fast.cuda_kernel(
         name=f"semantic_dequantize_rows_{n_outputs}",
         input_names=["k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases", "rows"],
-        output_names=_output_names(n_outputs), source=_DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH",
-                                                                               _output_switch(n_outputs, "T*")))
+        output_names=_output_names(n_outputs), source=dequantize_rows_source(n_outputs))
+
+
+def dequantize_rows_source(n_outputs: int) -> str:
+    """The dequantizing row kernel's source for ``n_outputs`` output pairs."""
+    return _DEQUANTIZE_ROWS.replace("OUTPUT_SWITCH", _one_output("T*") if n_outputs == 1 else
+                                    _output_switch(n_outputs, "T*"))
 
 
 QuantizedTables = Tuple[mx.array, mx.array, mx.array]
@@ -598,7 +614,7 @@ def _dequantized_rows(keys: QuantizedTables, values: QuantizedTables, rows: mx.a
                 ("K_WORDS", keys[0].shape[-1]), ("V_WORDS", values[0].shape[-1]),
                 ("K_GROUPS", keys[1].shape[-1]), ("V_GROUPS", values[1].shape[-1])]
     return _launch_pairs(_dequantize_rows_kernel(n_outputs), [*keys, *values], template, rows, n_outputs, shapes,
-                         (dtype, dtype))
+                         (dtype, dtype), _DEQUANTIZE_THREADS)
 
 
 def gather_dequantized_pairs(keys: QuantizedTables, values: QuantizedTables, rows: mx.array, *, group_size: int,

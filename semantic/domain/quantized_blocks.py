@@ -78,9 +78,6 @@ class QuantizedArenas:
         ``[blocks * heads]`` rows), each ``[layers, heads, n_blocks * block_size, dim]`` (lazy)."""
         tables = self._row_tables()
         n_layers, heads, n_blocks = rows.shape
-        if not n_blocks:  # as a dense pool's: mx.dequantize cannot reshape an empty array
-            return tuple(mx.zeros((n_layers, heads, 0, dim), getattr(mx, self.spec.dtype))
-                         for dim in (self.spec.k_head_dim, self.spec.v_head_dim))
         keys, values = gather_dequantized_pairs(tuple(tables[:3]), tuple(tables[3:]), rows,
                                                 group_size=self.format.group_size, bits=self.format.bits)
         tokens = n_blocks * self.spec.block_size
@@ -91,9 +88,6 @@ class QuantizedArenas:
                      v_shape: Sequence[int]) -> List[Tuple[mx.array, mx.array]]:
         """:meth:`gather` per layer, reshaped to ``k_shape`` and ``v_shape``, each array in a buffer of its
         own (``BlockPool.gather_apart``)."""
-        if not rows.shape[-1]:  # as gather's: nothing to dequantize, and MLX cannot reshape an empty gather
-            dtype = getattr(mx, self.spec.dtype)
-            return [(mx.zeros(k_shape, dtype), mx.zeros(v_shape, dtype)) for _ in range(rows.shape[0])]
         tables = self._row_tables()
         return gather_dequantized_pairs_apart(tuple(tables[:3]), tuple(tables[3:]), rows, k_shape, v_shape,
                                               group_size=self.format.group_size, bits=self.format.bits)

@@ -1150,6 +1150,11 @@ class BlockPool:
         rows = self._checked_rows(self.gather_rows(layer_block_ids) if rows is None else rows)
         n_layers, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
+        if not n_layers * n_blocks:
+            keys, values = self._nothing_gathered((n_layers, heads, 0))
+            if evaluate:
+                mx.eval(keys, values)
+            return keys, values
         with self._lock:
             if self._quantized is not None:
                 keys, values = self._quantized.gather(rows)
@@ -1166,6 +1171,12 @@ class BlockPool:
                 mx.eval(keys, values)
         return keys, values
 
+    def _nothing_gathered(self, shape: Tuple[int, int, int]) -> Tuple[mx.array, mx.array]:
+        """Empty keys and values of ``shape + (dim,)``: a gather of no rows launches no kernel (CUDA refuses a
+        launch of no thread blocks; mx.dequantize cannot reshape an empty array)."""
+        dtype = getattr(mx, self.spec.dtype)
+        return mx.zeros(shape + (self.spec.k_head_dim,), dtype), mx.zeros(shape + (self.spec.v_head_dim,), dtype)
+
     def gather_apart(self, rows: "GatherRows") -> List[Tuple[mx.array, mx.array]]:
         """:meth:`gather` of ``rows`` per layer, lazy (evaluate under :attr:`storage_lock`): keys and values
         ``[1, heads, n_blocks * block_size, dim]``, each array in a buffer of its own. MLX updates an array
@@ -1174,9 +1185,11 @@ class BlockPool:
         One kernel on CUDA (dequantizing, for quantized pools); elsewhere an operation per array."""
         spec = self.spec
         rows = self._checked_rows(rows)
-        _, heads, n_blocks = rows.shape
+        n_layers, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
         shapes = (1, heads, tokens, spec.k_head_dim), (1, heads, tokens, spec.v_head_dim)
+        if not n_layers * n_blocks:
+            return [self._nothing_gathered((1, heads, 0)) for _ in range(n_layers)]
         with self._lock:
             if self._quantized is not None:
                 return self._quantized.gather_apart(rows, *shapes)
