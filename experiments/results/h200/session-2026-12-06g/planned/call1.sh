@@ -1,0 +1,4 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader > $OUT/gpu.txt; cat $OUT/gpu.txt; cd $R/h1
+PYTHONPATH=$R/h1 timeout 170 python $R/q4_variants_in_pool.py $OUT 6 60 > $OUT/q4v.log 2>&1; echo "q4v rc=$? t=$SECONDS"; grep -v OpenBLAS $OUT/q4v.log | tail -6 | cut -c1-900
+L=$((570 - SECONDS)); PYTHONPATH=$R/h1 timeout $L python -X faulthandler -m pytest -q -p no:cacheprovider tests/test_pool.py tests/test_block_cache.py tests/test_persistence.py tests/test_quantized_blocks.py tests/test_engine_robustness.py -k "not sweep" > $OUT/pytest_h1.log 2>&1; echo "pytest rc=$? t=$SECONDS"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_h1.log | tail -15 | cut -c1-300

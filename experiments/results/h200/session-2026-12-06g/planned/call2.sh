@@ -1,0 +1,5 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader > $OUT/gpu.txt; cat $OUT/gpu.txt; cd $R/h2
+PYTHONPATH=$R/h2 timeout 120 python $R/q4_shipped_against_old.py $OUT 6 60 > $OUT/q4s.log 2>&1; echo "q4s rc=$? t=$SECONDS"; grep -v OpenBLAS $OUT/q4s.log | tail -7 | cut -c1-600
+PYTHONPATH=$R/h2 timeout 150 python -X faulthandler -m pytest -q -p no:cacheprovider tests/test_quantized_blocks.py tests/test_pool.py -x > $OUT/pytest_h2.log 2>&1; echo "pytest rc=$? t=$SECONDS"; grep -E "passed|failed|FAILED|Error" $OUT/pytest_h2.log | tail -8 | cut -c1-300
+L=$((300 - SECONDS)); [ $L -gt 40 ] && { PYTHONPATH=$R/h2 timeout $L python -m experiments.hot_path --out $OUT/hp --max-mib 3200 --resume-tokens 1024 --resume-repeat 4 --conversation-turns 2 > $OUT/hp.log 2>&1; echo "hp rc=$? t=$SECONDS"; grep "^|" $OUT/hp.log | head -12; }
