@@ -880,6 +880,7 @@ def test_can_trim_answers_for_a_spec_a_handle_and_a_token_count_and_refuses_anyt
     handle = cache_to_blocks(pool, "a", random_caches(spec, 50), list(range(50)))
     assert can_trim(spec, handle, 50) and can_trim(spec, handle, np.int64(50)) and can_trim(spec, handle, 0)
     assert not can_trim(spec, handle, 40) and not can_trim(spec, handle, 51)  # before the window; past the end
+    assert not can_trim(spec, handle, -1) and not can_trim(spec, handle, np.int64(-1))
     for args in ((spec, handle, None), (spec, handle, "3"), (spec, handle, 20.5), (spec, "h", 1), (None, handle, 1)):
         with pytest.raises(InvalidRequestError):
             can_trim(*args)

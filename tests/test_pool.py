@@ -587,7 +587,8 @@ def test_spec_presets_and_derived_sizes():
     # digits and a NumPy array as format: bare ValueErrors.
     for build in (lambda: ModelCacheSpec(2**31 - 1, 1, 4, 4), lambda: SPEC.with_layers(2**31),
                   lambda: SPEC.with_layers(2**16 + 1), lambda: SPEC.with_format("q" + "9" * 5000),
-                  lambda: SPEC.with_format(np.array([8, 4])), lambda: SPEC.with_format("q\u0668")):
+                  lambda: SPEC.with_format(np.array([8, 4])), lambda: SPEC.with_format("q\u0668"),
+                  lambda: SPEC.with_format("q4\n")):
         with pytest.raises(InvalidRequestError):
             build()
     assert SPEC.with_layers(2**16).n_layers == 2**16
@@ -636,82 +637,80 @@ def test_only_a_block_held_once_is_written():
 
 
 def test_a_builder_writes_exactly_the_blocks_it_allocated_in_order_or_nothing():
-    """write_new and write_store skip the pool's ownership checks because their blocks are the builder's own,
-    just allocated: a write of other blocks (another agent's, in place of one of its own or beside them, only
-    some of its own, or out of order) is refused."""
+    """write_new and the store's own _write_store skip the pool's ownership checks because their blocks are the
+    builder's own, just allocated: a write of other blocks (another agent's, in place of one of its own or
+    beside them, only some of its own, or out of order) is refused."""
     pool = BlockPool(SPEC, total_blocks=6)
     other = pool.allocate(1, "b")
     data = mx.ones((1, 1, 8, 4), dtype=mx.float32)
     pool.write_blocks(other, 0, data, data, 0)
     before = {b: written(pool, b) for b in range(6)}
     usage = pool.usage()
-    for pick in (lambda ids: [other], lambda ids: [ids[0], *other], lambda ids: ids[:1], lambda ids: ids[::-1],
+    for pick in (lambda ids: other, lambda ids: [ids[0], *other], lambda ids: ids[:1], lambda ids: ids[::-1],
                  lambda ids: ids + other):
         with pool.build_handle("a") as builder:
             ids = builder.allocate(2)
             with pytest.raises(BlockOwnershipError):
                 builder.write_new([([b], 0, data * 2, data * 2, 0) for b in pick(ids)])
             with pytest.raises(BlockOwnershipError):
-                builder.write_store([([b], 0, data * 2, data * 2, 0, 8) for b in pick(ids)])
+                builder._write_store([([b], 0, data * 2, data * 2, 0, 8) for b in pick(ids)])
             with pytest.raises(BlockOwnershipError):
-                builder.finish_store((1,), [ids[:1], []])  # fewer blocks than it holds
+                builder._finish_store((1,), [ids[:1], []])  # fewer blocks than it holds
     after = {b: written(pool, b) for b in range(6)}
     assert all(np.array_equal(before[b][k], after[b][k]) for b in range(6) for k in (0, 1))
     assert pool.usage() == usage
     with pool.build_handle("a") as builder:
         ids = builder.allocate(2)
         builder.write_new([([b], 0, data * 3, data * 3, 0) for b in ids])
-        handle = builder.finish_store((1,), [ids[:1], ids[1:]])
+        handle = builder.finish((1,), [ids[:1], ids[1:]])
     assert all((written(pool, b)[0][..., :8, :] == 3).all() and (written(pool, b)[0][..., 8:, :] == 0).all() for b in ids)
     assert handle.all_block_ids == ((ids[0],), (ids[1],))
     pool.check_invariants()
 
 
-def test_a_store_builder_takes_only_its_own_blocks_each_once_and_numbers_that_fit_them():
-    """finish_store compared only how many ids it was given: a block listed twice ended at a reference count
-    of -1 (its other block lost), another agent's block went back on the free list while still in use, and a
-    str id was taken. write_store checked only the arrays: a 5-tuple raised IndexError, None TypeError, a
-    negative first token a bare broadcast ValueError, and a first block index past the tokens was written
-    (data where it did not belong; on CUDA, reads past the source)."""
+def test_a_builder_takes_only_the_ids_it_allocated_as_ints_and_keeps_its_unchecked_store_path_private():
+    """The store's fast path (_write_store, _finish_store: numbers from the pool's own arithmetic) was public as
+    write_store / finish_store: a block listed twice ended at a reference count of -1, another agent's block
+    went back on the free list while still in use, a negative first token raised a bare ValueError. The public
+    builder checks what its caller gives: ids that are floats equal to its own passed write_new's comparison,
+    then failed the write (TypeError)."""
     pool = BlockPool(SPEC, total_blocks=6)
     victim = pool.allocate(1, "victim")
     data = mx.ones((1, 1, 8, 4), dtype=mx.float32)
-    pool.write_blocks(victim, 0, data, data, 0)
-    before, usage = {b: written(pool, b) for b in range(6)}, pool.usage()
+    usage = pool.usage()
+    for name in ("write_store", "finish_store"):
+        assert not hasattr(pool.build_handle("a"), name)
     for listing in (lambda x, y: [[x, x], []], lambda x, y: [[victim[0]], [y]], lambda x, y: [["x"], [y]],
-                    lambda x, y: [[x], [y, x]], lambda x, y: [[x], [y, 5]]):
+                    lambda x, y: [[float(x)], [float(y)]], lambda x, y: [[x], [y, 5]]):
         with pool.build_handle("a") as builder:
             x, y = builder.allocate(2)
-            with pytest.raises(BlockOwnershipError, match="each block once"):
-                builder.finish_store((1,), listing(x, y))
+            with pytest.raises((BlockOwnershipError, InvalidRequestError)):
+                builder.finish((1,), listing(x, y))
         pool.check_invariants()
         assert pool.usage() == usage
-    for writes in (lambda ids: [(ids, 0, data, data, 0)], lambda ids: None, lambda ids: (w for w in ()),
-                   lambda ids: [(ids, 0, data, data, -16, 8)], lambda ids: [(ids, 5, data, data, 0, 8)],
-                   lambda ids: [(ids, 0, data, data, 0, 9)], lambda ids: [(ids, 0, data, data, 0, 0)],
-                   lambda ids: [(ids, 0.0, data, data, 0, 8)], lambda ids: [(ids, 0, data, data, 0, None)]):
+    for convert in (float, bool, str):
         with pool.build_handle("a") as builder:
             ids = builder.allocate(1)
-            with pytest.raises(InvalidRequestError):
-                builder.write_store(writes(ids))
+            with pytest.raises(InvalidRequestError, match="block_ids"):
+                builder.write_new([([convert(ids[0])], 0, data, data, 0)])
         pool.check_invariants()
         assert pool.usage() == usage
-    assert all(np.array_equal(before[b][k], written(pool, b)[k]) for b in range(6) for k in (0, 1))
-    with pool.build_handle("a") as builder:  # NumPy numbers are taken as the ints they are
+    with pool.build_handle("a") as builder:  # NumPy ints are the ints they are
         ids = builder.allocate(1)
-        builder.write_store([(ids, np.int64(0), data * 2, data * 2, np.int32(0), np.int64(8))])
-        handle = builder.finish_store((1,), [ids, []])
+        builder.write_new([([np.int64(ids[0])], 0, data * 2, data * 2, 0)])
+        handle = builder.finish((1,), [ids, []])
     assert (written(pool, ids[0])[0][..., :8, :] == 2).all()
     handle.release()
     pool.check_invariants()
 
 
-@pytest.mark.parametrize("ending", ["finished", "dropped"])
+@pytest.mark.parametrize("ending", ["finished", "rolled back", "dropped"])
 def test_a_queued_write_that_cannot_run_on_this_thread_ends_its_builder_cleanly(ending):
     """On CUDA a builder's write is only queued; its sources are evaluated when it is waited for. Sources that
-    are lazy arrays of another thread's stream then raised MLX's bare RuntimeError from finish_store, and a
-    builder dropped unfinished made every later pool operation raise it (the pool waits for a dropped
-    builder's write before it takes its blocks back). Here the queued write is such an array."""
+    are lazy arrays of another thread's stream then raised MLX's bare RuntimeError from finish (and from a
+    rollback, hiding the error that caused it and keeping the blocks while that error lived), and a builder
+    dropped unfinished made every later pool operation raise it (the pool waits for a dropped builder's write
+    before it takes its blocks back). Here the queued write is such an array."""
     pool = BlockPool(SPEC, total_blocks=6)
     lazy = []
     thread = threading.Thread(target=lambda: lazy.append(mx.ones((4,)) * 2))
@@ -723,7 +722,13 @@ def test_a_queued_write_that_cannot_run_on_this_thread_ends_its_builder_cleanly(
     if ending == "finished":
         with pytest.raises(InvalidRequestError, match="another thread's stream"):
             with builder:
-                builder.finish_store((1,), [ids[:1], ids[1:]])
+                builder.finish((1,), [ids[:1], ids[1:]])
+    elif ending == "rolled back":
+        with pytest.raises(KeyError, match="the caller's own error") as raised:
+            with builder:
+                raise KeyError("the caller's own error")
+        assert pool.usage().used_blocks == 0  # while that error lives
+        del raised
     del builder
     gc.collect()
     assert pool.usage().used_blocks == 0
@@ -764,7 +769,7 @@ def test_a_builder_waits_for_its_queued_write_before_its_blocks_leave_it(monkeyp
             builder.write_new([([b], 0, data, data, 0) for b in ids])
             if ending == "rolled back":
                 raise InvalidRequestError("a bad token found while the device copies")
-            builder.finish_store((1,), [ids[:1], ids[1:]]).release()
+            builder.finish((1,), [ids[:1], ids[1:]]).release()
     assert events[:3] == ["queued", "waited", "handle" if ending == "finished" else "given back"]
     assert pool.usage().used_blocks == 0
     pool.check_invariants()

@@ -42,7 +42,7 @@ def can_trim(spec: ModelCacheSpec, handle: AgentBlocks, n_tokens: int) -> bool:
         raise InvalidRequestError(f"can_trim takes a ModelCacheSpec and an AgentBlocks, got {type(spec).__name__} "
                                   f"and {type(handle).__name__}")
     if type(n_tokens) is not int:  # a str or None raised a bare TypeError, a float gave an answer
-        n_tokens = checked_int("n_tokens", n_tokens, 0)
+        n_tokens = checked_int("n_tokens", n_tokens, -2**63)  # a negative one answered below, as a plain int's
     if not 0 <= n_tokens <= handle.num_tokens:
         return False
     return all(
@@ -361,8 +361,8 @@ def cache_to_blocks(
                 writes.append((ids, new_from, keys, values, first_token, offset - first_token))
                 if carried is not None:
                     copies.append((ids[0], source_ids[layer][carried[0]], carried[1], carried[2]))
-        builder.write_store(writes)
+        builder._write_store(writes)  # numbers from the pool's own arithmetic: see _write_store
         token_ids = _checked_tokens(tokens, prefix)  # while the device copies (a rollback waits for it)
         if copies:
             pool.copy_token_rows(copies, of=source)
-        return builder.finish_store(token_ids, layer_ids)
+        return builder._finish_store(token_ids, layer_ids)

@@ -64,7 +64,7 @@ class BlockFormat:
             return DENSE
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(value)
-        match = _NAME.match(value) if isinstance(value, str) else None
+        match = _NAME.fullmatch(value) if isinstance(value, str) else None  # match took "q4\n" ($ before a \n)
         if match is None:
             raise InvalidRequestError(
                 f"unknown block format {value!r}; use 'dense', 'q8', 'q4' or e.g. 'q4g32' (bits, group size)"

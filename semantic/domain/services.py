@@ -164,17 +164,19 @@ class _HandleBuilder:
         pool's checks of ids and ownership (~40 us of a 16 x 30 store); the writes themselves are checked.
 
         Where the device writes them (CUDA), the kernel is only queued: the caller's Python goes on while it
-        copies, and :meth:`finish_store`, or a rollback, waits for it before the blocks leave the builder."""
-        self._write_allocated([self._pool._checked_write(write) for write in writes])
+        copies, and :meth:`finish`, or a rollback, waits for it before the blocks leave the builder."""
+        # Ids as ints: floats equal to the allocation's passed its comparison, then failed the write (TypeError).
+        self._write_allocated([(int_items(list(write[0]), "block_ids"), *write[1:])
+                               for write in map(self._pool._checked_write, writes)])
 
-    def write_store(self, writes: List[tuple]) -> None:
-        """:meth:`write_new` of a store's own writes (``cache_to_blocks``): ``(ids, first_index, keys, values,
-        first_token, n_tokens)``, the numbers from the pool's own block arithmetic, checked once per distinct
-        description (:meth:`BlockPool._check_store_sources`; a store's layers share one or two): each write's
-        own checks were a third of a store's Python before its kernel launch (4 x 24 on CPU, the CUDA path's
-        Python: 66 -> 47 us). Their ids are still compared with the allocation's: the builder is public, and
-        the host paths write where the writes say, the CUDA kernel from the allocation's first id."""
-        self._write_allocated(self._pool._check_store_sources(writes))
+    def _write_store(self, writes: List[tuple]) -> None:
+        """:meth:`write_new` for ``cache_to_blocks`` alone: ``(ids, first_index, keys, values, first_token,
+        n_tokens)``, the numbers from the pool's own block arithmetic (so not public: a caller's numbers need
+        :meth:`write_new`'s checks). Only what its caller brought, the arrays, is checked, once per distinct
+        shape (:meth:`BlockPool._check_store_sources`): each write's own checks were a third of a store's Python
+        before its kernel launch (4 x 24 on CPU, the CUDA path's Python: 66 -> 47 us)."""
+        self._pool._check_store_sources(writes)
+        self._write_allocated(writes)
 
     def _write_allocated(self, writes: List[tuple]) -> None:
         pool = self._pool
@@ -234,18 +236,15 @@ class _HandleBuilder:
                                       "each of its blocks once (one layer's tokens of one stretch)")
         return self._adopt(tuple(tokens), tuple(layers))
 
-    def finish_store(self, token_ids: Tuple[int, ...], layer_block_ids: List[List[int]]) -> AgentBlocks:
-        """:meth:`finish` for a caller that built ``layer_block_ids`` from exactly the ids it retained and
-        allocated here and checked ``token_ids`` itself (a tuple of plain ints >= 0): ``cache_to_blocks``, at
-        its door, before any block is taken. :meth:`finish`'s checks of the same cost a 16 x 30 store ~0.1 ms;
-        the ids are still compared with the references taken, as sets (a few us): the builder is public, and ids
-        listed twice, or another agent's, gave negative reference counts and freed blocks still in use."""
-        layers = tuple(map(tuple, layer_block_ids))
-        listed = set(itertools.chain.from_iterable(layers))
-        if (len(layers) != self._pool.spec.n_layers or not sum(map(len, layers)) == len(listed) == len(self._held)
-                or listed != set(self._held)):
-            raise BlockOwnershipError("a handle must own exactly the references taken for it, each block once")
-        return self._adopt(token_ids, layers)
+    def _finish_store(self, token_ids: Tuple[int, ...], layer_block_ids: List[List[int]]) -> AgentBlocks:
+        """:meth:`finish` for ``cache_to_blocks`` alone, which built ``layer_block_ids`` from exactly the ids it
+        retained and allocated here, each once, and checked ``token_ids`` itself (a tuple of plain ints >= 0) at
+        its door: :meth:`finish`'s checks of the same cost a 16 x 30 store ~0.1 ms. Not public: ids a caller
+        lists need those checks (listed twice, or another agent's, they gave negative reference counts and
+        freed blocks still in use)."""
+        if len(layer_block_ids) != self._pool.spec.n_layers or sum(map(len, layer_block_ids)) != len(self._held):
+            raise BlockOwnershipError("a handle must own exactly the references taken for it")
+        return self._adopt(token_ids, tuple(map(tuple, layer_block_ids)))
 
     def _adopt(self, token_ids: Tuple[int, ...], layer_block_ids: Tuple[Tuple[int, ...], ...]) -> AgentBlocks:
         self._wait()
@@ -260,7 +259,11 @@ class _HandleBuilder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._wait()  # blocks given back while the device still writes them could be another's by then
+        unwritten = None
+        try:
+            self._wait()  # blocks given back while the device still writes them could be another's by then
+        except InvalidRequestError as error:  # the write never ran (sources of another thread): nothing writes
+            unwritten = error
         if self._held:
             pool = self._pool
             with pool._lock:
@@ -272,6 +275,8 @@ class _HandleBuilder:
                 pool._settled = True
                 pool._unwatch(self._held)
             self._held = []
+        if unwritten is not None and exc is None:  # else the error that ended the build is the one to see
+            raise unwritten
 
 
 class BlockPin:
@@ -971,29 +976,20 @@ class BlockPool:
                 and v_shape == (1, spec.n_kv_heads, tokens, spec.v_head_dim)
                 and k_dtype == self._dtype and v_dtype == self._dtype)
 
-    def _check_store_sources(self, writes: List[tuple]) -> List[tuple]:
-        """:meth:`_checked_write`'s checks of :meth:`_HandleBuilder.write_store`'s writes, made once per
-        distinct description (forms, shapes, dtypes, numbers): a store's layers share one or two. Writes of
-        plain ints and arrays come back as they are; others through :meth:`_checked_write`, which names what
-        is wrong, or makes them plain."""
-        try:
-            distinct = {(type(w), len(w), type(w[1]), type(w[4]), type(w[5]), type(w[2]), type(w[3]), w[2].shape,
-                         w[3].shape, w[2].dtype, w[3].dtype, len(w[0]), w[1], w[4], w[5]) for w in writes}
-        except Exception:  # not a list of 6-tuples of arrays: named below
-            distinct = None
-        if type(writes) is list and distinct is not None and all(map(self._passes_as_store_write, distinct)):
-            return writes
-        if type(writes) is not list or any(type(w) is not tuple or len(w) != 6 for w in writes):
-            raise InvalidRequestError("a store's writes are a list of (block_ids, first_index, keys, values, "
-                                      "first_token, n_tokens) tuples")
-        return [self._checked_write(write) for write in writes]
-
-    def _passes_as_store_write(self, described: tuple) -> bool:
-        """Whether a write described as in :meth:`_check_store_sources` passes :meth:`_checked_write` as it is."""
-        *form, k_shape, v_shape, k_dtype, v_dtype, n_blocks, first_index, first_token, n_tokens = described
-        return (form == [tuple, 6, int, int, int, mx.array, mx.array]
-                and self._fits_blocks(k_shape, v_shape, k_dtype, v_dtype) and 0 <= n_tokens <= k_shape[2]
-                and first_index >= 0 and first_token >= 0 and self._span_fits(n_blocks, first_index, first_token, n_tokens))
+    def _check_store_sources(self, writes: List[tuple]) -> None:
+        """:meth:`_checked_write`'s checks of the arrays of :meth:`_HandleBuilder._write_store`'s writes, made
+        once per distinct (shapes, dtypes, token count): a store's layers share one or two. Any mismatch
+        goes through :meth:`_checked_write`, which names it."""
+        if {(type(w[2]), type(w[3])) for w in writes} <= {(mx.array, mx.array)}:
+            for k_shape, v_shape, k_dtype, v_dtype, n_tokens in {
+                    (w[2].shape, w[3].shape, w[2].dtype, w[3].dtype, w[5]) for w in writes}:
+                if not (self._fits_blocks(k_shape, v_shape, k_dtype, v_dtype) and 0 <= n_tokens <= k_shape[2]):
+                    break
+            else:
+                return
+        for write in writes:
+            self._checked_write(write)
+        raise AssertionError("a store's sources failed a check that each write's own checks passed")
 
     def _check_span(self, block_ids, first_index: int, first_token: int, n_tokens: int) -> None:
         """The blocks of a write hold its tokens' end, each block some of its tokens: more blocks would be left
@@ -1003,21 +999,17 @@ class BlockPool:
             n_blocks = len(block_ids)
         except TypeError:
             raise InvalidRequestError(f"block_ids must be a list of ids, got {type(block_ids).__name__}") from None
-        if not self._span_fits(n_blocks, first_index, first_token, n_tokens):
-            size, end = self.spec.block_size, first_token + n_tokens
+        size, end = self.spec.block_size, first_token + n_tokens
+        if n_tokens == 0 and n_blocks == 0:
+            return
+        if n_tokens == 0 or n_blocks == 0 or not (
+                first_token < (first_index + 1) * size and (first_index + n_blocks - 1) * size < end
+                <= (first_index + n_blocks) * size):
             raise InvalidRequestError(
                 f"{n_blocks} blocks from block index {first_index} (tokens {first_index * size}.."
                 f"{(first_index + n_blocks) * size - 1}) do not fit "
                 f"{f'tokens {first_token}..{end - 1}' if n_tokens else 'no tokens'}: give each block some of the "
                 "tokens, the last block the last token")
-
-    def _span_fits(self, n_blocks: int, first_index: int, first_token: int, n_tokens: int) -> bool:
-        """See :meth:`_check_span`."""
-        if n_tokens == 0 or n_blocks == 0:
-            return n_tokens == n_blocks
-        size, end = self.spec.block_size, first_token + n_tokens
-        return first_token < (first_index + 1) * size and (first_index + n_blocks - 1) * size < end <= (
-            first_index + n_blocks) * size
 
     def _check_writable(self, block_ids: List[int], whole_blocks: bool = True) -> None:
         """``BlockOwnershipError`` unless every block is held exactly once (the lock held; queued releases
