@@ -1142,23 +1142,18 @@ class BlockPool:
         rows = self._checked_rows(self.gather_rows(layer_block_ids) if rows is None else rows)
         n_layers, heads, n_blocks = rows.shape
         tokens = n_blocks * spec.block_size
-        if not n_layers * n_blocks:
-            keys, values = self._nothing_gathered((n_layers, heads, 0))
-            if evaluate:
-                mx.eval(keys, values)
-            return keys, values
         with self._lock:
-            if self._quantized is not None:
+            if not n_layers * n_blocks:
+                keys, values = self._nothing_gathered((n_layers, heads, 0))
+            elif self._quantized is not None:
                 keys, values = self._quantized.gather(rows)
-                if evaluate:
-                    mx.eval(keys, values)
-                return keys, values
-            keys, values = gather_row_pairs(
-                self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
-                self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows,
-            )
-            keys = keys.reshape(n_layers, heads, tokens, spec.k_head_dim)
-            values = values.reshape(n_layers, heads, tokens, spec.v_head_dim)
+            else:
+                keys, values = gather_row_pairs(
+                    self._keys.reshape(-1, spec.block_size, spec.k_head_dim),
+                    self._values.reshape(-1, spec.block_size, spec.v_head_dim), rows,
+                )
+                keys = keys.reshape(n_layers, heads, tokens, spec.k_head_dim)
+                values = values.reshape(n_layers, heads, tokens, spec.v_head_dim)
             if evaluate:
                 mx.eval(keys, values)
         return keys, values
