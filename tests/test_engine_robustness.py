@@ -13,6 +13,7 @@ import weakref
 from fractions import Fraction
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -110,6 +111,9 @@ BAD_SUBMISSIONS = {
     "max_tokens [10**5000] (ValueError before)": dict(max_tokens=[10**5000]),
     "temperature Fraction(10**5000) (ValueError before)": dict(temperature=Fraction(10**5000)),
     "a broadcast array of 10**12 ids (MemoryError before)": dict(prompt=np.broadcast_to(np.int32(1), (10**12,))),
+    # Review 4: a NumPy dtype was called an integer one when its name held "int" (a structured dtype's field).
+    "a structured array (TypeError before)": dict(prompt=np.array([(5,), (6,)], dtype=[("int", "<i4")])),
+    "max_tokens a structured 0-d array (TypeError before)": dict(max_tokens=np.array((3,), dtype=[("int", "<i4")])),
 }
 
 
@@ -162,6 +166,82 @@ def test_the_edges_of_the_sampling_ranges_are_accepted(engine):
     sampled = engine.generate("a", STORY, max_tokens=4, temperature=1e-30, top_k=1, top_p=1e-9, min_p=1.0,
                               repetition_penalty=1e-3)
     assert all(0 <= t < VOCAB for t in sampled.token_ids)
+
+
+def own_tiny_llama():
+    """tiny-llama (float32) as a new object, which a test may change: ``load_local_model``'s is shared."""
+    import mlx_lm
+
+    from semantic.testing.local_models import build_local_model
+
+    return mlx_lm.load(str(build_local_model("tiny-llama", dtype="float32")))
+
+
+def test_a_temperature_too_large_to_scale_by_samples_among_the_kept_tokens(engine):
+    """mlx-lm scales float32 logits by 1/temperature, 0 from ~1e46: the tokens top_k / top_p / min_p dropped became
+    -inf * 0 = NaN, and the last id of the vocabulary came out every time."""
+    greedy = engine.generate("a", STORY, max_tokens=4).token_ids
+    for temperature in (1e46, 1e300):
+        for only_the_top in (dict(top_k=1), dict(min_p=1.0), dict(top_p=1e-9)):
+            assert engine.generate("a", STORY, max_tokens=4, temperature=temperature, **only_the_top).token_ids \
+                == greedy, (temperature, only_the_top)
+
+
+def test_logits_wider_than_the_vocabulary_never_sample_an_id_past_it():
+    """An untied head with rows past the embedding's: prompts were checked against the vocabulary, but sampling
+    saw every logit, and the id it chose came back into the embedding, out of bounds (SIGSEGV with logits 512x
+    the vocabulary; with 2x, ids past it, stored, then the context refused as another tokenizer's)."""
+    model, tokenizer = own_tiny_llama()
+    narrow = make_engine((model, tokenizer), total_blocks=64)
+    expected = narrow.generate("a", STORY, max_tokens=6).token_ids
+    embedding = model.model.embed_tokens.weight
+    rows, dim = embedding.shape
+    head = nn.Linear(dim, 2 * rows)  # the tied head's rows, then as many that would win every time
+    head.weight = mx.concatenate([embedding, mx.zeros((rows, dim))])
+    head.bias = mx.concatenate([mx.zeros((rows,)), mx.full((rows,), 1e4)])
+    model.lm_head, model.args.tie_word_embeddings = head, False
+    wide = make_engine((model, tokenizer), total_blocks=64)
+    done = wide.generate("a", STORY, max_tokens=6)
+    assert done.token_ids == expected
+    assert all(t < rows for t in wide.generate("b", STORY, max_tokens=6, temperature=1.0, top_k=50).token_ids)
+    assert wide.generate("a", [5], cache=done.blocks, max_tokens=2).token_ids  # its context resumes
+    done.blocks.release()
+    assert whole(wide.pool)
+
+
+def test_a_model_whose_weights_are_lazy_on_another_thread_is_a_typed_error():
+    """A weight changed on another thread and not evaluated there cannot be computed here: MLX's bare
+    RuntimeError came out of the cache spec, the engine and the fingerprint. Evaluated there, it works."""
+    from semantic.persistence import model_fingerprint
+
+    model, tokenizer = own_tiny_llama()
+
+    def scaled_on_another_thread(module, evaluate):
+        weight = module.weight
+
+        def change():
+            module.weight = weight * 1.0
+            if evaluate:
+                mx.eval(module.weight)
+
+        thread = threading.Thread(target=change)
+        thread.start()
+        thread.join()
+        return weight
+
+    embedding = scaled_on_another_thread(model.model.embed_tokens, evaluate=False)  # read by the spec's probe
+    for door in (lambda: ModelCacheSpec.from_model(model), lambda: make_engine((model, tokenizer), total_blocks=8)):
+        with pytest.raises(InvalidRequestError, match="the model's weights: .*another thread's stream"):
+            door()
+    model.model.embed_tokens.weight = embedding
+    norm = scaled_on_another_thread(model.model.norm, evaluate=False)  # after the keys and values: only hashed
+    ModelCacheSpec.from_model(model)
+    with pytest.raises(InvalidRequestError, match="the model's weights: .*another thread's stream"):
+        model_fingerprint(model, tokenizer)
+    model.model.norm.weight = norm
+    scaled_on_another_thread(model.model.embed_tokens, evaluate=True)
+    assert model_fingerprint(model, tokenizer)
+    assert make_engine((model, tokenizer), total_blocks=8).generate("a", [5, 6], max_tokens=2).token_ids
 
 
 def test_a_cached_context_of_ids_past_the_vocabulary_is_refused_before_mlx_lm_reads_them(engine):
@@ -855,10 +935,8 @@ def test_a_context_computed_by_another_model_on_the_same_pool_is_refused(llama32
     """Two models of one geometry (tiny-llama of two seeds) may share a pool; one's keys and values mean
     nothing to the other, whose engine continued them silently before. Through a store fingerprinted for
     the model, in memory or on disk, a context still moves between two objects of the same model."""
-    import mlx_lm
-
     from semantic.persistence import AgentCacheStore, model_fingerprint
-    from semantic.testing.local_models import build_local_model, load_local_model
+    from semantic.testing.local_models import load_local_model
 
     other_model = load_local_model("tiny-llama", dtype="float32", seed=1)
     first = make_engine(llama32, total_blocks=64)
@@ -871,7 +949,7 @@ def test_a_context_computed_by_another_model_on_the_same_pool_is_refused(llama32
     gc.collect()
     assert second.pending == 0 and first.pool.usage() == before
     assert first.generate("a", " and then", cache=context, max_tokens=2).token_ids  # its own engine goes on
-    reloaded = mlx_lm.load(str(build_local_model("tiny-llama", dtype="float32")))  # the same weights, a new object
+    reloaded = own_tiny_llama()  # the same weights, a new object
     assert reloaded[0] is not llama32[0]
     same_weights = batch_engine.BlockPoolBatchEngine(*reloaded, first.pool)
     expected = first.generate("a", " and then", cache=context, max_tokens=2).token_ids

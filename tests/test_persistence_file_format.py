@@ -36,6 +36,7 @@ from test_persistence_support import (
     random_handle,
     snapshot,
     snapshot_of,
+    temp_files,
 )
 
 
@@ -130,6 +131,33 @@ def test_bytes_appended_to_a_file_are_detected(store, saved):
     saved.write_bytes(saved.read_bytes() + b"\0")
     with nothing_changes(store), pytest.raises(CacheCorruptionError, match="unexpected bytes at the end"):
         store.get("a")
+
+
+def test_a_header_length_past_what_safetensors_reads_is_refused_before_it_is_read(store, saved, monkeypatch):
+    """The length field was trusted up to the file's size: a sparse file claiming a header of gigabytes was read
+    whole into memory (a bare MemoryError, or the process killed) before anything was checked."""
+    claim = file_format.MAX_HEADER_BYTES + 1
+    with open(saved, "wb") as file:
+        file.write(struct.pack("<Q", claim))
+        file.truncate(8 + claim)  # sparse: takes no disk
+    requested = []
+    real_read = file_format._read_exactly
+    monkeypatch.setattr(file_format, "_read_exactly", lambda f, n: requested.append(n) or real_read(f, n))
+    with nothing_changes(store), pytest.raises(CacheCorruptionError, match="over the 100000000 a header may take"):
+        store.get("a")
+    assert max(requested) == 8  # the length alone
+
+
+def test_a_context_whose_header_safetensors_could_not_read_is_not_saved(store, saved, monkeypatch):
+    before = saved.read_bytes()
+    monkeypatch.setattr(file_format, "MAX_HEADER_BYTES", 100)  # under any agent's header
+    with random_handle(store.pool, "a", 11, 3) as handle:
+        with nothing_changes(store, except_file="a.safetensors"), \
+                pytest.raises(CacheWriteError, match="nothing was written"):
+            store.save(handle)
+    assert saved.read_bytes() == before and not temp_files(store.directory)
+    monkeypatch.undo()
+    store.load("a").release()
 
 
 # ---- files that are sound but not ours --------------------------------------------------------------

@@ -16,10 +16,10 @@ import mlx.nn as nn
 import mlx_lm
 from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
 
 from semantic.domain.errors import IncompatibleCacheError, UnsupportedModelError
-from semantic.domain.request_checks import SamplingParams
+from semantic.domain.request_checks import SamplingParams, of_this_thread
 from semantic.domain.value_objects import ModelCacheSpec
 
 SUPPORTED_MLX_LM = (">=0.32.2", "<0.33")
@@ -80,7 +80,7 @@ def cache_spec_from_model(model) -> ModelCacheSpec:
     windows = tuple(layer_window(c, i) for i, c in enumerate(caches))
     model(mx.array([[0]]), cache=caches)
     shapes = {(c.keys.shape[1], c.keys.shape[3], c.values.shape[3], c.keys.dtype) for c in caches}
-    mx.eval([c.state for c in caches])
+    of_this_thread(lambda: mx.eval([c.state for c in caches]), "the model's weights")
     if len(shapes) != 1:
         raise UnsupportedModelError(
             f"layers of this model have different KV shapes {sorted(map(str, shapes))}; "
@@ -231,6 +231,11 @@ def prefill_chunk_bytes(model, sequences: Sequence[Tuple[int, int]], step: int, 
 def vocab_size(model) -> int:
     """How many token ids the model can take and score: the smallest of its config's ``vocab_size``, its
     token embedding's rows and its logits' width (an id past any of them indexes out of bounds)."""
+    return _vocabulary(model)[0]
+
+
+def _vocabulary(model) -> Tuple[int, int]:
+    """``(vocab_size(model), the width of its logits)``."""
     sizes = []
     configured = getattr(getattr(model, "args", None), "vocab_size", None)
     if isinstance(configured, int) and configured > 0:
@@ -238,9 +243,13 @@ def vocab_size(model) -> int:
     for name, module in model.named_modules():
         if name.endswith("embed_tokens") and isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
             sizes.append(module.num_embeddings if isinstance(module, nn.QuantizedEmbedding) else module.weight.shape[0])
-    logits = model(mx.array([[0]]), cache=make_cache(model))
-    sizes.append(logits.shape[-1])
-    return min(sizes)
+    width = model(mx.array([[0]]), cache=make_cache(model)).shape[-1]
+    return min(sizes + [width]), width
+
+
+def _first_ids(sampler, vocab: int):
+    """``sampler`` choosing among the first ``vocab`` token ids only."""
+    return lambda logprobs: sampler(logprobs[..., :vocab])
 
 
 def sampler_for(sampling: SamplingParams, vocab: int):
@@ -388,7 +397,13 @@ class Generator:
             completion_batch_size=completion_batch_size,
         ))
         self._gen = self._make()
-        self._vocab = vocab_size(model)
+        self._vocab, width = _vocabulary(model)
+        # Logits wider than the vocabulary (an untied head with rows past the embedding's, or a config's
+        # smaller vocab_size): a sampled id past it comes back as the next input, and the embedding reads out
+        # of bounds (SIGSEGV on CPU). Samplers see only the first ids; greedy requests all get one object, as
+        # with mlx-lm's own greedy sampler, so a batch of them still samples in one call.
+        self._cut = width > self._vocab
+        self._greedy = _first_ids(greedy_sampler, self._vocab)
         self._tags: Dict[int, Any] = {}
         self.resets = 0  # how many times every sequence was dropped and the batch started over
 
@@ -400,6 +415,8 @@ class Generator:
                max_tokens: int, sampling: SamplingParams, tag: Any) -> int:
         """Queue a sequence that continues ``cache`` (which holds ``context_tokens``) with ``prompt_tokens``."""
         sampler = sampler_for(sampling, self._vocab)
+        if self._cut:
+            sampler = self._greedy if sampler is greedy_sampler else _first_ids(sampler, self._vocab)
         if not sampling.greedy:  # greedy requests share mlx-lm's one sampler: one argmax for the whole batch
             sampler = _attributed(sampler, tag)
         processors = [_attributed(p, tag) for p in logits_processors_for(sampling)]
@@ -470,8 +487,7 @@ class Generator:
     def empty_copy(self) -> "Generator":
         """A new, empty generator with the same model and settings."""
         copy = object.__new__(Generator)
-        copy._make, copy._vocab, copy._tags, copy.resets = self._make, self._vocab, {}, 0
-        copy._gen = self._make()
+        copy.__dict__.update(self.__dict__, _tags={}, resets=0, _gen=self._make())
         return copy
 
     def reset(self) -> None:

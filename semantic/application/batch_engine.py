@@ -229,7 +229,8 @@ class BlockPoolBatchEngine:
 
         ``prompt``: text, or token ids (a sequence of ints, or a 1-d integer NumPy / MLX array), each
         below the model's vocabulary size. Sampling ranges: ``temperature`` >= 0 (below 1e-30, greedy: the
-        limit it tends to, where mlx-lm's 1/temperature would overflow and sample at random), ``top_p`` and
+        limit it tends to, where mlx-lm's 1/temperature would overflow and sample at random; above 1e30, as
+        1e30: uniformly among the kept tokens, where 1/temperature would round to 0), ``top_p`` and
         ``min_p`` in [0, 1], ``top_k`` an int in [0, vocabulary] (0: off), ``repetition_penalty``
         None or > 0; all finite. Anything else raises ``InvalidRequestError`` and reserves nothing.
         """

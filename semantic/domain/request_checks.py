@@ -48,8 +48,11 @@ def _array_kind(value: Any) -> Optional[str]:
     name = f"{type(value).__module__}.{type(value).__qualname__}"
     if name not in _ARRAY_TYPES:
         return None
-    dtype = str(value.dtype)
-    return "int" if "int" in dtype and "bool" not in dtype else "other"
+    if name == "numpy.ndarray":  # not a name test: a structured dtype can have a field named "int"
+        integer = np.issubdtype(value.dtype, np.integer)
+    else:
+        integer = str(value.dtype).startswith(("mlx.core.int", "mlx.core.uint"))
+    return "int" if integer else "other"
 
 
 def _is_real(value: Any) -> bool:
@@ -204,6 +207,10 @@ def check_vocabulary(ids: Sequence[int], vocab_size: int, whose: str = "",
 
 
 GREEDY_BELOW_TEMPERATURE = 1e-30  # a positive temperature below this samples greedily, its limit
+# A temperature above this samples as this one does: uniformly among the tokens top_k / top_p / min_p keep, its
+# limit. mlx-lm scales float32 logits by 1/temperature, which rounds to 0 from ~1e46 (subnormals flush to 0
+# on GPUs from ~1e38): the filtered-out logits became -inf * 0 = NaN, and the last token id came out.
+UNIFORM_ABOVE_TEMPERATURE = 1e30
 MIN_REPETITION_PENALTY = 1e-30  # mlx-lm divides positive logits by it: below, they overflow to inf, then NaN
 
 
@@ -224,7 +231,7 @@ class SamplingParams:
         temperature = checked_real("temperature", temperature, 0.0)
         return cls(
             # mlx-lm scales float32 logits by 1/temperature: below this it overflows and samples at random.
-            temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,
+            temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else min(temperature, UNIFORM_ABOVE_TEMPERATURE),
             top_p=checked_real("top_p", top_p, 0.0, 1.0),
             top_k=checked_int("top_k", top_k, 0, vocab_size),
             min_p=checked_real("min_p", min_p, 0.0, 1.0),

@@ -36,13 +36,19 @@ import numpy as np
 
 from semantic.domain.block_format import BlockFormat
 from semantic.domain.value_objects import ModelCacheSpec
-from semantic.persistence.errors import CacheCorruptionError, IncompatibleCacheFileError, read_error
+from semantic.persistence.errors import (CacheCorruptionError, CacheWriteError, IncompatibleCacheFileError,
+                                         read_error)
 
 FORMAT = "semantic.agent_cache"
 FORMAT_VERSION = 1
 _DTYPES = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4), "uint32": ("U32", 4)}
 _UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 _LENGTH = struct.Struct("<Q")
+MAX_HEADER_BYTES = 100_000_000
+"""safetensors' own limit on a header (its readers refuse longer ones). A reader trusting a file's length field
+up to the file's size read a sparse file's claim of gigabytes whole (MemoryError, or the process killed). It
+bounds a context to ~4.7 million tokens of the largest ids (19 digits and a comma each), 14 million of
+six-digit ids."""
 _ALIGNMENT = 8  # tensor data starts 8-byte aligned, as other safetensors writers do
 _DIGEST_HEX = 64
 # model_fingerprint() before it hashed every byte of every weight: "<label>:<32 hex>" (no scheme name).
@@ -150,8 +156,13 @@ def write_agent_cache(fd: int, header: AgentCacheHeader, tensors: Sequence[mx.ar
     sizes = [entry["data_offsets"][1] - entry["data_offsets"][0] for entry in table.values()]
     if [v.nbytes for v in views] != sizes:
         raise AssertionError("tensors do not match the header's layer_blocks")
-    digests = [checksum_pool().submit(sha256_hex, v) for v in views]
     offset = len(encode_header(header.to_json({name: "0" * _DIGEST_HEX for name in table})))
+    if offset - _LENGTH.size > MAX_HEADER_BYTES:
+        raise CacheWriteError(
+            f"agent {header.agent_id!r}: the header of its {len(header.token_ids)} tokens would take "
+            f"{offset - _LENGTH.size} bytes, over the {MAX_HEADER_BYTES} safetensors reads; nothing was written: "
+            "keep its context in the pool, or save a shorter one")
+    digests = [checksum_pool().submit(sha256_hex, v) for v in views]
     for view in views:
         _write_all(fd, view, offset)
         offset += view.nbytes
@@ -219,6 +230,10 @@ def _read_header_bytes(file, size: int, where: str) -> Tuple[bytes, int]:
         raise CacheCorruptionError(f"{where} is truncated: {size} bytes, not even the 8-byte header length")
     file.seek(0)
     (length,) = _LENGTH.unpack(_read_exactly(file, _LENGTH.size))
+    if length > MAX_HEADER_BYTES:
+        raise CacheCorruptionError(
+            f"{where} is damaged or not an agent cache: its header length says {length} bytes, over the "
+            f"{MAX_HEADER_BYTES} a header may take (safetensors' limit)")
     if length > size - _LENGTH.size:
         raise CacheCorruptionError(
             f"{where} is damaged or truncated: its header length says {length} bytes, "

@@ -30,6 +30,7 @@ from typing import Any, List, Optional, Tuple
 from mlx.utils import tree_flatten
 
 from semantic.domain.errors import InvalidRequestError
+from semantic.domain.request_checks import of_this_thread
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence.file_format import byte_views, checksum_pool, geometry_of, sha256_hex
 
@@ -79,7 +80,8 @@ def _config(model) -> Any:
 
 def _weights(model) -> List[Any]:
     params = sorted(tree_flatten(model.parameters()), key=lambda item: item[0])
-    digests = checksum_pool().map(sha256_hex, byte_views([param for _, param in params]))
+    views = of_this_thread(lambda: byte_views([param for _, param in params]), "the model's weights")
+    digests = checksum_pool().map(sha256_hex, views)
     return [[name, list(param.shape), str(param.dtype), digest] for (name, param), digest in zip(params, digests)]
 
 
