@@ -29,7 +29,7 @@ from semantic.models.gguf_convert import (  # noqa: E402
     llama_cpp_unpermute,
     mlx_lm_name,
 )
-from semantic.models.gguf_header import GGUFHeaderError, check_gguf_header  # noqa: E402
+from semantic.models.gguf_header import MAX_ARRAY_ITEMS, GGUFHeaderError, check_gguf_header  # noqa: E402
 from semantic.models.gguf_tokenizer import TokenizerFiles, tokenizer_files  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -346,7 +346,10 @@ def test_impossible_head_counts_are_refused_before_any_tensor_is_touched(float_l
         llama_cpp_unpermute(mx.zeros((64, 8)), -2)                                      # here instead of hanging
     _, tokens, merges = byte_bpe
     for name, changes in {"kv-3": {"attention.head_count_kv": 3}, "kv-0": {"attention.head_count_kv": 0},
-                          "heads-negative": {"attention.head_count": -2}}.items():
+                          "heads-negative": {"attention.head_count": -2},
+                          # mlx-lm built every layer the config named at load: 10,000,000 took memory unbounded
+                          "blocks-past-the-tensors": {"block_count": 10_000_000},
+                          "blocks-short-of-the-tensors": {"block_count": 1}}.items():
         llama_gguf(tmp_path / f"{name}.gguf", float_llama[0], tokens, merges, **changes)
         assert_refused_writing_nothing(tmp_path / f"{name}.gguf")
 
@@ -443,6 +446,76 @@ def test_a_header_that_does_not_fit_its_file_is_refused_before_any_reader_sees_i
                           cwd=pathlib.Path(__file__).parent,
                           env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_files_mlx_would_misread_are_converted_or_refused_not_crashed_on(float_llama, byte_bpe, tmp_path, monkeypatch):
+    """A float64 metadata value or a big-endian file (both valid GGUF): MLX's loader took the float64 for 4 bytes,
+    or read big-endian counts as little-endian, and the process died (SIGSEGV). A float64 file is read by the
+    gguf package instead; a big-endian one is refused (the gguf package's dequantizers read its tensors as
+    little-endian). In a child, so that a crash fails the test rather than ending pytest."""
+    reference, tokens, merges = byte_bpe
+    weights = float_llama[0]
+    real_init = gguf.GGUFWriter.__init__
+
+    def with_float64(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.add_float64("general.f64", 1.0)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "__init__", with_float64)
+    llama_gguf(tmp_path / "float64.gguf", weights, tokens, merges, matrix_type=Q.Q8_0)
+    monkeypatch.setattr(gguf.GGUFWriter, "__init__",
+                        lambda self, path, arch, *a, **k: real_init(self, path, arch, *a,
+                                                                    endianess=gguf.GGUFEndian.BIG, **k))
+    llama_gguf(tmp_path / "big-endian.gguf", weights, tokens, merges)
+    monkeypatch.undo()
+    assert check_gguf_header(tmp_path / "float64.gguf") is False  # mx.load would misread it
+    code = ("import pathlib, sys, pytest, test_gguf_convert as t\n"
+            "folder = pathlib.Path(sys.argv[1])\n"
+            "for name in ('float64', 'big-endian'):\n"
+            "    (folder / name).mkdir()\n"
+            "t.convert(folder / 'float64.gguf', folder / 'float64')\n"
+            "with pytest.raises(t.UnsupportedModelError, match='big-endian.gguf .*written big-endian'):\n"
+            "    t.convert(folder / 'big-endian.gguf', folder / 'big-endian')\n"
+            "assert not any((folder / 'big-endian').iterdir())\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).parent,
+                          env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, _ = mlx_lm.load(str(tmp_path / "float64"))  # Q8_0 re-quantized to 8 bits: within rounding
+    prompt = reference.encode("hello world 123").ids
+    np.testing.assert_allclose(np.array(model(mx.array([prompt]))), logits_of(LLAMA, len(tokens), weights, prompt),
+                               atol=0.1, rtol=0.1)
+
+
+def test_metadata_arrays_far_larger_than_a_vocabulary_are_refused_before_a_reader_sees_them(tmp_path):
+    """The gguf package builds ~700 bytes of NumPy views per array item: a 2 MB file of 2,000,000 bools took
+    1.4 GiB before it was refused for holding no vocabulary."""
+    writer = gguf.GGUFWriter(str(tmp_path / "blob.gguf"), "llama")
+    writer.add_array("general.blob", [False] * (MAX_ARRAY_ITEMS + 1))
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFHeaderError, match="more than 1048576 items"):
+        check_gguf_header(tmp_path / "blob.gguf")
+    assert_refused_writing_nothing(tmp_path / "blob.gguf")
+
+
+def test_merges_are_rebuilt_only_from_a_vocabulary_of_bounded_size(monkeypatch):
+    """Every cut of every token whose halves are tokens is a merge: "a", "aa", ... (900 tokens, a 0.4 MB file)
+    took 1.1 GiB, one token of 160,000 characters 3.2 s (quadratic in its length)."""
+    from semantic.models import gguf_tokenizer
+
+    def sentencepiece(tokens):
+        return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens}
+
+    with pytest.raises(InvalidRequestError, match="token 1 has 257 characters"):
+        tokenizer_files(sentencepiece(["a", "a" * 257]))
+    assert tokenizer_files(sentencepiece(["a" * n for n in range(1, 257)]))  # 32,640 merges
+    monkeypatch.setattr(gguf_tokenizer, "MAX_REBUILT_MERGES", 20)
+    with pytest.raises(InvalidRequestError, match="more than 20 merges"):
+        tokenizer_files(sentencepiece(["a" * n for n in range(1, 9)]))  # 28 merges
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_and_any_bos_text_is_added_as_a_token(byte_bpe):

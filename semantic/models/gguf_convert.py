@@ -21,7 +21,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -158,12 +158,16 @@ def _gemma3_config(md: Mapping[str, Any], tied: bool) -> Dict[str, Any]:
     }
 
 
-def _check_shape_config(gguf_path: pathlib.Path, config: Dict[str, Any]) -> None:
+def _check_shape_config(gguf_path: pathlib.Path, config: Dict[str, Any], tensor_names: Iterable[str]) -> None:
     sizes = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
              "head_dim")
     bad = [f"{key}={config[key]}" for key in sizes if config[key] <= 0]
     if not bad and config["num_attention_heads"] % config["num_key_value_heads"]:
         bad.append(f"{config['num_attention_heads']} attention heads over {config['num_key_value_heads']} KV heads")
+    # A block count past the layers the file holds made mlx-lm build them all at load (10,000,000: unbounded).
+    layers = {name.split(".")[1] for name in tensor_names if name.startswith("blk.")}
+    if not bad and layers != {str(layer) for layer in range(config["num_hidden_layers"])}:
+        bad.append(f"{config['num_hidden_layers']} layers, but tensors of {len(layers)} (blk.N)")
     if bad:
         raise UnsupportedModelError(f"{gguf_path.name}: impossible model sizes ({', '.join(bad)})")
 
@@ -188,31 +192,42 @@ def read_metadata(reader) -> Tuple[Dict[str, Any], Dict[str, str]]:
     return metadata, {t.name: t.tensor_type.name for t in reader.tensors}
 
 
+def _unpermuted(architecture: str, md: Mapping[str, Any]):
+    """``(GGUF name, rows) -> rows`` with llama's q/k projections (and their scales and biases) un-permuted."""
+    heads = {"attn_q": md.get(f"{architecture}.attention.head_count"),
+             "attn_k": md.get(f"{architecture}.attention.head_count_kv", md.get(f"{architecture}.attention.head_count"))}
+
+    def unpermuted(name: str, rows):
+        kind = name.split(".")[-2] if name.startswith("blk.") else None
+        return llama_cpp_unpermute(rows, int(heads[kind])) if architecture == "llama" and kind in heads else rows
+
+    return unpermuted
+
+
 def _native_tensors(path: pathlib.Path, architecture: str, md: Mapping[str, Any]) -> Dict[str, mx.array]:
     """MLX's own reading of Q4_0/Q4_1/Q8_0 (weight, scales, biases), scales and biases as float32."""
     raw = mx.load(str(path))
-    heads = {"attn_q": md.get(f"{architecture}.attention.head_count"),
-             "attn_k": md.get(f"{architecture}.attention.head_count_kv", md.get(f"{architecture}.attention.head_count"))}
+    unpermuted = _unpermuted(architecture, md)
     weights = {}
     for name, value in raw.items():
-        kind = name.split(".")[-2] if name.startswith("blk.") else None
-        if architecture == "llama" and kind in heads:
-            value = llama_cpp_unpermute(value, int(heads[kind]))
+        value = unpermuted(name, value)
         if name.endswith((".scales", ".biases")) or value.dtype in (mx.float16, mx.bfloat16):
             value = value.astype(mx.float32)
         weights[mlx_lm_name(architecture, name)] = value
     return weights
 
 
-def _requantized_tensors(reader, architecture: str) -> Dict[str, mx.array]:
+def _requantized_tensors(reader, architecture: str, md: Mapping[str, Any]) -> Dict[str, mx.array]:
     """Every tensor dequantized with ``gguf`` (NumPy) and matrices re-quantized to MLX 8-bit, float32 scales."""
     from gguf.quants import dequantize
 
     offset = _NORM_OFFSET.get(architecture, 0.0)
+    unpermuted = _unpermuted(architecture, md)
     weights = {}
     for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
         value = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+        value = unpermuted(tensor.name, value)
         name = mlx_lm_name(architecture, tensor.name)
         if name.endswith("norm.weight"):
             value = value + offset
@@ -270,9 +285,9 @@ def _convert(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> Dict[str, Any]:
     from gguf import GGUFReader
 
     try:
-        check_gguf_header(gguf_path)
+        mlx_reads_it = check_gguf_header(gguf_path)
     except GGUFHeaderError as exc:
-        raise UnsupportedModelError(f"{gguf_path.name} is not a complete GGUF model file: {exc}") from None
+        raise UnsupportedModelError(f"{gguf_path.name} is not a GGUF model file this converter reads: {exc}") from None
     reader = GGUFReader(str(gguf_path))  # parsing Gemma's vocabulary takes half a minute: once
     metadata, types = read_metadata(reader)
     architecture = metadata.get("general.architecture")
@@ -283,15 +298,15 @@ def _convert(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> Dict[str, Any]:
     if not types:
         raise UnsupportedModelError(f"{gguf_path.name} holds no tensors: it is not a model file")
     unknown = sorted(set(types.values()) - UNQUANTIZED - set(NATIVE_QUANT))
-    requantize = architecture == "gemma3" or bool(unknown)
+    requantize = architecture == "gemma3" or bool(unknown) or not mlx_reads_it
 
     tied = "output.weight" not in types
     tokenizer: TokenizerFiles = tokenizer_files(metadata)
     config = _CONFIGS[architecture](metadata, tied)
-    _check_shape_config(gguf_path, config)
+    _check_shape_config(gguf_path, config, types)
     config.update(vocab_size=len(metadata["tokenizer.ggml.tokens"]), **tokenizer.config_ids)
     if requantize:
-        weights = _requantized_tensors(reader, architecture)
+        weights = _requantized_tensors(reader, architecture, metadata)
     else:
         weights = _native_tensors(gguf_path, architecture, metadata)
     quantization = _quantization_config(architecture, types, requantize)

@@ -118,11 +118,24 @@ def _sentencepiece_bpe(tokens: List[str], types: List[int], merges: Optional[Lis
     return tokenizer
 
 
+# Bounds on rebuilding merges from a vocabulary: every cut of every token whose halves are tokens is a merge, so
+# a crafted vocabulary ("a", "aa", ... of 900 tokens) held cubic memory (1.1 GiB), one long token quadratic time.
+MAX_REBUILT_TOKEN_CHARS = 256  # Gemma 3's longest token: 31
+MAX_REBUILT_MERGES = 2**21  # Gemma 3: 513,511
+
+
 def _merges_from_vocab(tokens: List[str], types: List[int], vocab: Mapping[str, int]) -> List[Tuple[str, str]]:
     ranked = []
     for index, (token, kind) in enumerate(zip(tokens, types)):
         if kind in (CONTROL, USER_DEFINED, BYTE) or len(token) < 2:
             continue
+        if len(token) > MAX_REBUILT_TOKEN_CHARS:
+            raise InvalidRequestError(
+                f"token {index} has {len(token)} characters; rebuilding merges (the file has none) takes tokens of "
+                f"at most {MAX_REBUILT_TOKEN_CHARS}")
+        if len(ranked) > MAX_REBUILT_MERGES:
+            raise InvalidRequestError(f"its vocabulary makes more than {MAX_REBUILT_MERGES} merges by token index "
+                                      f"{index}, far more than a real one")
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
             if left in vocab and right in vocab:
