@@ -27,7 +27,9 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -297,12 +299,37 @@ def _wants_float32() -> bool:
     return cpu_blas.OPENBLAS is not None and mx.default_device() == mx.cpu
 
 
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_layer_count(folder: pathlib.Path) -> None:
+    """``InvalidRequestError`` if ``config.json`` names more layers than the folder's weights hold: mlx-lm builds
+    every layer the config names before it reads a weight (10,000,000 layers: memory without bound). Anything
+    unreadable here is left to mlx-lm, which names it."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        layers = (config.get("text_config") or config).get("num_hidden_layers")
+        held = set()
+        for weights in folder.glob("*.safetensors"):
+            with open(weights, "rb") as file:
+                (length,) = struct.unpack("<Q", file.read(8))
+                if length > 100_000_000:  # safetensors' own limit on a header
+                    return
+                held |= {match.group(1) for key in json.loads(file.read(length)) if (match := _LAYER_KEY.search(key))}
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError, struct.error):
+        return
+    if type(layers) is int and layers > len(held):
+        raise InvalidRequestError(f"{folder / 'config.json'} names {layers} layers, but the weights hold "
+                                  f"{len(held)}; fix its num_hidden_layers, or fetch the model again")
+
+
 @functools.lru_cache(maxsize=None)
 def _load(path: str, float32: bool):
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.utils import dequantize_model
 
+    _check_layer_count(pathlib.Path(path))
     try:
         model, tokenizer = mlx_lm.load(path)
     except Exception as exc:  # mlx-lm raises whatever its parsers meet: KeyError, TypeError, RuntimeError, ...
