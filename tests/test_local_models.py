@@ -217,6 +217,20 @@ def test_unknown_preset_and_dtype_list_the_valid_choices(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_arguments_that_are_not_a_preset_dtype_or_path_are_typed_errors(tmp_path):
+    """An unhashable preset or dtype (TypeError), a path of an int or bytes (TypeError), with a NUL (ValueError),
+    of an unknown user's home (RuntimeError) or under a file (FileExistsError) came out bare."""
+    (tmp_path / "a-file").write_text("")
+    for call in (lambda: build_local_model(["tiny-llama"]), lambda: load_local_model("tiny-llama", dtype=["float32"]),
+                 lambda: build_local_model("tiny-llama", 3), lambda: build_local_model("tiny-llama", b"/tmp/x"),
+                 lambda: build_local_model("tiny-llama", str(tmp_path / "a\0b")),
+                 lambda: build_local_model("tiny-llama", "~no-such-user-x/m"),
+                 lambda: build_local_model("tiny-llama", tmp_path / "a-file" / "m")):
+        with pytest.raises(InvalidRequestError):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_default_folder_lives_in_the_model_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path))
     folder = build_local_model("tiny-qwen2", seed=3, dtype="float16")

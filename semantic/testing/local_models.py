@@ -34,6 +34,7 @@ import tokenizers
 from mlx.utils import tree_flatten
 
 from semantic.domain.errors import InvalidRequestError
+from semantic.domain.request_checks import checked_path
 
 DTYPES: Dict[str, mx.Dtype] = {
     "bfloat16": mx.bfloat16,
@@ -236,11 +237,11 @@ PRESETS: Dict[str, LocalModelPreset] = {
 
 
 def _validated(preset: str, seed: int, dtype: str) -> LocalModelPreset:
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:  # a list is unhashable: TypeError before
         raise InvalidRequestError(
             f"unknown local model preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}"
         )
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidRequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise InvalidRequestError(f"seed must be an integer in [0, 2**63), got {seed!r}")
@@ -411,7 +412,7 @@ def _is_complete(folder: pathlib.Path, recipe: Mapping[str, Any]) -> bool:
         return marker["recipe"] == recipe and all(
             (folder / name).stat().st_size == size for name, size in marker["file_sizes"].items()
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a damaged marker
         return False
 
 
@@ -487,14 +488,16 @@ def build_local_model(
     holds files this module did not write.
     """
     chosen = _validated(preset, seed, dtype)
-    folder = pathlib.Path(path) if path is not None else default_model_dir(preset, seed=seed, dtype=dtype)
-    folder = folder.expanduser().absolute()
+    folder = checked_path("path", path if path is not None else default_model_dir(preset, seed=seed, dtype=dtype))
     recipe = _recipe(chosen, seed, dtype)
     if _is_complete(folder, recipe):
         return folder
     _check_replaceable(folder)
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        raise InvalidRequestError(f"cannot make the folder {folder.parent} ({exc.strerror or exc}); pass another "
+                                  "path") from exc
     _remove_abandoned_builds(folder)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(folder)}{os.getpid()}-", dir=folder.parent))
     try:
