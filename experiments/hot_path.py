@@ -27,6 +27,7 @@ import numpy as np
 
 from semantic.application.block_cache import blocks_to_cache
 from semantic.benchmarking import cases
+from semantic.testing.local_models import PRESETS
 
 
 def percentiles(fn: Callable[[], object], repeat: int = 100, warmup: int = 10) -> Dict[str, float]:
@@ -114,12 +115,21 @@ def main() -> None:
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--max-mib", type=float, default=4096, help="leave out copy cases larger than this")
     args = parser.parse_args()
-    if args.conversation_turns < 1:  # a conversation of no turns has no mean: NaN columns
-        parser.error("--conversation-turns must be at least 1")
+    # Checked before anything runs: the resume cases come after minutes of copy cases.
+    for option in ("repeat", "resume_repeat", "conversation_turns"):  # none of a sample has no mean: NaN columns
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    try:
+        resume_tokens = [int(tokens) for tokens in args.resume_tokens.split(",")]
+    except ValueError:
+        parser.error(f"--resume-tokens must be token counts separated by commas, got {args.resume_tokens!r}")
+    if min(resume_tokens) < 1:
+        parser.error("--resume-tokens must be at least 1")
+    if args.preset not in PRESETS:
+        parser.error(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")
     start = time.time()
     result = {"device": str(mx.default_device()), "copy": copy_cases(args.repeat, args.max_mib),
-              "resume": resume_cases(args.preset, [int(t) for t in args.resume_tokens.split(",")], args.resume_repeat,
-                                    args.conversation_turns)}
+              "resume": resume_cases(args.preset, resume_tokens, args.resume_repeat, args.conversation_turns)}
     print("\n| case | MiB | rebuild p50/p95 | gather | per-layer concat | store | device copy |")
     print("|---|---|---|---|---|---|---|")
     for r in result["copy"]:

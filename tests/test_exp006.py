@@ -288,6 +288,25 @@ def test_bad_options_exit_2_before_anything_runs(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--resume-tokens", "abc"], "--resume-tokens must be token counts separated by commas, got 'abc'"),
+    (["--resume-tokens", "256,0"], "--resume-tokens must be at least 1"),
+    (["--preset", "nosuch"], "--preset must be one of"),
+    (["--resume-repeat", "0"], "--resume-repeat must be at least 1"),
+    (["--repeat", "0"], "--repeat must be at least 1"),
+])
+def test_hot_path_bad_options_exit_2_before_anything_runs(argv, message, capsys, monkeypatch):
+    """They ended in a traceback (--resume-tokens, --preset: after minutes of copy cases) or in NaN columns."""
+    from experiments import hot_path
+
+    monkeypatch.setattr(hot_path, "copy_cases", lambda *args: pytest.fail("ran before its options were checked"))
+    monkeypatch.setattr("sys.argv", ["hot_path", *argv])
+    with pytest.raises(SystemExit) as exited:
+        hot_path.main()
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_help_imports_no_mlx():
     """``--help`` answers at once: MLX (seconds to import) only after the options are read."""
     code = ("import sys; from experiments import exp_006_benchmark as r\n"
