@@ -343,7 +343,7 @@ def load_results(path: Path) -> dict:
 
     try:
         results = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested past Python's limit
         raise measure.ExperimentError(f"cannot read {path}: {error}") from error
     problems = validate(results)
     if problems:
@@ -359,6 +359,7 @@ def combine(paths: Sequence[Path], doc: Path, output_dir: Path, command: str) ->
 
     runs = sorted((load_results(p) for p in paths),
                   key=lambda r: (r["environment"]["device"], r["environment"]["device_name"], r["created_utc"]))
+    kept = hand_written(doc)  # before any plot is written: a document that cannot be read stops it all
     doc.parent.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     written, plotted = [], []
@@ -372,14 +373,20 @@ def combine(paths: Sequence[Path], doc: Path, output_dir: Path, command: str) ->
         else:
             plotted.append((results, None))
     text = report.render_doc(plotted, [r for r in runs if report.real_model(r)], command)
-    doc.write_text(text + hand_written(doc))
+    doc.write_text(text + kept)
     return [doc] + written
 
 
 def hand_written(doc: Path) -> str:
     """What follows ``HAND_WRITTEN`` in the document as it stands: notes that the JSON cannot regenerate
     (runs not combined, their comparisons), kept through a regeneration."""
-    text = doc.read_text() if doc.is_file() else ""
+    from experiments import exp_006_measure as measure
+
+    try:
+        text = doc.read_text() if doc.is_file() else ""
+    except (OSError, UnicodeDecodeError) as error:
+        raise measure.ExperimentError(f"cannot read the document {doc} to keep its hand-written part: {error}") \
+            from error
     return "\n" + text[text.index(HAND_WRITTEN):] if HAND_WRITTEN in text else ""
 
 
@@ -407,16 +414,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.combine:
             paths = combine(args.combine, args.doc, args.output_dir or RESULTS_DIR, command_line(argv))
         else:
+            output_dir = results_folder(args)
+            output_dir.mkdir(parents=True, exist_ok=True)  # now: not found unusable after the whole measurement
             device = measure.select_device(args.device)
             settings = settings_from(args, device)
             model, tokenizer, model_info = load_model(args)
             results = run(settings, model, tokenizer, model_info, command_line(argv), args.git_commit)
-            paths = write_outputs(results, results_folder(args))
+            paths = write_outputs(results, output_dir)
             for entry in results["targets"]:
                 print(f"{entry['name']:<24} p95 {report.ms(entry['p95_ms']):>12}  target < "
                       f"{report.ms(entry['target_ms'])}  {entry['status']}")
-    except (measure.ExperimentError, SemanticError) as error:
-        print(f"exp_006_benchmark: error: {error}", file=sys.stderr)
+    except (measure.ExperimentError, SemanticError, OSError, UnicodeDecodeError) as error:  # OSError: a folder
+        print(f"exp_006_benchmark: error: {error}", file=sys.stderr)                      # under a file, ...
         return 2
     for path in paths:
         print(f"wrote {path}")

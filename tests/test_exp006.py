@@ -288,6 +288,25 @@ def test_bad_options_exit_2_before_anything_runs(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_files_and_folders_that_cannot_be_used_exit_2_before_anything_is_measured_or_written(quick_run, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """Tracebacks before: JSON nested past the recursion limit, a --doc under a file or not UTF-8 (after the plots
+    were written), an --output-dir under a file (after the whole measurement)."""
+    results = str(quick_run[0] / runner.RESULTS_JSON)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "binary.md").write_bytes(b"\xff\xfe not UTF-8")
+    monkeypatch.setattr(measure, "select_device", lambda *args: pytest.fail("measured before its folder was made"))
+    for argv, message in (
+            (["--combine", str(tmp_path / "deep.json")], "cannot read"),
+            (["--combine", results, "--doc", str(tmp_path / "a-file" / "doc.md")], "File exists"),
+            (["--combine", results, "--doc", str(tmp_path / "binary.md")], "cannot read the document"),
+            (["--quick", "--output-dir", str(tmp_path / "a-file" / "out")], "Not a directory")):
+        assert runner.main([*argv, "--output-dir", str(tmp_path / "plots")] if "--combine" in argv else argv) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "binary.md", "deep.json"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--resume-tokens", "abc"], "--resume-tokens must be token counts separated by commas, got 'abc'"),
     (["--resume-tokens", "256,0"], "--resume-tokens must be at least 1"),
