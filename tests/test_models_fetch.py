@@ -234,6 +234,18 @@ def test_a_folder_whose_config_names_layers_its_weights_lack_is_refused_before_m
         models.load(folder, cpu_float32=False)
     (folder / "config.json").write_text(json.dumps(config))
     assert models.load(folder, cpu_float32=False)
+    import mlx.core as mx
+
+    other = tmp_path / "named-otherwise"  # gpt2's "h.N": a tensor per layer at least is all that can be told
+    other.mkdir()
+    mx.save_safetensors(str(other / "model.safetensors"), {f"h.{i}.w": mx.zeros((2,)) for i in range(2)})
+    for layers, refused in ((2, False), (3, True)):
+        (other / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+        if refused:
+            with pytest.raises(InvalidRequestError, match="names 3 layers, but the weights hold 2 tensors"):
+                models._check_layer_count(other)
+        else:
+            models._check_layer_count(other)
 
 
 def test_a_destination_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):

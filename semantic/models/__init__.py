@@ -309,18 +309,23 @@ def _check_layer_count(folder: pathlib.Path) -> None:
     try:
         config = json.loads((folder / "config.json").read_text())
         layers = (config.get("text_config") or config).get("num_hidden_layers")
-        held = set()
+        held, tensors = set(), 0
         for weights in folder.glob("*.safetensors"):
             with open(weights, "rb") as file:
                 (length,) = struct.unpack("<Q", file.read(8))
                 if length > 100_000_000:  # safetensors' own limit on a header
                     return
-                held |= {match.group(1) for key in json.loads(file.read(length)) if (match := _LAYER_KEY.search(key))}
+                keys = json.loads(file.read(length))
+            held |= {match.group(1) for key in keys if (match := _LAYER_KEY.search(key))}
+            tensors += len(keys) - ("__metadata__" in keys)
     except (OSError, ValueError, AttributeError, TypeError, RecursionError, struct.error):
         return
-    if type(layers) is int and layers > len(held):
+    # Weights that name their layers otherwise (gpt2's "h.N") hold at least a tensor per layer.
+    most = len(held) if held else tensors
+    if type(layers) is int and layers > most:
         raise InvalidRequestError(f"{folder / 'config.json'} names {layers} layers, but the weights hold "
-                                  f"{len(held)}; fix its num_hidden_layers, or fetch the model again")
+                                  f"{most if held else f'{tensors} tensors'}; fix its num_hidden_layers, or fetch "
+                                  "the model again")
 
 
 @functools.lru_cache(maxsize=None)
