@@ -340,6 +340,16 @@ def test_chat_turns_of_something_not_a_tokenizer_are_typed_errors(llama32, monke
     monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *args, **kwargs: None, raising=False)
     with pytest.raises(InvalidRequestError, match="gave NoneType"):
         first_turn(tokenizer, "hi")
+    # Without a template: the raw tokenizers.Tokenizer's Encoding was returned as the ids; an encode without
+    # add_special_tokens raised a bare TypeError.
+    raw = tokenizer._tokenizer.backend_tokenizer
+    text_only = _Tokenizer(raw, lambda text: [5, 6])
+    for turn in (lambda t: first_turn(t, "hi"), lambda t: next_turn(t, [5], "hi")):
+        with pytest.raises(InvalidRequestError, match="gave Encoding"):
+            turn(raw)
+    assert first_turn(text_only, "hi") == [5, 6]
+    with pytest.raises(InvalidRequestError, match="cannot take"):
+        next_turn(text_only, [5], "hi")
 
 
 @pytest.mark.parametrize("option", ["prefill_step_size", "prefill_batch_size", "completion_batch_size"])

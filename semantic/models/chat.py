@@ -25,7 +25,7 @@ def first_turn(tokenizer, message: str, system: Optional[str] = None) -> List[in
     if system is not None:
         _check_text("system", system)
     if not getattr(tokenizer, "chat_template", None):
-        return tokenizer.encode(((system + "\n") if system else "") + _PLAIN_TURN.format(message=message).lstrip())
+        return _encoded(tokenizer, ((system + "\n") if system else "") + _PLAIN_TURN.format(message=message).lstrip())
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     ids = _apply_template(tokenizer, messages)
     if not isinstance(ids, (list, tuple)):
@@ -39,7 +39,7 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
     _check_text("message", message)
     last = _last_token(context)
     if not getattr(tokenizer, "chat_template", None):
-        return tokenizer.encode(_PLAIN_TURN.format(message=message), add_special_tokens=False)
+        return _encoded(tokenizer, _PLAIN_TURN.format(message=message), add_special_tokens=False)
     conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE_REPLY},
                     {"role": "user", "content": message}]
     rendered = _apply_template(tokenizer, conversation, tokenize=False)
@@ -54,8 +54,22 @@ def next_turn(tokenizer, context: Sequence[int], message: str) -> List[int]:
             f"the chat template does not end an assistant reply with the end token {end!r} (Gemma-it and Phi-3 "
             "templates end turns with a token of their own); cannot append turns")
     suffix = after_reply[len(end):]
-    return tokenizer.encode(suffix if last is not None and last in _end_ids(tokenizer) else end + suffix,
-                            add_special_tokens=False)
+    return _encoded(tokenizer, suffix if last is not None and last in _end_ids(tokenizer) else end + suffix,
+                    add_special_tokens=False)
+
+
+def _encoded(tokenizer, text: str, **options) -> List[int]:
+    """``tokenizer.encode(text, **options)`` as a list of ints; a typed error for a tokenizer whose encode takes
+    other arguments (TypeError before) or gives something else (a raw ``tokenizers.Tokenizer``'s Encoding)."""
+    try:
+        ids = tokenizer.encode(text, **options)
+    except TypeError as exc:
+        raise InvalidRequestError(f"the tokenizer's encode cannot take {text!r:.40} with {options or 'no options'} "
+                                  f"({exc}); pass mlx-lm's or a transformers tokenizer") from None
+    if not isinstance(ids, (list, tuple)) or not all(is_int(i) for i in ids):
+        raise InvalidRequestError(f"the tokenizer's encode gave {type(ids).__name__}, not a list of token ids; pass "
+                                  "mlx-lm's or a transformers tokenizer")
+    return [int(i) for i in ids]
 
 
 def _check_tokenizer(tokenizer) -> None:
