@@ -306,6 +306,8 @@ def _check_layer_count(folder: pathlib.Path) -> None:
     """``InvalidRequestError`` if ``config.json`` names more layers than the folder's weights hold: mlx-lm builds
     every layer the config names before it reads a weight (10,000,000 layers: memory without bound). Anything
     unreadable here is left to mlx-lm, which names it."""
+    from semantic.persistence.file_format import MAX_HEADER_BYTES  # imports MLX: here, as _load does
+
     try:
         config = json.loads((folder / "config.json").read_text())
         layers = (config.get("text_config") or config).get("num_hidden_layers")
@@ -313,7 +315,7 @@ def _check_layer_count(folder: pathlib.Path) -> None:
         for weights in folder.glob("*.safetensors"):
             with open(weights, "rb") as file:
                 (length,) = struct.unpack("<Q", file.read(8))
-                if length > 100_000_000:  # safetensors' own limit on a header
+                if length > MAX_HEADER_BYTES:  # over safetensors' own limit: mlx-lm says what is wrong
                     return
                 keys = json.loads(file.read(length))
             held |= {match.group(1) for key in keys if (match := _LAYER_KEY.search(key))}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Set
 
 from semantic.domain.errors import InvalidRequestError
-from semantic.domain.request_checks import check_text, is_int, is_int_vector, length, shown
+from semantic.domain.request_checks import check_text, int_items, is_int, is_int_vector, length, shown
 
 _PLAIN_TURN = "\nUser: {message}\nAssistant:"
 _PROBE_REPLY = "\x00reply\x00"  # assistant content that no template writes by itself
@@ -66,10 +66,10 @@ def _encoded(tokenizer, text: str, **options) -> List[int]:
     except TypeError as exc:
         raise InvalidRequestError(f"the tokenizer's encode cannot take {text!r:.40} with {options or 'no options'} "
                                   f"({exc}); pass mlx-lm's or a transformers tokenizer") from None
-    if not isinstance(ids, (list, tuple)) or not all(is_int(i) for i in ids):
+    if not isinstance(ids, (list, tuple)):
         raise InvalidRequestError(f"the tokenizer's encode gave {type(ids).__name__}, not a list of token ids; pass "
                                   "mlx-lm's or a transformers tokenizer")
-    return [int(i) for i in ids]
+    return int_items(list(ids), "the token ids the tokenizer's encode gave")
 
 
 def _check_tokenizer(tokenizer) -> None:
