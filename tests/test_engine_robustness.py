@@ -879,6 +879,24 @@ def test_tiny_temperatures_and_small_repetition_penalties_behave_in_float16_as_i
         assert penalized[0].token_ids == penalized[1].token_ids != greedy.token_ids
 
 
+def test_a_neighbours_repetition_penalty_leaves_a_bfloat16_requests_tokens_as_they_were_alone():
+    """The penalty runs on float32 logits; its row came back float32, and mlx-lm's concatenation of the batch's
+    rows made every neighbour's log-softmax float32: bfloat16 near-ties resolved otherwise (3 of 3 prompts)."""
+    from semantic.testing.local_models import load_local_model
+
+    engine = make_engine(load_local_model("tiny-llama", dtype="bfloat16"), total_blocks=64)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        prompt, neighbour = rng.integers(4, VOCAB, 513).tolist(), rng.integers(4, VOCAB, 2).tolist()
+        alone = engine.generate("a", prompt, max_tokens=30)
+        done = run_batch(engine, {"a": (prompt, dict(max_tokens=30)),
+                                  "b": (neighbour, dict(max_tokens=30, repetition_penalty=1.3))})
+        assert done["a"].token_ids == alone.token_ids
+        for completion in (alone, *done.values()):
+            completion.blocks.release()
+    assert whole(engine.pool)
+
+
 def _raise(exc):
     raise exc
 

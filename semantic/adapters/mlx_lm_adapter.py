@@ -264,13 +264,29 @@ def sampler_for(sampling: SamplingParams, vocab: int):
 
 
 def logits_processors_for(sampling: SamplingParams):
-    """mlx-lm's repetition penalty, on float32 logits: it divides the logits by the penalty in their own dtype,
-    which in float16 overflows (inf, then NaN: tokens at random) for penalties below ~1e-4."""
+    """mlx-lm's repetition penalty, computed on float32 logits and handed back in the logits' own dtype.
+
+    mlx-lm divides the logits by the penalty in their dtype, which in float16 overflows (inf, then NaN: tokens
+    at random) for penalties below ~1e-4. The row goes back in its dtype because mlx-lm concatenates the batch's
+    rows: one float32 row made every neighbour's log-softmax float32, and a bfloat16 neighbour's greedy tokens
+    changed at near-ties."""
     penalty = sampling.repetition_penalty
     if penalty is None or penalty == 1:
         return []
-    return [lambda tokens, logits, processor=processor: processor(tokens, logits.astype(mx.float32))
+    return [lambda tokens, logits, processor=processor:
+            _in_dtype_of(logits, processor(tokens, logits.astype(mx.float32)))
             for processor in make_logits_processors(repetition_penalty=penalty)]
+
+
+def _in_dtype_of(logits: mx.array, processed: mx.array) -> mx.array:
+    """``processed`` (float32) in ``logits``' dtype. A row whose largest value that dtype cannot hold (float16,
+    a tiny penalty) is first shifted so that its largest is 0: every sampler reads log-probabilities, which a
+    shift leaves as they were, where clipping would tie the largest values."""
+    if logits.dtype == processed.dtype:
+        return processed
+    top = mx.max(processed, axis=-1, keepdims=True)
+    shift = mx.where(top > mx.finfo(logits.dtype).max, top, mx.zeros_like(top))
+    return (processed - shift).astype(logits.dtype)
 
 
 @dataclass
