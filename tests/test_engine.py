@@ -13,6 +13,7 @@ from semantic.domain.errors import (
     InvalidRequestError,
     PoolExhaustedError,
     ReleasedHandleError,
+    RequestFailedError,
     UnknownRequestError,
 )
 from semantic.domain.services import BlockPool
@@ -350,6 +351,40 @@ def test_requests_wait_for_blocks_and_run_when_handles_are_released(llama32):
     held[0].blocks.release()
     (late,) = list(engine.step())
     assert late.uid == waiting
+
+
+def test_waiting_resumes_that_pin_each_others_room_end_the_newest_and_run_the_rest(llama32):
+    """Each waiting resume keeps the context it resumes until it runs: two of them, each with room to run alone
+    once the other's context is free, waited for each other forever (the warning asked the caller to release
+    handles, which could not help). Now the newest ends with a typed error and the other runs."""
+    layers = ModelCacheSpec.from_model(llama32[0]).n_layers
+    engine = make_engine(llama32, total_blocks=2 * layers)  # room for two one-block contexts
+    contexts = [run(engine, agent, "hello there", max_tokens=2).blocks for agent in "ab"]
+    first, second = (engine.submit(agent, " and then", cache=blocks, max_tokens=3)
+                     for agent, blocks in zip("ab", contexts))
+    assert len(engine._waiting) == 1  # the second ended at once: nothing runs that could make room
+    for blocks in contexts:
+        blocks.release()
+    done = {c.uid: c for c in engine.step()}
+    assert set(done) == {first, second}
+    assert done[first].error is None and list(done[first].blocks.token_ids[-3:]) == done[first].token_ids
+    assert isinstance(done[second].error, RequestFailedError) and done[second].error.stage == "admission"
+    assert isinstance(done[second].error.__cause__, PoolExhaustedError)
+    assert "the newest, was ended" in str(done[second].error)
+    del done
+    assert engine.pending == 0 and at_start(engine.pool)
+
+    # Room for one of them if the caller releases a context it keeps: it waits, and the warning says so.
+    contexts = [run(engine, agent, "hello there", max_tokens=2).blocks for agent in "ab"]
+    waiting = engine.submit("a", " and then", cache=contexts[0], max_tokens=3)
+    with pytest.warns(PoolPressureWarning, match=f"{layers} of these blocks are contexts that waiting requests"):
+        assert list(engine.step()) == []
+    contexts[1].release()
+    (late,) = list(engine.step())
+    assert late.uid == waiting and late.error is None
+    del late
+    contexts[0].release()
+    assert at_start(engine.pool)
 
 
 def test_pool_returns_to_start_and_does_not_grow_over_200_turns(llama32):

@@ -6,7 +6,8 @@ Lifecycle of a request:
    need at most, and queues the request.
 2. Admission (in ``submit`` when there is room, else in ``step``, first come first
    served; while nothing runs, a request that does not fit lets those behind it that
-   do go first): the pool *reserves* those blocks, the cache is rebuilt from the
+   do go first, and waiting resumes that could never all fit beside the contexts they
+   resume end newest first): the pool *reserves* those blocks, the cache is rebuilt from the
    source blocks (if any) and the sequence goes into mlx-lm's ``BatchGenerator``.
    A reservation guarantees that the finished context can be stored.
 3. ``step`` runs the batch and yields a :class:`Completion` as soon as each
@@ -358,7 +359,13 @@ class BlockPoolBatchEngine:
         no longer holds up those behind it that do: no step of this engine would free blocks for it (handles
         the caller keeps, or another engine's requests, hold them). A request whose prompt would not fit in
         memory beside those still prefilling (mlx-lm prefills them as one batch) waits, with those behind it,
-        until they have prefilled."""
+        until they have prefilled. While nothing runs, waiting requests that could never all get their blocks
+        (:meth:`_end_a_pinned_wait`) are ended, newest first, until the others can."""
+        self._admit_in_order()
+        while not self._running and self._waiting and not self._others_run() and self._end_a_pinned_wait():
+            self._admit_in_order()
+
+    def _admit_in_order(self) -> None:
         index = 0
         while index < len(self._waiting):
             request = self._waiting[index]
@@ -385,6 +392,31 @@ class BlockPoolBatchEngine:
                     # A sequence mlx-lm queued meanwhile goes now (else it is stopped at its first event).
                     self._generator.remove_tagged(request.uid)
                 raise
+
+    def _end_a_pinned_wait(self) -> bool:
+        """Whether it ended the newest waiting request that resumes a context, because no waiting request could
+        get its blocks even if the caller released every handle it keeps: each keeps the context it resumes
+        until it runs, and those contexts leave too little room, so they would wait for each other forever."""
+        pinned = self._pinned_by_waiting()
+        room = self.pool.total_blocks - len(pinned) - self.pool.reserved_blocks
+        if any(request.new_blocks_bound <= room for request in self._waiting):
+            return False
+        victim = next((request for request in reversed(self._waiting) if request.source is not None), None)
+        if victim is None:
+            return False
+        self._waiting.remove(victim)
+        self._fail(victim, "admission", PoolExhaustedError(
+            victim.new_blocks_bound, room,
+            f"(while nothing ran, the {len(self._waiting) + 1} waiting requests could never all get their blocks: "
+            f"the {len(pinned)} blocks of the contexts they resume stay held until they run, which leaves {room} "
+            "for new blocks, fewer than any of them needs. This one, the newest, was ended so that the others can "
+            "run; submit it again once they have finished)"))
+        return True
+
+    def _pinned_by_waiting(self) -> set:
+        """Blocks of the contexts that waiting requests resume (kept until they run)."""
+        return {block for request in self._waiting if request.source is not None
+                for block in itertools.chain.from_iterable(request.source.all_block_ids)}
 
     def _prefills_beside_running(self, request: _Request) -> bool:
         """Whether ``request``'s prompt fits in memory in one prefill batch with the running requests still
@@ -677,6 +709,8 @@ class BlockPoolBatchEngine:
         shown = ", ".join(f"agent {agent!r} {blocks} blocks" for agent, (blocks, _) in per_agent[:10])
         more = f" and {len(per_agent) - 10} more agents" if len(per_agent) > 10 else ""
         held = f"held by handles you keep: {shown + more or 'none'}"
+        if pinned := len(self._pinned_by_waiting()):
+            held += f" ({pinned} of these blocks are contexts that waiting requests resume, kept until they run)"
         if usage.reserved_blocks:
             held += f"; {usage.reserved_blocks} free blocks are reserved by requests in flight (another engine's)"
         return held
