@@ -636,6 +636,84 @@ def test_only_a_block_held_once_is_written():
     pool.check_invariants()
 
 
+@pytest.mark.parametrize("block_format", ["dense", "q8g32"])
+def test_a_handles_blocks_and_a_rebuilt_caches_are_never_written_even_held_once(block_format):
+    """Held once by a live handle (or, the handle released, by the cache rebuilt from it), a block passed the
+    write check, which looked only at its reference count: its context changed under the handle."""
+    from semantic.application.block_cache import blocks_to_cache, cache_to_blocks
+    from semantic.benchmarking.cases import random_caches
+
+    spec = ModelCacheSpec(1, 1, 32, 32, "float32", block_size=4).with_format(block_format)
+    pool = BlockPool(spec, total_blocks=4, grow_buffer_cache=False)
+    handle = cache_to_blocks(pool, "alice", random_caches(spec, 4, seed=1), [1, 2, 3, 4])
+    (block,) = handle.layer_block_ids(0)
+    junk = mx.full((1, 1, 4, 32), 42.0)
+    if block_format == "dense":
+        write = lambda: pool.write_blocks([block], 0, junk, junk, 0)  # noqa: E731
+    else:
+        write = lambda: pool.write_stored([([block], 0, list(mx.quantize(junk, group_size=32, bits=8)) * 2, 0)])  # noqa: E731,E501
+    kept = np.array(blocks_to_cache(pool, handle, views=False)[0].keys)
+    usage = pool.usage()
+    assert pool.refcount(block) == 1  # the handle's reference alone
+    with pytest.raises(BlockOwnershipError, match="held by a handle, or by a cache rebuilt from one"):
+        write()
+    assert np.array_equal(np.array(blocks_to_cache(pool, handle, views=False)[0].keys), kept)
+    assert pool.usage() == usage
+    if block_format == "dense":  # a dense rebuild views the pool's blocks: its pin is their one reference then
+        cache = blocks_to_cache(pool, handle)
+        handle.release()
+        assert pool.refcount(block) == 1
+        with pytest.raises(BlockOwnershipError, match="held by a handle, or by a cache rebuilt from one"):
+            write()
+        assert np.array_equal(np.array(cache[0].keys), kept)
+        del cache
+    pool.check_invariants()
+    (raw,) = pool.allocate(1, "b")  # a raw reference's block is written, as before
+    pool.write_blocks([raw], 0, junk, junk, 0) if block_format == "dense" else pool.write_stored(
+        [([raw], 0, list(mx.quantize(junk, group_size=32, bits=8)) * 2, 0)])
+    pool.release_blocks([raw], "b")
+
+
+def test_a_handle_made_by_hand_or_given_another_agent_is_refused():
+    """A hand-made AgentBlocks over free blocks was shared and pinned (references on free blocks, which were then
+    handed out again); a handle whose agent was changed released nothing (its blocks leaked)."""
+    from semantic.application.block_cache import blocks_to_cache
+    from semantic.domain.entities import AgentBlocks
+
+    pool = BlockPool(SPEC, total_blocks=4)
+    fake = AgentBlocks(pool, "mallory", [1] * 8, [[0], [1]])
+    usage = pool.usage()
+    for call in (lambda: pool.share(fake), lambda: pool.pin(fake), lambda: blocks_to_cache(pool, fake),
+                 fake.release, lambda: pool.check_handle(fake)):
+        with pytest.raises(InvalidRequestError, match="made by hand"):
+            call()
+        assert pool.usage() == usage
+    with pool.build_handle("a") as builder:
+        ids = builder.allocate(2)
+        handle = builder.finish([1] * 8, [[ids[0]], [ids[1]]])
+    for name in ("agent_id", "token_ids"):
+        with pytest.raises(AttributeError):
+            setattr(handle, name, "bob" if name == "agent_id" else (5,) * 8)
+    handle.release()
+    assert pool.free_blocks == 4
+    pool.check_invariants()
+
+
+def test_a_builder_dropped_unfinished_gives_its_reservations_blocks_back_to_the_reservation():
+    """Its blocks went back to the pool but not to the reservation they came from: the owner's later allocation
+    against the reservation (which cannot fail) failed once others took the free blocks."""
+    pool = BlockPool(SPEC, total_blocks=6)
+    reservation = pool.reserve(4, "req")
+    builder = pool.build_handle("req", reservation)
+    builder.allocate(3)
+    del builder
+    gc.collect()
+    others = pool.allocate(pool.available_blocks, "other")
+    assert len(others) == 2 and reservation.remaining == 4
+    assert len(pool.allocate(4, "req", reservation=reservation)) == 4
+    pool.check_invariants()
+
+
 def test_a_builder_writes_exactly_the_blocks_it_allocated_in_order_or_nothing():
     """write_new and the store's own _write_store skip the pool's ownership checks because their blocks are the
     builder's own, just allocated: a write of other blocks (another agent's, in place of one of its own or

@@ -58,7 +58,7 @@ class AgentBlocks:
     Create handles through the pool or the engine, never directly.
     """
 
-    __slots__ = ("_pool", "agent_id", "token_ids", "_layer_block_ids", "_flat_ids", "_memo", "computed_by",
+    __slots__ = ("_pool", "_agent_id", "_token_ids", "_layer_block_ids", "_flat_ids", "_memo", "computed_by",
                  "vouched_for", "__weakref__")
 
     def __init__(
@@ -72,15 +72,15 @@ class AgentBlocks:
     ):
         # Called by BlockPool with the references already taken on this handle's behalf.
         self._pool = pool
-        self.agent_id = agent_id
+        self._agent_id = agent_id
         # ``normalized``: tuples of plain ints (another handle's, or a builder's checked lists), kept as
         # they are (a long context has thousands of tokens and ~1,000 blocks, and every resume shares
         # its source handle).
         if normalized:
-            self.token_ids: Tuple[int, ...] = token_ids
+            self._token_ids: Tuple[int, ...] = token_ids
             self._layer_block_ids: Optional[Tuple[Tuple[int, ...], ...]] = layer_block_ids
         else:
-            self.token_ids = tuple(map(int, token_ids))
+            self._token_ids = tuple(map(int, token_ids))
             self._layer_block_ids = tuple(map(tuple, layer_block_ids))
         # Every reference, one list: what the pool attributes to the agent and what it gives back on release
         # (or once the handle is collected: the pool watches it).
@@ -97,6 +97,16 @@ class AgentBlocks:
     @property
     def pool(self) -> "BlockPool":
         return self._pool
+
+    # Read-only: the pool finds a handle's references under its agent (an agent changed, a release gave back
+    # nothing), and the engine checks the ids against the vocabulary once per handle.
+    @property
+    def agent_id(self) -> str:
+        return self._agent_id
+
+    @property
+    def token_ids(self) -> Tuple[int, ...]:
+        return self._token_ids
 
     @property
     def spec(self) -> "ModelCacheSpec":

@@ -154,6 +154,8 @@ class _HandleBuilder:
             finally:  # also if interrupted: a rollback promises the reservation again what it gave
                 if reservation is not None:
                     self._from_reservation += promised - reservation._remaining
+                    if self._watch is not None:  # as does the builder's end when it is dropped unfinished
+                        self._watch.from_reservation = self._from_reservation
             self._one_run = one_run and not self._allocated
             self._allocated.extend(ids)
         return ids
@@ -211,6 +213,8 @@ class _HandleBuilder:
     def _hold(self, block_ids: List[int]) -> None:
         if block_ids and not self._held:
             self._watch = self._pool._watch(self, self._held, self._agent_id)  # watched before it holds anything
+            self._watch.reservation = self._reservation
+            self._pool._builders.add(self)
             self._pool._owned[self._agent_id][id(self._held)] = self._held
         self._held.extend(block_ids)
 
@@ -252,6 +256,7 @@ class _HandleBuilder:
         self._pool._unwatch(self._held)
         self._held = []
         self._allocated = []
+        self._from_reservation = 0
         self._one_run = False
         return handle
 
@@ -275,6 +280,7 @@ class _HandleBuilder:
                 pool._settled = True
                 pool._unwatch(self._held)
             self._held = []
+            self._from_reservation = 0
         if unwritten is not None and exc is None:  # else the error that ended the build is the one to see
             raise unwritten
 
@@ -296,12 +302,13 @@ class BlockPin:
 class _Watch(weakref.ref):
     """A weak reference to what holds references on blocks outside the pool (a handle, a pin, an unfinished
     builder), with what to give back once it is collected: its list in ``_owned`` (``held``), its agent, and
-    a write kernel to wait for first (``pending``, a builder's). Its callback is the pool's queue's ``append``,
+    a write kernel to wait for first (``pending``, a builder's), and the reservation a builder allocated
+``from_reservation`` blocks from, which promises them again. Its callback is the pool's queue's ``append``,
     a C function: the holder's death queues the watch without running Python code, so no interrupt (Ctrl-C)
     can come in between and lose the blocks, as one could at the start of a ``__del__`` or a
     ``weakref.finalize`` callback. :meth:`BlockPool._drain` gives them back at the next pool operation."""
 
-    __slots__ = ("held", "agent_id", "pending")
+    __slots__ = ("held", "agent_id", "pending", "reservation", "from_reservation")
 
 
 class BlockPool:
@@ -347,6 +354,7 @@ class BlockPool:
         # before the holder's references are attributed to it, and dropped only after they are given back.
         self._watches: Dict[int, _Watch] = {}
         self._handles: "weakref.WeakSet[AgentBlocks]" = weakref.WeakSet()
+        self._builders: "weakref.WeakSet[_HandleBuilder]" = weakref.WeakSet()  # those that held blocks
 
         # Quantized blocks live in their own arrays; every storage method dispatches once on this.
         self._quantized = QuantizedArenas(spec, total_blocks) if spec.block_format.quantized else None
@@ -701,6 +709,10 @@ class BlockPool:
             )
         if handle.released:
             handle.all_block_ids  # raises ReleasedHandleError with the agent's name
+        if self._owned.get(handle.agent_id, {}).get(id(handle._flat_ids)) is not handle._flat_ids:
+            raise InvalidRequestError(
+                f"this AgentBlocks of agent {handle.agent_id!r} holds no references of pool #{self.pool_id}: it was "
+                "made by hand; use the handles the pool, the engine or an AgentCacheStore return")
 
     def _promised(self) -> int:
         """Blocks the live reservations still promise: what ``_reserved`` counts."""
@@ -712,6 +724,7 @@ class BlockPool:
         ends. The watch is kept in ``_watches`` under ``id(held)``, a reservation's under its own id."""
         watch = _Watch(holder, self._released_by_gc.append)
         watch.held, watch.agent_id, watch.pending = held, agent_id, None
+        watch.reservation, watch.from_reservation = None, 0
         self._watches[id(watch) if held is None else id(held)] = watch
         return watch
 
@@ -737,20 +750,22 @@ class BlockPool:
                     except InvalidRequestError:  # never ran (its sources are another thread's): nothing writes
                         pass
                 self._settled = False
-                self._drop(watch.held, watch.agent_id)
+                if self._drop(watch.held, watch.agent_id) and watch.from_reservation:
+                    self._promise_again(watch.reservation, watch.from_reservation)
                 self._settled = True
                 self._unwatch(watch.held)
             queue.popleft()
 
-    def _drop(self, held: List[int], agent_id: str) -> None:
+    def _drop(self, held: List[int], agent_id: str) -> bool:
         """Give back the references of a handle or builder (``held``, its list in ``_owned``), unless given back
-        already (an operation repeated after an interrupt, or a watch after one)."""
+        already (an operation repeated after an interrupt, or a watch after one); whether it gave them back."""
         owned = self._owned.get(agent_id)
         if owned is None or owned.pop(id(held), None) is None:
-            return
+            return False
         if not owned:
             del self._owned[agent_id]
         self._unref(held)
+        return True
 
     def _references_held(self) -> List[int]:
         """Per block, the references held on it: the raw ones in ``_loose_refs`` and one per list in ``_owned``
@@ -1020,12 +1035,26 @@ class BlockPool:
             raise BlockOwnershipError(f"block {block} is written twice in one call; give each write blocks of its own")
         self._drain()
         if not set(map(self._refcount.__getitem__, block_ids)) - {1}:
-            return
-        block = next(b for b in block_ids if self._refcount[b] != 1)
-        state = "free" if self._refcount[block] == 0 else f"shared ({self._refcount[block]} references)"
+            writable = self._writable_blocks()
+            block = next((b for b in block_ids if b not in writable), None)
+            if block is None:
+                return
+            state = "held by a handle, or by a cache rebuilt from one"
+        else:
+            block = next(b for b in block_ids if self._refcount[b] != 1)
+            state = "free" if self._refcount[block] == 0 else f"shared ({self._refcount[block]} references)"
         raise BlockOwnershipError(
-            f"block {block} is {state}: only a block just allocated, held once, is written (shared blocks "
-            "never change)")
+            f"block {block} is {state}: only a block just allocated (allocate, or a builder's), held once, is "
+            "written (a handle's blocks never change)")
+
+    def _writable_blocks(self) -> set:
+        """Blocks held by raw references (``allocate``) or by builders in progress: the holders that write.
+        A handle's or a pin's blocks are only read (the lock held)."""
+        writable = set(itertools.chain.from_iterable(self._loose_refs.values()))
+        for builder in list(self._builders):
+            if self._owned.get(builder._agent_id, {}).get(id(builder._held)) is builder._held:
+                writable.update(builder._held)
+        return writable
 
     def _write_packed(self, writes) -> bool:
         """A quantized pool's new blocks cut from their sources by one kernel, quantized by one ``mx.quantize``
