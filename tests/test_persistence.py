@@ -2,7 +2,6 @@
 
 import errno
 import os
-import pathlib
 import shutil
 import tempfile
 import warnings
@@ -478,11 +477,11 @@ def test_asking_about_an_agent_in_a_directory_that_cannot_be_searched_is_a_read_
     store = open_store(tmp_path)
     put_new(store, "resident")
 
-    def denied(path):
+    def denied(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
     with monkeypatch.context() as patch:
-        patch.setattr(pathlib.Path, "exists", denied)
+        patch.setattr(os, "lstat", denied)
         assert "resident" in store  # known without the directory
         with pytest.raises(CacheReadError, match="Permission denied"):
             "nobody" in store

@@ -121,8 +121,17 @@ class CacheDirectory:
     def file_for(self, agent_id: str) -> pathlib.Path:
         return self.path / (check_agent_id(agent_id) + CACHE_SUFFIX)
 
+    def has_file(self, agent_id: str) -> bool:
+        """Whether the agent has a cache file: a regular file at its name, not a link, as :meth:`agent_ids` counts
+        them (``OSError`` where the directory cannot be searched)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.file_for(agent_id)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
     def agent_ids(self) -> List[str]:
-        """Agents with a cache file, in no particular order; foreign files are ignored."""
+        """Agents with a cache file (regular files, not links), in no particular order; foreign files are
+        ignored."""
         found = []
         try:
             with os.scandir(self.path) as entries:

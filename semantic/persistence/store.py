@@ -163,11 +163,10 @@ class AgentCacheStore:
         with self._lock:
             if agent_id in self._resident:
                 return True
-            path = self._directory.file_for(agent_id)
-            try:
-                return path.exists()
+            try:  # as list() counts them: a directory, FIFO or link at the name is no agent's file
+                return self._directory.has_file(agent_id)
             except OSError as exc:  # a directory that may not be searched: as get() says, not a bare OSError
-                raise read_error(path, exc) from exc
+                raise read_error(self._directory.file_for(agent_id), exc) from exc
 
     # ---- memory tier ------------------------------------------------------------------------------
     def put(self, agent_blocks: AgentBlocks) -> None:
