@@ -124,6 +124,12 @@ class Reservation:
         self._pool._cancel_reservation(self)
 
 
+class _BuilderIds(list):
+    """A builder's list of ids in the pool's ``_owned``: its blocks, unlike a handle's or a pin's, are written. A
+    type, not a registry of builders: nothing to keep in step (a weak set's callback, run as a builder dies, is
+    Python code where an interrupt is lost)."""
+
+
 class _HandleBuilder:
     """Collects the references a new handle will own; rolls them back if building fails. Until
     :meth:`finish` gives them to the handle they are the builder's, attributed to its agent but not raw
@@ -134,7 +140,7 @@ class _HandleBuilder:
         self._agent_id = agent_id
         self._reservation = reservation
         self._from_reservation = 0  # blocks allocated out of it: a rollback promises them to it again
-        self._held: List[int] = []  # in the pool's _owned table from its first id on
+        self._held: List[int] = _BuilderIds()  # in the pool's _owned table from its first id on
         self._allocated: List[int] = []  # the ids of allocate(), in order (a subset of _held)
         self._one_run = False  # whether _allocated came from one allocation, as one run of consecutive ids
         self._pending: Optional[mx.array] = None  # write_new's kernel, queued: waited for before the blocks go
@@ -214,7 +220,6 @@ class _HandleBuilder:
         if block_ids and not self._held:
             self._watch = self._pool._watch(self, self._held, self._agent_id)  # watched before it holds anything
             self._watch.reservation = self._reservation
-            self._pool._builders.add(self)
             self._pool._owned[self._agent_id][id(self._held)] = self._held
         self._held.extend(block_ids)
 
@@ -254,7 +259,7 @@ class _HandleBuilder:
         self._wait()
         handle = self._pool._adopt(self._agent_id, token_ids, layer_block_ids, self._held)
         self._pool._unwatch(self._held)
-        self._held = []
+        self._held = _BuilderIds()
         self._allocated = []
         self._from_reservation = 0
         self._one_run = False
@@ -279,7 +284,7 @@ class _HandleBuilder:
                     pool._promise_again(self._reservation, self._from_reservation)
                 pool._settled = True
                 pool._unwatch(self._held)
-            self._held = []
+            self._held = _BuilderIds()
             self._from_reservation = 0
         if unwritten is not None and exc is None:  # else the error that ended the build is the one to see
             raise unwritten
@@ -354,7 +359,6 @@ class BlockPool:
         # before the holder's references are attributed to it, and dropped only after they are given back.
         self._watches: Dict[int, _Watch] = {}
         self._handles: "weakref.WeakSet[AgentBlocks]" = weakref.WeakSet()
-        self._builders: "weakref.WeakSet[_HandleBuilder]" = weakref.WeakSet()  # those that held blocks
 
         # Quantized blocks live in their own arrays; every storage method dispatches once on this.
         self._quantized = QuantizedArenas(spec, total_blocks) if spec.block_format.quantized else None
@@ -1051,9 +1055,8 @@ class BlockPool:
         """Blocks held by raw references (``allocate``) or by builders in progress: the holders that write.
         A handle's or a pin's blocks are only read (the lock held)."""
         writable = set(itertools.chain.from_iterable(self._loose_refs.values()))
-        for builder in list(self._builders):
-            if self._owned.get(builder._agent_id, {}).get(id(builder._held)) is builder._held:
-                writable.update(builder._held)
+        writable.update(itertools.chain.from_iterable(
+            ids for owned in self._owned.values() for ids in owned.values() if type(ids) is _BuilderIds))
         return writable
 
     def _write_packed(self, writes) -> bool:
