@@ -120,10 +120,14 @@ BAD_SUBMISSIONS = {
 @pytest.mark.parametrize("case", sorted(BAD_SUBMISSIONS))
 def test_a_bad_submission_raises_a_typed_error_and_reserves_nothing(engine, case):
     kwargs = {"agent_id": "a", "prompt": "hello", "max_tokens": 2, **BAD_SUBMISSIONS[case]}
+    agent, prompt = kwargs.pop("agent_id"), kwargs.pop("prompt")
     before = engine.pool.usage()
     with pytest.raises((InvalidRequestError, PoolExhaustedError)) as info:
-        engine.submit(kwargs.pop("agent_id"), kwargs.pop("prompt"), **kwargs)
+        engine.submit(agent, prompt, **kwargs)
     assert str(info.value)
+    if isinstance(info.value, InvalidRequestError):  # what AgentCacheStore.generate asks before it fetches a context
+        with pytest.raises(InvalidRequestError):
+            engine.check_request(agent, prompt, False, **kwargs)
     assert engine.pending == 0 and engine.pool.usage() == before
     engine.pool.check_invariants()
     assert engine.generate("a", "hello", max_tokens=2).token_ids  # the engine still works

@@ -793,6 +793,41 @@ def test_a_turn_whose_eviction_cannot_write_is_cancelled(tmp_path):
     assert store.generate(engine, "b", b, max_tokens=8).token_ids  # now "a" can move to disk
 
 
+def test_a_turn_keeps_other_requests_completions_for_the_next_step(tmp_path):
+    """generate dropped them (their tokens and blocks lost), and while it held the last one in its loop variable
+    the turn could be refused for blocks nothing else held."""
+    engine = tiny_engine(48)
+    store = AgentCacheStore.for_engine(tmp_path, engine)
+    bob = engine.submit("bob", "the old river ran past a quiet town", max_tokens=3)
+    turn = store.generate(engine, "a", "hello there", max_tokens=2)
+    assert turn.error is None and engine.pending == 1
+    (theirs,) = list(engine.step())
+    assert theirs.uid == bob and theirs.error is None and len(theirs.token_ids) == 3
+    theirs.blocks.release()
+    turn.blocks.release()
+    store.close()
+    assert engine.pool.used_blocks == 0
+
+
+def test_a_turn_with_arguments_submit_refuses_changes_nothing(tmp_path):
+    """generate fetched the agent's context (read its file into the pool, moved others to disk, made it the
+    most recently used) before engine.submit checked the arguments."""
+    engine = tiny_engine(48)
+    store = AgentCacheStore.for_engine(tmp_path, engine)
+    for agent in "ab":
+        store.generate(engine, agent, "the old river ran past a quiet town", max_tokens=2).blocks.release()
+    store.evict("a")  # on disk only; "b" resident
+    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(prompt=12345), dict(prompt=[10**9]),
+                dict(match_prefix="yes")):
+        arguments = dict(prompt=" and then", max_tokens=2) | bad
+        for agent in "ab":
+            prompt = arguments["prompt"]
+            with nothing_changes(store), pytest.raises(InvalidRequestError):
+                store.generate(engine, agent, prompt, **{k: v for k, v in arguments.items() if k != "prompt"})
+    assert engine.pending == 0 and store.resident == ("b",)
+    store.close()
+
+
 # ---- the state machine ------------------------------------------------------------------------------
 AGENTS = st.sampled_from(["a", "A", "agent é", "x y"])
 CONTEXTS = st.tuples(st.integers(0, 14), st.integers(0, 3))  # (tokens, seed): up to 11 blocks

@@ -235,15 +235,8 @@ class BlockPoolBatchEngine:
         ``min_p`` in [0, 1], ``top_k`` an int in [0, vocabulary] (0: off), ``repetition_penalty``
         None or > 0; all finite. Anything else raises ``InvalidRequestError`` and reserves nothing.
         """
-        if not isinstance(agent_id, str) or not agent_id:
-            raise InvalidRequestError(f"agent_id must be a non-empty string, got {shown(agent_id)}")
-        max_tokens = checked_int("max_tokens", max_tokens, 1)
-        if not isinstance(match_prefix, bool):
-            raise InvalidRequestError(f"match_prefix must be True or False, got {shown(match_prefix)}")
-        sampling = SamplingParams.checked(
-            self._generator.vocab_size, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repetition_penalty=repetition_penalty,
-        )
+        max_tokens, sampling = self._checked_arguments(agent_id, max_tokens, match_prefix, temperature, top_p,
+                                                       top_k, min_p, repetition_penalty)
         if cache is not None:
             self.pool.check_handle(cache)
             computed_by = cache.computed_by() if cache.computed_by is not None else None
@@ -297,6 +290,29 @@ class BlockPoolBatchEngine:
                 raise
             self._admit()
             return request.uid
+
+    def _checked_arguments(self, agent_id, max_tokens, match_prefix, temperature, top_p, top_k, min_p,
+                           repetition_penalty) -> Tuple[int, SamplingParams]:
+        if not isinstance(agent_id, str) or not agent_id:
+            raise InvalidRequestError(f"agent_id must be a non-empty string, got {shown(agent_id)}")
+        max_tokens = checked_int("max_tokens", max_tokens, 1)
+        if not isinstance(match_prefix, bool):
+            raise InvalidRequestError(f"match_prefix must be True or False, got {shown(match_prefix)}")
+        return max_tokens, SamplingParams.checked(
+            self._generator.vocab_size, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty,
+        )
+
+    def check_request(self, agent_id: str, prompt: Prompt, resumes: bool, max_tokens: int = 256, *,
+                      match_prefix: bool = False, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                      min_p: float = 0.0, repetition_penalty: Optional[float] = None) -> None:
+        """Raise what :meth:`submit` would for these arguments (``resumes``: with a ``cache=``), without a
+        cache or anything queued: for callers that must fetch the cache first (an ``AgentCacheStore``)."""
+        self._checked_arguments(agent_id, max_tokens, match_prefix, temperature, top_p, top_k, min_p,
+                                repetition_penalty)
+        if match_prefix and not resumes:
+            raise InvalidRequestError("match_prefix=True needs cache= (the blocks to match the prompt against)")
+        self._tokenize(prompt, continuation=resumes and not match_prefix)
 
     def _check_prefill_memory(self, context: int, prompt: int) -> None:
         """``InvalidRequestError`` for a prompt whose largest prefill chunk would need more memory than MLX may
@@ -665,29 +681,17 @@ class BlockPoolBatchEngine:
         with self._lock:  # refused before the request is queued
             self._check_driver("generate()")
         uid = self.submit(agent_id, prompt, **kwargs)
-        result, others = None, []
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PoolPressureWarning)  # raised as an error below instead
-                for completion in self.step():
-                    if completion.uid == uid:
-                        result = completion
-                    else:
-                        others.append(completion)
+            result = self.wait_for(uid)
         except InvalidRequestError:  # another thread took the engine between the check and the step
-            with self._lock:
-                if result is None:  # that thread may have finished the request: its completion waits in _done
-                    result = next((c for c in self._done if c.uid == uid), None)
-                    if result is not None:
-                        self._done.remove(result)
-                if result is None and uid in self._by_uid:
+            with self._lock:  # that thread may have finished the request: its completion waits in _done
+                result = next((c for c in self._done if c.uid == uid), None)
+                if result is not None:
+                    self._done.remove(result)
+                elif uid in self._by_uid:
                     self.cancel(uid)
             if result is None:
                 raise
-        finally:
-            if others:  # for the next step(), or for the step loop this generate() was called in
-                with self._lock:
-                    self._done.extend(others)
         if result is None:
             with self._lock:
                 request = self._by_uid.get(uid)
@@ -702,6 +706,31 @@ class BlockPoolBatchEngine:
         if result.error is not None:
             raise result.error
         return result
+
+    def wait_for(self, uid: int, make_room: Optional[Callable[[], bool]] = None) -> Optional[Completion]:
+        """Step until request ``uid`` finishes and return its completion; ``None`` if it still waits for blocks
+        when nothing else runs and ``make_room`` (called then, if given) made none. Other requests' completions
+        stay for the next ``step()`` (or the step loop this is called in); so does ``uid``'s if a step raises."""
+        result, others = None, []
+        try:
+            while True:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", PoolPressureWarning)  # the caller's to report
+                    for completion in self.step():
+                        if completion.uid == uid:
+                            result = completion
+                        else:
+                            others.append(completion)
+                if result is not None or make_room is None or not make_room():
+                    return result
+        except BaseException:
+            if result is not None:
+                others.insert(0, result)
+            raise
+        finally:
+            if others:
+                with self._lock:
+                    self._done.extend(others)
 
     def _holders(self) -> str:
         usage = self.pool.usage()

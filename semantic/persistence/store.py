@@ -273,11 +273,13 @@ class AgentCacheStore:
         """One turn of ``agent_id`` on ``engine``: continue its stored context (if any) with ``prompt``, and
         keep the result as its current context. While the request waits for blocks, least recently used
         agents are moved to disk. Like ``engine.generate``, other requests run along and their completions
-        are dropped. The returned completion's ``blocks`` are yours. ``PoolExhaustedError`` (the request
-        cancelled) if handles held outside the store pin the blocks it needs. With ``write_through``, a
-        failed write raises its error after the turn: the new context stays resident (written by the next
-        ``flush``) and the error's ``completion`` is the turn's."""
-        from semantic.application.batch_engine import BlockPoolBatchEngine, PoolPressureWarning  # already loaded
+        come with the next ``engine.step()``. The returned completion's ``blocks`` are yours. Arguments
+        ``engine.submit`` would refuse raise its ``InvalidRequestError`` before the agent's context is fetched.
+        ``PoolExhaustedError`` (the request cancelled) if handles held outside the store (completions waiting
+        for your next ``step()`` among them) pin the blocks it needs. With ``write_through``, a failed write
+        raises its error after the turn: the new context stays resident (written by the next ``flush``) and the
+        error's ``completion`` is the turn's."""
+        from semantic.application.batch_engine import BlockPoolBatchEngine  # already loaded
 
         if not isinstance(engine, BlockPoolBatchEngine):  # else an AttributeError below
             raise InvalidRequestError(f"engine must be a BlockPoolBatchEngine, got {type(engine).__name__}")
@@ -289,7 +291,10 @@ class AgentCacheStore:
             inspect.signature(engine.submit).bind(agent_id, prompt, **submit_kwargs)
         except TypeError as exc:
             raise InvalidRequestError(f"generate passes its keywords to engine.submit, which says: {exc}") from None
-        cache = self.get(agent_id) if agent_id in self else None
+        stored = agent_id in self
+        # Checked before get(): that reads the file into the pool and may move other agents to disk.
+        engine.check_request(agent_id, prompt, stored, **submit_kwargs)
+        cache = self.get(agent_id) if stored else None
         try:
             uid = engine.submit(agent_id, prompt, cache=cache, **submit_kwargs)
         finally:
@@ -297,20 +302,15 @@ class AgentCacheStore:
                 cache.release()
         result = None
         try:
-            while result is None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", PoolPressureWarning)  # relieving that pressure is our job
-                    for completion in engine.step():
-                        if completion.uid == uid:
-                            result = completion
-                # step() returned with our request still waiting: free at least one more block and retry.
-                wanted = self.pool.available_blocks + 1
-                if result is None and not self.make_room(wanted):
-                    raise PoolExhaustedError(
-                        wanted, self.pool.available_blocks,
-                        f"(agent {agent_id!r} waits for blocks that handles held outside the store pin; "
-                        "release them or use a larger pool)",
-                    )
+            # step() returned with our request still waiting: free at least one more block and retry.
+            result = engine.wait_for(uid, make_room=lambda: self.make_room(self.pool.available_blocks + 1))
+            if result is None:
+                raise PoolExhaustedError(
+                    self.pool.available_blocks + 1, self.pool.available_blocks,
+                    f"(agent {agent_id!r} waits for blocks that handles held outside the store pin (yours, or "
+                    "completions of other requests waiting for your next step()); release them or use a larger "
+                    "pool)",
+                )
         except BaseException:  # no room, an eviction that could not write, an interrupt: the request holds blocks
             if result is None:
                 with contextlib.suppress(UnknownRequestError):  # a step that raised had ended it already
