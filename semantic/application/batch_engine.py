@@ -235,8 +235,8 @@ class BlockPoolBatchEngine:
         ``min_p`` in [0, 1], ``top_k`` an int in [0, vocabulary] (0: off), ``repetition_penalty``
         None or > 0; all finite. Anything else raises ``InvalidRequestError`` and reserves nothing.
         """
-        max_tokens, sampling = self._checked_arguments(agent_id, max_tokens, match_prefix, temperature, top_p,
-                                                       top_k, min_p, repetition_penalty)
+        max_tokens, sampling = self._checked_arguments(agent_id, cache is not None, max_tokens, match_prefix,
+                                                       temperature, top_p, top_k, min_p, repetition_penalty)
         if cache is not None:
             self.pool.check_handle(cache)
             computed_by = cache.computed_by() if cache.computed_by is not None else None
@@ -254,8 +254,6 @@ class BlockPoolBatchEngine:
             cache.memo(("vocabulary", self._generator.vocab_size),
                        lambda: check_vocabulary(cache.token_ids, self._generator.vocab_size, "the cache's ",
                                                 _FOREIGN_CACHE))
-        elif match_prefix:
-            raise InvalidRequestError("match_prefix=True needs cache= (the blocks to match the prompt against)")
         tokens = self._tokenize(prompt, continuation=cache is not None and not match_prefix)
 
         with self._lock:
@@ -291,27 +289,30 @@ class BlockPoolBatchEngine:
             self._admit()
             return request.uid
 
-    def _checked_arguments(self, agent_id, max_tokens, match_prefix, temperature, top_p, top_k, min_p,
-                           repetition_penalty) -> Tuple[int, SamplingParams]:
+    def _checked_arguments(self, agent_id, resumes: bool, max_tokens, match_prefix, temperature, top_p, top_k,
+                           min_p, repetition_penalty) -> Tuple[int, SamplingParams]:
+        """``max_tokens`` and the sampling parameters checked, with everything else :meth:`submit` checks before
+        it reads the cache or the prompt (``resumes``: with a ``cache=``)."""
         if not isinstance(agent_id, str) or not agent_id:
             raise InvalidRequestError(f"agent_id must be a non-empty string, got {shown(agent_id)}")
         max_tokens = checked_int("max_tokens", max_tokens, 1)
         if not isinstance(match_prefix, bool):
             raise InvalidRequestError(f"match_prefix must be True or False, got {shown(match_prefix)}")
-        return max_tokens, SamplingParams.checked(
+        sampling = SamplingParams.checked(
             self._generator.vocab_size, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty,
         )
+        if match_prefix and not resumes:
+            raise InvalidRequestError("match_prefix=True needs cache= (the blocks to match the prompt against)")
+        return max_tokens, sampling
 
     def check_request(self, agent_id: str, prompt: Prompt, resumes: bool, max_tokens: int = 256, *,
                       match_prefix: bool = False, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                       min_p: float = 0.0, repetition_penalty: Optional[float] = None) -> None:
         """Raise what :meth:`submit` would for these arguments (``resumes``: with a ``cache=``), without a
         cache or anything queued: for callers that must fetch the cache first (an ``AgentCacheStore``)."""
-        self._checked_arguments(agent_id, max_tokens, match_prefix, temperature, top_p, top_k, min_p,
+        self._checked_arguments(agent_id, resumes, max_tokens, match_prefix, temperature, top_p, top_k, min_p,
                                 repetition_penalty)
-        if match_prefix and not resumes:
-            raise InvalidRequestError("match_prefix=True needs cache= (the blocks to match the prompt against)")
         self._tokenize(prompt, continuation=resumes and not match_prefix)
 
     def _check_prefill_memory(self, context: int, prompt: int) -> None:

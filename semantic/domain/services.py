@@ -308,7 +308,7 @@ class _Watch(weakref.ref):
     """A weak reference to what holds references on blocks outside the pool (a handle, a pin, an unfinished
     builder), with what to give back once it is collected: its list in ``_owned`` (``held``), its agent, and
     a write kernel to wait for first (``pending``, a builder's), and the reservation a builder allocated
-``from_reservation`` blocks from, which promises them again. Its callback is the pool's queue's ``append``,
+    ``from_reservation`` blocks from, which promises them again. Its callback is the pool's queue's ``append``,
     a C function: the holder's death queues the watch without running Python code, so no interrupt (Ctrl-C)
     can come in between and lose the blocks, as one could at the start of a ``__del__`` or a
     ``weakref.finalize`` callback. :meth:`BlockPool._drain` gives them back at the next pool operation."""
