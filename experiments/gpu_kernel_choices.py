@@ -6,7 +6,9 @@
   kernel writing every layer's new blocks into the pool's arrays) against the paths it replaced: the same
   kernel cutting the blocks into new arrays, then one slice write per run of ids as 8-byte words
   (``pack_then_slice``), and one slice write per layer straight from its source (``per_layer_writes``, as
-  words: one pass over the bytes, but two launches per layer); all leave the cache's bytes (checked).
+  words: one pass over the bytes, but two launches per layer); all leave the cache's bytes (checked). And the
+  pool's kernel alone, its threads loading 1, 2, 4 or 8 words before storing them (``kernel_unroll<n>``;
+  ``mlx_kernels.STORE_UNROLL`` ships).
 - ``dequantize``, 32 blocks x 48 layers of gemma3-12b-full in q4: the shipped kernel
   (``mlx_kernels._DEQUANTIZE_ROWS``, four packed words loaded per thread before their stores) at 128/256/512
   threads against the same loop with other numbers of words in flight (``unrolled1``: one word, the kernel
@@ -44,6 +46,9 @@ def percentiles(fn: Callable[[], object], repeat: int, warmup: int = 5) -> List[
 
 
 # ---- store: one kernel into the pool, pack kernel + slice write, or one slice write per layer -------
+UNROLLS = sorted({1, 2, mlx_kernels.STORE_UNROLL, 8})
+
+
 def store_paths(repeat: int, rounds: int = 2) -> Dict[str, dict]:
     out = {}
     for case in cases.TARGET_CASES:
@@ -75,9 +80,16 @@ def store_paths(repeat: int, rounds: int = 2) -> Dict[str, dict]:
                     data = mlx_kernels.word_view(data)  # the sources hold whole blocks: contiguous, the view is free
                     arena[first:first + n] = data.reshape(heads, n, -1, data.shape[-1]).transpose(1, 0, 2, 3)
 
+        described = services._described_writes(writes, ids, one_run=True)
+
+        def kernel_alone(unroll: int) -> Callable[[], None]:  # the pool's kernel, no pool checks around it
+            return lambda: mx.eval(mlx_kernels.write_described_blocks_in_place(
+                pool._keys, pool._values, sources, ids[0], *described, ctx.spec.block_size, unroll=unroll))
+
         sides = {"pool_write": lambda: pool.write_many(writes),
                  "pack_then_slice": lambda: replace_arrays(pack_then_slice),
-                 "per_layer_writes": lambda: replace_arrays(per_layer)}
+                 "per_layer_writes": lambda: replace_arrays(per_layer),
+                 **{f"kernel_unroll{u}": kernel_alone(u) for u in UNROLLS}}
         row = {"MiB": ctx.nbytes / 2**20, "device_copy": percentiles(cases.plain_copy(ctx.nbytes), repeat),
                "pack_kernel_alone": percentiles(lambda: mx.eval(mlx_kernels.pack_blocks(sources, plan, ctx.spec.block_size)), repeat)}
         for _ in range(rounds):  # alternated

@@ -221,13 +221,16 @@ int main() {{}}
 """, tmp_path)
 
 
+@pytest.mark.parametrize("unroll", [1, mlx_kernels.STORE_UNROLL])
 @pytest.mark.parametrize("in_place,described", [(False, False), (True, False), (True, True)])
-def test_the_block_writer_cuts_each_block_from_its_source_and_puts_it_in_its_place(tmp_path, in_place, described):
+def test_the_block_writer_cuts_each_block_from_its_source_and_puts_it_in_its_place(tmp_path, in_place, described,
+                                                                                   unroll):
     """The store's kernel, as MLX instantiates it, run over its whole grid: each new block gets its write's
     tokens (the source read through its strides: a contiguous source in 16-byte words, a transposed one
     element by element) and zeros in the slots outside them; into new arrays in the plan's order, or
     (``in_place``) into the pool's own arrays at each block's id, every other block of them untouched.
-    ``described``: the rows come from a store's description (one run of ids), not from a plan array."""
+    ``described``: the rows come from a store's description (one run of ids), not from a plan array.
+    ``unroll``: words a thread loads before storing them (three threads: a row's last round is partial)."""
     from semantic.domain import services
 
     heads, size, k_dim, v_dim, threads, n_pool = 2, 8, 8, 16, 3, 9
@@ -266,7 +269,7 @@ def test_the_block_writer_cuts_each_block_from_its_source_and_puts_it_in_its_pla
 {source_arrays(1)}
 template <typename T, int HEADS, int BLOCK_SIZE, int K_DIM, int V_DIM>
 void kernel(const T* k0, const T* k1, const T* v0, const T* v1, {row_inputs}, {pointers}) {{
-{mlx_kernels._pack_source(2, destination, row)}
+{mlx_kernels._pack_source(2, destination, row, unroll)}
 }}
 
 int main() {{
@@ -277,7 +280,7 @@ int main() {{
     gridDim = {{{len(plan) * heads}, 2, 1}};
     blockDim = {{{threads}, 1, 1}};
     for (unsigned y = 0; y < 2; y++)
-        for (unsigned x = 0; x < gridDim.x; x++)
+        for (unsigned x = gridDim.x; x-- > 0;)  // last row first: a write past a row's end is not overwritten
             for (unsigned t = 0; t < {threads}; t++) {{
                 blockIdx = {{x, y, 0}};
                 threadIdx = {{t, 0, 0}};

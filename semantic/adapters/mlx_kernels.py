@@ -166,7 +166,9 @@ def gather_row_pairs_apart(k_table: mx.array, v_table: mx.array, rows: mx.array,
 # last axis is contiguous and every row starts 16-byte aligned, else one element at a time. ``T`` is the
 # same-size unsigned integer: only bits are moved. ROW: where the row's source, ``tok0``, ``lo``, ``hi`` and
 # block id come from (a plan array, or a description: see :func:`write_described_blocks_in_place`).
-# DESTINATION: the row's place in new output arrays, or in the pool's own arrays.
+# DESTINATION: the row's place in new output arrays, or in the pool's own arrays. A thread loads UNROLL words
+# before it stores them: the compiler cannot move a load above a store through a pointer that may alias it (the
+# pool's arrays come in as const inputs), so one word at a time keeps one load in flight per thread.
 _PLAN_ROW = """
     const int source = plan[5 * block], tok0 = plan[5 * block + 1];
     const int lo = plan[5 * block + 2], hi = plan[5 * block + 3];
@@ -198,7 +200,7 @@ _PACK_BLOCKS = """
     const int block = row / HEADS, head = row % HEADS;
 ROW
     const bool is_value = blockIdx.y == 1;
-    const int dim = is_value ? V_DIM : K_DIM;
+    const int dim = K_DIM == V_DIM ? K_DIM : (is_value ? V_DIM : K_DIM);  // a constant, mostly: cheap / and %
     const T* src = nullptr;
     int64_t head_stride = 0, token_stride = 0, dim_stride = 0;
     switch (source) {
@@ -210,13 +212,22 @@ SOURCE_CASES
     const bool vectors = dim_stride == 1
         && ((reinterpret_cast<uintptr_t>(src) | (uintptr_t)(token_stride * sizeof(T))) % 16) == 0;
     if (vectors) {
-        const int vecs = dim / PER_VEC;
+        const int vecs = dim / PER_VEC, total = BLOCK_SIZE * vecs;
         uint4* dst = reinterpret_cast<uint4*>(out);
-        for (int i = threadIdx.x; i < BLOCK_SIZE * vecs; i += blockDim.x) {
-            const int slot = i / vecs;
-            dst[i] = (slot >= lo && slot < hi)
-                ? reinterpret_cast<const uint4*>(src + (int64_t)(tok0 + slot) * token_stride)[i % vecs]
-                : make_uint4(0, 0, 0, 0);
+        for (int base = threadIdx.x; base < total; base += UNROLL * blockDim.x) {
+            uint4 words[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int i = base + u * blockDim.x, slot = i / vecs;
+                words[u] = (slot >= lo && slot < hi)  // hi <= BLOCK_SIZE: no word past the row is read
+                    ? reinterpret_cast<const uint4*>(src + (int64_t)(tok0 + slot) * token_stride)[i % vecs]
+                    : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int i = base + u * blockDim.x;
+                if (i < total) dst[i] = words[u];
+            }
         }
     } else {
         for (int i = threadIdx.x; i < BLOCK_SIZE * dim; i += blockDim.x) {
@@ -233,13 +244,18 @@ _POOL_ROWS = ("const_cast<T*>(reinterpret_cast<const T*>(is_value ? v_pool : k_p
               " + ((size_t)block_id * HEADS + head) * BLOCK_SIZE * dim")
 
 
-def _pack_source(n_sources: int, destination: str, row: str = _PLAN_ROW) -> str:
+STORE_UNROLL = 4
+"""Words a store kernel's thread loads before storing them (:data:`_PACK_BLOCKS`)."""
+
+
+def _pack_source(n_sources: int, destination: str, row: str = _PLAN_ROW, unroll: int = STORE_UNROLL) -> str:
     def case(i, name):
         return (f"src = reinterpret_cast<const T*>({name}); head_stride = {name}_strides[1]; "
                 f"token_stride = {name}_strides[2]; dim_stride = {name}_strides[3];")
     cases = "\n".join(f"        case {i}: if (is_value) {{ {case(i, f'v{i}')} }} else {{ {case(i, f'k{i}')} }} break;"
                       for i in range(n_sources))
-    return _PACK_BLOCKS.replace("ROW", row).replace("SOURCE_CASES", cases).replace("DESTINATION", destination)
+    return (_PACK_BLOCKS.replace("UNROLL", str(unroll)).replace("ROW", row).replace("SOURCE_CASES", cases)
+            .replace("DESTINATION", destination))
 
 
 def _source_names(n_sources: int) -> List[str]:
@@ -263,10 +279,11 @@ def _write_in_place_kernel(n_sources: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _write_described_kernel(n_sources: int):
-    return mx.fast.cuda_kernel(name=f"semantic_write_described_blocks_{n_sources}",
+def _write_described_kernel(n_sources: int, unroll: int = STORE_UNROLL):
+    return mx.fast.cuda_kernel(name=f"semantic_write_described_blocks_{n_sources}_{unroll}",
                                input_names=[*_source_names(n_sources), "layouts", "desc", "k_pool", "v_pool"],
-                               output_names=["done"], source=_pack_source(n_sources, _POOL_ROWS, _DESCRIBED_ROW),
+                               output_names=["done"],
+                               source=_pack_source(n_sources, _POOL_ROWS, _DESCRIBED_ROW, unroll),
                                ensure_row_contiguous=False)
 
 
@@ -337,16 +354,16 @@ dimension per number, and MLX's kernels take arrays of up to 10."""
 def write_described_blocks_in_place(k_pool: mx.array, v_pool: mx.array,
                                     sources: Sequence[Tuple[mx.array, mx.array]], first_id: int,
                                     layouts: Tuple[int, ...], described: Sequence[Tuple[int, int, int, int]],
-                                    block_size: int) -> mx.array:
+                                    block_size: int, unroll: int = STORE_UNROLL) -> mx.array:
     """:func:`write_blocks_in_place` of writes whose new blocks are ids ``first_id, first_id + 1, ...``, write
     after write, write ``w`` laid out as ``described[layouts[w]]``: ``(first block index, first token, token
     count, block count)``, as a plan row derives them (:func:`semantic.domain.services._plan_rows`). No
     plan array: the numbers travel in the launch (see ``_DESCRIBED_ROW``), ``layouts`` in an array made once
-    per distinct tuple."""
+    per distinct tuple. ``unroll``: see :data:`STORE_UNROLL` (other values for ``experiments.gpu_kernel_choices``)."""
     numbers = (first_id, *itertools.chain.from_iterable(described))
     desc = mx.as_strided(_one_int(), (1,) * len(numbers), numbers)
     n_blocks = sum(described[layout][3] for layout in layouts)
-    return _queued_pool_write(_write_described_kernel(len(sources)), sources, n_blocks, block_size,
+    return _queued_pool_write(_write_described_kernel(len(sources), unroll), sources, n_blocks, block_size,
                               [_layout_array(layouts), desc, k_pool, v_pool])
 
 
