@@ -9,7 +9,7 @@ import mlx_lm
 import pytest
 
 from semantic.application.batch_engine import BlockPoolBatchEngine
-from semantic.domain.errors import InvalidRequestError, PoolExhaustedError
+from semantic.domain.errors import InvalidRequestError, PoolExhaustedError, UnknownRequestError
 from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 from semantic.persistence import AgentCacheStore, CacheWriteError, IncompatibleCacheFileError, model_fingerprint
@@ -145,6 +145,30 @@ def test_a_turn_that_cannot_get_blocks_is_cancelled_with_a_typed_error(tmp_path)
     assert store.generate(engine, "b", text(300, offset=1), max_tokens=8).token_ids  # now "a" can move to disk
 
 
+def test_a_turn_cancelled_while_it_waits_for_room_raises_and_moves_no_more_agents_to_disk(tmp_path, monkeypatch):
+    """Cancelled (``engine.cancel`` or ``close()``, from another thread) while it waited for room: before, the turn
+    went on making room for a request that would never run, moving every agent to disk, then raised
+    ``PoolExhaustedError`` though nothing pinned anything. Now ``UnknownRequestError``, after the one move made
+    before the cancel."""
+    engine = engine_for("tiny-llama", total_blocks=2 * AGENT_BLOCKS + 4)  # a third agent's turn waits for room
+    store = AgentCacheStore.for_engine(tmp_path, engine)
+    for agent in "ab":
+        store.generate(engine, agent, text(300, offset=ord(agent)), max_tokens=8).blocks.release()
+    making_room = store.make_room
+
+    def cancelled_meanwhile(n_blocks):  # the cancel lands while the store moves an agent to disk
+        moved = making_room(n_blocks)
+        for uid in list(engine._by_uid):
+            engine.cancel(uid)
+        return moved
+
+    monkeypatch.setattr(store, "make_room", cancelled_meanwhile)
+    with pytest.raises(UnknownRequestError, match="cancelled"):
+        store.generate(engine, "c", text(300, offset=3), max_tokens=8)
+    assert len(store.resident) == 1 and engine.pending == 0 and "c" not in store
+    engine.pool.check_invariants()
+
+
 @pytest.mark.parametrize("kwargs", [{"bogus": 1}, {"cache": None}, {"max_token": 3}])
 def test_generate_refuses_keywords_submit_does_not_take_with_a_typed_error(tmp_path, kwargs):
     """Before, submit's own TypeError came out (or "got multiple values for cache")."""
@@ -175,6 +199,54 @@ def test_a_write_through_turn_whose_write_fails_keeps_the_turn_and_says_so(tmp_p
     store.close()
     with store.load("a") as saved:
         assert saved.token_ids == context
+
+
+# ---- threads ---------------------------------------------------------------------------------------
+LOADS_BESIDE_STEPS = """
+import faulthandler, json, sys, threading
+faulthandler.dump_traceback_later(60, exit=True)  # a hang ends the child, printing every thread's stack
+from semantic.adapters import mlx_threads
+from semantic.application.batch_engine import BlockPoolBatchEngine
+from semantic.domain.services import BlockPool
+from semantic.domain.value_objects import ModelCacheSpec
+from semantic.persistence import AgentCacheStore
+from semantic.testing.local_models import load_local_model
+model, tokenizer = load_local_model("tiny-llama")
+engine = BlockPoolBatchEngine(model, tokenizer, BlockPool(ModelCacheSpec.from_model(model), 64), prefill_step_size=64)
+store = AgentCacheStore.for_engine(sys.argv[1], engine)
+first = engine.generate("alice", list(range(10, 300)), max_tokens=2)
+store.save(first.blocks)
+first.blocks.release()
+stepped, loads = threading.Event(), []
+
+def step():  # the README's server: one thread steps; each prefill chunk ends in mlx-lm's mx.clear_cache()
+    for i in range(12):
+        engine.submit(f"s{i}", list(range(20, 400)), max_tokens=2)
+        for completion in engine.step():
+            completion.blocks.release()
+    stepped.set()
+    mlx_threads.end_thread()
+
+def load():
+    while not stepped.is_set():
+        store.load("alice").release()
+        loads.append(1)
+    mlx_threads.end_thread()
+
+threads = [threading.Thread(target=step), threading.Thread(target=load)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps({"loads": len(loads)}))
+"""
+
+
+def test_loading_an_agent_beside_a_stepping_engine_does_not_freeze_the_process(tmp_path):
+    """A store's load on one thread while another steps the engine. MLX read the file object on its own threads,
+    which need the GIL for it, while mlx-lm's ``mx.clear_cache()`` held the GIL waiting for them: the whole
+    process froze within a second. In a child, which ends itself with every thread's stack if it hangs."""
+    assert run_python(LOADS_BESIDE_STEPS, str(tmp_path), timeout=240)["loads"] > 0
 
 
 # ---- fingerprints -------------------------------------------------------------------------------

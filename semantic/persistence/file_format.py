@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import operator
 import os
 import re
 import struct
@@ -42,6 +41,7 @@ from semantic.persistence.errors import (CacheCorruptionError, CacheWriteError, 
 FORMAT = "semantic.agent_cache"
 FORMAT_VERSION = 1
 _DTYPES = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4), "uint32": ("U32", 4)}
+_LOADED_DTYPES = {"BF16": (2, mx.bfloat16), "F16": (2, mx.float16), "F32": (4, mx.float32), "U32": (4, mx.uint32)}
 _UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 _LENGTH = struct.Struct("<Q")
 MAX_HEADER_BYTES = 100_000_000
@@ -188,13 +188,13 @@ def read_agent_cache(file, *, agent_id: str, model_fingerprint: str, spec: Model
     is refused before MLX tries to allocate its tensors)."""
     where = getattr(file, "name", "the cache file")
     try:
-        return _read_checked(_ReadFaults(file), where, agent_id=agent_id, model_fingerprint=model_fingerprint,
+        return _read_checked(file, where, agent_id=agent_id, model_fingerprint=model_fingerprint,
                              spec=spec, check_header=check_header)
     except OSError as exc:
         raise read_error(where, exc) from exc
 
 
-def _read_checked(file: "_ReadFaults", where: str, *, agent_id: str, model_fingerprint: str, spec: ModelCacheSpec,
+def _read_checked(file, where: str, *, agent_id: str, model_fingerprint: str, spec: ModelCacheSpec,
                   check_header: Callable[[AgentCacheHeader], None]) -> Tuple[AgentCacheHeader, List[mx.array]]:
     size = os.fstat(file.fileno()).st_size
     raw_header, data_start = _read_header_bytes(file, size, where)
@@ -220,9 +220,8 @@ def _read_checked(file: "_ReadFaults", where: str, *, agent_id: str, model_finge
             f"{'truncated' if size < expected_size else 'unexpected bytes at the end'}"
         )
     check_header(header)
-    tensors = _load_tensors(file, table, where)
-    _verify_tensors(table, tensors, _field(metadata, "tensorsha256_hex", where, _digest_map), where)
-    return header, tensors
+    digests = _field(metadata, "tensorsha256_hex", where, _digest_map)
+    return header, _load_tensors(file, table, data_start, digests, where)
 
 
 def _read_header_bytes(file, size: int, where: str) -> Tuple[bytes, int]:
@@ -362,58 +361,42 @@ def _digest_map(text: str) -> Dict[str, str]:
     return digests
 
 
-def _load_tensors(file: "_ReadFaults", table: Dict[str, Dict[str, Any]], where: str) -> List[mx.array]:
-    if not table:
-        return []
-    file.seek(0)
-    try:
-        arrays = mx.load(file)
-        mx.eval(arrays)
-        return [arrays[name] for name in table]
-    except (RuntimeError, ValueError, KeyError) as exc:
-        if file.error is not None:  # not damage: reading failed (mx.eval reports it as a RuntimeError)
-            raise file.error from None
-        raise CacheCorruptionError(f"{where}: MLX could not read the tensors ({exc})") from None
-
-
-class _ReadFaults:
-    """The binary file ``mx.load`` reads, keeping the ``OSError`` a read raised: MLX reads lazily, in
-    ``mx.eval``, and turns such an error into a ``RuntimeError`` that would otherwise pass for a damaged file."""
-
-    # What mx.load only looks at, in C: it tests ``closed`` with hasattr, which would swallow a KeyboardInterrupt
-    # raised at the start of a Python getter and report "must be a file-like object" (read as a damaged file).
-    name = property(operator.attrgetter("_file.name"))
-    closed = property(operator.attrgetter("_file.closed"))
-
-    def __init__(self, file):
-        self._file = file
-        self.error = None
-        self.fileno, self.tell = file.fileno, file.tell
-
-    def read(self, n: int) -> bytes:
-        return self._kept(self._file.read, n)
-
-    def readinto(self, buffer) -> int:
-        return self._kept(self._file.readinto, buffer)
-
-    def seek(self, *args) -> int:
-        return self._kept(self._file.seek, *args)
-
-    def _kept(self, call, *args):
-        try:
-            return call(*args)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-
-def _verify_tensors(table, tensors: Sequence[mx.array], expected: Dict[str, str], where: str) -> None:
-    actual = checksum_pool().map(sha256_hex, byte_views(tensors))
-    for name, digest in zip(table, actual):
-        if expected.get(name) != digest:
+def _load_tensors(file, table: Dict[str, Dict[str, Any]], data_start: int, expected: Dict[str, str],
+                  where: str) -> List[mx.array]:
+    """The tensors of ``table``, read by this thread and checked against their digests before MLX gets them.
+    Not ``mx.load`` of the open file: MLX reads a Python file object on its own threads, which need the GIL for
+    it, and ``mx.clear_cache()`` (mlx-lm's prefill calls it) holds the GIL while it waits for those threads: a
+    load beside a stepping engine froze the whole process. Each tensor is hashed (in the checksum threads)
+    while the next is read, and copied into MLX once all are checked, freeing its host copy as it goes."""
+    file.seek(data_start)
+    buffers: List[Any] = []
+    digests = []
+    for entry in table.values():
+        start, end = entry["data_offsets"]
+        buffers.append(_read_fully(file, end - start, where))
+        digests.append(checksum_pool().submit(sha256_hex, buffers[-1]))
+    for name, digest in zip(table, digests):
+        if expected.get(name) != digest.result():
             raise CacheCorruptionError(
                 f"{where} is damaged: tensor {name} does not match its checksum (a flipped bit or a torn write)"
             )
+    tensors = []
+    for i, entry in enumerate(table.values()):
+        itemsize, dtype = _LOADED_DTYPES[entry["dtype"]]
+        tensors.append(mx.array(buffers[i].view(f"u{itemsize}").reshape(entry["shape"])).view(dtype))
+        buffers[i] = None  # mx.array copied it
+    return tensors
+
+
+def _read_fully(file, n: int, where: str) -> np.ndarray:
+    buffer = np.empty(n, dtype=np.uint8)
+    view, done = memoryview(buffer), 0
+    while done < n:  # an unbuffered read may return less
+        got = file.readinto(view[done:])
+        if not got:
+            raise CacheCorruptionError(f"{where} was cut short while it was read: {n - done} bytes of a tensor missing")
+        done += got
+    return buffer
 
 
 # ---- bytes ----------------------------------------------------------------------------------------
