@@ -1,6 +1,7 @@
 """BlockPoolBatchEngine on real local models and mlx-lm's real BatchGenerator."""
 
 import gc
+import warnings
 
 import mlx.core as mx
 import numpy as np
@@ -370,7 +371,7 @@ def test_waiting_resumes_that_pin_each_others_room_end_the_newest_and_run_the_re
     assert done[first].error is None and list(done[first].blocks.token_ids[-3:]) == done[first].token_ids
     assert isinstance(done[second].error, RequestFailedError) and done[second].error.stage == "admission"
     assert isinstance(done[second].error.__cause__, PoolExhaustedError)
-    assert "the newest, was ended" in str(done[second].error)
+    assert "the newest on its engine, was ended" in str(done[second].error)
     del done
     assert engine.pending == 0 and at_start(engine.pool)
 
@@ -385,6 +386,34 @@ def test_waiting_resumes_that_pin_each_others_room_end_the_newest_and_run_the_re
     del late
     contexts[0].release()
     assert at_start(engine.pool)
+
+
+def test_waiting_resumes_on_two_engines_that_pin_each_others_room_end_one_and_run_the_other(llama32):
+    """As above, one waiting resume on each of two engines sharing a pool: each engine counted only the contexts
+    its own waiting requests resume, so each took the other's for handles the caller could release, and both
+    waited forever. Now the newest ends (as it is submitted: nothing runs), and the other engine's runs."""
+    model, tokenizer = llama32
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, 2 * spec.n_layers)  # room for two one-block contexts
+    engines = [BlockPoolBatchEngine(model, tokenizer, pool, spec, wait_for_blocks_s=0) for _ in range(2)]
+    contexts = [run(engine, agent, "hello there", max_tokens=2).blocks for engine, agent in zip(engines, "ab")]
+    uids = [engine.submit(agent, " and then", cache=blocks, max_tokens=3)
+            for engine, agent, blocks in zip(engines, "ab", contexts)]
+    for blocks in contexts:
+        blocks.release()
+    done = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoolPressureWarning)
+        for _ in range(3):
+            for index, engine in enumerate(engines):
+                done.update({(index, c.uid): c for c in engine.step()})
+    assert set(done) == {(0, uids[0]), (1, uids[1])}
+    ran, ended = done[0, uids[0]], done[1, uids[1]]
+    assert isinstance(ended.error, RequestFailedError) and ended.error.stage == "admission"
+    assert "2 waiting requests on this pool" in str(ended.error)
+    assert ran.error is None and list(ran.blocks.token_ids[-3:]) == ran.token_ids
+    del done, ended, ran
+    assert all(engine.pending == 0 for engine in engines) and at_start(pool)
 
 
 def test_pool_returns_to_start_and_does_not_grow_over_200_turns(llama32):

@@ -1562,6 +1562,69 @@ def test_one_thread_stepping_two_engines_does_not_wait_for_itself(llama32, monke
     assert whole(pool)
 
 
+class _ReadUnderLock:
+    """A container of an engine's that fails a read (iteration) while ``lock`` is not held: other threads submit,
+    cancel and build engines on the pool meanwhile."""
+
+    def __init__(self, *args, lock, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lock = lock
+
+    def __iter__(self):
+        held = self.lock._is_owned() if hasattr(self.lock, "_is_owned") else self.lock.locked()
+        assert held, f"{type(self).__name__} read without its lock"
+        return super().__iter__()
+
+
+class _WaitingRequests(_ReadUnderLock, collections.deque):
+    pass
+
+
+class _EnginesOfAPool(_ReadUnderLock, weakref.WeakSet):
+    pass
+
+
+def test_a_step_reads_the_waiting_requests_and_the_pools_engines_under_their_locks(llama32, monkeypatch):
+    """A step that returned with requests waiting read them for its warning without the engine's lock, and every
+    step listed the pool's engines without theirs: a submit (or an engine built on the pool) on another thread
+    meanwhile made ``step()`` raise a bare RuntimeError (a deque, a set, changed during iteration)."""
+    model, tokenizer = llama32
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, total_blocks=2 * spec.n_layers)  # two one-block contexts
+    engine = batch_engine.BlockPoolBatchEngine(model, tokenizer, pool, wait_for_blocks_s=0)
+    monkeypatch.setattr(engine, "_waiting", _WaitingRequests(lock=engine._lock))
+    monkeypatch.setitem(batch_engine._ENGINES, pool, _EnginesOfAPool([engine], lock=batch_engine._ENGINES_LOCK))
+    held = [engine.generate(agent, "hello there", max_tokens=2).blocks for agent in "ab"]
+    engine.submit("c", "hello there", max_tokens=2)
+    with pytest.warns(batch_engine.PoolPressureWarning, match="1 request"):
+        assert list(engine.step()) == []
+    held.pop().release()
+    (completion,) = engine.step()
+    assert completion.error is None
+    del completion
+    held.pop().release()
+    assert whole(pool)
+
+
+def test_waiting_for_a_request_no_longer_in_flight_raises_and_makes_no_room(own_engine):
+    """Before, ``wait_for`` called ``make_room`` for a request cancelled meanwhile (from another thread), again
+    and again while it made room: ``store.generate`` moved every agent to disk for a request that never came."""
+    uid = own_engine.submit("a", STORY, max_tokens=3)
+    own_engine.cancel(uid)
+    calls = []
+
+    def make_room() -> bool:
+        calls.append(1)
+        return len(calls) < 3
+
+    with pytest.raises(UnknownRequestError, match="not in flight"):
+        own_engine.wait_for(uid, make_room=make_room)
+    assert calls == []
+    with pytest.raises(UnknownRequestError, match="never submitted"):
+        own_engine.wait_for(uid + 1000)
+    assert whole(own_engine.pool)
+
+
 ENGINE_MODULES = {str(path) for path in pathlib.Path(semantic.__file__).parent.rglob("*.py")}
 
 

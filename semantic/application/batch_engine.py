@@ -48,6 +48,7 @@ Two ways to resume an agent:
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -65,6 +66,7 @@ from semantic.domain.errors import (
     IncompatibleCacheError,
     InvalidRequestError,
     PoolExhaustedError,
+    ReleasedHandleError,
     RequestFailedError,
     UnknownRequestError,
 )
@@ -220,7 +222,7 @@ class BlockPoolBatchEngine:
         # interrupt in between leaves the next step to run every running request again.
         self._out_of_step = False
         self._resets_known = self._generator.resets  # the generator's resets this engine has restarted after
-        _engines_on(pool).add(self)  # engines sharing a pool wait for each other's running requests (see step)
+        _add_engine(pool, self)  # engines sharing a pool wait for each other's running requests (see step)
 
     # ---- submitting -------------------------------------------------------------------------------
     def submit(self, agent_id: str, prompt: Prompt, cache: Optional[AgentBlocks] = None, max_tokens: int = 256,
@@ -413,27 +415,42 @@ class BlockPoolBatchEngine:
     def _end_a_pinned_wait(self) -> bool:
         """Whether it ended the newest waiting request that resumes a context, because no waiting request could
         get its blocks even if the caller released every handle it keeps: each keeps the context it resumes
-        until it runs, and those contexts leave too little room, so they would wait for each other forever."""
-        pinned = self._pinned_by_waiting()
-        room = self.pool.total_blocks - len(pinned) - self.pool.reserved_blocks
-        if any(request.new_blocks_bound <= room for request in self._waiting):
+        until it runs, and those contexts leave too little room, so they would wait for each other forever.
+        The waiting requests of every engine on the pool count (:meth:`_waiting_on_pool`)."""
+        on_pool = self._waiting_on_pool()
+        if on_pool is None:
+            return False
+        waiting, pinned = on_pool
+        room = self.pool.total_blocks - pinned - self.pool.reserved_blocks
+        if any(request.new_blocks_bound <= room for request in waiting):
             return False
         victim = next((request for request in reversed(self._waiting) if request.source is not None), None)
-        if victim is None:
+        if victim is None:  # another engine's then: it ends one of its own as it steps
             return False
         self._waiting.remove(victim)
         self._fail(victim, "admission", PoolExhaustedError(
             victim.new_blocks_bound, room,
-            f"(while nothing ran, the {len(self._waiting) + 1} waiting requests could never all get their blocks: "
-            f"the {len(pinned)} blocks of the contexts they resume stay held until they run, which leaves {room} "
-            "for new blocks, fewer than any of them needs. This one, the newest, was ended so that the others can "
-            "run; submit it again once they have finished)"))
+            f"(while nothing ran, the {len(waiting)} waiting requests on this pool could never all get their blocks: "
+            f"the {pinned} blocks of the contexts they resume stay held until they run, which leaves {room} "
+            "for new blocks, fewer than any of them needs. This one, the newest on its engine, was ended so that "
+            "the others can run; submit it again once they have finished)"))
         return True
 
+    def _waiting_on_pool(self) -> Optional[Tuple[List[_Request], int]]:
+        """The waiting requests of every engine on this pool and how many blocks the contexts they resume hold;
+        None while another engine holds requests (they give blocks back as it steps). Other engines' queues are
+        read without their locks, as :meth:`_others_run` reads them: taking them could deadlock two engines
+        stepped on two threads, and an interrupt could leave one taken. A deque copied by ``tuple`` is one C call
+        under the GIL; a context released meanwhile pins nothing (:func:`_pinned_by`)."""
+        others = [engine for engine in _engines_on(self.pool) if engine is not self]
+        if any(engine._holding for engine in others):
+            return None
+        waiting = [*self._waiting, *itertools.chain.from_iterable(tuple(engine._waiting) for engine in others)]
+        return waiting, len(_pinned_by(waiting))
+
     def _pinned_by_waiting(self) -> set:
-        """Blocks of the contexts that waiting requests resume (kept until they run)."""
-        return {block for request in self._waiting if request.source is not None
-                for block in itertools.chain.from_iterable(request.source.all_block_ids)}
+        """Blocks of the contexts that this engine's waiting requests resume (kept until they run)."""
+        return _pinned_by(self._waiting)
 
     def _prefills_beside_running(self, request: _Request) -> bool:
         """Whether ``request``'s prompt fits in memory in one prefill batch with the running requests still
@@ -527,12 +544,13 @@ class BlockPoolBatchEngine:
                         needs, self._wait_for_blocks_s,
                         stop=lambda: self._running or self._done or not self._waiting or not self._others_run()):
                     continue
-                with self._lock:
+                with self._lock:  # _holders reads the waiting requests, which other threads submit and cancel
                     waiting = len(self._waiting)
+                    holders = self._holders() if waiting else ""
                 if waiting:
                     warnings.warn(PoolPressureWarning(
                         f"{waiting} request(s) wait for blocks: the smallest needs {needs}, "
-                        f"{self.pool.available_blocks} are free; {self._holders()}. Release AgentBlocks you no "
+                        f"{self.pool.available_blocks} are free; {holders}. Release AgentBlocks you no "
                         "longer need, then call step() again."
                     ), stacklevel=2)
                 return
@@ -560,7 +578,7 @@ class BlockPoolBatchEngine:
         """Whether another engine on this pool runs requests that a live thread other than this one steps:
         those end, giving back blocks and reservations, without this thread doing anything."""
         current = threading.current_thread()
-        for engine in list(_engines_on(self.pool)):
+        for engine in _engines_on(self.pool):
             # _holding, not _running: a request leaves _running before its context is stored and its blocks given
             # back. _driver read once: the other thread may set it to None in between.
             driver = engine._driver
@@ -710,8 +728,9 @@ class BlockPoolBatchEngine:
 
     def wait_for(self, uid: int, make_room: Optional[Callable[[], bool]] = None) -> Optional[Completion]:
         """Step until request ``uid`` finishes and return its completion; ``None`` if it still waits for blocks
-        when nothing else runs and ``make_room`` (called then, if given) made none. Other requests' completions
-        stay for the next ``step()`` (or the step loop this is called in); so does ``uid``'s if a step raises."""
+        when nothing else runs and ``make_room`` (called then, if given) made none; ``UnknownRequestError`` if it
+        ended without a completion (cancelled, the engine closed). Other requests' completions stay for the next
+        ``step()`` (or the step loop this is called in); so does ``uid``'s if a step raises."""
         result, others = None, []
         try:
             while True:
@@ -722,8 +741,14 @@ class BlockPoolBatchEngine:
                             result = completion
                         else:
                             others.append(completion)
-                if result is not None or make_room is None or not make_room():
+                if result is not None:
                     return result
+                with self._lock:
+                    if uid not in self._by_uid:  # else make_room would be called for a request that never comes
+                        raise UnknownRequestError(f"request {uid} is not in flight: cancelled (cancel() or close(), "
+                                                  "perhaps from another thread) before it finished, or never submitted")
+                if make_room is None or not make_room():
+                    return None
         except BaseException:
             if result is not None:
                 others.insert(0, result)
@@ -980,10 +1005,28 @@ _ENGINES: "weakref.WeakKeyDictionary[BlockPool, weakref.WeakSet]" = weakref.Weak
 _ENGINES_LOCK = threading.Lock()
 
 
-def _engines_on(pool: BlockPool) -> "weakref.WeakSet[BlockPoolBatchEngine]":
-    """The engines built on ``pool`` (and alive)."""
+def _pinned_by(requests) -> set:
+    """Blocks of the contexts that ``requests`` resume; one released meanwhile (cancelled on another thread)
+    pins nothing."""
+    pinned = set()
+    for request in requests:
+        source = request.source  # read once: a cancel sets it to None
+        if source is not None:
+            with contextlib.suppress(ReleasedHandleError):
+                pinned.update(itertools.chain.from_iterable(source.all_block_ids))
+    return pinned
+
+
+def _add_engine(pool: BlockPool, engine: "BlockPoolBatchEngine") -> None:
     with _ENGINES_LOCK:
-        return _ENGINES.setdefault(pool, weakref.WeakSet())
+        _ENGINES.setdefault(pool, weakref.WeakSet()).add(engine)
+
+
+def _engines_on(pool: BlockPool) -> List["BlockPoolBatchEngine"]:
+    """The engines built on ``pool`` (and alive), listed under the lock: an engine built meanwhile on another
+    thread would change the set while it is iterated."""
+    with _ENGINES_LOCK:
+        return list(_ENGINES.get(pool, ()))
 
 
 def _completed_through_interrupts(step: Callable[[], None]) -> None:
