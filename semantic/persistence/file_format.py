@@ -363,28 +363,24 @@ def _digest_map(text: str) -> Dict[str, str]:
 
 def _load_tensors(file, table: Dict[str, Dict[str, Any]], data_start: int, expected: Dict[str, str],
                   where: str) -> List[mx.array]:
-    """The tensors of ``table``, read by this thread and checked against their digests before MLX gets them.
+    """The tensors of ``table``, read by this thread and checked against their digests before they are returned.
     Not ``mx.load`` of the open file: MLX reads a Python file object on its own threads, which need the GIL for
     it, and ``mx.clear_cache()`` (mlx-lm's prefill calls it) holds the GIL while it waits for those threads: a
-    load beside a stepping engine froze the whole process. Each tensor is hashed (in the checksum threads)
-    while the next is read, and copied into MLX once all are checked, freeing its host copy as it goes."""
+    load beside a stepping engine froze the whole process. Each tensor is copied into MLX as soon as it is read,
+    while the checksum threads hash it; its host copy goes once both are done."""
     file.seek(data_start)
-    buffers: List[Any] = []
-    digests = []
+    tensors, digests = [], []
     for entry in table.values():
         start, end = entry["data_offsets"]
-        buffers.append(_read_fully(file, end - start, where))
-        digests.append(checksum_pool().submit(sha256_hex, buffers[-1]))
+        data = _read_fully(file, end - start, where)
+        digests.append(checksum_pool().submit(sha256_hex, data))
+        itemsize, dtype = _LOADED_DTYPES[entry["dtype"]]
+        tensors.append(mx.array(data.view(f"u{itemsize}").reshape(entry["shape"])).view(dtype))
     for name, digest in zip(table, digests):
         if expected.get(name) != digest.result():
             raise CacheCorruptionError(
                 f"{where} is damaged: tensor {name} does not match its checksum (a flipped bit or a torn write)"
             )
-    tensors = []
-    for i, entry in enumerate(table.values()):
-        itemsize, dtype = _LOADED_DTYPES[entry["dtype"]]
-        tensors.append(mx.array(buffers[i].view(f"u{itemsize}").reshape(entry["shape"])).view(dtype))
-        buffers[i] = None  # mx.array copied it
     return tensors
 
 
