@@ -459,6 +459,29 @@ def test_an_io_error_reading_a_file_is_a_read_error_that_leaves_it_as_it_is(stor
             assert snapshot(handle) == expected
 
 
+class CutShort(io.FileIO):
+    """A cache file that ends ``missing`` bytes early once its size was read: cut in place while it is loaded."""
+
+    def __init__(self, *args, missing: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.end = os.fstat(self.fileno()).st_size - missing
+
+    def readinto(self, buffer):
+        room = max(0, self.end - self.tell())
+        return super().readinto(memoryview(buffer)[:room]) if room else 0
+
+
+@pytest.mark.parametrize("missing", [1, 4096])
+def test_a_file_cut_short_while_it_is_read_is_corrupt_and_changes_nothing(store, saved, monkeypatch, missing):
+    def opening(path, mode, buffering, opener):
+        return CutShort(os.fspath(path), mode, opener=opener, missing=missing)
+
+    with monkeypatch.context() as patch, nothing_changes(store):
+        patch.setattr(directory_module, "open", opening, raising=False)
+        with pytest.raises(CacheCorruptionError, match="was cut short while it was read"):
+            store.get("a")
+
+
 # ---- the header's bytes ------------------------------------------------------------------------------
 def test_a_changed_padding_byte_is_detected(store):
     for n_tokens in range(1, 40):  # a context whose header needs padding
