@@ -200,7 +200,7 @@ _PACK_BLOCKS = """
     const int block = row / HEADS, head = row % HEADS;
 ROW
     const bool is_value = blockIdx.y == 1;
-    const int dim = K_DIM == V_DIM ? K_DIM : (is_value ? V_DIM : K_DIM);  // a constant, mostly: cheap / and %
+    const int dim = is_value ? V_DIM : K_DIM;
     const T* src = nullptr;
     int64_t head_stride = 0, token_stride = 0, dim_stride = 0;
     switch (source) {
