@@ -448,10 +448,6 @@ class BlockPoolBatchEngine:
         waiting = [*self._waiting, *itertools.chain.from_iterable(tuple(engine._waiting) for engine in others)]
         return waiting, len(_pinned_by(waiting))
 
-    def _pinned_by_waiting(self) -> set:
-        """Blocks of the contexts that this engine's waiting requests resume (kept until they run)."""
-        return _pinned_by(self._waiting)
-
     def _prefills_beside_running(self, request: _Request) -> bool:
         """Whether ``request``'s prompt fits in memory in one prefill batch with the running requests still
         prefilling (on the CPU; alone, it was checked at submit)."""
@@ -764,7 +760,7 @@ class BlockPoolBatchEngine:
         shown = ", ".join(f"agent {agent!r} {blocks} blocks" for agent, (blocks, _) in per_agent[:10])
         more = f" and {len(per_agent) - 10} more agents" if len(per_agent) > 10 else ""
         held = f"held by handles you keep: {shown + more or 'none'}"
-        if pinned := len(self._pinned_by_waiting()):
+        if pinned := len(_pinned_by(self._waiting)):
             held += f" ({pinned} of these blocks are contexts that waiting requests resume, kept until they run)"
         if usage.reserved_blocks:
             held += f"; {usage.reserved_blocks} free blocks are reserved by requests in flight (another engine's)"

@@ -41,7 +41,7 @@ from semantic.persistence.errors import (CacheCorruptionError, CacheWriteError, 
 FORMAT = "semantic.agent_cache"
 FORMAT_VERSION = 1
 _DTYPES = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4), "uint32": ("U32", 4)}
-_LOADED_DTYPES = {"BF16": (2, mx.bfloat16), "F16": (2, mx.float16), "F32": (4, mx.float32), "U32": (4, mx.uint32)}
+_LOADED_DTYPES = {code: (size, getattr(mx, name)) for name, (code, size) in _DTYPES.items()}
 _UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 _LENGTH = struct.Struct("<Q")
 MAX_HEADER_BYTES = 100_000_000

@@ -277,9 +277,9 @@ class AgentCacheStore:
         ``engine.submit`` would refuse raise its ``InvalidRequestError`` before the agent's context is fetched.
         ``PoolExhaustedError`` (the request cancelled) if handles held outside the store (completions waiting
         for your next ``step()`` among them) pin the blocks it needs; ``UnknownRequestError`` if the request was
-        cancelled (``engine.cancel``, ``engine.close``, from another thread) before it finished. With ``write_through``, a failed write
-        raises its error after the turn: the new context stays resident (written by the next ``flush``) and the
-        error's ``completion`` is the turn's."""
+        cancelled (``engine.cancel``, ``engine.close``, from another thread) before it finished. With
+        ``write_through``, a failed write raises its error after the turn: the new context stays resident
+        (written by the next ``flush``) and the error's ``completion`` is the turn's."""
         from semantic.application.batch_engine import BlockPoolBatchEngine  # already loaded
 
         if not isinstance(engine, BlockPoolBatchEngine):  # else an AttributeError below
