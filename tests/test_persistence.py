@@ -313,7 +313,7 @@ def test_opening_a_store_deletes_only_temp_files_of_its_own_saves(tmp_path):
         (tmp_path / name).write_text("someone else's data")
     (tmp_path / ".alice.0123456789ab.tmp").write_bytes(b"a save killed mid-write")
     open_store(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(foreign + [".alice.lock"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(foreign)  # alice has no file: no lock either
     assert all((tmp_path / name).read_text() == "someone else's data" for name in foreign)
 
 
@@ -706,6 +706,21 @@ def test_a_failed_save_whose_temp_file_cannot_be_removed_is_still_a_write_error(
     assert current(store, "a") == loaded_snapshot(store, "a") == old
     reopened = open_store(store.directory)  # removes it
     assert temp_files(store.directory) == [] and loaded_snapshot(reopened, "a") == old
+
+
+def test_a_lock_file_is_left_only_beside_an_agents_file(store, monkeypatch):
+    """A first save that failed left its new lock file behind: hidden files that piled up, one per agent that
+    never saved (clearing a leftover temp file did the same: see
+    test_opening_a_store_deletes_only_temp_files_of_its_own_saves)."""
+    with random_handle(store.pool, "a", 7, seed=2) as handle:
+        with monkeypatch.context() as patch, nothing_changes(store):
+            fail_os(patch, "fsync", always)
+            with pytest.raises(CacheWriteError, match="previous file, if any, is unchanged"):
+                store.save(handle)
+        assert list(store.directory.iterdir()) == []
+        store.save(handle)
+        assert sorted(p.name for p in store.directory.iterdir()) == [".a.lock", "a.safetensors"]
+        assert store.delete("a") and list(store.directory.iterdir()) == []
 
 
 def test_a_store_opens_even_if_a_leftover_temp_file_cannot_be_removed(tmp_path, monkeypatch):

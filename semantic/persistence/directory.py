@@ -14,7 +14,8 @@ the directory cannot make a save or a lock create or read a file elsewhere.
 Files, for an agent whose escaped name is ``NAME``:
 
 * ``NAME.safetensors``: the agent's context (see ``file_format``).
-* ``.NAME.lock``: the advisory lock (``fcntl.flock``) every writer holds.
+* ``.NAME.lock``: the advisory lock (``fcntl.flock``) every writer holds; it is
+  left only beside an agent's file (or while a writer holds it).
 * ``.NAME.<random>.tmp``: a save in progress; it exists only while its writer
   holds the lock, so one whose lock is free was abandoned by a killed process.
 """
@@ -254,11 +255,6 @@ class CacheDirectory:
                         f"deleted the cache file of agent {agent_id!r}, but syncing the directory failed "
                         f"({exc.strerror or exc}): a crash of the machine now could bring it back; delete again"
                     ) from exc
-            # Removed while held: a process waiting on it notices the unlink and retries (see ``lock``). The lock is
-            # advisory: one left behind (an I/O error) holds nothing and is reused by the next save, so the delete
-            # that is done stays done.
-            with contextlib.suppress(OSError):
-                os.unlink(self._lock_path(name))
         return existed
 
     def remove_abandoned_temp_files(self) -> None:
@@ -290,8 +286,13 @@ class CacheDirectory:
 
     @contextlib.contextmanager
     def lock(self, agent_id: str, timeout: Optional[float] = None) -> Iterator[None]:
-        """Hold the agent's advisory lock (across processes and threads), waiting up to ``timeout`` seconds."""
-        path = self._lock_path(check_agent_id(agent_id))
+        """Hold the agent's advisory lock (across processes and threads), waiting up to ``timeout`` seconds.
+
+        The lock file lives as long as the agent's file: released where the agent has none (a delete, a first
+        save that failed, a leftover temp file cleared), it is removed while still held. A process waiting on
+        it notices the unlink and locks a new one (see ``_acquired``)."""
+        name = check_agent_id(agent_id)
+        path, target = self._lock_path(name), self.path / (name + CACHE_SUFFIX)
         timeout = self.lock_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
@@ -313,9 +314,15 @@ class CacheDirectory:
                 # while the first is handled) can come as a Python function starts, before its first line, and
                 # a lock left open is held until the process ends.
                 try:
-                    os.close(fd)
-                except OSError:  # the descriptor is freed even so (EIO on a network file system), and nothing
-                    pass  # was written through it that could be lost
+                    if held and not os.path.lexists(target):
+                        os.unlink(path)
+                except OSError:  # advisory: one left behind holds nothing and the next save reuses it
+                    pass
+                finally:
+                    try:
+                        os.close(fd)
+                    except OSError:  # the descriptor is freed even so (EIO on a network file system), and
+                        pass  # nothing was written through it that could be lost
             if held:
                 return
             # else the file was deleted under us: lock the new one
