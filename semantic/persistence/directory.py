@@ -314,9 +314,14 @@ class CacheDirectory:
                 # while the first is handled) can come as a Python function starts, before its first line, and
                 # a lock left open is held until the process ends.
                 try:
-                    if held and not os.path.lexists(target):
+                    if held:
+                        os.lstat(target)  # not os.path.lexists: Python code, and it takes any error for "absent"
+                except FileNotFoundError:  # no file left for the lock to guard
+                    try:
                         os.unlink(path)
-                except OSError:  # advisory: one left behind holds nothing and the next save reuses it
+                    except OSError:  # advisory: one left behind holds nothing and the next save reuses it
+                        pass
+                except OSError:
                     pass
                 finally:
                     try:
