@@ -37,6 +37,7 @@ from semantic.domain.services import BlockPool
 from semantic.domain.value_objects import ModelCacheSpec
 
 from conftest import make_engine
+from test_engine import LOGIT_TOLERANCE, SAME_KERNELS, greedy_gap
 from interrupt_points import at_every_point, traced
 
 STORY = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire " * 6
@@ -553,7 +554,14 @@ def test_a_request_failing_in_any_stage_ends_alone_and_the_others_get_their_toke
     assert "injected" in str(failed.error)
     with pytest.raises(RequestFailedError):
         failed.blocks
-    assert {agent: c.token_ids for agent, c in done.items()} == expected
+    assert all(c.error is None for c in done.values())
+    if SAME_KERNELS or stage not in ("prefill", "decode"):
+        assert {agent: c.token_ids for agent, c in done.items()} == expected
+    else:  # the survivors ran again, each alone, to find the culprit: other kernels on a GPU than in a batch
+        for agent, (prompt, kwargs) in good_requests(engine).items():
+            if "repetition_penalty" not in kwargs:  # a penalised choice is not greedy on the model's logits
+                context = engine.tokenizer.encode(prompt)
+                assert greedy_gap(engine.model, context, done[agent].token_ids) <= LOGIT_TOLERANCE, agent
     for completion in done.values():
         completion.blocks.release()
     monkeypatch.undo()
