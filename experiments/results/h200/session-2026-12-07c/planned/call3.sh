@@ -1,0 +1,7 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader > $OUT/gpu.txt; cat $OUT/gpu.txt; cd $R/h1
+PYTHONPATH=$R/h1 timeout ${C:-150} python -m experiments.gpu_kernel_choices --output $OUT/choices.json --parts store --repeat 30 > $OUT/choices.log 2>&1; echo "choices rc=$? t=$SECONDS"; python3 -c "
+import json;d=json.load(open('$OUT/choices.json'))['store']
+for k,v in d.items(): print(k, 'copy',v['device_copy'], {n:v[n] for n in v if n.startswith('kernel') or n=='pool_write'}, v['same_bytes'])"
+PYTHONPATH=$R/h1 timeout ${T:-280} python -X faulthandler -m pytest -v -p no:cacheprovider tests/test_block_cache.py tests/test_engine_robustness.py tests/test_pool.py tests/test_quantized_blocks.py tests/test_engine.py -k "not sweep" > $OUT/pytest_h1.log 2>&1; echo "pytest rc=$? t=$SECONDS"; grep -c PASSED $OUT/pytest_h1.log; grep -E "FAILED|ERROR|passed|failed" $OUT/pytest_h1.log | tail -15 | cut -c1-300
+L=$((${N:-450} - SECONDS)); PYTHONPATH=$R/h1 timeout $L python -m experiments.hot_path --out $OUT/hp --max-mib ${M:-3200} --resume-tokens 1024 --resume-repeat 4 --conversation-turns 2 > $OUT/hp.log 2>&1; echo "hp rc=$? t=$SECONDS"; grep "^|" $OUT/hp.log | head -14; grep "^{" $OUT/hp.log | cut -c1-400

@@ -1,0 +1,3 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader; cd $R/h1
+PYTHONPATH=$R/h1 timeout ${T:-110} python -m pytest -q -p no:cacheprovider --tb=short "tests/test_engine_robustness.py::test_a_request_failing_in_any_stage_ends_alone_and_the_others_get_their_tokens" -k "prefill or decode" > $OUT/p.log 2>&1; echo "rc=$? t=$SECONDS"; grep -E "^E |assert|Error|passed|failed" $OUT/p.log | head -40 | cut -c1-400
