@@ -142,7 +142,7 @@ def test_a_header_length_past_what_safetensors_reads_is_refused_before_it_is_rea
         file.truncate(8 + claim)  # sparse: takes no disk
     requested = []
     real_read = file_format._read_exactly
-    monkeypatch.setattr(file_format, "_read_exactly", lambda f, n: requested.append(n) or real_read(f, n))
+    monkeypatch.setattr(file_format, "_read_exactly", lambda f, n, where: requested.append(n) or real_read(f, n, where))
     with nothing_changes(store), pytest.raises(CacheCorruptionError, match="over the 100000000 a header may take"):
         store.get("a")
     assert max(requested) == 8  # the length alone

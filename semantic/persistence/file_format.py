@@ -228,7 +228,7 @@ def _read_header_bytes(file, size: int, where: str) -> Tuple[bytes, int]:
     if size < _LENGTH.size:
         raise CacheCorruptionError(f"{where} is truncated: {size} bytes, not even the 8-byte header length")
     file.seek(0)
-    (length,) = _LENGTH.unpack(_read_exactly(file, _LENGTH.size))
+    (length,) = _LENGTH.unpack(_read_exactly(file, _LENGTH.size, where))
     if length > MAX_HEADER_BYTES:
         raise CacheCorruptionError(
             f"{where} is damaged or not an agent cache: its header length says {length} bytes, over the "
@@ -238,17 +238,7 @@ def _read_header_bytes(file, size: int, where: str) -> Tuple[bytes, int]:
             f"{where} is damaged or truncated: its header length says {length} bytes, "
             f"the file holds {size - _LENGTH.size} after the length"
         )
-    return _read_exactly(file, length), _LENGTH.size + length
-
-
-def _read_exactly(file, n: int) -> bytes:
-    data = file.read(n)
-    while len(data) < n:  # an unbuffered read may return less
-        more = file.read(n - len(data))
-        if not more:
-            break
-        data += more
-    return data
+    return _read_exactly(file, length, where).tobytes(), _LENGTH.size + length
 
 
 def _parse_json(raw: bytes, where: str) -> Dict[str, Any]:
@@ -372,7 +362,7 @@ def _load_tensors(file, table: Dict[str, Dict[str, Any]], data_start: int, expec
     tensors, digests = [], []
     for entry in table.values():
         start, end = entry["data_offsets"]
-        data = _read_fully(file, end - start, where)
+        data = _read_exactly(file, end - start, where)
         digests.append(checksum_pool().submit(sha256_hex, data))
         itemsize, dtype = _LOADED_DTYPES[entry["dtype"]]
         tensors.append(mx.array(data.view(f"u{itemsize}").reshape(entry["shape"])).view(dtype))
@@ -384,13 +374,13 @@ def _load_tensors(file, table: Dict[str, Dict[str, Any]], data_start: int, expec
     return tensors
 
 
-def _read_fully(file, n: int, where: str) -> np.ndarray:
+def _read_exactly(file, n: int, where: str) -> np.ndarray:
     buffer = np.empty(n, dtype=np.uint8)
     view, done = memoryview(buffer), 0
     while done < n:  # an unbuffered read may return less
         got = file.readinto(view[done:])
         if not got:
-            raise CacheCorruptionError(f"{where} was cut short while it was read: {n - done} bytes of a tensor missing")
+            raise CacheCorruptionError(f"{where} was cut short while it was read: {n - done} bytes missing")
         done += got
     return buffer
 
