@@ -296,3 +296,18 @@ def test_a_failing_forward_pass_names_every_sequence(llama32, monkeypatch):
     with pytest.raises(adapter.StepFailed) as info:
         generator.next()
     assert not info.value.attributed and sorted(info.value.tags) == ["a", "b"]
+
+
+def test_an_empty_copy_runs_its_own_sequences_even_when_a_method_was_wrapped_on_the_original(llama32):
+    """The engine probes a suspect alone in an empty copy. A method set on the original instance (pytest < 9's
+    monkeypatch leaves one there on undo) came along bound to the original, so the probe's sequence ran in
+    the live batch: on an H100 every survivor of a failed prefill was failed with the culprit."""
+    model, tokenizer = llama32
+    generator = adapter.Generator(model, stop_token_ids=[])
+    generator.insert, generator.next = generator.insert, generator.next
+    probe = generator.empty_copy()
+    probe.insert(tokenizer.encode("one two three"), None, [], 2, SamplingParams(), tag="probe")
+    assert generator.next() == []
+    events = probe.next()
+    assert [e.uid for e in events] == [0] and probe.resets == generator.resets == 0
+    probe.close()
