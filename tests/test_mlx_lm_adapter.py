@@ -299,7 +299,7 @@ def test_a_failing_forward_pass_names_every_sequence(llama32, monkeypatch):
 
 
 def test_an_empty_copy_runs_its_own_sequences_even_when_a_method_was_wrapped_on_the_original(llama32):
-    """The engine probes a suspect alone in an empty copy. A method set on the original instance (pytest < 9's
+    """The engine probes a suspect alone in an empty copy. A method set on the original instance (pytest 9.1's
     monkeypatch leaves one there on undo) came along bound to the original, so the probe's sequence ran in
     the live batch: on an H100 every survivor of a failed prefill was failed with the culprit."""
     model, tokenizer = llama32

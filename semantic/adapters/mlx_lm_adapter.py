@@ -504,7 +504,7 @@ class Generator:
         """A new, empty generator with the same model and settings."""
         copy = object.__new__(Generator)
         # The settings only, not the whole instance dict: a method wrapped on this instance (instrumentation;
-        # pytest < 9's monkeypatch leaves one bound here on undo) came along bound to this generator, and the
+        # pytest 9.1's monkeypatch leaves one bound here on undo) came along bound to this generator, and the
         # copy's inserts went into this batch.
         copy._make, copy._vocab, copy._cut, copy._greedy = self._make, self._vocab, self._cut, self._greedy
         copy._gen, copy._tags, copy.resets = self._make(), {}, 0
