@@ -1,0 +1,4 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu.txt; cd $R/h1
+PYTHONPATH=$R/h1 timeout ${T1:-150} python -X faulthandler -m pytest -q -p no:cacheprovider --tb=short tests/test_engine_robustness.py > $OUT/p_rob.log 2>&1; echo "rob rc=$? t=$SECONDS"; grep -E "^E |FAILED|ERROR|passed|failed" $OUT/p_rob.log | head -30 | cut -c1-400
+PYTHONPATH=$R/h1 timeout $((${N:-570} - SECONDS)) python -X faulthandler -m pytest -v -p no:cacheprovider --tb=short tests/test_engine.py tests/test_quantized_blocks.py tests/test_pool.py -k "not sweep" > $OUT/p_rest.log 2>&1; echo "rest rc=$? t=$SECONDS"; grep -c PASSED $OUT/p_rest.log; grep -E "^E |FAILED|ERROR|passed|failed" $OUT/p_rest.log | tail -30 | cut -c1-400; tail -3 $OUT/p_rest.log | cut -c1-300

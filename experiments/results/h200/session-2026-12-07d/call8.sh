@@ -1,0 +1,4 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu.txt; cd $R/h1; git -C $R/.. log --oneline -1 2>/dev/null; python -m pytest --version
+PYTHONPATH=$R/h1 timeout ${T1:-200} python -X faulthandler -m pytest -q -p no:cacheprovider --tb=short tests/test_engine_robustness.py tests/test_mlx_lm_adapter.py tests/test_block_cache.py > $OUT/p_rob.log 2>&1; echo "tests rc=$? t=$SECONDS"; grep -E "^E |FAILED|ERROR|passed|failed" $OUT/p_rob.log | head -30 | cut -c1-400
+L=$((${N:-580} - SECONDS)); PYTHONPATH=$R/h1 timeout $L python -m experiments.exp_006_benchmark --device gpu --budget-s 4 --output-dir $OUT/exp006 > $OUT/exp006.log 2>&1; echo "exp006 rc=$? t=$SECONDS"; tail -30 $OUT/exp006.log | cut -c1-300
