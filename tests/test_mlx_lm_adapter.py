@@ -306,6 +306,7 @@ def test_an_empty_copy_runs_its_own_sequences_even_when_a_method_was_wrapped_on_
     generator = adapter.Generator(model, stop_token_ids=[])
     generator.insert, generator.next = generator.insert, generator.next
     probe = generator.empty_copy()
+    assert vars(probe).keys() == vars(adapter.Generator(model, stop_token_ids=[])).keys()  # every setting copied
     probe.insert(tokenizer.encode("one two three"), None, [], 2, SamplingParams(), tag="probe")
     assert generator.next() == []
     events = probe.next()
