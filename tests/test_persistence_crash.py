@@ -79,19 +79,29 @@ def save_forever(task, ready):
 
 # Reads one task per line: {"directory", "seeds", "kill_after", "die_in"}. Starts a child that saves (see
 # SAVER); SIGKILLs it `kill_after` seconds after it starts saving, or lets it die in the OS call `die_in`
-# names. Prints {"directory", "killed"} per task.
+# names. Prints {"directory", "killed"} per task. A child still saving after DEADLINE_S never reached that
+# call: it is ended with SIGTERM and reported not killed, so the test fails instead of waiting forever.
 ZYGOTE = SAVER + f"SAVER = {SAVER!r}\n" + """
 import subprocess
 import mlx.core as mx
 
 FORKABLE = not mx.cuda.is_available()  # a child forked after CUDA's initialisation cannot use it
+DEADLINE_S = 120
 
 def start(task, ready_w):
-    \"\"\"Starts a saving child; returns a function that waits for it and says whether SIGKILL ended it.\"\"\"
+    \"\"\"Starts a saving child; returns its pid and a function that waits for it (ending it after DEADLINE_S)
+    and says whether SIGKILL ended it.\"\"\"
     if not FORKABLE:
         code = SAVER + "save_forever(json.loads(sys.argv[1]), int(sys.argv[2]))"
         child = subprocess.Popen([sys.executable, "-c", code, json.dumps(task), str(ready_w)], pass_fds=(ready_w,))
-        return child.pid, lambda: child.wait() == -signal.SIGKILL
+        def killed():
+            try:
+                return child.wait(DEADLINE_S) == -signal.SIGKILL
+            except subprocess.TimeoutExpired:
+                child.terminate()
+                child.wait()
+                return False
+        return child.pid, killed
     pid = os.fork()
     if pid == 0:
         try:
@@ -100,8 +110,13 @@ def start(task, ready_w):
             traceback.print_exc()
         os._exit(1)
     def killed():
-        _, status = os.waitpid(pid, 0)
-        return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        deadline = time.monotonic() + DEADLINE_S
+        while not (ended := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not ended[0]:
+            os.kill(pid, signal.SIGTERM)
+            ended = os.waitpid(pid, 0)
+        return os.WIFSIGNALED(ended[1]) and os.WTERMSIG(ended[1]) == signal.SIGKILL
     return pid, killed
 
 for line in sys.stdin:
