@@ -569,6 +569,60 @@ def test_a_request_failing_in_any_stage_ends_alone_and_the_others_get_their_toke
     assert engine.pending == 0
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_culprits_among_fresh_and_resumed_requests_fail_alone_and_the_others_get_what_they_get_alone(
+        own_engine, monkeypatch, seed):
+    """Four to seven requests, fresh and resumed, submitted at once; one to three carry a token whose prefill
+    raises. The batch's forward pass fails for all, so only each request probed alone tells the culprits:
+    exactly those end, in prefill, and every other gets the tokens it gets with no culprit beside it (equal
+    on CPU, greedy up to rounding elsewhere). The probes run in an empty copy of the generator, here one with
+    a method wrapped on the live instance: a copy that brought it along inserted into the live batch, and
+    every survivor failed with the culprits."""
+    engine, rng = own_engine, np.random.default_rng(seed)
+    bases = [engine.generate(f"base{i}", STORY[: 40 + 60 * i], max_tokens=3).blocks for i in range(2)]
+    requests = []
+    for i in range(int(rng.integers(4, 8))):
+        prompt = [int(t) for t in rng.integers(4, VOCAB // 2, int(rng.choice([1, 7, 60, 300])))]
+        base = bases[i % 2] if rng.random() < 0.5 else None
+        requests.append((f"agent{i}", prompt, base, int(rng.integers(2, 9))))
+    alone = {}
+    for agent, prompt, base, max_tokens in requests:
+        completion = engine.generate(agent, prompt, cache=base, max_tokens=max_tokens)
+        alone[agent] = completion.token_ids
+        completion.blocks.release()
+    seen = set().union(*(prompt for _, prompt, _, _ in requests), *alone.values(), *(b.token_ids for b in bases))
+    poison = max(set(range(4, VOCAB)) - seen)
+    culprits = {requests[int(i)][0] for i in rng.choice(len(requests), int(rng.integers(1, 4)), replace=False)}
+    poison_forward(monkeypatch, engine.model, lambda x: (x == poison).any())  # a lone token is fed alone too
+    live_insert, inserts = engine._generator.insert, []  # a user's instrumentation, on the live generator
+    monkeypatch.setattr(engine._generator, "insert", lambda *a, **k: inserts.append(1) or live_insert(*a, **k))
+    uids = {}
+    for agent, prompt, base, max_tokens in requests:
+        if agent in culprits:
+            prompt = prompt[: len(prompt) // 2] + [poison] + prompt[len(prompt) // 2 :]
+        uids[engine.submit(agent, prompt, cache=base, max_tokens=max_tokens)] = agent
+    done = {uids[c.uid]: c for c in _steps_until_idle(engine)}
+    monkeypatch.undo()
+    assert sorted(done) == sorted(uids.values()) and len(inserts) >= len(requests)
+    failed = {agent for agent, c in done.items() if c.error is not None}
+    assert failed == culprits, f"culprits {sorted(culprits)}, failed {sorted(failed)}"
+    assert all(isinstance(done[a].error, RequestFailedError) and done[a].error.stage == "prefill" for a in failed)
+    for agent, completion in done.items():
+        if agent in culprits:
+            continue
+        if SAME_KERNELS:
+            assert completion.token_ids == alone[agent], agent
+        else:
+            context = completion.blocks.token_ids
+            assert greedy_gap(engine.model, context[: len(context) - len(completion.token_ids)],
+                              completion.token_ids) <= LOGIT_TOLERANCE, agent
+        completion.blocks.release()
+    for base in bases:
+        base.release()
+    del done
+    assert engine.pending == 0 and whole(engine.pool)
+
+
 def test_generate_raises_the_failure_of_its_own_request(engine, reference, monkeypatch):
     prompt, kwargs = inject("prefill", monkeypatch, engine, reference[1])
     with pytest.raises(RequestFailedError, match="prefill"):
