@@ -557,7 +557,8 @@ def test_a_request_failing_in_any_stage_ends_alone_and_the_others_get_their_toke
     assert all(c.error is None for c in done.values())
     if SAME_KERNELS or stage not in ("prefill", "decode"):
         assert {agent: c.token_ids for agent, c in done.items()} == expected
-    else:  # the survivors ran again, each alone, to find the culprit: other kernels on a GPU than in a batch
+    else:  # the survivors are prefilled again after the failure, in another batch than the reference's:
+        # other kernels on a GPU
         for agent, (prompt, kwargs) in good_requests(engine).items():
             if "repetition_penalty" not in kwargs:  # a penalised choice is not greedy on the model's logits
                 context = engine.tokenizer.encode(prompt)
