@@ -24,9 +24,12 @@ too), its blocks and reservation go back to the pool, and the other requests go
 on to the tokens they would have produced without it. A step that fails inside
 one request's sampler or logits processor names that request; one that fails in
 the shared forward pass is re-run for each request alone, and those that fail
-alone are the culprits. Either way the batch is rebuilt (mlx-lm cannot resume a
-step that raised), so the survivors' prompts and generated tokens are prefilled
-again: a failure costs one prefill of every running request.
+alone are the culprits. If none does, halves of the batch are run to find the
+company that fails (a pair, at best), and the batch is retried; only the members
+of that company count towards the bounded retries, so only they are failed.
+Either way the batch is rebuilt (mlx-lm cannot resume a step that raised), so the
+survivors' prompts and generated tokens are prefilled again: a failure costs one
+prefill of every running request.
 
 Blocks return to the pool when their last handle is released: call
 ``AgentBlocks.release()`` (or use it as a context manager), or drop the last
@@ -769,7 +772,7 @@ class BlockPoolBatchEngine:
     def _recover(self, failure: adapter.StepFailed) -> None:
         """A batched step raised and the generator lost every sequence: fail the requests it is attributed
         to and restart the others. Unattributed failures (the shared forward pass) are re-run for each
-        request alone; a request that fails alone is a culprit."""
+        request alone; a request that fails alone is a culprit (see :meth:`_culprits_alone` for none)."""
         requests = list(self._running.values())
         self._running.clear()
         suspects = [r for r in requests if r.uid in set(failure.tags)]
@@ -792,12 +795,25 @@ class BlockPoolBatchEngine:
             raise interrupt
 
     def _culprits_alone(self, suspects: List[_Request]) -> List[_Request]:
-        culprits = [r for r in suspects if self._fails_alone(r)]
-        if not culprits:  # transient, or only in this company: retry, a bounded number of times
-            for request in suspects:
+        culprits = [r for r in suspects if self._fails_together([r])]
+        if not culprits:  # transient, or only in some company: retry, a bounded number of times, counting only
+            # the company found to fail, so that the requests outside it are not failed with it
+            for request in self._failing_company(suspects):
                 request.unattributed_failures += 1
             culprits = [r for r in suspects if r.unattributed_failures >= _MAX_UNATTRIBUTED_FAILURES]
         return culprits
+
+    def _failing_company(self, suspects: List[_Request]) -> List[_Request]:
+        """The smallest group that halving ``suspects`` finds failing together (each half probed as one batch);
+        all of them when neither half fails (a transient failure, or one needing members of both halves)."""
+        group = suspects
+        while len(group) > 2:
+            half = len(group) // 2
+            failing = next((part for part in (group[:half], group[half:]) if self._fails_together(part)), None)
+            if failing is None:
+                break
+            group = failing
+        return group
 
     def _restart(self, requests: List[_Request]) -> None:
         """Run ``requests`` again from their prompts and what they generated: back to the head of the queue
@@ -811,11 +827,12 @@ class BlockPoolBatchEngine:
         self._out_of_step = False
         self._admit()
 
-    def _fails_alone(self, request: _Request) -> bool:
-        """Whether the request's next step fails with no other request in the batch."""
+    def _fails_together(self, requests: List[_Request]) -> bool:
+        """Whether the next step of ``requests`` fails with no other request in the batch."""
         probe = self._generator.empty_copy()
         try:
-            self._insert(request, probe)
+            for request in requests:
+                self._insert(request, probe)
             probe.next()
         except Exception:
             return True
