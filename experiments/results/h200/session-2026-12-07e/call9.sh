@@ -1,0 +1,4 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu.txt; cd $R/h1
+PYTHONPATH=$R/h1 timeout ${T1:-300} python -X faulthandler -m pytest -v -p no:cacheprovider --tb=short --durations=10 tests/test_engine_robustness.py > $OUT/p_rob.log 2>&1; echo "rob rc=$? t=$SECONDS"; grep -c PASSED $OUT/p_rob.log; grep -E "^E |FAILED|ERROR|passed|failed" $OUT/p_rob.log | head -30 | cut -c1-400; tail -2 $OUT/p_rob.log | cut -c1-300
+PYTHONPATH=$R/h1 timeout $((${N:-590} - SECONDS)) python -X faulthandler -m pytest -v -p no:cacheprovider --tb=short tests/test_engine.py > $OUT/p_eng.log 2>&1; echo "eng rc=$? t=$SECONDS"; grep -c PASSED $OUT/p_eng.log; grep -E "^E |FAILED|ERROR|passed|failed" $OUT/p_eng.log | tail -30 | cut -c1-400; tail -2 $OUT/p_eng.log | cut -c1-300
