@@ -8,7 +8,8 @@ silently:
 
 * points outside the default selection run with ``SEMANTIC_BENCH_FULL=1``;
 * cases needing more memory than this machine has are skipped;
-* features a commit does not have yet (``ImportError``) are skipped on that commit.
+* features a commit does not have yet (``ImportError``) are skipped on that commit;
+* real models whose weights this machine cannot fetch (no package index) are skipped there.
 """
 
 from __future__ import annotations
@@ -114,11 +115,25 @@ def median_of_runs(fn, max_runs: int, budget_s: float) -> float:
 
 
 def engine(model: str):
-    """The memoised engine on a local model, or a skip on commits without what it needs."""
+    """The memoised engine on a local model, or a skip on commits without what it needs and on machines
+    that cannot fetch a real model's weights (a host without a package index, such as the GPU reference
+    machine): there the point is n/a with pip's reason, not a failure blamed on the commit."""
     try:
         return cases.engine(model, ENGINE_DTYPE)
     except ImportError as exc:
         raise NotImplementedError(f"this commit cannot run the engine benchmarks: {exc}") from exc
+    except _model_fetch_errors() as exc:
+        reason = str(exc).splitlines()[0][:300]
+        raise NotImplementedError(f"{model}'s weights cannot be fetched on this machine: {reason}") from exc
+
+
+def _model_fetch_errors() -> tuple:
+    """``semantic.models.ModelFetchError`` where the measured commit has it (none before real models)."""
+    try:
+        from semantic.models import ModelFetchError
+    except ImportError:
+        return ()
+    return (ModelFetchError,)
 
 
 class CopyBenchmark(abc.ABC):

