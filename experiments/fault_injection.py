@@ -11,7 +11,9 @@ counted instead of ending the pass; the child is restarted after either. Each tr
   from this script's own rules, not from the engine's checks.
 * ``fault``: three good requests and one bad one in a batch, the bad one made to fail in admission,
   prefill, decode (forward pass or its own sampler) or store by patching the model / engine in the
-  child; the others' tokens are compared with a run without it.
+  child; the others' tokens are compared with a run without it. In ``company`` the bad one fails only
+  in a batch of more than one (as a batch too large for memory would): it and at most one other may
+  fail, and it may finish if it never shared a batch; every other request gets its tokens.
 * ``pool``: a random public ``BlockPool`` call with random (often bad) arguments.
 * ``file``: a saved agent file damaged in its header (bytes changed, padding included), its tensors
   or its length, a planted lock symlink, a directory in its place, or an agent id with ``/``.
@@ -112,12 +114,13 @@ def inject(stage, rng, patches):
             return real(prompt_tokens, *a, **k)
         patches.append((engine._generator, "insert", real)); engine._generator.insert = insert
         return ids + [poison], {}
-    if stage in ("prefill", "decode"):
+    if stage in ("prefill", "decode", "company"):
         cls = type(model); real = cls.__call__
-        wide = stage == "prefill"
+        wide = stage != "decode"
         def forward(self, x, *a, **k):
             arr = np.array(x)
-            if (arr.shape[1] > 1) == wide and (arr == poison).any(): raise RuntimeError("injected")
+            fires = arr.shape[0] > 1 if stage == "company" else (arr.shape[1] > 1) == wide
+            if fires and (arr == poison).any(): raise RuntimeError("injected")
             return real(self, x, *a, **k)
         patches.append((cls, "__call__", real)); cls.__call__ = forward
         return (ids[:5] + [poison] + ids[5:] if wide else ids + [poison]), {}
@@ -142,7 +145,7 @@ def inject(stage, rng, patches):
     return ids, {}
 
 def trial_fault(rng):
-    stage = rng.choice(["admission", "prefill", "decode", "sampler", "store"])
+    stage = rng.choice(["admission", "prefill", "decode", "sampler", "store", "company"])
     patches = []
     try:
         prompt, kwargs = inject(stage, rng, patches)
@@ -163,9 +166,15 @@ def trial_fault(rng):
     finally:
         for obj, name, real in reversed(patches): setattr(obj, name, real)
     bad = done.pop("bad")
-    survivors_right = all(done[a].token_ids == reference[a] for a in done) and len(done) == 3
-    for c in done.values(): c.blocks.release()
-    if bad.error is None: return "wrong data accepted"
+    taken_down = [a for a in done if done[a].error is not None]
+    survivors_right = all(done[a].token_ids == reference[a] for a in done if a not in taken_down) and len(done) == 3
+    for c in [bad, *done.values()]:
+        if c.error is None: c.blocks.release()  # a failed request's blocks went back to the pool
+    if stage == "company":
+        if bad.error is None:  # never batched with another: nothing to fail
+            return "ok" if survivors_right and not taken_down else "wrong data accepted"
+        return "typed error" if survivors_right and len(taken_down) <= 1 else "wrong data accepted"
+    if bad.error is None or taken_down: return "wrong data accepted"
     return "typed error" if survivors_right else "wrong data accepted"
 
 pool2 = BlockPool(spec, 64)  # the misuse trials' own pool
@@ -278,14 +287,20 @@ for line in sys.stdin:
 """
 
 
+KINDS = ("submit", "fault", "pool", "file")  # the child's TRIALS
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a trial may take before it is a hang")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="the kinds of trial to draw from")
     args = parser.parse_args()
 
-    kinds = ["submit", "fault", "pool", "file"]
+    kinds = args.kinds.split(",")
+    if set(kinds) - set(KINDS):
+        parser.error(f"--kinds takes some of {', '.join(KINDS)}")
     weights = {"submit": 0.4, "fault": 0.15, "pool": 0.3, "file": 0.15}
     rng = random.Random(args.seed)
     tasks = [{"kind": rng.choices(kinds, [weights[k] for k in kinds])[0], "seed": rng.randrange(2**32)}
