@@ -789,6 +789,40 @@ def test_an_interrupt_while_the_engine_recovers_from_a_failed_step_loses_nobody(
     assert whole(engine.pool)
 
 
+def test_an_interrupt_while_halves_of_a_failed_batch_are_probed_loses_nobody(engine, reference, monkeypatch):
+    """A batched decoding step fails once, so nobody fails alone and halves of the batch are probed together
+    for a failing company; Ctrl-C arrives in that probe. Every request still ends with its own tokens, and
+    the pool is whole."""
+    expected, _ = reference
+    calls = []
+
+    def when(inputs):
+        if "failed" not in calls:
+            if inputs.shape[0] > 1 and inputs.shape[1] == 1:
+                calls.append("failed")
+                return True
+        elif "interrupted" not in calls:
+            if inputs.shape[0] > 1:  # the first batch after the failure: the alone probes all run one request
+                calls.append("interrupted")
+                raise KeyboardInterrupt
+            calls.append("alone")
+        return False
+
+    poison_forward(monkeypatch, engine.model, when)
+    requests = good_requests(engine)
+    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in requests.items()}
+    done = {}
+    with pytest.raises(KeyboardInterrupt):
+        while engine.pending:
+            done.update((c.uid, c) for c in engine.step())
+    assert calls.count("alone") >= len(requests) and calls[-1] == "interrupted"  # in a halves' probe, after all alone
+    while engine.pending:
+        done.update((c.uid, c) for c in engine.step())
+    assert {uids[uid]: c.token_ids for uid, c in done.items()} == expected
+    del done
+    assert whole(engine.pool)
+
+
 def test_an_interrupt_as_a_steps_tokens_arrive_restarts_the_requests_once(engine, reference, monkeypatch):
     """Ctrl-C just after mlx-lm returned a step's tokens. Before, mlx-lm kept running the old sequences beside
     their restarts, and every later step raised KeyError for them."""
