@@ -760,6 +760,18 @@ def test_an_interrupt_while_a_resumed_request_is_admitted_ends_that_request(engi
     assert engine.generate("b", STORY, max_tokens=10).token_ids == reference[0]["alice"]
 
 
+def step_until_interrupted(engine, monkeypatch, when):
+    """The good requests, submitted with the forward pass poisoned by ``when`` and stepped until Ctrl-C comes
+    out of a step; returns (agent by uid, completions by uid so far)."""
+    poison_forward(monkeypatch, engine.model, when)
+    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in good_requests(engine).items()}
+    done = {}
+    with pytest.raises(KeyboardInterrupt):
+        while engine.pending:
+            done.update((c.uid, c) for c in engine.step())
+    return uids, done
+
+
 def test_an_interrupt_while_the_engine_recovers_from_a_failed_step_loses_nobody(engine, reference, monkeypatch):
     """A batched decoding step fails (nobody named), then Ctrl-C arrives while a suspect is re-run alone.
     Before, every running request was lost: pending for ever, its blocks reserved, cancel() a KeyError."""
@@ -775,13 +787,7 @@ def test_an_interrupt_while_the_engine_recovers_from_a_failed_step_loses_nobody(
             return True
         return False
 
-    poison_forward(monkeypatch, engine.model, when)
-    requests = good_requests(engine)
-    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in requests.items()}
-    done = {}
-    with pytest.raises(KeyboardInterrupt):
-        while engine.pending:
-            done.update((c.uid, c) for c in engine.step())
+    uids, done = step_until_interrupted(engine, monkeypatch, when)
     done.update((c.uid, c) for c in engine.step())
     assert engine.pending == 0
     assert {uids[uid]: c.token_ids for uid, c in done.items()} == expected
@@ -808,14 +814,8 @@ def test_an_interrupt_while_halves_of_a_failed_batch_are_probed_loses_nobody(eng
             calls.append("alone")
         return False
 
-    poison_forward(monkeypatch, engine.model, when)
-    requests = good_requests(engine)
-    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in requests.items()}
-    done = {}
-    with pytest.raises(KeyboardInterrupt):
-        while engine.pending:
-            done.update((c.uid, c) for c in engine.step())
-    assert calls.count("alone") >= len(requests) and calls[-1] == "interrupted"  # in a halves' probe, after all alone
+    uids, done = step_until_interrupted(engine, monkeypatch, when)
+    assert calls.count("alone") >= len(uids) and calls[-1] == "interrupted"  # in a halves' probe, after all alone
     while engine.pending:
         done.update((c.uid, c) for c in engine.step())
     assert {uids[uid]: c.token_ids for uid, c in done.items()} == expected
