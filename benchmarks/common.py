@@ -122,18 +122,19 @@ def engine(model: str):
         return cases.engine(model, ENGINE_DTYPE)
     except ImportError as exc:
         raise NotImplementedError(f"this commit cannot run the engine benchmarks: {exc}") from exc
-    except _model_fetch_errors() as exc:
+    except _wheels_unavailable_errors() as exc:
         reason = str(exc).splitlines()[0][:300]
         raise NotImplementedError(f"{model}'s weights cannot be fetched on this machine: {reason}") from exc
 
 
-def _model_fetch_errors() -> tuple:
-    """``semantic.models.ModelFetchError`` where the measured commit has it (none before real models)."""
+def _wheels_unavailable_errors() -> tuple:
+    """``semantic.models.ModelWheelsUnavailableError`` where the measured commit has it. Other fetch errors
+    (a changed package, a full disk, a broken fetch) stay failures."""
     try:
-        from semantic.models import ModelFetchError
+        from semantic.models import ModelWheelsUnavailableError
     except ImportError:
         return ()
-    return (ModelFetchError,)
+    return (ModelWheelsUnavailableError,)
 
 
 class CopyBenchmark(abc.ABC):

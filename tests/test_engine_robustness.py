@@ -762,14 +762,14 @@ def test_an_interrupt_while_a_resumed_request_is_admitted_ends_that_request(engi
 
 def step_until_interrupted(engine, monkeypatch, when):
     """The good requests, submitted with the forward pass poisoned by ``when`` and stepped until Ctrl-C comes
-    out of a step; returns (agent by uid, completions by uid so far)."""
+    out of a step; returns (agent by uid, completions by uid so far, the names of the interrupt's frames)."""
     poison_forward(monkeypatch, engine.model, when)
     uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in good_requests(engine).items()}
     done = {}
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as interrupt:
         while engine.pending:
             done.update((c.uid, c) for c in engine.step())
-    return uids, done
+    return uids, done, {entry.name for entry in interrupt.traceback}
 
 
 def test_an_interrupt_while_the_engine_recovers_from_a_failed_step_loses_nobody(engine, reference, monkeypatch):
@@ -787,7 +787,8 @@ def test_an_interrupt_while_the_engine_recovers_from_a_failed_step_loses_nobody(
             return True
         return False
 
-    uids, done = step_until_interrupted(engine, monkeypatch, when)
+    uids, done, frames = step_until_interrupted(engine, monkeypatch, when)
+    assert "_culprits_alone" in frames
     done.update((c.uid, c) for c in engine.step())
     assert engine.pending == 0
     assert {uids[uid]: c.token_ids for uid, c in done.items()} == expected
@@ -814,8 +815,9 @@ def test_an_interrupt_while_halves_of_a_failed_batch_are_probed_loses_nobody(eng
             calls.append("alone")
         return False
 
-    uids, done = step_until_interrupted(engine, monkeypatch, when)
-    assert calls.count("alone") >= len(uids) and calls[-1] == "interrupted"  # in a halves' probe, after all alone
+    uids, done, frames = step_until_interrupted(engine, monkeypatch, when)
+    assert len(uids) > 2, "halves are probed in batches of more than two"
+    assert "_failing_company" in frames and calls.count("alone") >= len(uids)  # in a halves' probe, after all alone
     while engine.pending:
         done.update((c.uid, c) for c in engine.step())
     assert {uids[uid]: c.token_ids for uid, c in done.items()} == expected

@@ -25,8 +25,9 @@ on to the tokens they would have produced without it. A step that fails inside
 one request's sampler or logits processor names that request; one that fails in
 the shared forward pass is re-run for each request alone, and those that fail
 alone are the culprits. If none does, halves of the batch are run to find the
-company that fails (a pair, at best), and the batch is retried; only the members
-of that company count towards the bounded retries, so only they are failed.
+company that fails (a pair, at best), and the batch is retried; the members of
+that company (the whole batch when no half fails) count towards a bounded number
+of retries, after which they are failed.
 Either way the batch is rebuilt (mlx-lm cannot resume a step that raised), so the
 survivors' prompts and generated tokens are prefilled again: a failure costs one
 prefill of every running request.
@@ -795,6 +796,8 @@ class BlockPoolBatchEngine:
             raise interrupt
 
     def _culprits_alone(self, suspects: List[_Request]) -> List[_Request]:
+        """The suspects to fail: those whose step fails alone; else those of the failing company that have
+        reached the bounded number of retries."""
         culprits = [r for r in suspects if self._fails_together([r])]
         if not culprits:  # transient, or only in some company: retry, a bounded number of times, counting only
             # the company found to fail, so that the requests outside it are not failed with it

