@@ -39,15 +39,16 @@ def rebuild(blocks):
     return mx.concatenate(blocks, axis=0)
 '''
 
-# The planted regression waits 0.25 s: a step must stand far above this machine's noise, and the unchanged
-# 32 MiB copy measured 22 ms on one commit and 80 ms on the next in a CI rehearsal (a doubled copy did not).
+# The planted regression waits 1 s: a step must stand far above this machine's noise. The unchanged 32 MiB
+# copy measured 22 ms on one commit and 80 ms on the next in a CI rehearsal (a doubled copy did not), and
+# 25 ms and 213 ms in another, where a 0.25 s wait (0.286 s in all) made no 1.5x step.
 TINY_BLOCKS_SLOWER = '''import time
 
 import mlx.core as mx
 
 
 def rebuild(blocks):
-    time.sleep(0.25)
+    time.sleep(1.0)
     return mx.concatenate(blocks, axis=0)
 '''
 
