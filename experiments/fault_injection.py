@@ -287,7 +287,8 @@ for line in sys.stdin:
 """
 
 
-KINDS = ("submit", "fault", "pool", "file")  # the child's TRIALS
+WEIGHTS = {"submit": 0.4, "fault": 0.15, "pool": 0.3, "file": 0.15}
+"""How often each kind of trial (the child's ``TRIALS``) is drawn."""
 
 
 def main() -> None:
@@ -295,15 +296,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a trial may take before it is a hang")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="the kinds of trial to draw from")
+    parser.add_argument("--kinds", default=",".join(WEIGHTS), help="the kinds of trial to draw from")
     args = parser.parse_args()
 
     kinds = args.kinds.split(",")
-    if set(kinds) - set(KINDS):
-        parser.error(f"--kinds takes some of {', '.join(KINDS)}")
-    weights = {"submit": 0.4, "fault": 0.15, "pool": 0.3, "file": 0.15}
+    if set(kinds) - set(WEIGHTS):
+        parser.error(f"--kinds takes some of {', '.join(WEIGHTS)}")
     rng = random.Random(args.seed)
-    tasks = [{"kind": rng.choices(kinds, [weights[k] for k in kinds])[0], "seed": rng.randrange(2**32)}
+    tasks = [{"kind": rng.choices(kinds, [WEIGHTS[k] for k in kinds])[0], "seed": rng.randrange(2**32)}
              for _ in range(args.trials)]
     table = {k: collections.Counter() for k in kinds}
     child = None

@@ -816,7 +816,7 @@ def test_an_interrupt_while_halves_of_a_failed_batch_are_probed_loses_nobody(eng
         return False
 
     uids, done, frames = step_until_interrupted(engine, monkeypatch, when)
-    assert len(uids) > 2, "halves are probed in batches of more than two"
+    assert len(uids) > 2, "a batch is halved only when it holds more than two suspects"
     assert "_failing_company" in frames and calls.count("alone") >= len(uids)  # in a halves' probe, after all alone
     while engine.pending:
         done.update((c.uid, c) for c in engine.step())
