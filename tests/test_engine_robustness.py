@@ -825,6 +825,46 @@ def test_an_interrupt_while_halves_of_a_failed_batch_are_probed_loses_nobody(eng
     assert whole(engine.pool)
 
 
+@pytest.mark.parametrize("room", ["enough", "none"])
+def test_halves_are_probed_only_where_they_can_tell_something(engine, reference, monkeypatch, room):
+    """A batched decoding step fails once, so none of the three requests fails alone. Seeking the failing
+    company probes the half of two, not the half of one, which just passed alone. Where a half's prefill would
+    not fit in memory (no room while the company is sought), no half is probed: the whole batch counts, as
+    for a transient failure. Either way everyone ends with its own tokens."""
+    expected, _ = reference
+    failed, probes, seeking = [], [], []
+
+    def when(inputs):
+        if not failed and inputs.shape[0] > 1 and inputs.shape[1] == 1:
+            failed.append(1)
+            return True
+        return False
+
+    poison_forward(monkeypatch, engine.model, when)
+    fails_together, failing_company, prefill_fits = \
+        engine._fails_together, engine._failing_company, engine._prefill_fits
+    monkeypatch.setattr(engine, "_fails_together", lambda requests: probes.append(len(requests)) or
+                        fails_together(requests))
+
+    def seek(suspects):
+        seeking.append(1)
+        try:
+            return failing_company(suspects)
+        finally:
+            seeking.clear()
+
+    monkeypatch.setattr(engine, "_failing_company", seek)
+    if room == "none":
+        monkeypatch.setattr(engine, "_prefill_fits", lambda prefills: not seeking and prefill_fits(prefills))
+    done = run_batch(engine, good_requests(engine))
+    assert failed and probes == ([1, 1, 1, 2] if room == "enough" else [1, 1, 1])
+    assert {agent: c.token_ids for agent, c in done.items()} == expected
+    for completion in done.values():
+        completion.blocks.release()
+    del done
+    assert whole(engine.pool)
+
+
 def test_an_interrupt_as_a_steps_tokens_arrive_restarts_the_requests_once(engine, reference, monkeypatch):
     """Ctrl-C just after mlx-lm returned a step's tokens. Before, mlx-lm kept running the old sequences beside
     their restarts, and every later step raised KeyError for them."""

@@ -456,10 +456,12 @@ class BlockPoolBatchEngine:
         """Whether ``request``'s prompt fits in memory in one prefill batch with the running requests still
         prefilling (on the CPU; alone, it was checked at submit)."""
         prefilling = [r.prefill for r in self._running.values() if r.prefilling]
-        if not prefilling:
-            return True
-        needed = adapter.prefill_chunk_bytes(self.model, prefilling + [request.prefill], self._prefill_step_size,
-                                             self.spec.dtype_bytes)
+        return not prefilling or self._prefill_fits(prefilling + [request.prefill])
+
+    def _prefill_fits(self, prefills: list) -> bool:
+        """Whether these prompts (``_Request.prefill`` each) fit in memory prefilled in one batch (on the CPU;
+        elsewhere MLX's fused attention needs no room for the scores)."""
+        needed = adapter.prefill_chunk_bytes(self.model, prefills, self._prefill_step_size, self.spec.dtype_bytes)
         return not needed or needed <= allocatable_bytes()
 
     def _start(self, request: _Request) -> None:
@@ -807,12 +809,17 @@ class BlockPoolBatchEngine:
         return culprits
 
     def _failing_company(self, suspects: List[_Request]) -> List[_Request]:
-        """The smallest group that halving ``suspects`` finds failing together (each half probed as one batch);
-        all of them when neither half fails (a transient failure, or one needing members of both halves)."""
+        """The smallest group that halving ``suspects`` finds failing together (each half probed as one batch; a
+        half of one already passed alone); all of them when neither half fails (a transient failure, or one
+        needing members of both halves) or a half's prefill would not fit in memory (the requests were admitted
+        beside each other only as far as theirs did)."""
         group = suspects
         while len(group) > 2:
             half = len(group) // 2
-            failing = next((part for part in (group[:half], group[half:]) if self._fails_together(part)), None)
+            parts = [part for part in (group[:half], group[half:]) if len(part) > 1]
+            if not all(self._prefill_fits([r.prefill for r in part]) for part in parts):
+                break
+            failing = next((part for part in parts if self._fails_together(part)), None)
             if failing is None:
                 break
             group = failing
@@ -831,7 +838,9 @@ class BlockPoolBatchEngine:
         self._admit()
 
     def _fails_together(self, requests: List[_Request]) -> bool:
-        """Whether the next step of ``requests`` fails with no other request in the batch."""
+        """Whether the next step of ``requests`` fails with no other request in the batch (a step prefills at
+        most mlx-lm's prefill batch size of them: more are not all probed, and a half that large is
+        counted whole if neither half fails)."""
         probe = self._generator.empty_copy()
         try:
             for request in requests:
