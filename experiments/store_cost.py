@@ -83,7 +83,7 @@ def main() -> None:
         for _ in range(20):
             store_and_release(store)
         total, besides, stats = profiled(store)
-        pool._write_checked = lambda writes, ids: None
+        pool._write_checked = lambda writes, ids, **options: None
         fastest, median = timed(store)
         del pool._write_checked
         print(f"{name:6s} cProfile cache_to_blocks {total:.3f} ms/call, besides the copies {besides:.3f} | "
