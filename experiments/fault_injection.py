@@ -12,8 +12,9 @@ counted instead of ending the pass; the child is restarted after either. Each tr
 * ``fault``: three good requests and one bad one in a batch, the bad one made to fail in admission,
   prefill, decode (forward pass or its own sampler) or store by patching the model / engine in the
   child; the others' tokens are compared with a run without it. In ``company`` the bad one fails only
-  in a batch of more than one (as a batch too large for memory would): it and at most one other may
-  fail, and it may finish if it never shared a batch; every other request gets its tokens.
+  in a batch of more than one (as a batch too large for memory would): the engine keeps requests found
+  failing together apart, and runs one alone before failing it, so every request, the bad one too, must
+  get its tokens (the bad one failed counts as a valid input refused).
 * ``pool``: a random public ``BlockPool`` call with random (often bad) arguments.
 * ``file``: a saved agent file damaged in its header (bytes changed, padding included), its tensors
   or its length, a planted lock symlink, a directory in its place, or an agent id with ``/``.
@@ -170,10 +171,10 @@ def trial_fault(rng):
     survivors_right = all(done[a].token_ids == reference[a] for a in done if a not in taken_down) and len(done) == 3
     for c in [bad, *done.values()]:
         if c.error is None: c.blocks.release()  # a failed request's blocks went back to the pool
-    if stage == "company":
-        if bad.error is None:  # never batched with another: nothing to fail
-            return "ok" if survivors_right and not taken_down else "wrong data accepted"
-        return "typed error" if survivors_right and len(taken_down) <= 1 else "wrong data accepted"
+    if stage == "company":  # apart from the others, it runs alone in the end
+        if not survivors_right or taken_down:
+            return "wrong data accepted"
+        return "ok" if bad.error is None else "valid input refused"
     if bad.error is None or taken_down: return "wrong data accepted"
     return "typed error" if survivors_right else "wrong data accepted"
 

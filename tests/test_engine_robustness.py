@@ -451,6 +451,27 @@ def run_batch(engine, requests):
     return done
 
 
+def flag_calls(monkeypatch, engine, method: str) -> list:
+    """A list that is not empty while the engine's ``method`` runs."""
+    real, inside = getattr(engine, method), []
+
+    def flagged(*args):
+        inside.append(1)
+        try:
+            return real(*args)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(engine, method, flagged)
+    return inside
+
+
+def no_room_while_seeking_company(monkeypatch, engine):
+    """While the engine seeks a failing company, no prefill fits in memory: no half can be probed."""
+    prefill_fits, seeking = engine._prefill_fits, flag_calls(monkeypatch, engine, "_failing_company")
+    monkeypatch.setattr(engine, "_prefill_fits", lambda prefills: not seeking and prefill_fits(prefills))
+
+
 def good_requests(engine):
     return {
         "alice": (STORY, dict(max_tokens=10)),
@@ -632,39 +653,112 @@ def test_generate_raises_the_failure_of_its_own_request(engine, reference, monke
 
 
 def test_a_transient_batch_failure_is_retried_and_costs_nobody_their_tokens(engine, reference, monkeypatch):
+    """One failing step of the whole batch, which no probe repeats: the batch is retried together (not kept
+    apart, which would run it one request at a time)."""
     expected, _ = reference
-    failures = []
-    poison_forward(monkeypatch, engine.model,
-                   lambda x: x.shape[1] == 1 and not failures and not failures.append(1))
+    failures, batch_sizes = [], []
+
+    def fails(x):
+        batch_sizes.append(x.shape[0])
+        return x.shape[1] == 1 and not failures and not failures.append(len(batch_sizes))
+
+    poison_forward(monkeypatch, engine.model, fails)
     done = run_batch(engine, good_requests(engine))
     assert len(failures) == 1
     assert {agent: c.token_ids for agent, c in done.items()} == expected
+    assert max(batch_sizes[failures[0]:]) == len(expected), "the batch was not retried together"
     del done
     assert whole(engine.pool)
 
 
-def test_a_failure_that_needs_company_ends_after_bounded_retries(engine, reference, monkeypatch):
-    """Any batch of two or more fails: nobody fails alone, so the batch is retried, a bounded number of times.
-    Halving finds a failing pair, whose two requests are failed in the end; the third then runs alone."""
-    poison_forward(monkeypatch, engine.model, lambda x: x.shape[0] > 1)
-    done = run_batch(engine, good_requests(engine))
-    failed = [agent for agent, c in done.items() if c.error is not None]
-    assert len(failed) == 2 and all(done[agent].error.stage == "prefill" for agent in failed)
-    (survivor,) = set(done) - set(failed)
+@pytest.mark.parametrize("room", ["enough", "none"])
+def test_a_whole_batch_failing_twice_runs_as_its_two_halves(engine, reference, monkeypatch, room):
+    """The batch of three fails twice and no probe fails. The first time it is retried together (transient?);
+    the second, its halves are kept apart: alice from bob and carol, who were probed together and passed, so
+    they still share a batch after alice (not every request kept from every other, one at a time). With no
+    room to probe the halves (their prefills would not fit in memory), the same halves, unprobed."""
     expected, _ = reference
-    if SAME_KERNELS:
-        assert done[survivor].token_ids == expected[survivor]
-    done[survivor].blocks.release()
+    failures, real_batches = [], []
+    probing = flag_calls(monkeypatch, engine, "_fails_together")
+    if room == "none":
+        no_room_while_seeking_company(monkeypatch, engine)
+
+    def when(x):
+        if probing:
+            return False
+        real_batches.append(x.shape[0])
+        if x.shape[0] == 3 and len(failures) < 2:
+            failures.append(len(real_batches))
+            return True
+        return False
+
+    poison_forward(monkeypatch, engine.model, when)
+    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in good_requests(engine).items()}
+    done = {uids[c.uid]: c for c in _steps_until_idle(engine)}
+    assert len(failures) == 2
+    assert max(real_batches[failures[1]:]) == 2, real_batches  # bob and carol together, alice before them
+    assert {agent: c.token_ids for agent, c in done.items()} == expected
+    for completion in done.values():
+        completion.blocks.release()
+    del done
+    assert whole(engine.pool)
+
+
+@pytest.mark.parametrize("n_requests", [3, 4])
+def test_requests_that_fail_together_are_kept_apart_and_all_end_with_their_tokens(engine, n_requests, monkeypatch):
+    """Any batch of two or more fails, and nobody fails alone. Three requests: halving finds a failing pair (bob
+    and carol), kept apart from then on; alice then fails with bob, and with carol, and those pairs are kept
+    apart too, so each runs alone (two failures each, one under the bound; before, the
+    first pair was failed). Four: the first request fails with each of the others in turn and reaches the
+    bound without ever running alone; it gets one run alone instead of being failed, and so does each that
+    follows it there. Every request ends with the tokens it gets alone."""
+    requests = {**good_requests(engine), "dave": (engine.tokenizer.encode("one two three " * 20), dict(max_tokens=6))}
+    requests = dict(list(requests.items())[:n_requests])
+    alone = {}
+    for agent, (prompt, kwargs) in requests.items():
+        completion = engine.generate(agent, prompt, **kwargs)
+        alone[agent] = completion.token_ids
+        completion.blocks.release()
+    failed_batches = []
+    poison_forward(monkeypatch, engine.model, lambda x: x.shape[0] > 1 and not failed_batches.append(x.shape[0]))
+    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in requests.items()}
+    done = {uids[c.uid]: c for c in _steps_until_idle(engine)}
+    assert set(done) == set(requests)
+    assert {agent: c.error for agent, c in done.items()} == dict.fromkeys(done)
+    for agent, completion in done.items():
+        if SAME_KERNELS:
+            assert completion.token_ids == alone[agent], agent
+        completion.blocks.release()
+    assert len(failed_batches) >= n_requests - 1  # the poison did fire
+    del done
     assert engine.pending == 0 and whole(engine.pool)
 
 
-def test_a_request_that_fails_only_in_company_takes_down_at_most_one_other(own_engine, monkeypatch):
+def test_a_failure_no_probe_repeats_ends_after_bounded_retries(engine, monkeypatch):
+    """Every step fails, yet every probe (alone or in halves) passes: nothing tells which company fails. The
+    batch is retried together once, then its halves are kept apart, and each request that reaches the bound
+    runs alone once more before it is failed: all fail in the end, with nothing left held."""
+    poison_forward(monkeypatch, engine.model, lambda x: True)
+    monkeypatch.setattr(engine, "_fails_together", lambda requests: False)
+    requests = good_requests(engine)
+    uids = {engine.submit(agent, prompt, **kwargs): agent for agent, (prompt, kwargs) in requests.items()}
+    done = {uids[c.uid]: c for c in _steps_until_idle(engine)}
+    assert set(done) == set(requests)
+    assert all(isinstance(c.error, RequestFailedError) and c.error.stage == "prefill" for c in done.values())
+    monkeypatch.undo()
+    del done
+    assert engine.pending == 0 and whole(engine.pool)
+
+
+def test_a_request_that_fails_only_in_company_takes_down_no_other(own_engine, monkeypatch):
     """Its poisoned token is fed as a lone token when it runs alone, and raises only in a padded batch (a
     stand-in for a failure that needs company, as a batch too large for the device's memory): it never fails
-    alone. Before, the whole batch was retried, then every request in it failed; halving the batch finds a
-    failing pair, and only that pair is failed."""
+    alone. Halving the batch finds it and one other failing together; the two are kept apart, so the others
+    run with one of them and the other runs after: every request, it too, ends with the tokens it gets alone
+    (before, the whole batch failed; later, that pair did)."""
     engine, rng = own_engine, np.random.default_rng(7)
     others = {f"agent{i}": [int(t) for t in rng.integers(4, VOCAB // 2, 40 + 10 * i)] for i in range(5)}
+    prompts = {**others, "mallory": None}
     alone = {}
     for agent, prompt in others.items():
         completion = engine.generate(agent, prompt, max_tokens=4)
@@ -672,17 +766,23 @@ def test_a_request_that_fails_only_in_company_takes_down_at_most_one_other(own_e
         completion.blocks.release()
     seen = set().union(*others.values(), *alone.values())
     poison = max(set(range(4, VOCAB)) - seen)
-    poison_forward(monkeypatch, engine.model, lambda x: x.shape[1] > 1 and (x == poison).any())
-    uids = {engine.submit(agent, prompt, max_tokens=4): agent for agent, prompt in others.items()}
-    uids[engine.submit("mallory", [poison, 5], max_tokens=4)] = "mallory"
+    prompts["mallory"] = [poison, 5]
+    fired = []
+    poison_forward(monkeypatch, engine.model,
+                   lambda x: x.shape[1] > 1 and bool((x == poison).any()) and not fired.append(1))
+    completion = engine.generate("mallory", prompts["mallory"], max_tokens=4)
+    alone["mallory"] = completion.token_ids
+    completion.blocks.release()
+    assert not fired  # alone it passes
+    uids = {engine.submit(agent, prompt, max_tokens=4): agent for agent, prompt in prompts.items()}
     done = {uids[c.uid]: c for c in _steps_until_idle(engine)}
     monkeypatch.undo()
-    failed = {agent for agent, c in done.items() if c.error is not None}
-    assert "mallory" in failed and len(failed) <= 2, sorted(failed)
-    for agent in set(others) - failed:
+    assert fired  # in company it failed
+    assert {agent: c.error for agent, c in done.items()} == dict.fromkeys(prompts)
+    for agent, completion in done.items():
         if SAME_KERNELS:
-            assert done[agent].token_ids == alone[agent], agent
-        done[agent].blocks.release()
+            assert completion.token_ids == alone[agent], agent
+        completion.blocks.release()
     del done
     assert engine.pending == 0 and whole(engine.pool)
 
@@ -832,7 +932,7 @@ def test_halves_are_probed_only_where_they_can_tell_something(engine, reference,
     not fit in memory (no room while the company is sought), no half is probed: the whole batch counts, as
     for a transient failure. Either way everyone ends with its own tokens."""
     expected, _ = reference
-    failed, probes, seeking = [], [], []
+    failed, probes = [], []
 
     def when(inputs):
         if not failed and inputs.shape[0] > 1 and inputs.shape[1] == 1:
@@ -841,21 +941,11 @@ def test_halves_are_probed_only_where_they_can_tell_something(engine, reference,
         return False
 
     poison_forward(monkeypatch, engine.model, when)
-    fails_together, failing_company, prefill_fits = \
-        engine._fails_together, engine._failing_company, engine._prefill_fits
+    fails_together = engine._fails_together
     monkeypatch.setattr(engine, "_fails_together", lambda requests: probes.append(len(requests)) or
                         fails_together(requests))
-
-    def seek(suspects):
-        seeking.append(1)
-        try:
-            return failing_company(suspects)
-        finally:
-            seeking.clear()
-
-    monkeypatch.setattr(engine, "_failing_company", seek)
     if room == "none":
-        monkeypatch.setattr(engine, "_prefill_fits", lambda prefills: not seeking and prefill_fits(prefills))
+        no_room_while_seeking_company(monkeypatch, engine)
     done = run_batch(engine, good_requests(engine))
     assert failed and probes == ([1, 1, 1, 2] if room == "enough" else [1, 1, 1])
     assert {agent: c.token_ids for agent, c in done.items()} == expected

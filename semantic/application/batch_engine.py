@@ -7,7 +7,8 @@ Lifecycle of a request:
 2. Admission (in ``submit`` when there is room, else in ``step``, first come first
    served; while nothing runs, a request that does not fit lets those behind it that
    do go first, and waiting resumes that could never all fit beside the contexts they
-   resume end newest first): the pool *reserves* those blocks, the cache is rebuilt from the
+   resume end newest first; requests kept apart after failing together wait for each
+   other, see Failures): the pool *reserves* those blocks, the cache is rebuilt from the
    source blocks (if any) and the sequence goes into mlx-lm's ``BatchGenerator``.
    A reservation guarantees that the finished context can be stored.
 3. ``step`` runs the batch and yields a :class:`Completion` as soon as each
@@ -27,7 +28,12 @@ the shared forward pass is re-run for each request alone, and those that fail
 alone are the culprits. If none does, halves of the batch are run to find the
 company that fails (a pair, at best), and the batch is retried; the members of
 that company (the whole batch when no half fails) count towards a bounded number
-of retries, after which they are failed.
+of retries. A company found to fail is kept apart (unless it is the whole batch and
+none of its members failed before: a transient failure passes when retried
+together): those of its members that did not pass a probe together never share
+a batch again. A request that reaches the bound gets one run on its own (each
+passed alone when probed), and is failed only if that fails too; until it has
+run, nothing else is admitted.
 Either way the batch is rebuilt (mlx-lm cannot resume a step that raised), so the
 survivors' prompts and generated tokens are prefilled again: a failure costs one
 prefill of every running request.
@@ -59,7 +65,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from semantic.adapters import mlx_lm_adapter as adapter
 from semantic.adapters import mlx_threads
@@ -90,8 +96,8 @@ from semantic.domain.value_objects import ModelCacheSpec
 
 Prompt = Union[str, Sequence[int]]
 
-# A request in this many batches that failed, each time without failing alone, is failed anyway:
-# retries of a failure that needs company (or keeps recurring) must end.
+# A request in this many batches that failed, each time without failing alone, gets one run alone, and is
+# failed if that fails too: retries of a failure that needs company (or keeps recurring) must end.
 _MAX_UNATTRIBUTED_FAILURES = 3
 # The pool knows no vocabulary: a handle past it was stored for another model (or its file was altered).
 _FOREIGN_CACHE = ("that context was not made with this model's tokenizer and cannot be resumed here: release it "
@@ -145,6 +151,8 @@ class _Request:
     generated: List[int] = field(default_factory=list)
     first_token_at: Optional[float] = None
     unattributed_failures: int = 0
+    kept_apart_from: Set[int] = field(default_factory=set)  # uids of requests it must not share a batch with
+    runs_alone: bool = False  # reached the bound of unattributed failures: its last chance runs with no company
     prefilling: bool = False  # in mlx-lm's batch, its first token (since it went in) not out yet
 
     @property
@@ -382,8 +390,10 @@ class BlockPoolBatchEngine:
         no longer holds up those behind it that do: no step of this engine would free blocks for it (handles
         the caller keeps, or another engine's requests, hold them). A request whose prompt would not fit in
         memory beside those still prefilling (mlx-lm prefills them as one batch) waits, with those behind it,
-        until they have prefilled. While nothing runs, waiting requests that could never all get their blocks
-        (:meth:`_end_a_pinned_wait`) are ended, newest first, until the others can."""
+        until they have prefilled. A request kept apart from a running one (:meth:`_culprits_alone`) waits for it
+        to end, and those behind it go on; one that is to run alone waits, with those behind it, until nothing
+        runs, and nothing joins it. While nothing runs, waiting requests that could never all get their
+        blocks (:meth:`_end_a_pinned_wait`) are ended, newest first, until the others can."""
         self._admit_in_order()
         while not self._running and self._waiting and not self._others_run() and self._end_a_pinned_wait():
             self._admit_in_order()
@@ -392,6 +402,11 @@ class BlockPoolBatchEngine:
         index = 0
         while index < len(self._waiting):
             request = self._waiting[index]
+            if self._running and (request.runs_alone or any(r.runs_alone for r in self._running.values())):
+                return
+            if request.kept_apart_from and any(r.uid in request.kept_apart_from for r in self._running.values()):
+                index += 1  # waits for its company to end (it runs, so it will): those behind it go on
+                continue
             if not self._prefills_beside_running(request):
                 return
             try:
@@ -798,32 +813,50 @@ class BlockPoolBatchEngine:
             raise interrupt
 
     def _culprits_alone(self, suspects: List[_Request]) -> List[_Request]:
-        """The suspects to fail: those whose step fails alone; else those of the failing company that have
-        reached the bounded number of retries."""
+        """The suspects to fail: those whose step fails alone; else those of the failing company that reached the
+        bounded number of retries in a run of their own. The company's members that did not pass a probe together
+        are kept apart from then on, unless the company is all the suspects and none of them failed before (a
+        transient failure passes when retried together). A member reaching the bound is given one run alone
+        first: it passed alone when probed, and its failures may each have come with another company. Such a
+        run holds up the queue behind it for as long as it lasts (a request's ``max_tokens``), once per request."""
         culprits = [r for r in suspects if self._fails_together([r])]
-        if not culprits:  # transient, or only in some company: retry, a bounded number of times, counting only
-            # the company found to fail, so that the requests outside it are not failed with it
-            for request in self._failing_company(suspects):
+        if culprits:
+            return culprits
+        # transient, or only in some company: retry, a bounded number of times, counting only the company found
+        # to fail, so that the requests outside it are not failed with it
+        parts = self._failing_company(suspects)
+        company = [r for part in parts for r in part]
+        keep_apart = len(company) < len(suspects) or any(r.unattributed_failures for r in company)
+        for part in parts:
+            for request in part:
                 request.unattributed_failures += 1
-            culprits = [r for r in suspects if r.unattributed_failures >= _MAX_UNATTRIBUTED_FAILURES]
+                if keep_apart:
+                    request.kept_apart_from.update(r.uid for other in parts if other is not part for r in other)
+        for request in company:
+            if request.unattributed_failures >= _MAX_UNATTRIBUTED_FAILURES:
+                if request.runs_alone:
+                    culprits.append(request)
+                request.runs_alone = True
         return culprits
 
-    def _failing_company(self, suspects: List[_Request]) -> List[_Request]:
+    def _failing_company(self, suspects: List[_Request]) -> List[List[_Request]]:
         """The smallest group that halving ``suspects`` finds failing together (each half probed as one batch; a
-        half of one already passed alone); all of them when neither half fails (a transient failure, or one
-        needing members of both halves) or a half's prefill would not fit in memory (the requests were admitted
-        beside each other only as far as theirs did)."""
+        half of one already passed alone), in parts: each member alone (each passed a probe step alone), or the
+        group's two halves when neither fails (a transient failure, or one needing members of both) or they
+        cannot be probed because a half's prefill would not fit in memory (the requests were admitted beside
+        each other only as far as theirs did): kept apart, the halves then run in two batches."""
         group = suspects
         while len(group) > 2:
             half = len(group) // 2
-            parts = [part for part in (group[:half], group[half:]) if len(part) > 1]
-            if not all(self._prefill_fits([r.prefill for r in part]) for part in parts):
-                break
-            failing = next((part for part in parts if self._fails_together(part)), None)
+            halves = [group[:half], group[half:]]
+            probed = [part for part in halves if len(part) > 1]
+            if not all(self._prefill_fits([r.prefill for r in part]) for part in probed):
+                return halves
+            failing = next((part for part in probed if self._fails_together(part)), None)
             if failing is None:
-                break
+                return halves
             group = failing
-        return group
+        return [[r] for r in group]
 
     def _restart(self, requests: List[_Request]) -> None:
         """Run ``requests`` again from their prompts and what they generated: back to the head of the queue
