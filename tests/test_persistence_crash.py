@@ -133,7 +133,11 @@ for line in sys.stdin:
 """
 
 
-def run_in_zygotes(tasks, n_zygotes=2):
+# Where every trial is a fresh Python that initialises CUDA (seconds each), a GPU host's cores run more at once.
+ZYGOTES = max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+def run_in_zygotes(tasks, n_zygotes=ZYGOTES):
     """Run the tasks, spread over ``n_zygotes`` processes; returns {directory: killed}."""
     zygotes = [python_child(ZYGOTE, stdin=subprocess.PIPE) for _ in range(n_zygotes)]
     for i, task in enumerate(tasks):
