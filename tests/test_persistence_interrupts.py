@@ -10,6 +10,7 @@ removal of a temp file: the next store that opens the directory removes it."""
 
 import gc
 import pathlib
+import shutil
 import tempfile
 
 import pytest
@@ -61,14 +62,21 @@ OPERATIONS = {save: "new", put_and_flush: "new", get_from_disk: "old", put_then_
 @pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[op.__name__ for op in OPERATIONS])
 def test_an_interrupt_at_any_point_of_a_store_operation_leaves_file_and_pool_whole(tmp_path, operation, twice):
+    # Each run starts from a copy of one saved directory (a store keeps nothing of a save of an agent it does
+    # not hold): saving and snapshotting the same two contexts in each of ~800 runs took a third of the time.
+    template = tmp_path / "template"
+    store = open_store(template)
+    with random_handle(store.pool, "a", 11, seed=1) as handle:
+        store.save(handle)
+        old = snapshot(handle)
+    new = snapshot_of(store.pool, "a", 13, seed=2)
+    store.close()
+
     def run(at):
         directory = pathlib.Path(tempfile.mkdtemp(dir=tmp_path))
+        shutil.copytree(template, directory, dirs_exist_ok=True)
         store = open_store(directory)
-        old = snapshot_of(store.pool, "a", 11, seed=1)
-        with random_handle(store.pool, "a", 11, seed=1) as handle:
-            store.save(handle)
         new_handle = random_handle(store.pool, "a", 13, seed=2)
-        new = snapshot(new_handle)
         _, interrupted, tracer = traced(lambda: operation(store, new_handle), MODULES, at)
         assert not tracer.swallowed(interrupted), f"the interrupt at point {at} was swallowed"
         if not new_handle.released:  # put takes the caller's handle as the store's own
