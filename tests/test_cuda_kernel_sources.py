@@ -10,12 +10,14 @@ at a time, against NumPy. Skipped without ``g++``; a CUDA device runs the kernel
 
 import shutil
 import subprocess
+from typing import Optional
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
 from experiments import gpu_kernel_choices
-from semantic.adapters import mlx_kernels
+from semantic.adapters import mlx_kernels, nvrtc
 
 GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="no host C++ compiler (g++)")
@@ -62,20 +64,46 @@ def compile_and_run(source: str, tmp_path, stdin: str = "") -> str:
     return subprocess.run([str(binary)], input=stdin, capture_output=True, text=True, check=True).stdout
 
 
+def precompiled(kernel, template, input_dtypes, output_dtypes) -> str:
+    """``kernel``'s whole source as :mod:`semantic.adapters.nvrtc` has NVRTC compile it, for the host compiler:
+    CUDA's headers left out (the builtins above stand in) and ``__global__`` empty."""
+    source = nvrtc.kernel_source("gather", kernel._input_names, input_dtypes, kernel._output_names, output_dtypes,
+                                 template, kernel._body)
+    assert source.startswith(nvrtc.HEADERS)
+    return "#define __global__\n" + source[len(nvrtc.HEADERS):]
+
+
 @pytest.mark.parametrize("n_outputs", [1, 3])
-def test_the_row_gather_puts_each_row_in_its_output_pair(tmp_path, n_outputs):
+@pytest.mark.parametrize("whole_source", [False, True], ids=["body", "precompiled"])
+def test_the_row_gather_puts_each_row_in_its_output_pair(tmp_path, n_outputs, whole_source):
     """Every gathered row lands in its output pair, in order: rows split evenly between the pairs, whatever
-    the grid's length (the kernel reads it from ``gridDim``, not from a template argument)."""
+    the grid's length (the kernel reads it from ``gridDim``, not from a template argument). Also the whole
+    source compiled for CUDA (``whole_source``): MLX's signature (tables, rows, then outputs, typed by their
+    dtypes), the template arguments as constants."""
     k_vecs, v_vecs, table_rows, threads = 4, 2, 7, 3
     rows = np.random.default_rng(n_outputs).integers(0, table_rows, size=2 * n_outputs, dtype=np.int32)
-    outputs = [f"uint16_t* k_out{i}" for i in range(n_outputs)] + [f"uint16_t* v_out{i}" for i in range(n_outputs)]
-    source = mlx_kernels._ROW_PAIR_COPY.replace("OUTPUT_SWITCH", mlx_kernels._output_switch(n_outputs, "void*"))
-    per_output = len(rows) // n_outputs
-    main = f"""
+    names = mlx_kernels._output_names(n_outputs)
+    outputs = [f"uint16_t* {name}" for name in names]
+    kernel = mlx_kernels._row_pair_kernel(n_outputs)
+    if whole_source:
+        definition = precompiled(kernel, [("K_VECS", k_vecs), ("V_VECS", v_vecs)], [mx.bfloat16, mx.bfloat16, mx.int32],
+                                 [mx.bfloat16] * len(names))
+        definition += f"""
 template <int K_VECS, int V_VECS>
 void kernel(const uint16_t* k_table, const uint16_t* v_table, const int32_t* rows, {", ".join(outputs)}) {{
-{source}
+    semantic_kernels::gather((const __nv_bfloat16*)k_table, (const __nv_bfloat16*)v_table, rows,
+                             {", ".join(f"(__nv_bfloat16*){name}" for name in names)});
 }}
+"""
+    else:
+        definition = f"""
+template <int K_VECS, int V_VECS>
+void kernel(const uint16_t* k_table, const uint16_t* v_table, const int32_t* rows, {", ".join(outputs)}) {{
+{kernel._body}
+}}
+"""
+    per_output = len(rows) // n_outputs
+    main = definition + f"""
 
 int main() {{
     const int K = {k_vecs} * 8, V = {v_vecs} * 8, n_rows = {len(rows)};
@@ -129,14 +157,27 @@ DTYPES_AND_BITS = [("float", 4), ("__nv_bfloat16", 4), ("__nv_bfloat16", 2), ("f
 
 @pytest.mark.parametrize("n_outputs", [1, 2])
 @pytest.mark.parametrize("dtype,bits", DTYPES_AND_BITS)
-def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(tmp_path, n_outputs, dtype, bits):
+@pytest.mark.parametrize("whole_source", [False, True], ids=["body", "precompiled"])
+def test_the_dequantizing_gather_writes_scale_times_q_plus_bias_for_every_word(tmp_path, n_outputs, dtype, bits,
+                                                                             whole_source):
     """Every packed word of every gathered row is dequantized into its place in its output pair, whatever the
     grid's length, also in a row whose words do not fill the last round of a thread's four words (keys of 4 x 9
     words over 5 threads), with 4 and 2 bits, in float and in bfloat16. Scales are powers of two and biases
     integers, so the results are exact in either type on any host; a CUDA device checks the arithmetic against
-    ``mx.dequantize``."""
-    source = mlx_kernels.dequantize_rows_source(n_outputs)
-    run_dequantizing_kernel(tmp_path, source, mlx_kernels._output_names(n_outputs), n_outputs, dtype, bits, 5)
+    ``mx.dequantize``. Also the whole source compiled for CUDA (``whole_source``), as for the row gather."""
+    outputs = mlx_kernels._output_names(n_outputs)
+    definition = None
+    if whole_source:
+        group, k_words, v_words, k_groups, v_groups = DEQUANTIZE_GEOMETRY[bits]
+        t = {"float": mx.float32, "__nv_bfloat16": mx.bfloat16}[dtype]
+        template = [("T", t), ("BITS", bits), ("GROUP_SIZE", group), ("BLOCK_SIZE", 4), ("K_WORDS", k_words),
+                    ("V_WORDS", v_words), ("K_GROUPS", k_groups), ("V_GROUPS", v_groups)]
+        definition = precompiled(mlx_kernels._dequantize_rows_kernel(n_outputs), template,
+                                 [mx.uint32, t, t, mx.uint32, t, t, mx.int32], [t] * len(outputs))
+        definition += dequantizing_kernel("    semantic_kernels::gather(k_packed, k_scales, k_biases, v_packed, "
+                                          f"v_scales, v_biases, rows, {', '.join(outputs)});", outputs)
+    run_dequantizing_kernel(tmp_path, mlx_kernels.dequantize_rows_source(n_outputs), outputs, n_outputs, dtype, bits,
+                            5, definition)
 
 
 @pytest.mark.parametrize("variant", ["staged", "staged_scales"])
@@ -150,9 +191,10 @@ def test_the_staged_dequantize_variants_write_scale_times_q_plus_bias_for_every_
 
 
 def run_dequantizing_kernel(tmp_path, source: str, outputs, n_outputs: int, dtype: str, bits: int,
-                            threads: int) -> None:
+                            threads: int, definition: Optional[str] = None) -> None:
     """Run a dequantizing row kernel over its whole grid, ``threads`` per block, on random tables of
-    ``DEQUANTIZE_GEOMETRY[bits]`` (rows of whole 16-byte words), against NumPy's ``scale * q + bias``."""
+    ``DEQUANTIZE_GEOMETRY[bits]`` (rows of whole 16-byte words), against NumPy's ``scale * q + bias``.
+    ``definition``: the ``kernel`` template called, if not ``source`` made one (:func:`dequantizing_kernel`)."""
     tokens, table_rows = 4, 3
     group, k_words, v_words, k_groups, v_groups = DEQUANTIZE_GEOMETRY[bits]
     rng = np.random.default_rng(n_outputs)
@@ -168,7 +210,7 @@ def run_dequantizing_kernel(tmp_path, source: str, outputs, n_outputs: int, dtyp
         literals = [f"{v!r}f" if isinstance(v, float) else repr(v) for v in values.ravel().tolist()]
         return f"const {kind} {name}[] = {{{', '.join(literals)}}};"
 
-    main = f"""{dequantizing_kernel(source, outputs)}
+    main = f"""{definition or dequantizing_kernel(source, outputs)}
 int main() {{
     {c_array("uint32_t", "k_packed", tables["k"][0])} {c_array(dtype, "k_scales", tables["k"][1])}
     {c_array(dtype, "k_biases", tables["k"][2])} {c_array("uint32_t", "v_packed", tables["v"][0])}

@@ -24,6 +24,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 import mlx.core as mx
 import numpy as np
 
+from semantic.adapters.nvrtc import PrecompiledKernel
+
 T = TypeVar("T")
 
 # One thread block per gathered row, keys and values in the same launch; the rows split evenly between the
@@ -67,11 +69,9 @@ def _output_names(n_outputs: int) -> List[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _row_pair_kernel(n_outputs: int):
-    return mx.fast.cuda_kernel(
-        name=f"semantic_row_pair_gather_{n_outputs}", input_names=["k_table", "v_table", "rows"],
-        output_names=_output_names(n_outputs),
-        source=_ROW_PAIR_COPY.replace("OUTPUT_SWITCH", _output_switch(n_outputs, "void*")))
+def _row_pair_kernel(n_outputs: int) -> PrecompiledKernel:
+    return PrecompiledKernel(f"row_pair_gather_{n_outputs}", ["k_table", "v_table", "rows"], _output_names(n_outputs),
+                             _ROW_PAIR_COPY.replace("OUTPUT_SWITCH", _output_switch(n_outputs, "void*")))
 
 
 def _on_cuda() -> bool:
@@ -598,11 +598,10 @@ OUTPUT_SWITCH
 
 
 @functools.lru_cache(maxsize=None)
-def _dequantize_rows_kernel(n_outputs: int):
-    return mx.fast.cuda_kernel(
-        name=f"semantic_dequantize_rows_{n_outputs}",
-        input_names=["k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases", "rows"],
-        output_names=_output_names(n_outputs), source=dequantize_rows_source(n_outputs))
+def _dequantize_rows_kernel(n_outputs: int) -> PrecompiledKernel:
+    return PrecompiledKernel(f"dequantize_rows_{n_outputs}",
+                             ["k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases", "rows"],
+                             _output_names(n_outputs), dequantize_rows_source(n_outputs))
 
 
 def dequantize_rows_source(n_outputs: int) -> str:
