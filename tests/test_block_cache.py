@@ -296,6 +296,30 @@ def test_a_store_described_by_a_few_numbers_writes_what_its_plan_says(writes, id
         np.testing.assert_array_equal(described_rows(ids[0], *described, 8), services._pack_plan(writes, 8))
 
 
+@pytest.mark.parametrize("block_format", ["dense", "q4g32"])
+def test_compiling_the_store_kernels_leaves_the_pool_as_it_was(block_format):
+    """An engine has its pool compile the store's kernel at start-up (on CUDA MLX compiles a custom kernel at its
+    first launch in each process), launched on scratch arrays: the pool's blocks, its free count and a handle's
+    rebuild stay as they were. Off CUDA there is nothing to compile."""
+    spec = ModelCacheSpec(n_layers=3, n_kv_heads=2, k_head_dim=64, v_head_dim=32, dtype="bfloat16", block_size=16,
+                          block_format=block_format)
+    pool = BlockPool(spec, total_blocks=spec.blocks_per_agent(70) + 3)
+    handle = cache_to_blocks(pool, "a", random_caches(spec, 70, seed=5), list(range(70)))
+
+    def contents():
+        every_block = pool.gather(rows=pool.gather_rows([list(range(pool.total_blocks))]))
+        rebuilt = [array for cache in blocks_to_cache(pool, handle) for array in visible(cache)[:2]]
+        return [np.array(array.view(mx.uint16)) for array in every_block] + rebuilt
+
+    before, free = contents(), pool.free_blocks
+    assert pool.compile_kernels() == (mx.default_device() == mx.gpu and mx.cuda.is_available())
+    after = contents()
+    assert len(after) == len(before) == 2 + 2 * spec.n_layers
+    for got, want in zip(after, before):
+        np.testing.assert_array_equal(got, want)
+    assert pool.free_blocks == free
+
+
 # ---- rebuilds that view the pool's arrays (one dense block per layer) ------------------------------
 VIEW_CASES = [  # (model, tokens stored, tokens rebuilt)
     ("llama32", 200, 200),  # full attention: the whole block, offset inside it

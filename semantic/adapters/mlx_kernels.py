@@ -367,6 +367,28 @@ def write_described_blocks_in_place(k_pool: mx.array, v_pool: mx.array,
                               [_layout_array(layouts), desc, k_pool, v_pool])
 
 
+def compile_store_kernels(dtype: mx.Dtype, heads: int, k_dim: int, v_dim: int, block_size: int, n_layers: int, *,
+                          into_pool: bool) -> bool:
+    """Compile, on CUDA, the kernel a store of ``n_layers`` layers launches (into a dense pool's arrays,
+    ``into_pool``, or as new blocks for a quantized pool), by launching it once on a one-block scratch pool.
+    MLX compiles a custom kernel at its first launch in every process and keeps no copy on disk (1.4-2.3 s
+    on an H100: ``experiments/results/h200/session-2026-12-07i/``); these kernels read strided sources
+    through ``{name}_strides``, which only MLX's own compile passes, so NVRTC cannot build them here. Returns
+    whether a kernel was launched (False off CUDA, or where a pool of this geometry has no such kernel)."""
+    source = mx.zeros((1, heads, block_size, k_dim), dtype), mx.zeros((1, heads, block_size, v_dim), dtype)
+    if not packs_blocks(*source):
+        return False
+    sources = [source] * n_layers
+    if into_pool:  # every layer's write but the first has no block: one block written in all
+        done = write_described_blocks_in_place(mx.zeros_like(source[0]), mx.zeros_like(source[1]), sources, 0,
+                                               (0,) + (1,) * (n_layers - 1),
+                                               ((0, 0, block_size, 1), (0, 0, 0, 0)), block_size)
+        mx.eval(done)
+    else:
+        mx.eval(pack_blocks(sources, np.array([[0, 0, 0, block_size, 0]], np.int32), block_size))
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _one_int() -> mx.array:
     """The element every description views (its value is never read)."""

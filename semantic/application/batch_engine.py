@@ -234,6 +234,7 @@ class BlockPoolBatchEngine:
         # interrupt in between leaves the next step to run every running request again.
         self._out_of_step = False
         self._resets_known = self._generator.resets  # the generator's resets this engine has restarted after
+        pool.compile_kernels()  # at start-up, where a fresh process's first store would wait 1.4-2.3 s for it
         _add_engine(pool, self)  # engines sharing a pool wait for each other's running requests (see step)
 
     # ---- submitting -------------------------------------------------------------------------------

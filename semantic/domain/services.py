@@ -59,10 +59,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from semantic.adapters.mlx_kernels import (MAX_DESCRIBED_LAYOUTS, allocatable_bytes, gather_row_pairs,
-                                           gather_row_pairs_apart, host_view, host_views, pack_blocks, packs_blocks,
-                                           split_host_copies, word_view, write_blocks_in_place,
-                                           write_described_blocks_in_place, writes_through_host)
+from semantic.adapters.mlx_kernels import (MAX_DESCRIBED_LAYOUTS, allocatable_bytes, compile_store_kernels,
+                                           gather_row_pairs, gather_row_pairs_apart, host_view, host_views,
+                                           pack_blocks, packs_blocks, split_host_copies, word_view,
+                                           write_blocks_in_place, write_described_blocks_in_place,
+                                           writes_through_host)
 from semantic.domain.entities import AgentBlocks, KVBlock
 from semantic.domain.errors import (
     BlockOwnershipError,
@@ -389,6 +390,15 @@ class BlockPool:
         them, on CUDA by one kernel for a dense pool. Elsewhere a store replaces the arrays (MLX slice
         updates), and a live view of the old ones makes it copy them whole."""
         return self._quantized is None and (writes_through_host() or packs_blocks(self._keys, self._values))
+
+    def compile_kernels(self) -> bool:
+        """Compile now, not at the first store, the kernel that stores of every layer launch (CUDA only: MLX
+        compiles a custom kernel at its first launch in each process, 1.4-2.3 s on an H100). Writes no block
+        of the pool. Returns whether there was one to compile. The rebuild's kernels need no such call: they
+        compile in ~0.05 s (:mod:`semantic.adapters.nvrtc`)."""
+        spec = self.spec
+        return compile_store_kernels(self._dtype, spec.n_kv_heads, spec.k_head_dim, spec.v_head_dim, spec.block_size,
+                                     spec.n_layers, into_pool=self._quantized is None)
 
     @property
     def nbytes(self) -> int:
