@@ -65,12 +65,12 @@ class PrecompiledKernel:
     """Called as the kernel ``mx.fast.cuda_kernel`` returns is (``inputs``, ``template``, ``grid``, ``threadgroup``,
     ``output_shapes``, ``output_dtypes``), for a ``body`` that reads every input as a row-contiguous array (no
     ``_shape``/``_strides``; inputs that are not are copied first, as MLX's default does). Each set of template
-    arguments and dtypes is compiled once per process, by NVRTC; where NVRTC cannot be loaded, MLX compiles the
-    kernel instead (a slow first launch, the same results), with a warning."""
+    arguments and dtypes is compiled once per process, by NVRTC; where NVRTC cannot be loaded or cannot compile
+    it, MLX compiles the kernel instead (a slow first launch, the same results), with a warning."""
 
     def __init__(self, name: str, input_names: Sequence[str], output_names: Sequence[str], body: str):
         self._name, self._input_names, self._output_names, self._body = name, list(input_names), list(output_names), body
-        self._compiled: Dict[tuple, Tuple[str, bytes]] = {}
+        self._compiled: Dict[tuple, Optional[Tuple[str, bytes]]] = {}  # None: NVRTC failed, MLX compiles it
         self._lock = threading.Lock()
 
     def __call__(self, *, inputs: List[mx.array], template, grid, threadgroup, output_shapes,
@@ -97,7 +97,12 @@ class PrecompiledKernel:
             name = f"semantic_{self._name}_{variant}"
             source = kernel_source(name, self._input_names, input_dtypes, self._output_names, output_dtypes, template,
                                    self._body)
-            self._compiled[key] = (name, compile_cuda(name, source))
+            try:
+                self._compiled[key] = (name, compile_cuda(name, source))
+            except NvrtcError as error:  # e.g. CUDA's headers not where they were looked for: slow, not broken
+                warnings.warn(f"semantic: {error}\nMLX compiles {self._name} instead (about 1.5 s at its first "
+                              "launch in every process)", RuntimeWarning, stacklevel=3)
+                self._compiled[key] = None
             return self._compiled[key]
 
     @functools.lru_cache(maxsize=None)
@@ -107,7 +112,7 @@ class PrecompiledKernel:
 
 
 class NvrtcError(RuntimeError):
-    """NVRTC could not compile a kernel's source (a bug in the source: the log says where)."""
+    """NVRTC could not compile a kernel's source (the log says why: a header not found, or a bug in the source)."""
 
 
 def compile_cuda(name: str, source: str) -> bytes:
