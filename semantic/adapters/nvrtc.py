@@ -6,7 +6,8 @@ process, and a fresh process's first rebuild 1.2-1.5 s, against ~1 ms for the ne
 (``experiments/results/h200/session-2026-12-07i/``). NVRTC called without those headers compiled the same
 kernel in 0.02-0.05 s. So the kernels that read their inputs as whole rows (the rebuild's gathers) are
 compiled here and launched with ``mx.fast.precompiled_cuda_kernel``. The store's kernels read strided views
-through the ``{name}_strides`` MLX's own path passes, which Python cannot see, and stay on that path.
+through the ``{name}_strides`` MLX's own path passes, which Python cannot see, and stay on that path; an
+engine has them compiled when it starts (``BlockPool.compile_kernels``).
 """
 
 from __future__ import annotations
