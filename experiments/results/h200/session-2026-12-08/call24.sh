@@ -1,0 +1,6 @@
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])"); python3 -c "import mlx" 2>/dev/null || { tar xJf .gpu/mlx-cuda13-sm90.tar.xz -C $SP && tar xJf .gpu/mlx-lm.tar.xz -C $SP; }
+export R=$PWD/.gpu-run; nvidia-smi --query-gpu=name --format=csv,noheader; cd $R/h1; export PYTHONPATH=$R/h1
+for a in "smollm2-135m 30 4 dense" "smollm2-135m 30 4 dense compile" "smollm2-135m 30 4 q4 compile"; do timeout 45 python -W always $R/s24/cold_start.py $a 2>&1 | grep -v OpenBLAS | tail -3; done; echo "cold t=$SECONDS"
+timeout ${T:-260} python -X faulthandler -m pytest -q -p no:cacheprovider --tb=short tests/test_block_cache.py tests/test_quantized_blocks.py tests/test_engine.py tests/test_cuda_kernel_sources.py tests/test_nvrtc.py > $OUT/p.log 2>&1; echo "tests rc=$? t=$SECONDS"; grep -E "^E |FAILED|ERROR|Warn|warn" $OUT/p.log | head -20 | cut -c1-300; tail -2 $OUT/p.log
+L=$((${N:-560} - SECONDS)); [ $L -gt 40 ] && { timeout $L python -m experiments.hot_path --out $OUT/hp --max-mib 3200 --resume-tokens 1024,4096 --resume-repeat 8 --conversation-turns 2 > $OUT/hp.log 2>&1; echo "hp rc=$? t=$SECONDS"; grep -v '"profile"' $OUT/hp.log | tail -12 | cut -c1-300; }
+mv $OUT/hp/hot_path.json $OUT/ 2>/dev/null; rm -rf $OUT/hp
