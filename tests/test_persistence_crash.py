@@ -134,7 +134,8 @@ for line in sys.stdin:
 
 
 # Where every trial is a fresh Python that initialises CUDA and compiles the pool's kernels at their first launch
-# (3.5-5 s a trial on an H100, 2.5 s of it compiling), a GPU host's cores run more at once.
+# (3.5-5 s a trial on an H100 while MLX compiled them all, 2.5 s of it compiling; the gathers' compile now takes
+# ms, the store's ~1.5 s), a GPU host's cores run more at once.
 ZYGOTES = max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
