@@ -375,6 +375,8 @@ def compile_store_kernels(dtype: mx.Dtype, heads: int, k_dim: int, v_dim: int, b
     on an H100: ``experiments/results/h200/session-2026-12-07i/``); these kernels read strided sources
     through ``{name}_strides``, which only MLX's own compile passes, so NVRTC cannot build them here. Returns
     whether a kernel was launched (False off CUDA, or where a pool of this geometry has no such kernel)."""
+    if not _on_cuda():  # no arrays made: an engine built on a CPU or Metal host does no MLX work for this
+        return False
     source = mx.zeros((1, heads, block_size, k_dim), dtype), mx.zeros((1, heads, block_size, v_dim), dtype)
     if not packs_blocks(*source):
         return False
